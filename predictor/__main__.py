@@ -1,0 +1,102 @@
+"""`python -m predictor`: KServe's standard flags plus ours, then load the model and serve it.
+
+Every flag `--some_flag` can also be set through the environment variable `SOME_FLAG` (the flag
+wins), so an InferenceService can configure the server with `env:` as easily as with `args:`.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional
+
+from kserve import logging as kserve_logging
+from kserve import model_server
+from kserve.utils.utils import strtobool
+
+from .labels import FUNCTIONS
+from .model import ASTModel, ModelLoadError
+from .protocol import AudioModelServer
+
+DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m predictor",
+        parents=[model_server.parser],
+        description="Serve an Audio Spectrogram Transformer over KServe's V1 and V2 protocols.",
+    )
+    parser.add_argument(
+        "--model_dir",
+        default=DEFAULT_MODEL,
+        help="Local directory with config.json and weights (KServe mounts storage at /mnt/models), or a hub id.",
+    )
+    parser.add_argument("--top_k", type=int, default=5, help="Labels returned per clip unless a request says otherwise.")
+    parser.add_argument(
+        "--function_to_apply",
+        choices=FUNCTIONS,
+        default=None,
+        help="Logits to scores. Default: as the transformers pipeline decides from config.problem_type, "
+        "but sigmoid for AudioSet's 527 labels (multi-label).",
+    )
+    parser.add_argument("--max_audio_seconds", type=float, default=600.0, help="Longest clip accepted, in seconds.")
+    parser.add_argument("--max_clips_per_request", type=int, default=64, help="Most clips accepted in one request.")
+    parser.add_argument("--max_batch_size", type=int, default=8, help="Most clips in one forward pass.")
+    parser.set_defaults(model_name="ast")
+    apply_environment(parser)
+    return parser
+
+
+def apply_environment(parser: argparse.ArgumentParser) -> None:
+    """Take each flag's default from the upper-cased environment variable of the same name."""
+    for action in parser._actions:
+        value = os.environ.get(action.dest.upper())
+        if value is None or action.dest == "help":
+            continue
+        if action.nargs == 0:  # store_true / store_false flags
+            action.default = bool(strtobool(value))
+        else:
+            action.default = action.type(value) if callable(action.type) else value
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.configure_logging:
+        kserve_logging.configure_logging(args.log_config_file)
+        ours = logging.getLogger(__package__)
+        ours.handlers = kserve_logging.logger.handlers
+        ours.setLevel(kserve_logging.logger.level)
+        ours.propagate = False
+    model = ASTModel(
+        name=args.model_name,
+        model_dir=args.model_dir,
+        top_k=args.top_k,
+        function_to_apply=args.function_to_apply,
+        max_audio_seconds=args.max_audio_seconds,
+        max_clips_per_request=args.max_clips_per_request,
+        max_batch_size=args.max_batch_size,
+    )
+    try:
+        model.load()
+    except ModelLoadError as exc:
+        logging.getLogger(__package__).error("%s", exc)
+        return 1
+    AudioModelServer(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=args.workers,
+        max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers,
+        enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url,
+        enable_latency_logging=args.enable_latency_logging,
+        access_log_format=args.access_log_format,
+        event_loop=args.event_loop,
+        timeout_keep_alive=args.timeout_keep_alive,
+    ).start([model])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Waveforms → the normalised log-mel filterbank AST was trained on, for a whole batch at once.
+
+`ASTFeatureExtractor` computes the same numbers, but without torchaudio (which has no build for
+torch 2.13) it falls back to a per-frame numpy loop: about a second per 10 s clip. This module is
+that numeric pipeline vectorised in torch over frames and clips. Its constants are not copied: the
+mel filter bank and the window come from `transformers.audio_utils`, built once with the feature
+extractor's own settings, and `tests/test_features.py` holds the result to the extractor's within
+1e-4.
+
+The named steps are Kaldi's `fbank` as the extractor configures it: 25 ms frames every 10 ms
+without centring, per-frame DC removal, pre-emphasis 0.97, symmetric Hann window, 512-point power
+spectrum, Kaldi-scale mel filters from 20 Hz, natural log floored at float32 epsilon; then zero-pad
+or truncate to `max_length` frames and normalise with the extractor's mean and 2x std.
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import ASTFeatureExtractor
+from transformers.audio_utils import mel_filter_bank, window_function
+
+from .errors import ClientInputError
+
+FRAME_LENGTH = 400  # 25 ms at 16 kHz; ASTFeatureExtractor fixes these three.
+HOP_LENGTH = 160  # 10 ms
+FFT_LENGTH = 512
+PREEMPHASIS = 0.97
+MEL_FLOOR = 1.192092955078125e-07  # float32 epsilon, Kaldi's log floor
+MIN_FREQUENCY = 20.0
+
+
+@dataclass(frozen=True)
+class LogMelFilterbank:
+    """The extractor's settings with the filter bank and window precomputed as tensors."""
+
+    sampling_rate: int
+    max_length: int
+    mean: float
+    std: float
+    do_normalize: bool
+    mel_filters: torch.Tensor  # (FFT_LENGTH // 2 + 1, num_mel_bins), float64
+    window: torch.Tensor  # (FRAME_LENGTH,), float64
+
+    @classmethod
+    def from_extractor(cls, extractor: ASTFeatureExtractor) -> "LogMelFilterbank":
+        with warnings.catch_warnings():
+            # 128 Kaldi-scale bins over a 512-point FFT leave the lowest filter empty, by design of
+            # the AST recipe; the extractor computes the same bank, warning included.
+            warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+            filters = mel_filter_bank(
+                num_frequency_bins=FFT_LENGTH // 2 + 1,
+                num_mel_filters=extractor.num_mel_bins,
+                min_frequency=MIN_FREQUENCY,
+                max_frequency=extractor.sampling_rate // 2,
+                sampling_rate=extractor.sampling_rate,
+                norm=None,
+                mel_scale="kaldi",
+                triangularize_in_mel_space=True,
+            )
+        return cls(
+            sampling_rate=extractor.sampling_rate,
+            max_length=extractor.max_length,
+            mean=extractor.mean,
+            std=extractor.std,
+            do_normalize=extractor.do_normalize,
+            mel_filters=torch.from_numpy(filters),
+            window=torch.from_numpy(window_function(FRAME_LENGTH, "hann", periodic=False)),
+        )
+
+    @property
+    def num_mel_bins(self) -> int:
+        return self.mel_filters.shape[1]
+
+    @property
+    def max_samples(self) -> int:
+        """Samples that reach the model: anything later is cut by the truncation to max_length."""
+        return FRAME_LENGTH + HOP_LENGTH * (self.max_length - 1)
+
+    def __call__(self, waveforms: Sequence[np.ndarray]) -> torch.Tensor:
+        """Clips of any lengths ≥ one frame → (batch, max_length, num_mel_bins) float32."""
+        for waveform in waveforms:
+            if len(waveform) < FRAME_LENGTH:
+                raise ClientInputError(
+                    f"clip is {len(waveform)} samples at {self.sampling_rate} Hz; "
+                    f"AST needs at least {FRAME_LENGTH} (one 25 ms frame)"
+                )
+        batch = self._pad([w[: self.max_samples] for w in waveforms])
+        frames = batch.unfold(1, FRAME_LENGTH, HOP_LENGTH)  # (batch, frames, FRAME_LENGTH)
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+        frames = torch.cat(
+            (frames[..., :1] * (1 - PREEMPHASIS), frames[..., 1:] - PREEMPHASIS * frames[..., :-1]), dim=-1
+        )
+        power = torch.fft.rfft(frames * self.window, n=FFT_LENGTH).abs().square()
+        fbank = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))
+        fbank = self._mask_beyond_each_clip(fbank, waveforms)
+        if self.do_normalize:
+            fbank = (fbank - self.mean) / (self.std * 2)
+        return fbank.to(torch.float32)
+
+    def _pad(self, waveforms: list[np.ndarray]) -> torch.Tensor:
+        """Right-pad to the longest clip (at least one frame) in float64, as the extractor computes."""
+        length = max(len(w) for w in waveforms)
+        batch = torch.zeros(len(waveforms), length, dtype=torch.float64)
+        for row, waveform in zip(batch, waveforms):
+            row[: len(waveform)] = torch.from_numpy(np.asarray(waveform, dtype=np.float32))
+        return batch
+
+    def _mask_beyond_each_clip(self, fbank: torch.Tensor, waveforms: Sequence[np.ndarray]) -> torch.Tensor:
+        """Zero the frames past each clip's own end and pad the time axis to `max_length`.
+
+        The extractor pads with zeros in the log domain (before normalisation), so frames that
+        only exist because a longer batch-mate needed them must read 0, not log(mel_floor).
+        """
+        frames_per_clip = torch.tensor(
+            [min(1 + (len(w) - FRAME_LENGTH) // HOP_LENGTH, self.max_length) for w in waveforms]
+        )
+        padded = torch.zeros(fbank.shape[0], self.max_length, fbank.shape[2], dtype=fbank.dtype)
+        computed = min(fbank.shape[1], self.max_length)
+        padded[:, :computed] = fbank[:, :computed]
+        keep = torch.arange(self.max_length)[None, :] < frames_per_clip[:, None]
+        return padded * keep[..., None]
