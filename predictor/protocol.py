@@ -45,6 +45,9 @@ WAVEFORM_INPUT = "waveform"
 LABEL_OUTPUT = "label"
 SCORE_OUTPUT = "score"
 MODEL_PARAMETERS = ("top_k", "function_to_apply")
+# sampling_rate belongs to the waveform input, but tritonclient.grpc cannot set input parameters,
+# so it is taken from the request's parameters too (the input's wins).
+REQUEST_INPUT_PARAMETERS = ("sampling_rate",)
 # Set by V2 clients themselves (tritonclient, kserve's clients) and honoured by kserve's encoder.
 PROTOCOL_PARAMETERS = ("binary_data_output",)
 INPUT_PARAMETERS = {AUDIO_INPUT: ("binary_data_size",), WAVEFORM_INPUT: ("binary_data_size", "sampling_rate")}
@@ -110,11 +113,15 @@ def _parse_v2(request: InferRequest) -> AudioRequest:
     unknown = set(input_parameters) - set(INPUT_PARAMETERS[tensor.name])
     if unknown:
         raise ClientInputError(f"unknown parameter(s) {sorted(unknown)} on input '{tensor.name}'")
-    parameters = _model_parameters(to_http_parameters(request.parameters or {}), PROTOCOL_PARAMETERS)
+    request_parameters = to_http_parameters(request.parameters or {})
+    parameters = _model_parameters(request_parameters, PROTOCOL_PARAMETERS + REQUEST_INPUT_PARAMETERS)
     if tensor.name == AUDIO_INPUT:
+        if "sampling_rate" in request_parameters:
+            raise ClientInputError("sampling_rate applies to the 'waveform' input; an encoded file states its own")
         clips = _audio_clips(tensor)
     else:
-        clips = _waveform_clips(tensor, input_parameters.get("sampling_rate", DEFAULT_SAMPLING_RATE))
+        rate = input_parameters.get("sampling_rate", request_parameters.get("sampling_rate", DEFAULT_SAMPLING_RATE))
+        clips = _waveform_clips(tensor, rate)
     return AudioRequest(clips=clips, parameters=parameters, v2=request)
 
 

@@ -1,0 +1,196 @@
+"""Shared fixtures: models the tests build themselves, real audio, and the real server.
+
+No weights are committed: `tiny_model_dir` is a random-init AST small enough for every test to
+afford; the full-size geometry is built only by the test that needs it. Audio is made with
+espeak-ng (speech) and numpy (tones, noise), and written to each container by soundfile.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+import torch
+from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_LABELS = ["Speech", "Music", "Dog", "Siren", "Silence", "Engine", "Bird", "Rain", "Wind", "Applause"]
+TINY_FEATURES = {"num_mel_bins": 64, "max_length": 300}
+# The test server's limits, set through the environment to exercise that path too.
+TEST_SERVER_ENV = {"MAX_AUDIO_SECONDS": "30", "MAX_CLIPS_PER_REQUEST": "6"}
+
+
+def save_random_ast(directory: Path, config: ASTConfig, extractor: Optional[ASTFeatureExtractor]) -> Path:
+    torch.manual_seed(0)
+    ASTForAudioClassification(config).save_pretrained(directory)
+    if extractor is not None:
+        extractor.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    config = ASTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=len(TINY_LABELS),
+        id2label=dict(enumerate(TINY_LABELS)),
+        label2id={label: i for i, label in enumerate(TINY_LABELS)},
+        **TINY_FEATURES,
+    )
+    return save_random_ast(tmp_path_factory.mktemp("tiny-ast"), config, ASTFeatureExtractor(**TINY_FEATURES))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model_dir):
+    return pipeline("audio-classification", model=str(tiny_model_dir))
+
+
+# ---- audio --------------------------------------------------------------------------------
+
+
+def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def encode(samples: np.ndarray, rate: int, fmt: str, subtype: Optional[str] = None) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def speech_16k(tmp_path_factory) -> np.ndarray:
+    """About 3 s of espeak-ng speech, resampled to 16 kHz by sox (not by our resampler)."""
+    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+        pytest.fail("espeak-ng and sox are needed (bash .ci/run installs them)")
+    directory = tmp_path_factory.mktemp("speech")
+    raw, wav = directory / "speech-22k.wav", directory / "speech-16k.wav"
+    subprocess.run(
+        ["espeak-ng", "-w", str(raw), "The quick brown fox jumps over the lazy dog, twice, near the river bank."],
+        check=True,
+    )
+    subprocess.run(["sox", str(raw), "-r", "16000", "-b", "16", str(wav)], check=True)
+    samples, rate = sf.read(wav, dtype="float32")
+    assert rate == 16000 and samples.ndim == 1 and len(samples) > 16000
+    return samples
+
+
+@pytest.fixture(scope="session")
+def speech_wav(speech_16k) -> bytes:
+    return encode(speech_16k, 16000, "WAV", "PCM_16")
+
+
+# ---- the server ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    log: Path
+    model_name: str = "ast"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/v1/models/{self.model_name}:predict"
+
+    @property
+    def infer_url(self) -> str:
+        return f"{self.url}/v2/models/{self.model_name}/infer"
+
+    def is_ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/v2/models/{self.model_name}/ready", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+
+def start_server(model_dir: Path, log: Path, extra_args: tuple[str, ...] = (), env: Optional[dict] = None,
+                 timeout: float = 180) -> Server:
+    http_port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir),
+               "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra_args]
+    handle = open(log, "wb")
+    process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {})})
+    server = Server(process, http_port, grpc_port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        if server.is_ready():
+            return server
+        time.sleep(0.3)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
+    running = start_server(tiny_model_dir, tmp_path_factory.mktemp("server") / "server.log", env=TEST_SERVER_ENV)
+    yield running
+    still_alive = running.process.poll() is None
+    stop_server(running)
+    assert still_alive, f"the server died during the tests:\n{running.log.read_text()[-4000:]}"
+
+
+def expected(pipe, waveform: np.ndarray, top_k: int, function: str) -> list[dict]:
+    """What the transformers pipeline answers for a 16 kHz waveform: the reference for every test."""
+    return pipe(waveform.copy(), top_k=top_k, function_to_apply=function)
+
+
+def assert_same_predictions(actual: list[dict], reference: list[dict], tolerance: float = 1e-4) -> None:
+    assert [p["label"] for p in actual] == [p["label"] for p in reference], (actual, reference)
+    np.testing.assert_allclose([p["score"] for p in actual], [p["score"] for p in reference], atol=tolerance, rtol=0)
+
+
+def as_predictions(labels, scores) -> list[list[dict]]:
+    """V2 outputs (label [N, k], score [N, k]) → V1's list of {label, score} per clip."""
+    return [
+        [{"label": label.decode() if isinstance(label, bytes) else str(label), "score": float(score)}
+         for label, score in zip(row_labels, row_scores)]
+        for row_labels, row_scores in zip(np.asarray(labels), np.asarray(scores))
+    ]
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=1)[:2000]

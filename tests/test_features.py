@@ -1,0 +1,60 @@
+"""`predictor.features` against transformers' `ASTFeatureExtractor`, the numeric reference."""
+
+import numpy as np
+import pytest
+from transformers import ASTFeatureExtractor
+
+from predictor.errors import ClientInputError
+from predictor.features import LogMelFilterbank
+
+from .conftest import TINY_FEATURES, tone
+
+RATE = 16000
+TOLERANCE = 1e-4
+
+
+def reference(extractor: ASTFeatureExtractor, clips: list[np.ndarray]) -> np.ndarray:
+    return extractor(clips, sampling_rate=RATE, return_tensors="np")["input_values"]
+
+
+def clips_of_every_kind(speech: np.ndarray) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [
+        speech,
+        rng.standard_normal(RATE * 12).astype(np.float32) * 0.3,  # longer than max_length: truncated
+        tone(1000, 2.0, RATE) + 0.25,  # a DC offset, which Kaldi removes per frame
+        np.zeros(RATE, np.float32),  # digital silence: the log floor
+        rng.standard_normal(400).astype(np.float32),  # exactly one frame
+        np.clip(rng.standard_normal(RATE * 3) * 2, -1, 1).astype(np.float32),  # clipped, full scale
+    ]
+
+
+@pytest.mark.parametrize("settings", [{}, TINY_FEATURES, {"do_normalize": False}], ids=["ast-default", "tiny", "raw"])
+def test_batch_equals_the_extractor_clip_by_clip(speech_16k, settings):
+    extractor = ASTFeatureExtractor(**settings)
+    clips = clips_of_every_kind(speech_16k)
+    ours = LogMelFilterbank.from_extractor(extractor)(clips).numpy()
+    expected = reference(extractor, clips)
+    assert ours.shape == expected.shape == (len(clips), extractor.max_length, extractor.num_mel_bins)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_a_clip_does_not_depend_on_its_batch_mates(speech_16k):
+    filterbank = LogMelFilterbank.from_extractor(ASTFeatureExtractor())
+    short = speech_16k[: RATE // 2]
+    alone = filterbank([short]).numpy()
+    with_longer = filterbank([short, np.ones(RATE * 11, np.float32) * 0.1]).numpy()
+    np.testing.assert_array_equal(alone[0], with_longer[0])
+
+
+def test_padding_frames_are_the_extractors_normalised_zero(speech_16k):
+    extractor = ASTFeatureExtractor()
+    features = LogMelFilterbank.from_extractor(extractor)([speech_16k[:RATE]]).numpy()[0]
+    frames = 1 + (RATE - 400) // 160
+    np.testing.assert_allclose(features[frames:], (0 - extractor.mean) / (2 * extractor.std), rtol=0, atol=1e-6)
+
+
+def test_a_clip_shorter_than_one_frame_is_refused():
+    with pytest.raises(ClientInputError, match="399 samples.*at least 400"):
+        LogMelFilterbank.from_extractor(ASTFeatureExtractor())([np.zeros(399, np.float32)])

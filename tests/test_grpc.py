@@ -1,0 +1,119 @@
+"""The real server over gRPC, from kserve's InferenceGRPCClient and from tritonclient.grpc."""
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+from .conftest import as_predictions, assert_same_predictions, encode, expected, tone
+
+RATE = 16000
+TRITON_CLIENT = Path(__file__).parent / "clients" / "triton_grpc.py"
+
+
+def kserve_grpc_infer(server, tensor: InferInput, parameters=None):
+    async def call():
+        client = InferenceGRPCClient(server.grpc_url, retries=2)
+        return await client.infer(InferRequest(model_name="ast", infer_inputs=[tensor], parameters=parameters))
+
+    return asyncio.run(call())
+
+
+def outputs_of(response) -> list[list[dict]]:
+    return as_predictions(response.get_output_by_name("label").as_numpy(), response.get_output_by_name("score").as_numpy())
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["bytes_contents", "raw_input_contents"])
+def test_kserve_grpc_client_audio(server, tiny_pipeline, speech_16k, raw):
+    clips = [speech_16k, tone(2000, 1.0, RATE)]
+    files = [encode(c, RATE, "WAV", "FLOAT") for c in clips]
+    tensor = InferInput(name="audio", shape=[2], datatype="BYTES")
+    if raw:
+        tensor.set_data_from_numpy(np.array(files, dtype=np.object_), binary_data=True)
+    else:
+        tensor.data = files
+    response = kserve_grpc_infer(server, tensor, {"top_k": 3, "function_to_apply": "sigmoid"})
+    for clip, actual in zip(clips, outputs_of(response)):
+        assert_same_predictions(actual, expected(tiny_pipeline, clip, 3, "sigmoid"))
+
+
+def test_kserve_grpc_client_waveform(server, tiny_pipeline, speech_16k):
+    tensor = InferInput(name="waveform", shape=[1, len(speech_16k)], datatype="FP32",
+                        parameters={"sampling_rate": RATE})
+    tensor.set_data_from_numpy(speech_16k[None, :], binary_data=True)
+    response = kserve_grpc_infer(server, tensor)
+    assert_same_predictions(outputs_of(response)[0], expected(tiny_pipeline, speech_16k, 5, "softmax"))
+
+
+def run_triton_grpc(job: dict) -> dict:
+    out = subprocess.run([sys.executable, str(TRITON_CLIENT)], input=json.dumps(job), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_tritonclient_grpc_audio(server, tiny_pipeline, speech_16k):
+    clips = [speech_16k, tone(500, 2.0, RATE)]
+    result = run_triton_grpc({
+        "url": server.grpc_url, "model": "ast",
+        "clips": [base64.b64encode(encode(c, RATE, "OGG", "VORBIS")).decode() for c in clips[:1]]
+        + [base64.b64encode(encode(clips[1], RATE, "WAV", "FLOAT")).decode()],
+        "parameters": {"top_k": 4, "function_to_apply": "softmax"},
+    })
+    assert result["ready"] is True
+    # The Vorbis clip is lossy, so its reference is what soundfile decodes from the same bytes.
+    import io
+    import soundfile as sf
+
+    vorbis, _ = sf.read(io.BytesIO(encode(clips[0], RATE, "OGG", "VORBIS")), dtype="float32")
+    references = [expected(tiny_pipeline, vorbis, 4, "softmax"), expected(tiny_pipeline, clips[1], 4, "softmax")]
+    for actual, reference in zip(as_predictions(result["label"], result["score"]), references):
+        assert_same_predictions(actual, reference)
+
+
+def test_tritonclient_grpc_waveform(server, tiny_pipeline, speech_16k):
+    result = run_triton_grpc({"url": server.grpc_url, "model": "ast", "waveform": [speech_16k.tolist()],
+                              "parameters": {"top_k": 2, "function_to_apply": "none"}})
+    assert_same_predictions(as_predictions(result["label"], result["score"])[0],
+                            expected(tiny_pipeline, speech_16k, 2, "none"))
+
+
+def test_tritonclient_grpc_bad_input_is_invalid_argument(server):
+    result = run_triton_grpc({"url": server.grpc_url, "model": "ast",
+                              "clips": [base64.b64encode(b"definitely not audio").decode()]})
+    assert result["error_code"] == "StatusCode.INVALID_ARGUMENT"
+    assert "could not decode audio" in result["error"]
+
+
+@pytest.mark.parametrize(
+    "tensor, parameters, message",
+    [
+        (InferInput("audio", [1], "BYTES", data=[b"RIFF....WAVEfmt "]), None, "could not decode audio"),
+        (InferInput("audio", [3], "BYTES", data=[b"x"]), None, "declares shape"),
+        (InferInput("audio", [1], "FP32", data=[1.0]), None, "must have datatype BYTES"),
+        (InferInput("clip", [1], "BYTES", data=[b"x"]), None, "unknown input 'clip'"),
+        (InferInput("audio", [1], "BYTES", data=[b"x"]), {"top_k": 0}, "top_k must be"),
+        (InferInput("audio", [1], "BYTES", data=[b"x"]), {"function_to_apply": "relu"}, "function_to_apply"),
+        (InferInput("audio", [1], "BYTES", data=[b"x"]), {"temperature": "1"}, "unknown parameter"),
+    ],
+    ids=["not-audio", "shape", "dtype", "input-name", "top_k", "function", "parameter"],
+)
+def test_kserve_grpc_bad_input(server, tensor, parameters, message):
+    with pytest.raises(grpc.RpcError) as error:
+        kserve_grpc_infer(server, tensor, parameters)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+
+
+def test_tritonclient_grpc_waveform_at_another_rate(server, tiny_pipeline):
+    """tritonclient.grpc cannot set input parameters; the request's sampling_rate serves instead."""
+    result = run_triton_grpc({"url": server.grpc_url, "model": "ast", "waveform": [tone(1000, 2.0, 48000).tolist()],
+                              "parameters": {"top_k": 1, "function_to_apply": "none", "sampling_rate": 48000}})
+    assert result["label"][0][0] == expected(tiny_pipeline, tone(1000, 2.0, RATE), 1, "none")[0]["label"]

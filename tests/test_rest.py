@@ -1,0 +1,176 @@
+"""The real server over HTTP, V1 and V2, from requests, curl, kserve's REST client and tritonclient.
+
+Every answer is held to the transformers `audio-classification` pipeline on the same waveform.
+"""
+
+import asyncio
+import base64
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton_http
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+from .conftest import TINY_LABELS, as_predictions, assert_same_predictions, encode, expected, tone
+
+RATE = 16000
+
+
+def test_readiness_and_metadata(server):
+    assert requests.get(f"{server.url}/v2/health/ready").status_code == 200
+    assert requests.get(f"{server.url}/v1/models/ast").json() == {"name": "ast", "ready": True}
+    metadata = requests.get(f"{server.url}/v2/models/ast").json()
+    assert {(i["name"], i["datatype"]) for i in metadata["inputs"]} == {("audio", "BYTES"), ("waveform", "FP32")}
+    assert {(o["name"], o["datatype"]) for o in metadata["outputs"]} == {("label", "BYTES"), ("score", "FP32")}
+
+
+def test_v1_base64_instances_match_the_pipeline(server, tiny_pipeline, speech_16k):
+    clips = [speech_16k, tone(440, 1.5, RATE)]
+    body = {
+        "instances": [{"b64": base64.b64encode(encode(c, RATE, "WAV", "FLOAT")).decode()} for c in clips],
+        "parameters": {"top_k": 3, "function_to_apply": "sigmoid"},
+    }
+    response = requests.post(server.predict_url, json=body)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 2
+    for clip, actual in zip(clips, predictions):
+        assert_same_predictions(actual, expected(tiny_pipeline, clip, 3, "sigmoid"))
+
+
+def test_v1_defaults_are_the_servers(server, tiny_pipeline, speech_16k):
+    """No parameters: top 5, and the pipeline's own choice of function for a 10-label model (softmax)."""
+    body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, RATE, "FLAC", "PCM_24")).decode()}]}
+    predictions = requests.post(server.predict_url, json=body).json()["predictions"]
+    assert_same_predictions(predictions[0], expected(tiny_pipeline, speech_16k, 5, "softmax"))
+
+
+@pytest.mark.parametrize("content_type", ["audio/wav", "audio/x-flac", "application/octet-stream", None])
+def test_v1_raw_audio_body(server, tiny_pipeline, speech_16k, content_type):
+    data = encode(speech_16k, RATE, "FLAC" if content_type == "audio/x-flac" else "WAV", "PCM_24")
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = requests.post(server.predict_url, data=data, headers=headers)
+    assert response.status_code == 200, response.text
+    assert_same_predictions(response.json()["predictions"][0], expected(tiny_pipeline, speech_16k, 5, "softmax"))
+
+
+def test_curl_data_binary(server, tiny_pipeline, speech_16k, tmp_path):
+    if shutil.which("curl") is None:
+        pytest.fail("curl is needed")
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(encode(speech_16k, RATE, "WAV", "PCM_16"))
+    out = subprocess.run(
+        ["curl", "-sf", "--data-binary", f"@{clip}", "-H", "Content-Type: audio/wav", server.predict_url],
+        capture_output=True, check=True, text=True,
+    ).stdout
+    import json
+
+    reference = expected(tiny_pipeline, encode_roundtrip_16bit(speech_16k), 5, "softmax")
+    assert_same_predictions(json.loads(out)["predictions"][0], reference)
+
+
+def encode_roundtrip_16bit(waveform: np.ndarray) -> np.ndarray:
+    return (np.round(waveform * 32768).clip(-32768, 32767) / 32768).astype(np.float32)
+
+
+def test_v2_json_base64_audio(server, tiny_pipeline, speech_16k):
+    clips = [speech_16k, tone(1000, 3.0, RATE)]
+    body = {
+        "id": "req-1",
+        "inputs": [{
+            "name": "audio", "datatype": "BYTES", "shape": [2],
+            "data": [base64.b64encode(encode(c, RATE, "WAV", "FLOAT")).decode() for c in clips],
+        }],
+        "parameters": {"top_k": 4, "function_to_apply": "softmax"},
+    }
+    response = requests.post(server.infer_url, json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["id"] == "req-1"
+    outputs = {o["name"]: o for o in result["outputs"]}
+    assert outputs["label"]["shape"] == outputs["score"]["shape"] == [2, 4]
+    labels = np.array(outputs["label"]["data"]).reshape(2, 4)
+    scores = np.array(outputs["score"]["data"]).reshape(2, 4)
+    for clip, actual in zip(clips, as_predictions(labels, scores)):
+        assert_same_predictions(actual, expected(tiny_pipeline, clip, 4, "softmax"))
+
+
+def test_v2_json_waveform_any_rate(server, tiny_pipeline, speech_16k):
+    body = {
+        "inputs": [{
+            "name": "waveform", "datatype": "FP32", "shape": [1, len(speech_16k)],
+            "data": speech_16k.tolist(), "parameters": {"sampling_rate": RATE},
+        }],
+        "parameters": {"top_k": 2, "function_to_apply": "none"},
+    }
+    response = requests.post(server.infer_url, json=body)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    actual = as_predictions(np.array(outputs["label"]["data"]).reshape(1, 2), np.array(outputs["score"]["data"]).reshape(1, 2))
+    assert_same_predictions(actual[0], expected(tiny_pipeline, speech_16k, 2, "none"))
+    # 44.1 kHz audio is resampled, so it is classified like the same sound at 16 kHz.
+    at_44k = tone(1000, 2.0, 44100)
+    body["inputs"][0].update(shape=[1, len(at_44k)], data=at_44k.tolist(), parameters={"sampling_rate": 44100})
+    response = requests.post(server.infer_url, json=body)
+    assert response.status_code == 200, response.text
+    top = response.json()["outputs"][0]["data"][0]
+    assert top == expected(tiny_pipeline, tone(1000, 2.0, RATE), 1, "none")[0]["label"]
+
+
+def test_tritonclient_http_binary_audio_and_waveform(server, tiny_pipeline, speech_16k):
+    client = triton_http.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
+    assert client.is_model_ready("ast")
+    clips = [speech_16k, tone(300, 1.0, RATE)]
+    audio = triton_http.InferInput("audio", [2], "BYTES")
+    audio.set_data_from_numpy(np.array([encode(c, RATE, "WAV", "FLOAT") for c in clips], dtype=np.object_), binary_data=True)
+    outputs = [triton_http.InferRequestedOutput(name, binary_data=True) for name in ("label", "score")]
+    result = client.infer("ast", [audio], outputs=outputs, parameters={"top_k": 3, "function_to_apply": "sigmoid"})
+    for clip, actual in zip(clips, as_predictions(result.as_numpy("label"), result.as_numpy("score"))):
+        assert_same_predictions(actual, expected(tiny_pipeline, clip, 3, "sigmoid"))
+
+    waveform = triton_http.InferInput("waveform", [1, len(speech_16k)], "FP32")
+    waveform.set_data_from_numpy(speech_16k[None, :], binary_data=True)
+    result = client.infer("ast", [waveform], parameters={"top_k": 3, "function_to_apply": "sigmoid"})
+    actual = as_predictions(result.as_numpy("label"), result.as_numpy("score"))[0]
+    assert_same_predictions(actual, expected(tiny_pipeline, speech_16k, 3, "sigmoid"))
+
+
+def test_tritonclient_http_json_outputs(server, tiny_pipeline, speech_16k):
+    client = triton_http.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
+    audio = triton_http.InferInput("audio", [1], "BYTES")
+    audio.set_data_from_numpy(np.array([encode(speech_16k, RATE, "WAV", "FLOAT")], dtype=np.object_), binary_data=True)
+    outputs = [triton_http.InferRequestedOutput(name, binary_data=False) for name in ("label", "score")]
+    result = client.infer("ast", [audio], outputs=outputs)
+    actual = as_predictions(result.as_numpy("label"), result.as_numpy("score"))[0]
+    assert_same_predictions(actual, expected(tiny_pipeline, speech_16k, 5, "softmax"))
+
+
+def test_kserve_rest_client_v1_and_v2(server, tiny_pipeline, speech_16k):
+    wav = encode(speech_16k, RATE, "WAV", "FLOAT")
+    reference = expected(tiny_pipeline, speech_16k, 5, "softmax")
+
+    async def call():
+        v1 = InferenceRESTClient(RESTConfig(protocol="v1"))
+        v1_result = await v1.infer(server.url, {"instances": [{"b64": base64.b64encode(wav).decode()}]}, model_name="ast")
+        v2 = InferenceRESTClient(RESTConfig(protocol="v2"))
+        tensor = InferInput(name="audio", shape=[1], datatype="BYTES")
+        tensor.set_data_from_numpy(np.array([wav], dtype=np.object_), binary_data=True)
+        v2_result = await v2.infer(server.url, InferRequest(model_name="ast", infer_inputs=[tensor]), model_name="ast")
+        return v1_result, v2_result
+
+    v1_result, v2_result = asyncio.run(call())
+    assert_same_predictions(v1_result["predictions"][0], reference)
+    labels = v2_result.get_output_by_name("label").as_numpy()
+    scores = v2_result.get_output_by_name("score").as_numpy()
+    assert_same_predictions(as_predictions(labels, scores)[0], reference)
+
+
+def test_every_label_is_reachable(server, speech_16k):
+    body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, RATE, "WAV", "FLOAT")).decode()}],
+            "parameters": {"top_k": len(TINY_LABELS)}}
+    predictions = requests.post(server.predict_url, json=body).json()["predictions"][0]
+    assert sorted(p["label"] for p in predictions) == sorted(TINY_LABELS)
+    assert [p["score"] for p in predictions] == sorted((p["score"] for p in predictions), reverse=True)
