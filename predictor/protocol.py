@@ -276,6 +276,8 @@ def _parse_binary_extension(body: bytes, headers: dict, model_name: str) -> Infe
         data = tensor.get("data")
         if data is None:
             size = parameters.get("binary_data_size")
+            if size is None:
+                raise InvalidInput(f"'data' field is missing for input '{name}', and no binary_data_size follows")
             if not isinstance(size, int) or size < 0 or offset + size > len(body):
                 raise InvalidInput(f"input '{name}': binary_data_size {size!r} does not fit the {len(body)}-byte body")
             data = _decode_binary_tensor(body[offset : offset + size], datatype, name)

@@ -1,0 +1,178 @@
+"""Bad input of every kind gets a 4xx naming the problem, and the server keeps serving."""
+
+import base64
+import json
+import struct
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from .conftest import TEST_SERVER_ENV, encode, tone
+
+RATE = 16000
+GOOD_WAV = encode(tone(440, 1.0, RATE), RATE, "WAV", "PCM_16")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def v1(*files: bytes, **parameters) -> dict:
+    body: dict = {"instances": [{"b64": b64(f)} for f in files]}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def v2_audio(*files: bytes, shape=None, datatype="BYTES", name="audio", **parameters) -> dict:
+    return {
+        "inputs": [{"name": name, "datatype": datatype, "shape": shape or [len(files)], "data": [b64(f) for f in files]}],
+        "parameters": parameters,
+    }
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def wav_with_nan() -> bytes:
+    samples = tone(440, 1.0, RATE)
+    samples[10:20] = np.nan
+    return encode(samples, RATE, "WAV", "FLOAT")
+
+
+V1_CASES = {
+    "not-audio": (v1(b"<html>not audio</html>"), "could not decode audio"),
+    "empty-file": (v1(b""), "audio is empty"),
+    "truncated-wav": (v1(truncated(encode(tone(440, 2.0, RATE), RATE, "WAV", "PCM_16"))), "truncated"),
+    "truncated-flac": (v1(truncated(encode(tone(440, 2.0, RATE), RATE, "FLAC", "PCM_16"))), "could not decode audio"),
+    "zero-length": (v1(encode(np.zeros(0, np.float32), RATE, "WAV", "PCM_16")), "no samples"),
+    "too-short": (v1(encode(np.zeros(100, np.float32), RATE, "WAV", "PCM_16")), "at least 400"),
+    "nan": (v1(wav_with_nan()), "NaN or infinite"),
+    "too-long": (v1(encode(np.zeros(RATE * 31, np.float32), RATE, "WAV", "PCM_16")), "at most 30 s"),
+    "too-many-clips": (v1(*[GOOD_WAV] * 7), "at most 6"),
+    "bad-base64": ({"instances": [{"b64": "not base64 !!"}]}, "not valid base64"),
+    "instances-not-list": ({"instances": {"b64": b64(GOOD_WAV)}}, "non-empty list"),
+    "no-instances": ({"instances": []}, "non-empty list"),
+    "instance-not-b64": ({"instances": [b64(GOOD_WAV)]}, 'must be {"b64"'),
+    "unknown-field": ({"instances": [{"b64": b64(GOOD_WAV)}], "inputs": []}, "unknown field"),
+    "top_k-zero": (v1(GOOD_WAV, top_k=0), "top_k must be an integer from 1 to 10"),
+    "top_k-too-big": (v1(GOOD_WAV, top_k=11), "top_k must be an integer from 1 to 10"),
+    "top_k-string": (v1(GOOD_WAV, top_k="5"), "top_k must be"),
+    "function": (v1(GOOD_WAV, function_to_apply="relu"), "function_to_apply must be one of"),
+    "unknown-parameter": (v1(GOOD_WAV, temperature=2), "unknown parameter(s) ['temperature']"),
+}
+
+V2_CASES = {
+    "not-audio": (v2_audio(b"GIF89a"), "could not decode audio"),
+    "shape-mismatch": (v2_audio(GOOD_WAV, shape=[3]), "declares shape [3]"),
+    "shape-2d": (v2_audio(GOOD_WAV, GOOD_WAV, shape=[1, 2]), "must have shape [N]"),
+    "negative-shape": (v2_audio(GOOD_WAV, shape=[-1]), "invalid shape"),
+    "wrong-datatype": (v2_audio(GOOD_WAV, datatype="FP32"), "must have datatype BYTES"),
+    "unknown-input": (v2_audio(GOOD_WAV, name="wav"), "unknown input 'wav'"),
+    "no-input": ({"inputs": []}, "expected exactly one input"),
+    "two-inputs": ({"inputs": v2_audio(GOOD_WAV)["inputs"] * 2}, "expected exactly one input"),
+    "bad-base64": ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}, "not valid base64"),
+    "top_k": (v2_audio(GOOD_WAV, top_k=99), "top_k must be"),
+    "function": (v2_audio(GOOD_WAV, function_to_apply="tanh"), "function_to_apply must be one of"),
+    "unknown-parameter": (v2_audio(GOOD_WAV, beam_size=4), "unknown parameter"),
+    "rate-on-audio": (v2_audio(GOOD_WAV, sampling_rate=8000), "sampling_rate applies to the 'waveform' input"),
+    "waveform-wrong-datatype": (
+        {"inputs": [{"name": "waveform", "datatype": "INT16", "shape": [1, 3], "data": [1, 2, 3]}]}, "must have datatype FP32"),
+    "waveform-shape": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [2, 1000], "data": [0.0] * 1000}]},
+                       "declares shape [2, 1000]"),
+    "waveform-strings": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 2], "data": ["a", "b"]}]},
+                         "does not fit"),
+    "waveform-rate-zero": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1000], "data": [0.0] * 1000,
+                                        "parameters": {"sampling_rate": 0}}]}, "sampling_rate 0 Hz"),
+    "waveform-rate-string": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1000],
+                                          "data": [0.0] * 1000, "parameters": {"sampling_rate": "fast"}}]},
+                             "sampling_rate must be an integer"),
+    "waveform-unknown-input-parameter": (
+        {"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1000], "data": [0.0] * 1000,
+                     "parameters": {"channels": 2}}]}, "unknown parameter(s) ['channels'] on input 'waveform'"),
+    "waveform-empty": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 0], "data": []}]}, "shape"),
+    "unknown-output": ({**v2_audio(GOOD_WAV), "outputs": [{"name": "logits"}]}, "Unexpected inference output 'logits'"),
+}
+
+
+def assert_client_error(response: requests.Response, message: str) -> None:
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    assert message in response.json()["error"], response.text
+
+
+@pytest.mark.parametrize("case", V1_CASES, ids=list(V1_CASES))
+def test_v1_bad_input(server, case):
+    body, message = V1_CASES[case]
+    assert_client_error(requests.post(server.predict_url, json=body), message)
+
+
+@pytest.mark.parametrize("case", V2_CASES, ids=list(V2_CASES))
+def test_v2_bad_input(server, case):
+    body, message = V2_CASES[case]
+    assert_client_error(requests.post(server.infer_url, json=body), message)
+
+
+@pytest.mark.parametrize(
+    "data, content_type, message",
+    [
+        (b"", "audio/wav", "audio is empty"),
+        (b"\x00\x01\x02\x03" * 100, "application/octet-stream", "could not decode audio"),
+        (b"{not json", "application/json", "Unrecognized request format"),
+        (truncated(GOOD_WAV), None, "truncated"),
+    ],
+    ids=["empty", "octet-garbage", "broken-json", "truncated-raw"],
+)
+def test_v1_bad_raw_body(server, data, content_type, message):
+    headers = {"Content-Type": content_type} if content_type else {}
+    assert_client_error(requests.post(server.predict_url, data=data, headers=headers), message)
+
+
+def binary_request(header: dict, payload: bytes, json_length=None) -> tuple[bytes, dict]:
+    head = json.dumps(header).encode()
+    return head + payload, {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(head) if json_length is None else json_length),
+    }
+
+
+@pytest.mark.parametrize(
+    "header, payload, message",
+    [
+        ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 999}}]},
+         b"\x00" * 10, "binary_data_size 999 does not fit"),
+        ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 8}}]},
+         struct.pack("<I", 1000) + b"abcd", "not a valid BYTES tensor"),
+        ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": 7}}]},
+         b"\x00" * 7, "not a valid FP32 tensor"),
+        ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": 8}}]},
+         b"\x00" * 8, "declares shape [1, 3]"),
+        ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1]}]}, b"", "'data' field is missing"),
+        ({"inputs": "audio"}, b"", "malformed binary V2 request header"),
+    ],
+    ids=["size-overflow", "bytes-length", "fp32-size", "shape", "no-data", "inputs-not-list"],
+)
+def test_v2_bad_binary_request(server, header, payload, message):
+    body, headers = binary_request(header, payload)
+    assert_client_error(requests.post(server.infer_url, data=body, headers=headers), message)
+
+
+def test_v2_binary_nan_waveform_from_tritonclient(server):
+    client = triton_http.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
+    samples = tone(440, 1.0, RATE)[None, :]
+    samples[0, 5] = np.inf
+    tensor = triton_http.InferInput("waveform", list(samples.shape), "FP32")
+    tensor.set_data_from_numpy(samples, binary_data=True)
+    with pytest.raises(InferenceServerException, match="NaN or infinite") as error:
+        client.infer("ast", [tensor])
+    assert error.value.status() == "400"
+
+
+def test_server_still_serves_after_all_of_that(server):
+    assert requests.get(f"{server.url}/v2/health/live").status_code == 200
+    response = requests.post(server.predict_url, json=v1(GOOD_WAV))
+    assert response.status_code == 200 and len(response.json()["predictions"][0]) == 5
+    assert int(TEST_SERVER_ENV["MAX_CLIPS_PER_REQUEST"]) == 6  # the limits above came from the environment
