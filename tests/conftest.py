@@ -20,37 +20,19 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
-import torch
-from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, pipeline
+from transformers import pipeline
+
+from tools.random_ast import save_random_ast
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_LABELS = ["Speech", "Music", "Dog", "Siren", "Silence", "Engine", "Bird", "Rain", "Wind", "Applause"]
-TINY_FEATURES = {"num_mel_bins": 64, "max_length": 300}
 # The test server's limits, set through the environment to exercise that path too.
 TEST_SERVER_ENV = {"MAX_AUDIO_SECONDS": "30", "MAX_CLIPS_PER_REQUEST": "6"}
 
 
-def save_random_ast(directory: Path, config: ASTConfig, extractor: Optional[ASTFeatureExtractor]) -> Path:
-    torch.manual_seed(0)
-    ASTForAudioClassification(config).save_pretrained(directory)
-    if extractor is not None:
-        extractor.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    config = ASTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=len(TINY_LABELS),
-        id2label=dict(enumerate(TINY_LABELS)),
-        label2id={label: i for i, label in enumerate(TINY_LABELS)},
-        **TINY_FEATURES,
-    )
-    return save_random_ast(tmp_path_factory.mktemp("tiny-ast"), config, ASTFeatureExtractor(**TINY_FEATURES))
+    return save_random_ast(tmp_path_factory.mktemp("tiny-ast"), TINY_LABELS, tiny=True)
 
 
 @pytest.fixture(scope="session")
@@ -137,14 +119,14 @@ class Server:
 
 
 def start_server(model_dir: Path, log: Path, extra_args: tuple[str, ...] = (), env: Optional[dict] = None,
-                 timeout: float = 180) -> Server:
+                 model_name: str = "ast", timeout: float = 180) -> Server:
     http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir),
+    command = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--model_name", model_name,
                "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra_args]
     handle = open(log, "wb")
     process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
                                env={**os.environ, **(env or {})})
-    server = Server(process, http_port, grpc_port, log)
+    server = Server(process, http_port, grpc_port, log, model_name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -7,7 +7,9 @@ from transformers import ASTFeatureExtractor
 from predictor.errors import ClientInputError
 from predictor.features import LogMelFilterbank
 
-from .conftest import TINY_FEATURES, tone
+from tools.random_ast import TINY_FEATURES
+
+from .conftest import tone
 
 RATE = 16000
 TOLERANCE = 1e-4

@@ -1,0 +1,32 @@
+# make run: create .venv, install, serve MODEL_DIR.   make test: the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
+MODEL_NAME ?= ast
+
+.PHONY: install install-dev run test random-model
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	MODEL_DIR=$(MODEL_DIR) MODEL_NAME=$(MODEL_NAME) $(BIN)/python -m predictor
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+random-model: install
+	$(BIN)/python -m tools.random_ast models/ast-random

@@ -1,0 +1,70 @@
+"""Where the model comes from: a directory, KServe's /mnt/models layout, a hub id, or nothing usable."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from predictor.model import ASTModel, ModelLoadError
+
+from .conftest import REPO, encode, start_server, stop_server, tone
+
+
+def run_server_expecting_failure(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "predictor", "--http_port", "0", "--grpc_port", "0", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    assert result.returncode == 1, result.stdout + result.stderr
+    return result
+
+
+def test_missing_directory_names_the_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = run_server_expecting_failure("--model_dir", str(missing))
+    assert f"model directory '{missing}' does not exist" in result.stderr
+
+
+def test_directory_without_a_model_says_what_it_holds(tmp_path):
+    (tmp_path / "README.txt").write_text("weights go here")
+    result = run_server_expecting_failure("--model_dir", str(tmp_path))
+    assert "holds no config.json" in result.stderr and "README.txt" in result.stderr
+
+
+def test_unreachable_hub_id_says_how_to_point_at_a_directory():
+    # MODEL_DIR from the environment, and the hub offline as it is here (HF_HUB_OFFLINE makes it fail fast).
+    result = run_server_expecting_failure(env={"MODEL_DIR": "MIT/ast-finetuned-audioset-10-10-0.4593",
+                                               "HF_HUB_OFFLINE": "1"})
+    assert "could not load an AST model from 'MIT/ast-finetuned-audioset-10-10-0.4593'" in result.stderr
+    assert "Point --model_dir (or MODEL_DIR) at a local directory" in result.stderr
+
+
+def test_storage_initializer_layout_one_level_down(tiny_model_dir, tmp_path):
+    """gs://bucket/models/ copied to /mnt/models with the model in models/ast/: found and served."""
+    mount = tmp_path / "mnt-models"
+    shutil.copytree(tiny_model_dir, mount / "ast")
+    server = start_server(mount, tmp_path / "server.log", extra_args=("--top_k", "2"), model_name="birds")
+    try:
+        body = encode(tone(440, 1.0, 16000), 16000, "WAV", "PCM_16")
+        response = requests.post(server.predict_url, data=body)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["predictions"][0]) == 2
+    finally:
+        stop_server(server)
+
+
+def test_without_preprocessor_config_features_follow_the_model(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (tmp_path / "m" / "preprocessor_config.json").unlink()
+    model = ASTModel("ast", str(tmp_path / "m"))
+    assert model.load() and model.ready
+    assert (model.filterbank.num_mel_bins, model.filterbank.max_length) == (64, 300)
+
+
+def test_mismatched_preprocessor_config_is_refused(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = tmp_path / "m" / "preprocessor_config.json"
+    config.write_text(config.read_text().replace('"num_mel_bins": 64', '"num_mel_bins": 128'))
+    with pytest.raises(ModelLoadError, match="128 mel bins x 300 frames but the model expects 64 x 300"):
+        ASTModel("ast", str(tmp_path / "m")).load()
