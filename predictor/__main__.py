@@ -19,6 +19,13 @@ from .model import ASTModel, ModelLoadError
 from .protocol import AudioModelServer
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
+MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_clips_per_request", "max_batch_size")
+# KServe's own flags, passed on explicitly: ModelServer's defaults come from its own parse of argv,
+# which knows nothing of the environment variables.
+SERVER_FLAGS = (
+    "http_port", "grpc_port", "workers", "max_threads", "max_asyncio_workers", "enable_grpc", "enable_docs_url",
+    "enable_latency_logging", "access_log_format", "event_loop", "timeout_keep_alive",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,10 +61,16 @@ def apply_environment(parser: argparse.ArgumentParser) -> None:
         value = os.environ.get(action.dest.upper())
         if value is None or action.dest == "help":
             continue
-        if action.nargs == 0:  # store_true / store_false flags
-            action.default = bool(strtobool(value))
-        else:
-            action.default = action.type(value) if callable(action.type) else value
+        try:
+            if action.nargs == 0:  # store_true / store_false flags
+                default = bool(strtobool(value))
+            else:
+                default = action.type(value) if callable(action.type) else value
+        except ValueError as exc:
+            parser.error(f"environment variable {action.dest.upper()}={value!r}: {exc}")
+        if action.choices is not None and default not in action.choices:
+            parser.error(f"environment variable {action.dest.upper()}={value!r}: choose from {list(action.choices)}")
+        action.default = default
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -68,34 +81,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         ours.handlers = kserve_logging.logger.handlers
         ours.setLevel(kserve_logging.logger.level)
         ours.propagate = False
-    model = ASTModel(
-        name=args.model_name,
-        model_dir=args.model_dir,
-        top_k=args.top_k,
-        function_to_apply=args.function_to_apply,
-        max_audio_seconds=args.max_audio_seconds,
-        max_clips_per_request=args.max_clips_per_request,
-        max_batch_size=args.max_batch_size,
-    )
+    model = ASTModel(name=args.model_name, **_pick(args, MODEL_FLAGS))
     try:
         model.load()
     except ModelLoadError as exc:
         logging.getLogger(__package__).error("%s", exc)
         return 1
-    AudioModelServer(
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        workers=args.workers,
-        max_threads=args.max_threads,
-        max_asyncio_workers=args.max_asyncio_workers,
-        enable_grpc=args.enable_grpc,
-        enable_docs_url=args.enable_docs_url,
-        enable_latency_logging=args.enable_latency_logging,
-        access_log_format=args.access_log_format,
-        event_loop=args.event_loop,
-        timeout_keep_alive=args.timeout_keep_alive,
-    ).start([model])
+    AudioModelServer(**_pick(args, SERVER_FLAGS)).start([model])
     return 0
+
+
+def _pick(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {name: getattr(args, name) for name in names}
 
 
 if __name__ == "__main__":

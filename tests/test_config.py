@@ -1,0 +1,36 @@
+"""Configuration from flags and environment variables, as an InferenceService would set them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from .conftest import REPO, assert_same_predictions, encode, expected, start_server, stop_server, tone
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"TOP_K": "five"}, "environment variable TOP_K='five'"),
+        ({"FUNCTION_TO_APPLY": "relu"}, "environment variable FUNCTION_TO_APPLY='relu': choose from"),
+        ({"ENABLE_GRPC": "maybe"}, "environment variable ENABLE_GRPC='maybe'"),
+    ],
+)
+def test_a_bad_environment_variable_is_named_at_start(env, message):
+    result = subprocess.run([sys.executable, "-m", "predictor", "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, **env})
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_flags_win_over_the_environment(tiny_model_dir, tiny_pipeline, tmp_path):
+    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--top_k", "2"),
+                          env={"TOP_K": "7", "FUNCTION_TO_APPLY": "none"})
+    try:
+        response = requests.post(server.predict_url, data=encode(tone(440, 1.0, 16000), 16000, "WAV", "FLOAT"))
+        predictions = response.json()["predictions"][0]
+    finally:
+        stop_server(server)
+    # --top_k 2 beat TOP_K=7; FUNCTION_TO_APPLY=none (raw logits) was taken from the environment.
+    assert_same_predictions(predictions, expected(tiny_pipeline, tone(440, 1.0, 16000), 2, "none"))
