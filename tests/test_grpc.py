@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import soundfile as sf
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 
 from .conftest import as_predictions, assert_same_predictions, encode, expected, tone
@@ -69,9 +71,6 @@ def test_tritonclient_grpc_audio(server, tiny_pipeline, speech_16k):
     })
     assert result["ready"] is True
     # The Vorbis clip is lossy, so its reference is what soundfile decodes from the same bytes.
-    import io
-    import soundfile as sf
-
     vorbis, _ = sf.read(io.BytesIO(encode(clips[0], RATE, "OGG", "VORBIS")), dtype="float32")
     references = [expected(tiny_pipeline, vorbis, 4, "softmax"), expected(tiny_pipeline, clips[1], 4, "softmax")]
     for actual, reference in zip(as_predictions(result["label"], result["score"]), references):
