@@ -1,18 +1,19 @@
 """`python -m predictor`: KServe's standard flags plus ours, then load the model and serve it.
 
-Every flag `--some_flag` can also be set through the environment variable `SOME_FLAG` (the flag
-wins), so an InferenceService can configure the server with `env:` as easily as with `args:`.
+Each of our flags `--some_flag` can also be set through the environment variable `SOME_FLAG`
+(the flag wins), so an InferenceService can configure the server with `env:` as easily as with
+`args:`. KServe's own flags are left to `args:`: Kubernetes injects `<SERVICE>_PORT` variables
+into every pod, and a Service named `http` or `grpc` would otherwise set our ports.
 """
 
 import argparse
 import logging
 import os
 import sys
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from kserve import logging as kserve_logging
 from kserve import model_server
-from kserve.utils.utils import strtobool
 
 from .labels import FUNCTIONS
 from .model import ASTModel, ModelLoadError
@@ -20,8 +21,8 @@ from .protocol import AudioModelServer
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_clips_per_request", "max_batch_size")
-# KServe's own flags, passed on explicitly: ModelServer's defaults come from its own parse of argv,
-# which knows nothing of the environment variables.
+# KServe's own flags, passed on explicitly: ModelServer's defaults come from kserve's own parse of
+# sys.argv at import, not from the arguments main() was given.
 SERVER_FLAGS = (
     "http_port", "grpc_port", "workers", "max_threads", "max_asyncio_workers", "enable_grpc", "enable_docs_url",
     "enable_latency_logging", "access_log_format", "event_loop", "timeout_keep_alive",
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help="Local directory with config.json and weights (KServe mounts storage at /mnt/models), or a hub id.",
     )
-    parser.add_argument("--top_k", type=int, default=5, help="Labels returned per clip unless a request says otherwise.")
+    parser.add_argument("--top_k", type=positive(int), default=5, help="Labels returned per clip unless a request says otherwise.")
     parser.add_argument(
         "--function_to_apply",
         choices=FUNCTIONS,
@@ -47,25 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="Logits to scores. Default: as the transformers pipeline decides from config.problem_type, "
         "but sigmoid for AudioSet's 527 labels (multi-label).",
     )
-    parser.add_argument("--max_audio_seconds", type=float, default=600.0, help="Longest clip accepted, in seconds.")
-    parser.add_argument("--max_clips_per_request", type=int, default=64, help="Most clips accepted in one request.")
-    parser.add_argument("--max_batch_size", type=int, default=8, help="Most clips in one forward pass.")
+    parser.add_argument("--max_audio_seconds", type=positive(float), default=600.0, help="Longest clip accepted, in seconds.")
+    parser.add_argument("--max_clips_per_request", type=positive(int), default=64, help="Most clips accepted in one request.")
+    parser.add_argument("--max_batch_size", type=positive(int), default=8, help="Most clips in one forward pass.")
     parser.set_defaults(model_name="ast")
-    apply_environment(parser)
+    apply_environment(parser, ("model_name",) + MODEL_FLAGS)
     return parser
 
 
-def apply_environment(parser: argparse.ArgumentParser) -> None:
-    """Take each flag's default from the upper-cased environment variable of the same name."""
+def positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def apply_environment(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """Take the named flags' defaults from the upper-cased environment variable of the same name."""
     for action in parser._actions:
         value = os.environ.get(action.dest.upper())
-        if value is None or action.dest == "help":
+        if value is None or action.dest not in names:
             continue
         try:
-            if action.nargs == 0:  # store_true / store_false flags
-                default = bool(strtobool(value))
-            else:
-                default = action.type(value) if callable(action.type) else value
+            default = action.type(value) if callable(action.type) else value
         except ValueError as exc:
             parser.error(f"environment variable {action.dest.upper()}={value!r}: {exc}")
         if action.choices is not None and default not in action.choices:

@@ -10,7 +10,9 @@ Everything here is a pure function of its arguments; problems the client can fix
 """
 
 import io
+import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
@@ -24,8 +26,32 @@ TRUNCATED_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)"
 UNKNOWN_CHUNK_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
 
 
-def decode(data: bytes, target_rate: int, max_seconds: float) -> np.ndarray:
-    """Decode an encoded audio file to a mono waveform at `target_rate`.
+@dataclass(frozen=True)
+class Target:
+    """What the model takes: its sampling rate, how many samples of a clip it reads, and our limit.
+
+    Samples past `keep_samples` never reach AST (the features are truncated to max_length frames),
+    so neither decoding nor resampling goes further than that plus a second of margin for the
+    resampler's filter: a ten-minute 96 kHz 8-channel FLAC of silence compresses to a few hundred
+    KB but would decode to gigabytes.
+    """
+
+    rate: int
+    keep_samples: int
+    max_seconds: float
+
+    def source_frames(self, rate: int) -> int:
+        return math.ceil(self.keep_samples * rate / self.rate) + rate
+
+    def check_duration(self, frames: int, rate: int) -> None:
+        if frames / rate > self.max_seconds:
+            raise ClientInputError(
+                f"audio is {frames / rate:.1f} s long; this server accepts at most {self.max_seconds:g} s per clip"
+            )
+
+
+def decode(data: bytes, target: Target) -> np.ndarray:
+    """Decode an encoded audio file to a mono waveform at the target rate.
 
     The header is read first so that an over-long clip is refused before its samples are
     decoded, and a file whose body is shorter than its header promises is called truncated
@@ -35,8 +61,9 @@ def decode(data: bytes, target_rate: int, max_seconds: float) -> np.ndarray:
         raise ClientInputError("audio is empty (0 bytes)")
     try:
         with sf.SoundFile(io.BytesIO(data)) as file:
-            _check_header(file, max_seconds)
-            samples = file.read(dtype="float32", always_2d=True)
+            _check_header(file, target)
+            samples = file.read(min(file.frames, target.source_frames(file.samplerate)), dtype="float32",
+                                always_2d=True)
             rate = file.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise ClientInputError(
@@ -45,17 +72,13 @@ def decode(data: bytes, target_rate: int, max_seconds: float) -> np.ndarray:
         ) from None
     if len(samples) == 0:
         raise ClientInputError("audio has no samples (zero-length clip)")
-    return to_model_rate(downmix(samples), rate, target_rate)
+    return from_waveform(downmix(samples), rate, target)
 
 
-def _check_header(file: sf.SoundFile, max_seconds: float) -> None:
+def _check_header(file: sf.SoundFile, target: Target) -> None:
     if file.frames <= 0:
         raise ClientInputError("audio has no samples (zero-length clip)")
-    duration = file.frames / file.samplerate
-    if duration > max_seconds:
-        raise ClientInputError(
-            f"audio is {duration:.1f} s long; this server accepts at most {max_seconds:g} s per clip"
-        )
+    target.check_duration(file.frames, file.samplerate)
     # libsndfile quietly shortens a WAV/AIFF whose data chunk runs past the end of the file, and
     # only says so in its log: "data : 149260 (should be 74608)". Streaming writers leave the size
     # unknown (0 or all ones), which is not truncation.
@@ -75,13 +98,15 @@ def downmix(samples: np.ndarray) -> np.ndarray:
     return samples.mean(axis=1, dtype=np.float32)
 
 
-def to_model_rate(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-    """Validate a mono waveform and resample it to `target_rate`."""
+def from_waveform(waveform: np.ndarray, rate: object, target: Target) -> np.ndarray:
+    """Validate a mono waveform and resample the part the model reads to the target rate."""
     check_waveform(waveform)
     rate = check_sampling_rate(rate)
-    if rate == target_rate:
+    target.check_duration(len(waveform), rate)
+    waveform = waveform[: target.source_frames(rate)]
+    if rate == target.rate:
         return np.ascontiguousarray(waveform, dtype=np.float32)
-    return soxr.resample(waveform, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+    return soxr.resample(waveform, rate, target.rate, quality="HQ").astype(np.float32, copy=False)
 
 
 def check_waveform(waveform: np.ndarray) -> None:

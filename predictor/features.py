@@ -3,10 +3,10 @@
 `ASTFeatureExtractor` computes the same numbers, but without torchaudio (which has no build for
 torch 2.13) it falls back to a numpy path in float64, one clip at a time (about 20 ms per 10 s
 clip here). This module is that numeric pipeline in torch over whole batches, with two
-per-frame steps rewritten as whole-signal ones (see `__call__`); `make bench` measures the gain. Its constants are not copied: the
-mel filter bank and the window come from `transformers.audio_utils`, built once with the feature
-extractor's own settings, and `tests/test_features.py` holds the result to the extractor's within
-1e-4.
+per-frame steps rewritten as whole-signal ones (see `__call__`). The mel filter bank and the
+window come from `transformers.audio_utils`, built once with the extractor's own settings; the
+frame geometry and Kaldi constants below are the ones `ASTFeatureExtractor` passes to
+`spectrogram`; `tests/test_features.py` holds the result to the extractor's within 1e-4.
 
 The named steps are Kaldi's `fbank` as the extractor configures it: 25 ms frames every 10 ms
 without centring, per-frame DC removal, pre-emphasis 0.97, symmetric Hann window, 512-point power
@@ -62,7 +62,8 @@ class LogMelFilterbank:
                 triangularize_in_mel_space=True,
             )
         window = torch.from_numpy(window_function(FRAME_LENGTH, "hann", periodic=False, frame_length=FFT_LENGTH, center=False))
-        assert window[0] == 0, "global pre-emphasis relies on the window zeroing each frame's first sample"
+        if window[0] != 0:
+            raise ValueError("whole-signal pre-emphasis needs a window that zeroes each frame's first sample")
         return cls(
             sampling_rate=extractor.sampling_rate,
             max_length=extractor.max_length,

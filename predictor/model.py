@@ -70,8 +70,12 @@ class ASTModel(Model):
         self.max_batch_size = max_batch_size
         self.model: Optional[ASTForAudioClassification] = None
         self.filterbank: Optional[LogMelFilterbank] = None
+        self.target: Optional[audio.Target] = None
+        self.num_labels = 0
+        self.id2label: dict[int, str] = {}
         self.default_function = "softmax"
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
+        # Made on first use: with --workers > 1 kserve pickles the model into each worker process.
+        self._model_thread: Optional[ThreadPoolExecutor] = None
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -89,12 +93,13 @@ class ASTModel(Model):
             raise ModelLoadError(f"'{self.model_dir}' holds a {model.config.model_type} model, not AST")
         self.model = model.eval()
         self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model.config))
+        self.target = audio.Target(self.filterbank.sampling_rate, self.filterbank.max_samples, self.max_audio_seconds)
         self.num_labels = model.config.num_labels
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.default_function = self.requested_function or labels.default_function(
             model.config.problem_type, self.num_labels
         )
-        self.default_top_k = labels.check_top_k(min(self.default_top_k, self.num_labels), self.num_labels)
+        self.default_top_k = min(self.default_top_k, self.num_labels)  # the pipeline clamps top_k too
         self._forward(self.filterbank([np.zeros(self.filterbank.sampling_rate, dtype=np.float32)]))  # warm-up
         logger.info(
             "Loaded AST from %s: %d labels, %d mel bins x %d frames, default %s top-%d",
@@ -122,6 +127,8 @@ class ASTModel(Model):
         return Batch(features=features, request=request, top_k=top_k, function=function)
 
     async def predict(self, payload: Batch, headers: Optional[dict] = None) -> Scores:
+        if self._model_thread is None:
+            self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
         logits = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, payload.features)
         return Scores(scores=labels.scores(logits, payload.function), batch=payload)
 
@@ -132,10 +139,8 @@ class ASTModel(Model):
     # ---- compute, off the event loop -------------------------------------------------------
 
     def _features(self, clips: list[protocol.Clip]) -> torch.Tensor:
-        rate = self.filterbank.sampling_rate
         waveforms = [
-            audio.decode(clip, rate, self.max_audio_seconds) if isinstance(clip, bytes)
-            else audio.to_model_rate(*clip, rate)
+            audio.decode(clip, self.target) if isinstance(clip, bytes) else audio.from_waveform(*clip, self.target)
             for clip in clips
         ]
         return self.filterbank(waveforms)

@@ -9,7 +9,9 @@ request through) and holds our workarounds for kserve 0.21, each tested end to e
 - `InferRequest.from_bytes` turns binary BYTES tensors into UTF-8 strings, so binary audio sent
   with the V2 binary data extension (tritonclient's default) fails there with a 500; we parse
   that extension ourselves and keep the bytes.
-- `application/octet-stream` is decoded as JSON by kserve's V1 path; a raw audio body is not.
+- kserve's V1 path decodes `application/octet-stream` as JSON, and leaves JSON sent with any
+  content type not on its exact list (`application/json; charset=utf-8`, `text/plain`) undecoded;
+  we read a V1 body as audio unless it is, or looks like, JSON.
 - Our `ClientInputError` becomes kserve's `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT).
 The third obstacle, `InferResponse.to_grpc` failing on numpy outputs when raw outputs are due,
 is avoided in `respond`: gRPC outputs are always serialised to raw bytes before kserve sees them.
@@ -18,11 +20,13 @@ is avoided in `respond`: gRPC outputs are always serialised to raw bytes before 
 import base64
 import binascii
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import orjson
+from cloudevents.sdk.converters.util import has_binary_headers
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER, PredictorProtocol
 from kserve.errors import InvalidInput
 from kserve.model_server import ModelServer
@@ -32,11 +36,12 @@ from kserve.protocol.infer_type import (
     InferOutput,
     InferRequest,
     InferResponse,
-    RequestedOutput,
     deserialize_bytes_tensor,
     to_http_parameters,
 )
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from kserve.utils.numpy_codec import to_np_dtype
+from pydantic import ValidationError
 
 from .errors import ClientInputError
 
@@ -47,10 +52,10 @@ SCORE_OUTPUT = "score"
 MODEL_PARAMETERS = ("top_k", "function_to_apply")
 # sampling_rate belongs to the waveform input, but tritonclient.grpc cannot set input parameters,
 # so it is taken from the request's parameters too (the input's wins).
-REQUEST_INPUT_PARAMETERS = ("sampling_rate",)
+RATE_PARAMETER = "sampling_rate"
 # Set by V2 clients themselves (tritonclient, kserve's clients) and honoured by kserve's encoder.
 PROTOCOL_PARAMETERS = ("binary_data_output",)
-INPUT_PARAMETERS = {AUDIO_INPUT: ("binary_data_size",), WAVEFORM_INPUT: ("binary_data_size", "sampling_rate")}
+INPUT_PARAMETERS = {AUDIO_INPUT: ("binary_data_size",), WAVEFORM_INPUT: ("binary_data_size", RATE_PARAMETER)}
 DEFAULT_SAMPLING_RATE = 16_000
 
 INPUT_TYPES = [
@@ -97,7 +102,8 @@ def _parse_v1(body: dict) -> AudioRequest:
         if not isinstance(instance, dict) or set(instance) != {"b64"} or not isinstance(instance["b64"], str):
             raise ClientInputError(f'instances[{i}] must be {{"b64": "<base64 of an audio file>"}}')
         clips.append(_b64decode(instance["b64"], f"instances[{i}].b64"))
-    return AudioRequest(clips=clips, parameters=_model_parameters(body.get("parameters") or {}, ()))
+    parameters = body.get("parameters")
+    return AudioRequest(clips=clips, parameters=_model_parameters({} if parameters is None else parameters, ()))
 
 
 def _parse_v2(request: InferRequest) -> AudioRequest:
@@ -114,13 +120,13 @@ def _parse_v2(request: InferRequest) -> AudioRequest:
     if unknown:
         raise ClientInputError(f"unknown parameter(s) {sorted(unknown)} on input '{tensor.name}'")
     request_parameters = to_http_parameters(request.parameters or {})
-    parameters = _model_parameters(request_parameters, PROTOCOL_PARAMETERS + REQUEST_INPUT_PARAMETERS)
+    parameters = _model_parameters(request_parameters, PROTOCOL_PARAMETERS + (RATE_PARAMETER,))
     if tensor.name == AUDIO_INPUT:
-        if "sampling_rate" in request_parameters:
+        if RATE_PARAMETER in request_parameters:
             raise ClientInputError("sampling_rate applies to the 'waveform' input; an encoded file states its own")
         clips = _audio_clips(tensor)
     else:
-        rate = input_parameters.get("sampling_rate", request_parameters.get("sampling_rate", DEFAULT_SAMPLING_RATE))
+        rate = input_parameters.get(RATE_PARAMETER, request_parameters.get(RATE_PARAMETER, DEFAULT_SAMPLING_RATE))
         clips = _waveform_clips(tensor, rate)
     return AudioRequest(clips=clips, parameters=parameters, v2=request)
 
@@ -130,10 +136,19 @@ def _audio_clips(tensor: InferInput) -> list[Clip]:
     elements = _as_numpy(tensor)
     if elements.ndim != 1 or elements.size == 0:
         raise ClientInputError(f"input '{AUDIO_INPUT}' must have shape [N] with N ≥ 1, got {list(elements.shape)}")
-    # JSON can only carry text, so there each element is base64; binary data and gRPC carry bytes.
-    return [
-        _b64decode(e, f"{AUDIO_INPUT}[{i}]") if isinstance(e, str) else bytes(e) for i, e in enumerate(elements)
-    ]
+    return [_audio_file(element, f"{AUDIO_INPUT}[{i}]") for i, element in enumerate(elements)]
+
+
+def _audio_file(element: Any, where: str) -> bytes:
+    """JSON can only carry text, so there each element is base64; binary data and gRPC carry bytes."""
+    if isinstance(element, str):
+        return _b64decode(element, where)
+    if isinstance(element, (bytes, bytearray)):
+        return bytes(element)
+    raise ClientInputError(
+        f"{where} must be an audio file (a base64 string in JSON, bytes in binary data or gRPC), "
+        f"got {type(element).__name__}"
+    )
 
 
 def _waveform_clips(tensor: InferInput, rate: Any) -> list[Clip]:
@@ -160,7 +175,7 @@ def _as_numpy(tensor: InferInput) -> np.ndarray:
         raise ClientInputError(f"input '{tensor.name}' has an invalid shape {shape}")
     try:
         return tensor.as_numpy()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, struct.error) as exc:
         count = int(np.prod(shape)) if shape else 1
         raise ClientInputError(
             f"input '{tensor.name}' declares shape {shape} ({count} elements) but its data does not fit it: {exc}"
@@ -197,6 +212,13 @@ def respond(request: AudioRequest, model_name: str, labels: list[list[str]], sco
         InferOutput(name=LABEL_OUTPUT, shape=list(label_array.shape), datatype="BYTES", data=label_array),
         InferOutput(name=SCORE_OUTPUT, shape=list(scores.shape), datatype="FP32", data=scores),
     ]
+    if request.v2.request_outputs:
+        # kserve's REST encoder checks requested names, its gRPC encoder ignores them: check here, once.
+        wanted = [o.name for o in request.v2.request_outputs]
+        unknown = set(wanted) - {o.name for o in outputs}
+        if unknown:
+            raise ClientInputError(f"unknown requested output(s) {sorted(unknown)}; outputs are '{LABEL_OUTPUT}' and '{SCORE_OUTPUT}'")
+        outputs = [o for o in outputs if o.name in wanted]
     if request.v2.from_grpc:
         # tritonclient's as_numpy reads raw_output_contents only; raw bytes suit kserve's clients too.
         for output in outputs:
@@ -214,20 +236,26 @@ class AudioDataPlane(DataPlane):
     """kserve's DataPlane with raw audio bodies, binary BYTES inputs and our client errors."""
 
     def decode(self, body, headers, protocol_version: str = PredictorProtocol.REST_V1.value, model_name=None):
-        if protocol_version == PredictorProtocol.REST_V1.value and _is_raw_audio(body, headers or {}):
-            return body, {}
-        return super().decode(body, headers, protocol_version, model_name)
+        headers = headers or {}
+        with _as_invalid_input():
+            if protocol_version == PredictorProtocol.REST_V1.value and isinstance(body, (bytes, bytearray)):
+                if _is_raw_audio(body, headers):
+                    return body, {}
+                if not has_binary_headers(headers):
+                    # kserve parses JSON only for an exact list of content types; clients also send
+                    # "application/json; charset=utf-8", text/plain, or curl's form-urlencoded default.
+                    body = _load_json(body)
+            return super().decode(body, headers, protocol_version, model_name)
 
     def decode_inference_request(self, body, headers: dict, model_name: str) -> InferRequest:
         if isinstance(body, bytes):
-            return _parse_binary_extension(body, headers, model_name)
+            with _as_invalid_input():
+                return _parse_binary_extension(body, headers, model_name)
         return super().decode_inference_request(body, headers, model_name)
 
     async def infer(self, model_name: str, request, headers=None):
-        try:
+        with _as_invalid_input():
             return await super().infer(model_name, request, headers)
-        except ClientInputError as exc:
-            raise InvalidInput(str(exc)) from exc
 
 
 class AudioModelServer(ModelServer):
@@ -238,76 +266,82 @@ class AudioModelServer(ModelServer):
         self.dataplane = AudioDataPlane(model_registry=self.registered_models)
 
 
-def _is_raw_audio(body: Any, headers: dict) -> bool:
+@contextmanager
+def _as_invalid_input() -> Iterator[None]:
+    """Our client errors become kserve's InvalidInput: HTTP 400, gRPC INVALID_ARGUMENT."""
+    try:
+        yield
+    except ClientInputError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
+def _is_raw_audio(body: bytes, headers: dict) -> bool:
     """A V1 body is audio unless it says (or looks like) JSON: curl's --data-binary needs no header."""
-    if not isinstance(body, (bytes, bytearray)):
-        return False
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith("audio/"):
         return True
     if content_type in ("application/json", "application/cloudevents+json", "application/ld+json"):
         return False
-    if any(key.startswith("ce-") for key in headers):
+    if has_binary_headers(headers):
         return False
-    return not body.lstrip()[:1] == b"{"
+    return body[:1024].lstrip()[:1] != b"{"
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ClientInputError(f"request body is neither audio nor valid JSON: {exc}") from None
 
 
 def _parse_binary_extension(body: bytes, headers: dict, model_name: str) -> InferRequest:
-    """The V2 binary data extension: a JSON header, then each binary input's bytes in order."""
+    """The V2 binary data extension: a JSON header, then each binary input's bytes in order.
+
+    The header is validated by kserve's own V2 request model, with an empty `data` standing in
+    for each binary input until its bytes are attached.
+    """
     header_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
     if header_length is None:
-        raise InvalidInput(f"a binary V2 request needs the '{INFERENCE_CONTENT_LENGTH_HEADER}' header")
+        raise ClientInputError(f"a binary V2 request needs the '{INFERENCE_CONTENT_LENGTH_HEADER}' header")
     try:
         json_length = int(header_length)
-        header = orjson.loads(body[:json_length])
-        tensors = header["inputs"]
-        if not isinstance(tensors, list):
-            raise TypeError('"inputs" is not a list')
-    except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
-        raise InvalidInput(f"malformed binary V2 request header: {exc}") from None
-    offset = json_length
-    inputs = []
-    for tensor in tensors:
-        try:
-            name, shape, datatype = tensor["name"], tensor["shape"], str(tensor["datatype"]).upper()
-        except (KeyError, TypeError):
-            raise InvalidInput("each input needs 'name', 'shape' and 'datatype'") from None
-        parameters = tensor.get("parameters") or {}
-        data = tensor.get("data")
-        if data is None:
-            size = parameters.get("binary_data_size")
-            if size is None:
-                raise InvalidInput(f"'data' field is missing for input '{name}', and no binary_data_size follows")
-            if not isinstance(size, int) or size < 0 or offset + size > len(body):
-                raise InvalidInput(f"input '{name}': binary_data_size {size!r} does not fit the {len(body)}-byte body")
-            data = _decode_binary_tensor(body[offset : offset + size], datatype, name)
-            offset += size
-        inputs.append(InferInput(name=name, shape=shape, datatype=datatype, data=data, parameters=parameters))
-    return InferRequest(
-        model_name=model_name,
-        infer_inputs=inputs,
-        request_id=header.get("id"),
-        parameters=header.get("parameters"),
-        request_outputs=_requested_outputs(header.get("outputs")),
-    )
-
-
-def _requested_outputs(outputs: Any) -> Optional[list[RequestedOutput]]:
-    if not outputs:
-        return None
+    except ValueError:
+        raise ClientInputError(f"'{INFERENCE_CONTENT_LENGTH_HEADER}' is not a number: {header_length!r}") from None
+    if not 0 < json_length <= len(body):
+        raise ClientInputError(f"'{INFERENCE_CONTENT_LENGTH_HEADER}' {json_length} does not fit the {len(body)}-byte body")
+    header = _load_json(body[:json_length])
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise ClientInputError('malformed binary V2 request header: "inputs" must be a list')
+    binary = [isinstance(t, dict) and "data" not in t for t in header["inputs"]]
+    for tensor, is_binary in zip(header["inputs"], binary):
+        if is_binary:
+            tensor["data"] = []
     try:
-        return [RequestedOutput(name=o["name"], parameters=o.get("parameters")) for o in outputs]
-    except (KeyError, TypeError, AttributeError):
-        raise InvalidInput("each requested output needs a 'name'") from None
+        request = InferRequest.from_inference_request(InferenceRequest.model_validate(header), model_name)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ClientInputError(f"malformed binary V2 request header: {problems}") from None
+    offset = json_length
+    for tensor, is_binary in zip(request.inputs, binary):
+        if not is_binary:
+            continue
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            raise ClientInputError(f"'data' field is missing for input '{tensor.name}', and no binary_data_size follows")
+        if not isinstance(size, int) or size < 0 or offset + size > len(body):
+            raise ClientInputError(f"input '{tensor.name}': binary_data_size {size!r} does not fit the {len(body)}-byte body")
+        tensor.data = _decode_binary_tensor(body[offset : offset + size], tensor.datatype, tensor.name)
+        offset += size
+    return request
 
 
 def _decode_binary_tensor(raw: bytes, datatype: str, name: str) -> np.ndarray:
     dtype = to_np_dtype(datatype)
     if dtype is None:
-        raise InvalidInput(f"input '{name}' has unknown datatype {datatype}")
+        raise ClientInputError(f"input '{name}' has unknown datatype {datatype}")
     try:
         if datatype == "BYTES":
             return deserialize_bytes_tensor(raw)
         return np.frombuffer(raw, dtype=dtype)
     except (struct.error, ValueError) as exc:
-        raise InvalidInput(f"input '{name}': binary data is not a valid {datatype} tensor: {exc}") from None
+        raise ClientInputError(f"input '{name}': binary data is not a valid {datatype} tensor: {exc}") from None

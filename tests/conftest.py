@@ -5,7 +5,6 @@ afford; the full-size geometry is built only by the test that needs it. Audio is
 espeak-ng (speech) and numpy (tones, noise), and written to each container by soundfile.
 """
 
-import json
 import os
 import shutil
 import socket
@@ -27,7 +26,7 @@ from tools.random_ast import save_random_ast
 REPO = Path(__file__).resolve().parent.parent
 TINY_LABELS = ["Speech", "Music", "Dog", "Siren", "Silence", "Engine", "Bird", "Rain", "Wind", "Applause"]
 # The test server's limits, set through the environment to exercise that path too.
-TEST_SERVER_ENV = {"MAX_AUDIO_SECONDS": "30", "MAX_CLIPS_PER_REQUEST": "6"}
+TEST_SERVER_ENV = {"MAX_AUDIO_SECONDS": "30", "MAX_CLIPS_PER_REQUEST": "6", "MAX_BATCH_SIZE": "4"}
 
 
 @pytest.fixture(scope="session")
@@ -172,7 +171,3 @@ def as_predictions(labels, scores) -> list[list[dict]]:
          for label, score in zip(row_labels, row_scores)]
         for row_labels, row_scores in zip(np.asarray(labels), np.asarray(scores))
     ]
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=1)[:2000]

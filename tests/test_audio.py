@@ -10,6 +10,7 @@ from predictor.errors import ClientInputError
 from .conftest import encode, tone
 
 RATE = 16000
+TARGET = audio.Target(rate=RATE, keep_samples=RATE * 60, max_seconds=60)
 
 
 def dominant_frequency(waveform: np.ndarray, rate: int) -> float:
@@ -35,7 +36,7 @@ def dominant_frequency(waveform: np.ndarray, rate: int) -> float:
 def test_each_format_decodes_to_the_same_signal(speech_16k, fmt, subtype, tolerance):
     rate = 48000 if subtype == "OPUS" else RATE  # Opus only runs at 48 kHz
     source = speech_16k if rate == RATE else soxr.resample(speech_16k, RATE, rate).astype(np.float32)
-    decoded = audio.decode(encode(source, rate, fmt, subtype), RATE, max_seconds=60)
+    decoded = audio.decode(encode(source, rate, fmt, subtype), TARGET)
     assert decoded.dtype == np.float32 and decoded.ndim == 1
     if tolerance is not None:  # lossless containers give the samples back
         np.testing.assert_allclose(decoded, speech_16k, atol=tolerance + 1e-7)
@@ -48,30 +49,30 @@ def test_each_format_decodes_to_the_same_signal(speech_16k, fmt, subtype, tolera
 
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 44100, 48000, 96000])
 def test_a_1khz_tone_stays_1khz_at_any_rate(rate):
-    decoded = audio.decode(encode(tone(1000, 2.0, rate), rate, "WAV", "PCM_16"), RATE, max_seconds=60)
+    decoded = audio.decode(encode(tone(1000, 2.0, rate), rate, "WAV", "PCM_16"), TARGET)
     assert abs(len(decoded) - 2 * RATE) <= 1
     # Stated tolerance: one FFT bin of a 2 s analysis (0.5 Hz).
     assert abs(dominant_frequency(decoded, RATE) - 1000) <= 0.5
 
 
 def test_resampling_is_band_limited():
-    """A 7.9 kHz tone at 44.1 kHz is kept; 12 kHz (above the new Nyquist) is removed, not aliased to 4 kHz."""
+    """A 7 kHz tone at 44.1 kHz is kept; 12 kHz (above the new Nyquist) is removed, not aliased to 4 kHz."""
     rate = 44100
-    kept = audio.to_model_rate(tone(7000, 1.0, rate), rate, RATE)
-    removed = audio.to_model_rate(tone(12000, 1.0, rate), rate, RATE)
+    kept = audio.from_waveform(tone(7000, 1.0, rate), rate, TARGET)
+    removed = audio.from_waveform(tone(12000, 1.0, rate), rate, TARGET)
     assert np.sqrt(np.mean(kept**2)) > 0.3
     assert np.sqrt(np.mean(removed[1000:-1000] ** 2)) < 1e-3
 
 
 def test_stereo_is_the_channel_mean():
     left, right = tone(440, 1.0, RATE, 0.4), tone(880, 1.0, RATE, 0.2)
-    decoded = audio.decode(encode(np.stack([left, right], axis=1), RATE, "FLAC", "PCM_24"), RATE, 60)
+    decoded = audio.decode(encode(np.stack([left, right], axis=1), RATE, "FLAC", "PCM_24"), TARGET)
     np.testing.assert_allclose(decoded, (left + right) / 2, atol=1e-6)
 
 
 def test_any_channel_count_downmixes():
     channels = np.stack([tone(200 * (c + 1), 0.5, RATE, 0.1) for c in range(6)], axis=1)
-    decoded = audio.decode(encode(channels, RATE, "WAV", "FLOAT"), RATE, 60)
+    decoded = audio.decode(encode(channels, RATE, "WAV", "FLOAT"), TARGET)
     np.testing.assert_allclose(decoded, channels.mean(axis=1), atol=1e-7)
 
 
@@ -85,35 +86,52 @@ def test_any_channel_count_downmixes():
 )
 def test_unreadable_input_names_the_problem(data, message):
     with pytest.raises(ClientInputError, match=message):
-        audio.decode(data, RATE, 60)
+        audio.decode(data, TARGET)
 
 
 @pytest.mark.parametrize("fmt, subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16")])
 def test_truncated_file_is_refused(speech_16k, fmt, subtype):
     data = encode(speech_16k, RATE, fmt, subtype)
     with pytest.raises(ClientInputError, match="truncated|corrupt|decode"):
-        audio.decode(data[: len(data) // 2], RATE, 60)
+        audio.decode(data[: len(data) // 2], TARGET)
 
 
 def test_too_long_is_refused_before_decoding():
     data = encode(np.zeros(RATE * 5, np.float32), RATE, "WAV", "PCM_16")
+    limited = audio.Target(RATE, keep_samples=RATE, max_seconds=4)
     with pytest.raises(ClientInputError, match="5.0 s long.*at most 4 s"):
-        audio.decode(data, RATE, max_seconds=4)
+        audio.decode(data, limited)
+    with pytest.raises(ClientInputError, match="5.0 s long.*at most 4 s"):
+        audio.from_waveform(np.zeros(RATE * 5, np.float32), RATE, limited)
 
 
 def test_nan_samples_are_refused():
     samples = tone(440, 0.5, RATE)
     samples[100] = np.nan
     with pytest.raises(ClientInputError, match="1 NaN or infinite"):
-        audio.decode(encode(samples, RATE, "WAV", "FLOAT"), RATE, 60)
+        audio.decode(encode(samples, RATE, "WAV", "FLOAT"), TARGET)
 
 
 @pytest.mark.parametrize("rate", [0, -16000, 16000.5, "16000", True, 10_000_000])
 def test_bad_sampling_rates_are_refused(rate):
     with pytest.raises(ClientInputError, match="sampling_rate"):
-        audio.to_model_rate(tone(440, 0.5, RATE), rate, RATE)
+        audio.from_waveform(tone(440, 0.5, RATE), rate, TARGET)
 
 
 def test_waveform_must_be_mono():
     with pytest.raises(ClientInputError, match="one-dimensional"):
-        audio.to_model_rate(np.zeros((2, 100), np.float32), RATE, RATE)
+        audio.from_waveform(np.zeros((2, 100), np.float32), RATE, TARGET)
+
+
+@pytest.mark.parametrize("rate", [RATE, 44100])
+def test_only_the_part_the_model_reads_is_decoded(rate):
+    """Beyond keep_samples (plus a second for the resampler) nothing is decoded, and what is kept
+    is what decoding and resampling the whole file would have given."""
+    rng = np.random.default_rng(1)
+    long_clip = (0.1 * rng.standard_normal(rate * 20)).astype(np.float32)
+    keep = RATE * 2
+    short = audio.Target(RATE, keep_samples=keep, max_seconds=60)
+    partial = audio.decode(encode(long_clip, rate, "WAV", "FLOAT"), short)
+    assert abs(len(partial) - 3 * RATE) <= 1
+    whole = audio.decode(encode(long_clip, rate, "WAV", "FLOAT"), TARGET)
+    np.testing.assert_allclose(partial[:keep], whole[:keep], atol=1e-6)

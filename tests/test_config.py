@@ -15,13 +15,29 @@ from .conftest import REPO, assert_same_predictions, encode, expected, start_ser
     [
         ({"TOP_K": "five"}, "environment variable TOP_K='five'"),
         ({"FUNCTION_TO_APPLY": "relu"}, "environment variable FUNCTION_TO_APPLY='relu': choose from"),
-        ({"ENABLE_GRPC": "maybe"}, "environment variable ENABLE_GRPC='maybe'"),
+        ({"MAX_BATCH_SIZE": "0"}, "environment variable MAX_BATCH_SIZE='0': must be positive"),
     ],
 )
 def test_a_bad_environment_variable_is_named_at_start(env, message):
     result = subprocess.run([sys.executable, "-m", "predictor", "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env={**os.environ, **env})
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_a_bad_flag_is_named_at_start():
+    result = subprocess.run([sys.executable, "-m", "predictor", "--top_k", "0"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "argument --top_k: invalid int value: '0'" in result.stderr, result.stderr
+
+
+def test_kubernetes_service_variables_do_not_touch_kserve_flags(tiny_model_dir, tmp_path):
+    """A Service named "http" puts HTTP_PORT=tcp://... into every pod; the server must not care."""
+    server = start_server(tiny_model_dir, tmp_path / "server.log", env={"HTTP_PORT": "tcp://10.0.0.1:80",
+                                                                        "GRPC_PORT": "tcp://10.0.0.2:81"})
+    try:
+        assert server.is_ready()
+    finally:
+        stop_server(server)
 
 
 def test_flags_win_over_the_environment(tiny_model_dir, tiny_pipeline, tmp_path):

@@ -10,7 +10,7 @@ import requests
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from .conftest import TEST_SERVER_ENV, encode, tone
+from .conftest import encode, tone
 
 RATE = 16000
 GOOD_WAV = encode(tone(440, 1.0, RATE), RATE, "WAV", "PCM_16")
@@ -95,7 +95,12 @@ V2_CASES = {
         {"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1000], "data": [0.0] * 1000,
                      "parameters": {"channels": 2}}]}, "unknown parameter(s) ['channels'] on input 'waveform'"),
     "waveform-empty": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 0], "data": []}]}, "shape"),
-    "unknown-output": ({**v2_audio(GOOD_WAV), "outputs": [{"name": "logits"}]}, "Unexpected inference output 'logits'"),
+    "unknown-output": ({**v2_audio(GOOD_WAV), "outputs": [{"name": "logits"}]}, "unknown requested output(s) ['logits']"),
+    **{
+        f"bytes-element-{kind}": ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "data": [value]}]},
+                                  f"audio[0] must be an audio file (a base64 string in JSON, bytes in binary data or gRPC), got {kind}")
+        for kind, value in [("int", 2_000_000_000), ("float", 1.5), ("NoneType", None), ("bool", True)]
+    },
 }
 
 
@@ -121,10 +126,11 @@ def test_v2_bad_input(server, case):
     [
         (b"", "audio/wav", "audio is empty"),
         (b"\x00\x01\x02\x03" * 100, "application/octet-stream", "could not decode audio"),
-        (b"{not json", "application/json", "Unrecognized request format"),
+        (b"{not json", "application/json", "neither audio nor valid JSON"),
+        (b"{not json", "text/plain", "neither audio nor valid JSON"),
         (truncated(GOOD_WAV), None, "truncated"),
     ],
-    ids=["empty", "octet-garbage", "broken-json", "truncated-raw"],
+    ids=["empty", "octet-garbage", "broken-json", "broken-json-text-plain", "truncated-raw"],
 )
 def test_v1_bad_raw_body(server, data, content_type, message):
     headers = {"Content-Type": content_type} if content_type else {}
@@ -152,8 +158,17 @@ def binary_request(header: dict, payload: bytes, json_length=None) -> tuple[byte
          b"\x00" * 8, "declares shape [1, 3]"),
         ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1]}]}, b"", "'data' field is missing"),
         ({"inputs": "audio"}, b"", "malformed binary V2 request header"),
+        ({"parameters": [1], "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, b"",
+         "malformed binary V2 request header: parameters"),
+        ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": 1, "data": ["x"]}]}, b"",
+         "malformed binary V2 request header: inputs.0.shape"),
+        ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "parameters": "big"}]}, b"",
+         "malformed binary V2 request header: inputs.0.parameters"),
+        ({"id": 5, "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, b"",
+         "malformed binary V2 request header: id"),
     ],
-    ids=["size-overflow", "bytes-length", "fp32-size", "shape", "no-data", "inputs-not-list"],
+    ids=["size-overflow", "bytes-length", "fp32-size", "shape", "no-data", "inputs-not-list", "parameters-list",
+         "shape-int", "input-parameters-str", "id-int"],
 )
 def test_v2_bad_binary_request(server, header, payload, message):
     body, headers = binary_request(header, payload)
@@ -175,4 +190,3 @@ def test_server_still_serves_after_all_of_that(server):
     assert requests.get(f"{server.url}/v2/health/live").status_code == 200
     response = requests.post(server.predict_url, json=v1(GOOD_WAV))
     assert response.status_code == 200 and len(response.json()["predictions"][0]) == 5
-    assert int(TEST_SERVER_ENV["MAX_CLIPS_PER_REQUEST"]) == 6  # the limits above came from the environment

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import grpc
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 from kserve import InferenceGRPCClient, InferInput, InferRequest
+from kserve.protocol.infer_type import RequestedOutput
 
 from .conftest import as_predictions, assert_same_predictions, encode, expected, tone
 
@@ -20,12 +23,15 @@ RATE = 16000
 TRITON_CLIENT = Path(__file__).parent / "clients" / "triton_grpc.py"
 
 
-def kserve_grpc_infer(server, tensor: InferInput, parameters=None):
-    async def call():
-        client = InferenceGRPCClient(server.grpc_url, retries=2)
-        return await client.infer(InferRequest(model_name="ast", infer_inputs=[tensor], parameters=parameters))
+def kserve_grpc(server, request: InferRequest):
+    async def call():  # the aio channel belongs to the loop it is made in
+        return await InferenceGRPCClient(server.grpc_url, retries=2).infer(request)
 
     return asyncio.run(call())
+
+
+def kserve_grpc_infer(server, tensor: InferInput, parameters=None):
+    return kserve_grpc(server, InferRequest(model_name="ast", infer_inputs=[tensor], parameters=parameters))
 
 
 def outputs_of(response) -> list[list[dict]]:
@@ -111,8 +117,35 @@ def test_kserve_grpc_bad_input(server, tensor, parameters, message):
     assert message in error.value.details()
 
 
-def test_tritonclient_grpc_waveform_at_another_rate(server, tiny_pipeline):
+def test_tritonclient_grpc_waveform_at_another_rate(server, tiny_pipeline, speech_16k):
     """tritonclient.grpc cannot set input parameters; the request's sampling_rate serves instead."""
-    result = run_triton_grpc({"url": server.grpc_url, "model": "ast", "waveform": [tone(1000, 2.0, 48000).tolist()],
-                              "parameters": {"top_k": 1, "function_to_apply": "none", "sampling_rate": 48000}})
-    assert result["label"][0][0] == expected(tiny_pipeline, tone(1000, 2.0, RATE), 1, "none")[0]["label"]
+    at_48k = soxr.resample(speech_16k, RATE, 48000, quality="HQ").astype(np.float32)
+    result = run_triton_grpc({"url": server.grpc_url, "model": "ast", "waveform": [at_48k.tolist()],
+                              "parameters": {"top_k": 3, "function_to_apply": "none", "sampling_rate": 48000}})
+    reference = expected(tiny_pipeline, soxr.resample(at_48k, 48000, RATE, quality="HQ"), 3, "none")
+    assert_same_predictions(as_predictions(result["label"], result["score"])[0], reference)
+
+
+def test_grpc_raw_bytes_with_a_broken_length_prefix(server):
+    tensor = InferInput(name="audio", shape=[1], datatype="BYTES")
+    request = InferRequest(model_name="ast", infer_inputs=[tensor], raw_inputs=[struct.pack("<I", 10_000) + b"RIFF"])
+    with pytest.raises(grpc.RpcError) as error:
+        kserve_grpc(server, request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "declares shape [1]" in error.value.details()
+
+
+def test_grpc_requested_outputs(server, speech_16k):
+    """Only the requested output comes back; an unknown name is refused, as over REST."""
+    def infer(names):
+        tensor = InferInput(name="audio", shape=[1], datatype="BYTES", data=[encode(speech_16k, RATE, "WAV", "FLOAT")])
+        request = InferRequest(model_name="ast", infer_inputs=[tensor],
+                               request_outputs=[RequestedOutput(name) for name in names])
+        return kserve_grpc(server, request)
+
+    response = infer(["score"])
+    assert [o.name for o in response.outputs] == ["score"] and response.outputs[0].as_numpy().shape == (1, 5)
+    with pytest.raises(grpc.RpcError) as error:
+        infer(["logits"])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown requested output(s) ['logits']" in error.value.details()

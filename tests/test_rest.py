@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import requests
+import soxr
 import tritonclient.http as triton_http
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
@@ -56,6 +57,28 @@ def test_v1_raw_audio_body(server, tiny_pipeline, speech_16k, content_type):
     response = requests.post(server.predict_url, data=data, headers=headers)
     assert response.status_code == 200, response.text
     assert_same_predictions(response.json()["predictions"][0], expected(tiny_pipeline, speech_16k, 5, "softmax"))
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "text/plain", "application/x-www-form-urlencoded"]
+)
+def test_v1_json_under_any_content_type(server, tiny_pipeline, speech_16k, content_type):
+    body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, RATE, "WAV", "FLOAT")).decode()}],
+            "parameters": {"top_k": 2}}
+    response = requests.post(server.predict_url, data=json.dumps(body), headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    assert_same_predictions(response.json()["predictions"][0], expected(tiny_pipeline, speech_16k, 2, "softmax"))
+
+
+def test_more_clips_than_one_forward_pass_holds(server, tiny_pipeline):
+    """The test server runs at most 4 clips per forward pass (MAX_BATCH_SIZE) and takes 6 per request."""
+    clips = [tone(200.0 * (i + 1), 1.0 + 0.25 * i, RATE) for i in range(6)]
+    body = {"instances": [{"b64": base64.b64encode(encode(c, RATE, "WAV", "FLOAT")).decode()} for c in clips],
+            "parameters": {"top_k": 3, "function_to_apply": "none"}}
+    predictions = requests.post(server.predict_url, json=body).json()["predictions"]
+    assert len(predictions) == 6
+    for clip, actual in zip(clips, predictions):
+        assert_same_predictions(actual, expected(tiny_pipeline, clip, 3, "none"))
 
 
 def test_curl_data_binary(server, tiny_pipeline, speech_16k, tmp_path):
@@ -106,13 +129,21 @@ def test_v2_json_waveform_any_rate(server, tiny_pipeline, speech_16k):
     outputs = {o["name"]: o for o in response.json()["outputs"]}
     actual = as_predictions(np.array(outputs["label"]["data"]).reshape(1, 2), np.array(outputs["score"]["data"]).reshape(1, 2))
     assert_same_predictions(actual[0], expected(tiny_pipeline, speech_16k, 2, "none"))
-    # 44.1 kHz audio is resampled, so it is classified like the same sound at 16 kHz.
-    at_44k = tone(1000, 2.0, 44100)
+    # 44.1 kHz audio is resampled: the pipeline's answer for the soxr-resampled waveform, every score.
+    at_44k = speech_16k_at(speech_16k, 44100)
     body["inputs"][0].update(shape=[1, len(at_44k)], data=at_44k.tolist(), parameters={"sampling_rate": 44100})
     response = requests.post(server.infer_url, json=body)
     assert response.status_code == 200, response.text
-    top = response.json()["outputs"][0]["data"][0]
-    assert top == expected(tiny_pipeline, tone(1000, 2.0, RATE), 1, "none")[0]["label"]
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    actual = as_predictions(np.array(outputs["label"]["data"]).reshape(1, 2), np.array(outputs["score"]["data"]).reshape(1, 2))
+    reference = expected(tiny_pipeline, soxr.resample(at_44k, 44100, RATE, quality="HQ"), 2, "none")
+    assert_same_predictions(actual[0], reference)
+    # ... and it is not the answer for the same samples taken as 16 kHz.
+    assert [p["score"] for p in actual[0]] != pytest.approx([p["score"] for p in expected(tiny_pipeline, at_44k, 2, "none")], abs=1e-3)
+
+
+def speech_16k_at(speech: np.ndarray, rate: int) -> np.ndarray:
+    return soxr.resample(speech, RATE, rate, quality="HQ").astype(np.float32)
 
 
 def test_tritonclient_http_binary_audio_and_waveform(server, tiny_pipeline, speech_16k):

@@ -16,16 +16,17 @@ from typing import Optional, Sequence
 import torch
 from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
+from predictor.labels import AUDIOSET_NUM_LABELS
+
 logger = logging.getLogger(__name__)
 
-AUDIOSET_SIZE = 527
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_FEATURES = {"num_mel_bins": 64, "max_length": 300}
 
 
 def save_random_ast(directory: Path, labels: Optional[Sequence[str]] = None, tiny: bool = False, seed: int = 0) -> Path:
     """Save a random AST with the given labels (default: 527 placeholder AudioSet classes)."""
-    labels = list(labels or (f"AudioSet class {i}" for i in range(AUDIOSET_SIZE)))
+    labels = list(labels or (f"AudioSet class {i}" for i in range(AUDIOSET_NUM_LABELS)))
     features = TINY_FEATURES if tiny else {}
     config = ASTConfig(
         num_labels=len(labels),
