@@ -10,17 +10,22 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from kserve import logging as kserve_logging
 from kserve import model_server
 
+from .cpu import configure_torch_threads
+from .engines import BACKENDS, PRECISIONS, EngineOptions
 from .labels import FUNCTIONS
 from .model import ASTModel, ModelLoadError
 from .protocol import AudioModelServer
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
-MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_clips_per_request", "max_batch_size")
+MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_clips_per_request", "max_batch_size",
+               "max_batch_wait_ms")
+ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir")
 # KServe's own flags, passed on explicitly: ModelServer's defaults come from kserve's own parse of
 # sys.argv at import, not from the arguments main() was given.
 SERVER_FLAGS = (
@@ -51,8 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_audio_seconds", type=positive(float), default=600.0, help="Longest clip accepted, in seconds.")
     parser.add_argument("--max_clips_per_request", type=positive(int), default=64, help="Most clips accepted in one request.")
     parser.add_argument("--max_batch_size", type=positive(int), default=8, help="Most clips in one forward pass.")
+    parser.add_argument("--max_batch_wait_ms", type=float, default=0.0,
+                        help="How long a request waits for others to share its forward pass (0: only those already queued).")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="onnxruntime: the model exported to ONNX once (cached), faster on CPU; torch: eager PyTorch.")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="int8: dynamic int8 quantization of the weights (onnxruntime only), faster, logits within ~1%%.")
+    parser.add_argument("--threads", type=positive(int), default=None,
+                        help="Intra-op threads. Default: the container's CPU limit (cgroup), not the node's core count.")
+    parser.add_argument("--onnx_cache_dir", type=Path, default=None,
+                        help="Where exported ONNX models are kept. Default: $XDG_CACHE_HOME/ast-kserve (~/.cache/ast-kserve).")
     parser.set_defaults(model_name="ast")
-    apply_environment(parser, ("model_name",) + MODEL_FLAGS)
+    apply_environment(parser, ("model_name",) + MODEL_FLAGS + ENGINE_FLAGS)
     return parser
 
 
@@ -83,14 +98,19 @@ def apply_environment(parser: argparse.ArgumentParser, names: tuple[str, ...]) -
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.precision != "fp32" and args.backend != "onnxruntime":
+        parser.error(f"--precision {args.precision} needs --backend onnxruntime")
     if args.configure_logging:
         kserve_logging.configure_logging(args.log_config_file)
         ours = logging.getLogger(__package__)
         ours.handlers = kserve_logging.logger.handlers
         ours.setLevel(kserve_logging.logger.level)
         ours.propagate = False
-    model = ASTModel(name=args.model_name, **_pick(args, MODEL_FLAGS))
+    threads = configure_torch_threads(args.threads)
+    engine = EngineOptions(backend=args.backend, precision=args.precision, threads=threads, cache_dir=args.onnx_cache_dir)
+    model = ASTModel(name=args.model_name, engine=engine, **_pick(args, MODEL_FLAGS))
     try:
         model.load()
     except ModelLoadError as exc:

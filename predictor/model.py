@@ -1,16 +1,15 @@
 """The kserve.Model: load AST once, then preprocess → predict → postprocess per request.
 
 Thin by design: protocol parsing lives in `protocol`, decoding in `audio`, the filterbank in
-`features`, ranking in `labels`. What lives here is the order of the steps and where they run:
-CPU work goes to threads so the event loop keeps answering health probes during inference, and
-the model has one thread of its own, since two forward passes at once only fight over the cores
-torch already spreads each one across.
+`features`, the inference engine in `engines`, request batching in `batching`, ranking in
+`labels`. What lives here is the order of the steps and where they run: decoding and features in
+a worker thread, the model behind the batcher on a thread of its own, so the event loop keeps
+answering health probes during inference.
 """
 
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -22,6 +21,8 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
 from . import audio, labels, protocol
+from .batching import Batcher
+from .engines import EngineOptions, build_engine
 from .errors import ClientInputError
 from .features import LogMelFilterbank
 
@@ -60,6 +61,8 @@ class ASTModel(Model):
         max_audio_seconds: float = 600.0,
         max_clips_per_request: int = 64,
         max_batch_size: int = 8,
+        max_batch_wait_ms: float = 0.0,
+        engine: EngineOptions = EngineOptions(),
     ):
         super().__init__(name)
         self.model_dir = model_dir
@@ -68,14 +71,14 @@ class ASTModel(Model):
         self.max_audio_seconds = max_audio_seconds
         self.max_clips_per_request = max_clips_per_request
         self.max_batch_size = max_batch_size
-        self.model: Optional[ASTForAudioClassification] = None
+        self.max_batch_wait_ms = max_batch_wait_ms
+        self.engine_options = engine
+        self.batcher: Optional[Batcher] = None
         self.filterbank: Optional[LogMelFilterbank] = None
         self.target: Optional[audio.Target] = None
         self.num_labels = 0
         self.id2label: dict[int, str] = {}
         self.default_function = "softmax"
-        # Made on first use: with --workers > 1 kserve pickles the model into each worker process.
-        self._model_thread: Optional[ThreadPoolExecutor] = None
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -91,7 +94,6 @@ class ASTModel(Model):
             ) from exc
         if model.config.model_type != AST_MODEL_TYPE:
             raise ModelLoadError(f"'{self.model_dir}' holds a {model.config.model_type} model, not AST")
-        self.model = model.eval()
         self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model.config))
         self.target = audio.Target(self.filterbank.sampling_rate, self.filterbank.max_samples, self.max_audio_seconds)
         self.num_labels = model.config.num_labels
@@ -100,11 +102,13 @@ class ASTModel(Model):
             model.config.problem_type, self.num_labels
         )
         self.default_top_k = min(self.default_top_k, self.num_labels)  # the pipeline clamps top_k too
-        self._forward(self.filterbank([np.zeros(self.filterbank.sampling_rate, dtype=np.float32)]))  # warm-up
+        engine = build_engine(model.eval(), source, self.engine_options)
+        engine(self.filterbank([np.zeros(self.filterbank.sampling_rate, dtype=np.float32)]))  # warm-up
+        self.batcher = Batcher(engine, self.max_batch_size, self.max_batch_wait_ms / 1000)
         logger.info(
-            "Loaded AST from %s: %d labels, %d mel bins x %d frames, default %s top-%d",
+            "Loaded AST from %s: %d labels, %d mel bins x %d frames, default %s top-%d, %s",
             source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
-            self.default_function, self.default_top_k,
+            self.default_function, self.default_top_k, self.engine_options,
         )
         self.ready = True
         return self.ready
@@ -127,9 +131,7 @@ class ASTModel(Model):
         return Batch(features=features, request=request, top_k=top_k, function=function)
 
     async def predict(self, payload: Batch, headers: Optional[dict] = None) -> Scores:
-        if self._model_thread is None:
-            self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
-        logits = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, payload.features)
+        logits = await self.batcher(payload.features)
         return Scores(scores=labels.scores(logits, payload.function), batch=payload)
 
     async def postprocess(self, result: Scores, headers: Optional[dict] = None, response_headers=None) -> Union[dict, InferResponse]:
@@ -144,12 +146,6 @@ class ASTModel(Model):
             for clip in clips
         ]
         return self.filterbank(waveforms)
-
-    def _forward(self, features: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.cat(
-                [self.model(input_values=chunk).logits for chunk in features.split(self.max_batch_size)]
-            )
 
     def get_input_types(self) -> list[dict]:
         return protocol.INPUT_TYPES

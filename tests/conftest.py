@@ -29,6 +29,19 @@ TINY_LABELS = ["Speech", "Music", "Dog", "Siren", "Silence", "Engine", "Bird", "
 TEST_SERVER_ENV = {"MAX_AUDIO_SECONDS": "30", "MAX_CLIPS_PER_REQUEST": "6", "MAX_BATCH_SIZE": "4"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> Iterator[Path]:
+    """Every server the tests start exports its ONNX model into a cache of this session's own."""
+    directory = tmp_path_factory.mktemp("onnx-cache")
+    previous = os.environ.get("ONNX_CACHE_DIR")
+    os.environ["ONNX_CACHE_DIR"] = str(directory)
+    yield directory
+    if previous is None:
+        del os.environ["ONNX_CACHE_DIR"]
+    else:
+        os.environ["ONNX_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_random_ast(tmp_path_factory.mktemp("tiny-ast"), TINY_LABELS, tiny=True)

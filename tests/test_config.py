@@ -24,10 +24,17 @@ def test_a_bad_environment_variable_is_named_at_start(env, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-def test_a_bad_flag_is_named_at_start():
-    result = subprocess.run([sys.executable, "-m", "predictor", "--top_k", "0"], cwd=REPO, capture_output=True,
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top_k", "0"], "argument --top_k: invalid int value: '0'"),
+        (["--precision", "int8", "--backend", "torch"], "--precision int8 needs --backend onnxruntime"),
+    ],
+)
+def test_a_bad_flag_is_named_at_start(flags, message):
+    result = subprocess.run([sys.executable, "-m", "predictor", *flags], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 2 and "argument --top_k: invalid int value: '0'" in result.stderr, result.stderr
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_kubernetes_service_variables_do_not_touch_kserve_flags(tiny_model_dir, tmp_path):

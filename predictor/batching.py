@@ -1,0 +1,63 @@
+"""Concurrent requests' clips → shared forward passes, run off the event loop.
+
+One task owns the model: it takes the first waiting request, gathers whatever else arrives within
+`max_wait` (by default nothing more than is already queued, since on 2 cores a batch of 4 is no
+cheaper per clip than 4 single clips) up to `max_batch_size` clips, and runs them on a single
+thread of its own, so the event loop keeps answering health probes and accepting requests while
+AST computes. Requests that arrive during a forward pass wait in the queue and form the next batch.
+"""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+import torch
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Batcher:
+    def __init__(self, forward: Forward, max_batch_size: int, max_wait_s: float):
+        self.forward = forward
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._queue: Optional[asyncio.Queue] = None
+        self._worker: Optional[asyncio.Task] = None
+        # Made on first use, in the serving process (kserve pickles the model into worker processes).
+        self._thread: Optional[ThreadPoolExecutor] = None
+
+    async def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits for these clips, computed alone or alongside other requests' clips."""
+        if self._worker is None:
+            self._queue = asyncio.Queue()
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
+            self._worker = asyncio.get_running_loop().create_task(self._serve())
+        result = asyncio.get_running_loop().create_future()
+        await self._queue.put((features, result))
+        return await result
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            waiting = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while sum(len(f) for f, _ in waiting) < self.max_batch_size:
+                try:
+                    remaining = deadline - loop.time()
+                    waiting.append(self._queue.get_nowait() if remaining <= 0
+                                   else await asyncio.wait_for(self._queue.get(), remaining))
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+            try:
+                logits = await loop.run_in_executor(self._thread, self._run, torch.cat([f for f, _ in waiting]))
+            except Exception as exc:  # noqa: BLE001 - each waiting request gets the failure, the loop goes on
+                for _, result in waiting:
+                    if not result.done():
+                        result.set_exception(exc)
+                continue
+            for (features, result), rows in zip(waiting, logits.split([len(f) for f, _ in waiting])):
+                if not result.done():  # the client may have gone away
+                    result.set_result(rows)
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.forward(chunk) for chunk in batch.split(self.max_batch_size)])

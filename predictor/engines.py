@@ -1,0 +1,153 @@
+"""What runs AST: features (batch, frames, mel bins) → logits (batch, labels).
+
+- `TorchEngine`: the transformers model in eager mode, SDPA attention, `torch.inference_mode`.
+- `OnnxEngine`: the same model exported once to ONNX (torch's dynamo exporter, the supported path
+  in torch 2.13) and run by ONNX Runtime, whose fused CPU kernels measured about 1.4x faster than
+  eager torch here at equal logits (max difference ~1e-6). The export is cached on disk, keyed by
+  the model's files, so a restart loads it in seconds.
+- `--precision int8` is ONNX Runtime's dynamic quantization of the MatMul weights (per channel),
+  the supported replacement for the deprecated `torch.ao.quantization` path. It picks one
+  activation scale per tensor, so in a batch a clip's logits would depend on its batch-mates:
+  that engine runs clips one at a time.
+"""
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+from transformers import ASTForAudioClassification
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "torch")
+PRECISIONS = ("fp32", "int8")
+ONNX_OPSET = 18
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    threads: int = 1
+    cache_dir: Optional[Path] = None  # None: $XDG_CACHE_HOME/ast-kserve
+
+
+class Engine(Protocol):
+    def __call__(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchEngine:
+    def __init__(self, model: ASTForAudioClassification):
+        self.model = model.eval()
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(input_values=features).logits
+
+
+class _Logits(torch.nn.Module):
+    """The model with a plain tensor output, which is what an ONNX graph can return."""
+
+    def __init__(self, model: ASTForAudioClassification):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        return self.model(input_values=input_values).logits
+
+
+class OnnxEngine:
+    def __init__(self, path: Path, threads: int, per_clip: bool):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.per_clip = per_clip
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        batch = features.numpy()
+        rows = [batch[i : i + 1] for i in range(len(batch))] if self.per_clip else [batch]
+        return torch.from_numpy(np.concatenate([self.session.run(None, {"input_values": r})[0] for r in rows]))
+
+    @classmethod
+    def build(cls, model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path,
+              threads: int) -> "OnnxEngine":
+        path = _cached_onnx(model, source, precision, cache_dir)
+        return cls(path, threads, per_clip=precision == "int8")
+
+
+def build_engine(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Engine:
+    if options.backend == "torch":
+        return TorchEngine(model)
+    return OnnxEngine.build(model, source, options.precision, options.cache_dir or default_cache_dir(), options.threads)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ast-kserve"
+
+
+def _cached_onnx(model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path) -> Path:
+    """Export (and quantize) once per model version; later starts load the file."""
+    key = _model_key(model, source)
+    path = cache_dir / f"ast-{key}-{precision}.onnx"
+    if path.is_file():
+        logger.info("Using cached ONNX model %s", path)
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = cache_dir / f"ast-{key}-fp32.onnx"
+    if not fp32.is_file():
+        logger.info("Exporting the model to ONNX (once per model version) into %s", fp32)
+        example = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
+        _atomic_write(fp32, lambda tmp: torch.onnx.export(
+            _Logits(model).eval(), (example,), tmp, input_names=["input_values"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), dynamo=True,
+            opset_version=ONNX_OPSET, external_data=False, verbose=False,
+        ))
+    if precision == "int8":
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        logger.info("Quantizing the ONNX model to int8 into %s", path)
+        graph = onnx.load(fp32)
+        # The exporter's intermediate shape annotations trip the quantizer's shape inference
+        # ("Inferred shape and existing shape differ"); it infers them afresh without them.
+        graph.graph.ClearField("value_info")
+        _atomic_write(path, lambda tmp: quantize_dynamic(graph, tmp, per_channel=True, weight_type=QuantType.QInt8))
+    return path
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same directory, so a crash never leaves half a model."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _model_key(model: ASTForAudioClassification, source: str) -> str:
+    """A digest of the config and of the weights' names, sizes and modification times."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    digest.update(torch.__version__.encode())
+    directory = Path(source)
+    if directory.is_dir():
+        for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+            stat = weights.stat()
+            digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:  # a hub id: the revision the hub client resolved names the files
+        digest.update(f"{source}@{getattr(model.config, '_commit_hash', None)}".encode())
+    return digest.hexdigest()[:16]

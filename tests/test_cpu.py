@@ -1,0 +1,33 @@
+"""`predictor.cpu`: threads from the container's CPU limit, read from cgroup files."""
+
+import os
+
+import pytest
+
+from predictor.cpu import cpu_limit
+
+USABLE = len(os.sched_getaffinity(0))
+
+
+def write(root, files: dict) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"cpu.max": "100000 100000\n"}, 1),  # cgroup v2, limits.cpu: 1
+        ({"cpu.max": "150000 100000\n"}, min(2, USABLE)),  # 1.5 CPUs: two threads, each throttled a little
+        ({"cpu.max": "max 100000\n"}, USABLE),  # no limit
+        ({"cpu.max": "6400000 100000\n"}, USABLE),  # a limit above the cores we may run on
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1, 500m
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, USABLE),  # v1 unlimited
+        ({}, USABLE),  # no cgroup files at all
+    ],
+)
+def test_cpu_limit_follows_the_cgroup_quota(tmp_path, files, expected):
+    write(tmp_path, files)
+    assert cpu_limit(tmp_path) == expected

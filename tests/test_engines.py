@@ -1,0 +1,71 @@
+"""`predictor.engines`: ONNX Runtime against eager torch, int8 against fp32, and the export cache."""
+
+import base64
+
+import numpy as np
+import pytest
+import requests
+import torch
+from transformers import ASTForAudioClassification
+
+from predictor.engines import EngineOptions, TorchEngine, build_engine
+
+from .conftest import encode, start_server, stop_server, tone
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return ASTForAudioClassification.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def features(tiny_model):
+    torch.manual_seed(1)
+    return torch.randn(5, tiny_model.config.max_length, tiny_model.config.num_mel_bins)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def test_onnxruntime_fp32_equals_torch(tiny_model, tiny_model_dir, features, tmp_path):
+    engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, tmp_path))
+    torch.testing.assert_close(engine(features), TorchEngine(tiny_model)(features), atol=1e-4, rtol=0)
+
+
+def test_int8_is_close_to_fp32_and_independent_of_batch_mates(tiny_model, tiny_model_dir, features, tmp_path):
+    engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "int8", 2, tmp_path))
+    batched = engine(features)
+    assert cosine(batched, TorchEngine(tiny_model)(features)).min() >= 0.99
+    for i in range(len(features)):
+        torch.testing.assert_close(engine(features[i : i + 1])[0], batched[i], atol=0, rtol=0)
+
+
+def test_export_is_cached_per_model_version(tiny_model, tiny_model_dir, tmp_path):
+    build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+    exported = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
+    assert len(exported) == 1
+    build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")} == exported
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_int8_server_answers_a_clip_the_same_with_any_batch_mates(tiny_model_dir, tmp_path):
+    """The issue's requirement for --precision int8: a clip's answer must not depend on who it was batched with."""
+    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--precision", "int8"))
+    clip = encode(tone(700, 1.0, 16000), 16000, "WAV", "FLOAT")
+    loud = encode(np.clip(np.random.default_rng(0).standard_normal(32000), -1, 1).astype(np.float32), 16000, "WAV", "FLOAT")
+
+    def predict(*files: bytes) -> list:
+        body = {"instances": [{"b64": base64.b64encode(f).decode()} for f in files],
+                "parameters": {"top_k": 10, "function_to_apply": "none"}}
+        response = requests.post(server.predict_url, json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"]
+
+    try:
+        alone = predict(clip)[0]
+        with_others = predict(loud, clip, loud)[1]
+    finally:
+        stop_server(server)
+    assert alone == with_others
