@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev run test random-model
+.PHONY: install install-dev run test random-model bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,6 @@ test: install-dev
 
 random-model: install
 	$(BIN)/python -m tools.random_ast models/ast-random
+
+bench: install-dev
+	$(BIN)/python -m benchmarks.bench

@@ -1,0 +1,333 @@
+"""`make bench`: our serving path against the transformers pipeline, measured in one run.
+
+On a full-size random-init AST (768 x 12 layers, 128 mel bins x 1024 frames, 527 labels) and
+10 s clips, this measures and prints, each figure beside the baseline from the same run and their
+ratio:
+  1. the baseline: `pipeline("audio-classification")`, one clip at a time;
+  2. the model alone (features precomputed) for each engine at batch 1 and 8, and as a fraction of
+     this machine's measured fp32 GEMM peak times the model's FLOPs (the roofline);
+  3. the server end to end: V2 binary data and V1 base64 over HTTP, and gRPC, at concurrency 1, 4
+     and 16 (clips/s, p50/p99 latency), and --precision int8 over V2 at concurrency 4;
+  4. feature extraction alone: ours against `ASTFeatureExtractor`;
+  5. int8 against fp32 logits (max abs difference, cosine, top-5 overlap);
+  6. the server's peak RSS.
+Results go to benchmarks/results/<time>.json and benchmarks/results/latest.json. Nothing here is
+asserted: tests check behaviour, this measures speed.
+"""
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import requests
+import soundfile as sf
+import torch
+from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, pipeline
+
+from predictor.cpu import cpu_limit
+from predictor.engines import EngineOptions, build_engine
+from predictor.features import LogMelFilterbank
+from tools.random_ast import save_random_ast
+
+logger = logging.getLogger("bench")
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+RATE = 16000
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    value: float
+    unit: str
+    baseline: Optional[float] = None
+    baseline_name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        return None if not self.baseline else self.value / self.baseline
+
+
+# ---- inputs -------------------------------------------------------------------------------
+
+
+def make_clips(count: int, seconds: float = 10.0) -> list[np.ndarray]:
+    """Tones over noise, different per clip: content does not change AST's cost, only its length does."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * RATE)) / RATE
+    return [
+        (0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
+        for i in range(count)
+    ]
+
+
+def wav(clip: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, clip, RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def best_of(runs: int, work: Callable[[], object]) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# ---- machine and model --------------------------------------------------------------------
+
+
+def gemm_peak_gflops(size: int = 2048) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / best_of(5, lambda: a @ b) / 1e9
+
+
+def ast_gflops(config: ASTConfig) -> float:
+    """Multiply-adds x 2 of one clip through AST: patch embedding, 12 encoder layers, classifier."""
+    freq = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
+    time_ = (config.max_length - config.patch_size) // config.time_stride + 1
+    patches, tokens, d, ff = freq * time_, freq * time_ + 2, config.hidden_size, config.intermediate_size
+    per_layer = 4 * tokens * d * d + 2 * tokens * d * ff + 2 * tokens * tokens * d
+    embedding = patches * config.patch_size**2 * d
+    return 2 * (embedding + config.num_hidden_layers * per_layer + d * config.num_labels) / 1e9
+
+
+# ---- the server ---------------------------------------------------------------------------
+
+
+def start_server(model_dir: Path, http_port: int, grpc_port: int, *flags: str) -> subprocess.Popen:
+    log = open(RESULTS / f"server-{http_port}.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--http_port", str(http_port),
+         "--grpc_port", str(grpc_port), "--enable_latency_logging", "false", *flags],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}; see {log.name}")
+        try:
+            if requests.get(f"http://127.0.0.1:{http_port}/v2/models/ast/ready", timeout=2).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("server not ready after 600 s")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def v1_b64_call(port: int) -> Callable[[bytes], None]:
+    session = requests.Session()
+
+    def call(data: bytes) -> None:
+        body = {"instances": [{"b64": base64.b64encode(data).decode()}]}
+        response = session.post(f"http://127.0.0.1:{port}/v1/models/ast:predict", json=body, timeout=600)
+        response.raise_for_status()
+
+    return call
+
+
+def v2_binary_call(port: int) -> Callable[[bytes], None]:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=600)
+
+    def call(data: bytes) -> None:
+        tensor = httpclient.InferInput("audio", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=np.object_), binary_data=True)
+        client.infer("ast", [tensor]).as_numpy("label")
+
+    return call
+
+
+def grpc_call(port: int) -> Callable[[bytes], None]:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+
+    def call(data: bytes) -> None:
+        tensor = grpcclient.InferInput("audio", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+        client.infer("ast", [tensor], client_timeout=600).as_numpy("label")
+
+    return call
+
+
+def load_test(make_call: Callable[[], Callable[[bytes], None]], files: list[bytes], concurrency: int,
+              requests_: int) -> dict:
+    """`requests_` one-clip requests, `concurrency` in flight at a time: throughput and latency.
+
+    Each client thread has a client of its own, as concurrent users would (tritonclient's HTTP
+    client is not thread-safe)."""
+    latencies: list[float] = []
+    local = threading.local()
+
+    def one(i: int) -> None:
+        if not hasattr(local, "call"):
+            local.call = make_call()
+        start = time.perf_counter()
+        local.call(files[i % len(files)])
+        latencies.append(time.perf_counter() - start)
+
+    make_call()(files[0])  # warm-up: the server's first-request paths
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(requests_)))
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "clips_per_s": requests_ / wall,
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))],
+    }
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    threads = cpu_limit()
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="ast-bench-"))
+    model_dir = save_random_ast(work / "ast")
+    config = ASTConfig.from_pretrained(model_dir)
+    clips = make_clips(args.clips)
+    files = [wav(c) for c in clips]
+    logger.info("full-size random AST in %s, %d clips of 10 s, %d threads", model_dir, len(clips), threads)
+
+    # 1. the baseline
+    classify = pipeline("audio-classification", model=str(model_dir))
+    base = args.baseline_clips / best_of(1, lambda: [classify(c) for c in clips[: args.baseline_clips]])
+    rows.append(Row("baseline", "transformers pipeline, 1 clip at a time", base, "clips/s"))
+
+    # 4. features
+    extractor = ASTFeatureExtractor()
+    filterbank = LogMelFilterbank.from_extractor(extractor)
+    theirs = best_of(3, lambda: extractor(clips, sampling_rate=RATE, return_tensors="np")) / len(clips)
+    ours = best_of(3, lambda: filterbank(clips)) / len(clips)
+    ours_1 = best_of(3, lambda: filterbank(clips[:1]))
+    rows.append(Row("features", f"ours, batch of {len(clips)}", 1 / ours, "clips/s", 1 / theirs, "ASTFeatureExtractor"))
+    rows.append(Row("features", "ours, one clip", 1 / ours_1, "clips/s", 1 / theirs, "ASTFeatureExtractor"))
+    features = filterbank(clips)
+
+    # 2. the model alone, and the roofline
+    peak = gemm_peak_gflops()
+    flops = ast_gflops(config)
+    rows.append(Row("machine", f"fp32 GEMM peak, {threads} threads", peak, "GFLOP/s"))
+    rows.append(Row("machine", "AST forward pass, one clip", flops, "GFLOP"))
+    roofline = peak / flops
+    model = ASTForAudioClassification.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    engines = {
+        "torch fp32": build_engine(model, str(model_dir), EngineOptions("torch", "fp32", threads)),
+        "onnxruntime fp32": build_engine(model, str(model_dir), EngineOptions("onnxruntime", "fp32", threads, work)),
+        "onnxruntime int8": build_engine(model, str(model_dir), EngineOptions("onnxruntime", "int8", threads, work)),
+    }
+    alone: dict[str, float] = {}
+    for name, engine in engines.items():
+        for batch in (1, 8):
+            if batch > len(features) or (batch > 1 and "int8" in name):
+                continue  # int8 runs clip by clip (batch-mate independence), so batch 8 = 8 x batch 1
+            seconds = best_of(args.repeats if batch == 1 else 1, lambda: engine(features[:batch]))
+            alone[f"{name} b{batch}"] = batch / seconds
+            rows.append(Row("model alone", f"{name}, batch {batch}", batch / seconds, "clips/s", base, "pipeline",
+                            {"roofline_fraction": batch / seconds / roofline}))
+    rows.append(Row("machine", "roofline (GEMM peak / FLOPs)", roofline, "clips/s", base, "pipeline"))
+
+    # 5. int8 against fp32
+    reference = engines["onnxruntime fp32"](features)
+    quantized = engines["onnxruntime int8"](features)
+    cosine = torch.nn.functional.cosine_similarity(quantized, reference, dim=-1)
+    overlap = [len(set(q.topk(5).indices.tolist()) & set(r.topk(5).indices.tolist())) / 5
+               for q, r in zip(quantized, reference)]
+    rows.append(Row("int8 vs fp32", "min cosine of logits", float(cosine.min()), "",
+                    extra={"max_abs_logit_diff": float((quantized - reference).abs().max()),
+                           "mean_top5_overlap": float(np.mean(overlap)), "clips": len(features)}))
+    del engines, model
+
+    # 3. the server end to end, and 6. its peak RSS
+    http_port, grpc_port = 18180, 18181
+    server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work))
+    try:
+        calls = {"V2 binary (HTTP)": lambda: v2_binary_call(http_port), "V1 base64 (HTTP)": lambda: v1_b64_call(http_port),
+                 "V2 gRPC": lambda: grpc_call(grpc_port)}
+        for protocol, make_call in calls.items():
+            for concurrency in args.concurrency:
+                count = args.repeats if concurrency == 1 else max(4, 2 * concurrency)
+                result = load_test(make_call, files, concurrency, count)
+                rows.append(Row("server fp32", f"{protocol}, concurrency {concurrency}", result["clips_per_s"], "clips/s",
+                                base, "pipeline", {**result, "vs_model_alone_b1": result["clips_per_s"] / alone["onnxruntime fp32 b1"]}))
+        rows.append(Row("server fp32", "peak RSS after load and all requests", peak_rss_mib(server.pid), "MiB"))
+    finally:
+        server.terminate()
+        server.wait(60)
+    server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work), "--precision", "int8")
+    try:
+        result = load_test(lambda: v2_binary_call(http_port), files, 4, 8)
+        rows.append(Row("server int8", "V2 binary (HTTP), concurrency 4", result["clips_per_s"], "clips/s", base,
+                        "pipeline", result))
+        rows.append(Row("server int8", "peak RSS", peak_rss_mib(server.pid), "MiB"))
+    finally:
+        server.terminate()
+        server.wait(60)
+    return rows
+
+
+def report(rows: list[Row]) -> str:
+    lines = ["| section | measurement | value | baseline | ratio | details |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        baseline = f"{row.baseline:.3g} ({row.baseline_name})" if row.baseline else ""
+        ratio = f"{row.ratio:.2f}x" if row.ratio else ""
+        details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.extra.items())
+        lines.append(f"| {row.section} | {row.name} | {row.value:.3g} {row.unit} | {baseline} | {ratio} | {details} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=8, help="distinct 10 s clips")
+    parser.add_argument("--baseline_clips", type=int, default=3, help="clips the pipeline classifies")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each batch-1 measurement (best kept)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = run(args)
+    table = report(rows)
+    logger.info("\n%s", table)
+    result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+              "cpus": cpu_limit(), "node_cpus": os.cpu_count(), "args": vars(args),
+              "rows": [{**asdict(r), "ratio": r.ratio} for r in rows], "table": table}
+    for path in (RESULTS / f"{result['time'].replace(':', '')}.json", RESULTS / "latest.json"):
+        path.write_text(json.dumps(result, indent=1))
+    logger.info("wrote %s", RESULTS / "latest.json")
+
+
+if __name__ == "__main__":
+    main()
