@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev run test random-model bench
+.PHONY: install install-dev run test random-model bench pack-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ random-model: install
 
 bench: install-dev
 	$(BIN)/python -m benchmarks.bench
+
+# make pack-model SRC=path/or/hub-id OUT=dir: a model directory ready for a bucket or PVC.
+pack-model: install
+	$(BIN)/python -m tools.pack_model $(SRC) $(OUT) --tar

@@ -8,6 +8,9 @@
   slower per clip at batch 8, with gigabytes more memory (its attention materialises every score
   matrix), so it always runs clips one at a time. The export is cached on disk, keyed by the
   model's files, so a restart loads it in seconds.
+- `--precision bf16` runs the torch engine in bfloat16, which CPUs with AVX512-BF16 or AMX
+  multiply at twice the fp32 rate: 1.6x faster here, logits' cosine to fp32 ≥ 0.9999. (Without
+  those instructions bf16 is emulated and slower than fp32.)
 - `--precision int8` is ONNX Runtime's dynamic quantization of the MatMul weights (per channel),
   the supported replacement for the deprecated `torch.ao.quantization` path: 1.8x faster than
   fp32, logits' cosine to fp32 ≥ 0.999. It picks one activation scale per tensor, so a clip's
@@ -29,7 +32,7 @@ from transformers import ASTForAudioClassification
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")
 ONNX_OPSET = 18
 
 
@@ -46,12 +49,13 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    def __init__(self, model: ASTForAudioClassification):
-        self.model = model.eval()
+    def __init__(self, model: ASTForAudioClassification, dtype: torch.dtype = torch.float32):
+        self.model = model.to(dtype).eval()
+        self.dtype = dtype
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(input_values=features).logits
+            return self.model(input_values=features.to(self.dtype)).logits.float()
 
 
 class _Logits(torch.nn.Module):
@@ -90,7 +94,11 @@ class OnnxEngine:
 
 def build_engine(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Engine:
     if options.backend == "torch":
-        return TorchEngine(model)
+        if options.precision == "int8":
+            raise ValueError("int8 runs on the onnxruntime backend")
+        return TorchEngine(model, torch.bfloat16 if options.precision == "bf16" else torch.float32)
+    if options.precision == "bf16":
+        raise ValueError("bf16 runs on the torch backend")
     return OnnxEngine.build(model, source, options.precision, options.cache_dir or default_cache_dir(), options.threads)
 
 

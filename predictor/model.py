@@ -60,7 +60,7 @@ class ASTModel(Model):
         function_to_apply: Optional[str] = None,
         max_audio_seconds: float = 600.0,
         max_clips_per_request: int = 64,
-        max_batch_size: int = 8,
+        max_batch_size: int = 4,
         max_batch_wait_ms: float = 0.0,
         engine: EngineOptions = EngineOptions(),
     ):

@@ -29,6 +29,7 @@ def test_a_bad_environment_variable_is_named_at_start(env, message):
     [
         (["--top_k", "0"], "argument --top_k: invalid int value: '0'"),
         (["--precision", "int8", "--backend", "torch"], "--precision int8 needs --backend onnxruntime"),
+        (["--precision", "bf16", "--backend", "onnxruntime"], "--precision bf16 needs --backend torch"),
     ],
 )
 def test_a_bad_flag_is_named_at_start(flags, message):

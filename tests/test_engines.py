@@ -69,3 +69,11 @@ def test_int8_server_answers_a_clip_the_same_with_any_batch_mates(tiny_model_dir
     finally:
         stop_server(server)
     assert alone == with_others
+
+
+def test_bf16_is_close_to_fp32(tiny_model_dir, features):
+    fp32 = TorchEngine(ASTForAudioClassification.from_pretrained(tiny_model_dir))(features)
+    bf16 = build_engine(ASTForAudioClassification.from_pretrained(tiny_model_dir), str(tiny_model_dir),
+                        EngineOptions("torch", "bf16", 2))(features)
+    assert bf16.dtype == torch.float32
+    assert cosine(bf16, fp32).min() >= 0.99
