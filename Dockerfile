@@ -15,6 +15,8 @@ FROM python:3.11-slim
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY predictor/ /app/predictor/
+# Bytecode compiled now: uid 1000 cannot write it into /app at run time.
+RUN python -m compileall -q /app/predictor
 # HOME and caches where uid 1000 may write: the ONNX export cache (--precision int8) and the hub cache.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -8,6 +8,7 @@ into every pod, and a Service named `http` or `grpc` would otherwise set our por
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ from .model import ASTModel, ModelLoadError
 from .protocol import AudioModelServer
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
+# After SIGTERM, in-flight requests get this long to finish: inside Kubernetes' default 30 s
+# terminationGracePeriodSeconds (Knative's, the revision timeout, is longer still).
+GRACE_PERIOD_S = 20
 MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_clips_per_request", "max_batch_size",
                "max_batch_wait_ms")
 ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir")
@@ -58,15 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_batch_size", type=positive(int), default=4,
                         help="Most clips in one forward pass (on 2 cores larger batches were no faster per clip, "
                         "and memory grows with them).")
-    parser.add_argument("--max_batch_wait_ms", type=float, default=0.0,
+    parser.add_argument("--max_batch_wait_ms", type=non_negative(float), default=0.0,
                         help="How long a request waits for others to share its forward pass (0: only those already queued).")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="torch: eager PyTorch with SDPA (the default for fp32); onnxruntime: the model exported "
                         "to ONNX once (cached), the default and the only choice for --precision int8.")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32: equal to the transformers pipeline. bf16 (torch backend): 1.6x faster on CPUs with "
+                        help="fp32: equal to the transformers pipeline. bf16 (torch backend): 1.7x faster on CPUs with "
                         "AVX512-BF16/AMX, logits' cosine to fp32 >= 0.9999. int8 (onnxruntime backend): dynamic int8 "
-                        "weights, 1.8x faster, cosine >= 0.999.")
+                        "weights, 1.6x faster, cosine >= 0.999.")
     parser.add_argument("--threads", type=positive(int), default=None,
                         help="Intra-op threads. Default: the container's CPU limit (cgroup), not the node's core count.")
     parser.add_argument("--onnx_cache_dir", type=Path, default=None,
@@ -77,10 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def positive(kind: type) -> Callable[[str], Any]:
+    return _bounded(kind, lambda value: value > 0, "positive")
+
+
+def non_negative(kind: type) -> Callable[[str], Any]:
+    return _bounded(kind, lambda value: value >= 0, "zero or more")
+
+
+def _bounded(kind: type, accept: Callable[[Any], bool], wanted: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value <= 0:
-            raise ValueError(f"must be positive, got {text}")
+        if not (math.isfinite(value) and accept(value)):
+            raise ValueError(f"must be {wanted}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its error message
@@ -105,6 +117,9 @@ def apply_environment(parser: argparse.ArgumentParser, names: tuple[str, ...]) -
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.workers > 1:
+        parser.error("--workers must be 1: one server process already uses every CPU the container may "
+                     "(its torch threads follow the CPU limit); scale with replicas instead")
     needed = {"int8": "onnxruntime", "bf16": "torch"}.get(args.precision)
     if args.backend is None:
         args.backend = needed or "torch"
@@ -124,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ModelLoadError as exc:
         logging.getLogger(__package__).error("%s", exc)
         return 1
-    AudioModelServer(**_pick(args, SERVER_FLAGS)).start([model])
+    AudioModelServer(grace_period=GRACE_PERIOD_S, **_pick(args, SERVER_FLAGS)).start([model])
     return 0
 
 

@@ -37,27 +37,37 @@ class Batcher:
         return await result
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            waiting = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait_s
-            while sum(len(f) for f, _ in waiting) < self.max_batch_size:
-                try:
-                    remaining = deadline - loop.time()
-                    waiting.append(self._queue.get_nowait() if remaining <= 0
-                                   else await asyncio.wait_for(self._queue.get(), remaining))
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                    break
+            waiting = await self._gather()
             try:
-                logits = await loop.run_in_executor(self._thread, self._run, torch.cat([f for f, _ in waiting]))
-            except Exception as exc:  # noqa: BLE001 - each waiting request gets the failure, the loop goes on
+                # Clients that went away (a cancelled gRPC call, a timed-out caller) cost nothing more.
+                waiting = [(features, result) for features, result in waiting if not result.done()]
+                if not waiting:
+                    continue
+                logits = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self._run, torch.cat([f for f, _ in waiting])
+                )
+                for (features, result), rows in zip(waiting, logits.split([len(f) for f, _ in waiting])):
+                    if not result.done():
+                        result.set_result(rows)
+            except Exception as exc:  # noqa: BLE001 - the waiting requests get the failure, the loop goes on
                 for _, result in waiting:
                     if not result.done():
                         result.set_exception(exc)
-                continue
-            for (features, result), rows in zip(waiting, logits.split([len(f) for f, _ in waiting])):
-                if not result.done():  # the client may have gone away
-                    result.set_result(rows)
+
+    async def _gather(self) -> list:
+        """The first waiting request, then whatever arrives within max_wait, up to max_batch_size clips."""
+        loop = asyncio.get_running_loop()
+        waiting = [await self._queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while sum(len(f) for f, _ in waiting) < self.max_batch_size:
+            try:
+                remaining = deadline - loop.time()
+                waiting.append(self._queue.get_nowait() if remaining <= 0
+                               else await asyncio.wait_for(self._queue.get(), remaining))
+            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                break
+        return waiting
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.forward(chunk) for chunk in batch.split(self.max_batch_size)])

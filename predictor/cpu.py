@@ -9,7 +9,7 @@ bounded by the CPUs this process may run on.
 import logging
 import math
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import torch
@@ -19,22 +19,46 @@ logger = logging.getLogger(__name__)
 CGROUP = Path("/sys/fs/cgroup")
 
 
-def cpu_limit(cgroup: Path = CGROUP) -> int:
-    """Whole CPUs the container may use: the cgroup quota rounded up, at most the usable cores."""
+def cpu_limit(cgroup: Path = CGROUP, membership: Path = Path("/proc/self/cgroup")) -> int:
+    """Whole CPUs the container may use: the tightest quota on the way from this process's cgroup
+    up to the root, rounded up (1.5 CPUs run best as 2 threads, each throttled a little), and at
+    most the cores this process may run on."""
     usable = len(os.sched_getaffinity(0))
-    quota = _cgroup_quota(cgroup)
-    return max(1, min(usable, math.ceil(quota))) if quota else usable
+    quotas = [q for q in map(_quota, _own_cgroups(cgroup, membership)) if q]
+    return max(1, min(usable, math.ceil(min(quotas)))) if quotas else usable
 
 
-def _cgroup_quota(cgroup: Path) -> Optional[float]:
+def _own_cgroups(cgroup: Path, membership: Path) -> list[Path]:
+    """The mount points (in a container's own cgroup namespace its cgroup is mounted there) and,
+    when the namespace is the host's, this process's cgroup directory and all its ancestors."""
+    directories = [cgroup, cgroup / "cpu"]
     try:
-        text = (cgroup / "cpu.max").read_text().split()  # v2: "<quota|max> <period>"
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return directories
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0":  # v2: "0::/kubepods/.../container"
+            root = cgroup
+        elif "cpu" in controllers.split(","):  # v1: "4:cpu,cpuacct:/kubepods/..."
+            root = cgroup / "cpu"
+        else:
+            continue
+        node = PurePosixPath(path.strip() or "/")
+        for directory in (node, *node.parents):
+            directories.append(root / str(directory).lstrip("/"))
+    return directories
+
+
+def _quota(directory: Path) -> Optional[float]:
+    try:
+        text = (directory / "cpu.max").read_text().split()  # v2: "<quota|max> <period>"
         return None if text[0] == "max" else int(text[0]) / int(text[1])
     except (OSError, IndexError, ValueError):
         pass
     try:
-        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())  # v1: -1 means unlimited
-        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        quota = int((directory / "cpu.cfs_quota_us").read_text())  # v1: -1 means unlimited
+        period = int((directory / "cpu.cfs_period_us").read_text())
         return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError):
         return None

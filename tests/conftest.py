@@ -5,6 +5,7 @@ afford; the full-size geometry is built only by the test that needs it. Audio is
 espeak-ng (speech) and numpy (tones, noise), and written to each container by soundfile.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -165,6 +166,17 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
     still_alive = running.process.poll() is None
     stop_server(running)
     assert still_alive, f"the server died during the tests:\n{running.log.read_text()[-4000:]}"
+
+
+TRITON_GRPC_CLIENT = Path(__file__).parent / "clients" / "triton_grpc.py"
+
+
+def run_triton_grpc(job: dict) -> dict:
+    """tritonclient.grpc, in a process of its own (see tests/clients/triton_grpc.py)."""
+    out = subprocess.run([sys.executable, str(TRITON_GRPC_CLIENT)], input=json.dumps(job), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def expected(pipe, waveform: np.ndarray, top_k: int, function: str) -> list[dict]:

@@ -29,5 +29,21 @@ def write(root, files: dict) -> None:
     ],
 )
 def test_cpu_limit_follows_the_cgroup_quota(tmp_path, files, expected):
-    write(tmp_path, files)
-    assert cpu_limit(tmp_path) == expected
+    write(tmp_path / "cgroup", files)
+    assert cpu_limit(tmp_path / "cgroup", membership=tmp_path / "no-such-file") == expected
+
+
+@pytest.mark.parametrize(
+    "membership, files",
+    [
+        ("0::/kubepods/pod1/ctr\n", {"cpu.max": "max 100000\n", "kubepods/pod1/cpu.max": "100000 100000\n"}),
+        ("4:cpu,cpuacct:/kubepods/pod1/ctr\n1:memory:/x\n",
+         {"cpu/kubepods/pod1/cpu.cfs_quota_us": "100000\n", "cpu/kubepods/pod1/cpu.cfs_period_us": "100000\n"}),
+    ],
+    ids=["v2", "v1"],
+)
+def test_with_the_hosts_cgroup_namespace_the_own_cgroup_is_found(tmp_path, membership, files):
+    """With cgroupns=host the mount point is the node's root cgroup; the pod's limit is further down."""
+    write(tmp_path / "cgroup", files)
+    (tmp_path / "self-cgroup").write_text(membership)
+    assert cpu_limit(tmp_path / "cgroup", membership=tmp_path / "self-cgroup") == 1

@@ -1,6 +1,7 @@
 """`predictor.engines`: ONNX Runtime against eager torch, int8 against fp32, and the export cache."""
 
 import base64
+import shutil
 
 import numpy as np
 import pytest
@@ -77,3 +78,18 @@ def test_bf16_is_close_to_fp32(tiny_model_dir, features):
                         EngineOptions("torch", "bf16", 2))(features)
     assert bf16.dtype == torch.float32
     assert cosine(bf16, fp32).min() >= 0.99
+
+
+def test_changed_weights_get_a_new_export(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cache = tmp_path / "cache"
+    model = ASTForAudioClassification.from_pretrained(model_dir)
+    build_engine(model, str(model_dir), EngineOptions("onnxruntime", "fp32", 1, cache))
+    with torch.no_grad():
+        model.classifier.dense.bias += 1.0
+    model.save_pretrained(model_dir)
+    engine = build_engine(model, str(model_dir), EngineOptions("onnxruntime", "fp32", 1, cache))
+    assert len(list(cache.glob("*.onnx"))) == 2
+    features = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
+    torch.testing.assert_close(engine(features), TorchEngine(model)(features), atol=1e-4, rtol=0)

@@ -3,11 +3,7 @@
 import asyncio
 import base64
 import io
-import json
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,10 +13,9 @@ import soxr
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 from kserve.protocol.infer_type import RequestedOutput
 
-from .conftest import as_predictions, assert_same_predictions, encode, expected, tone
+from .conftest import as_predictions, assert_same_predictions, encode, expected, run_triton_grpc, tone
 
 RATE = 16000
-TRITON_CLIENT = Path(__file__).parent / "clients" / "triton_grpc.py"
 
 
 def kserve_grpc(server, request: InferRequest):
@@ -58,13 +53,6 @@ def test_kserve_grpc_client_waveform(server, tiny_pipeline, speech_16k):
     tensor.set_data_from_numpy(speech_16k[None, :], binary_data=True)
     response = kserve_grpc_infer(server, tensor)
     assert_same_predictions(outputs_of(response)[0], expected(tiny_pipeline, speech_16k, 5, "softmax"))
-
-
-def run_triton_grpc(job: dict) -> dict:
-    out = subprocess.run([sys.executable, str(TRITON_CLIENT)], input=json.dumps(job), capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def test_tritonclient_grpc_audio(server, tiny_pipeline, speech_16k):
