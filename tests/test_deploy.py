@@ -189,13 +189,19 @@ def memory_limit_bytes(container: dict) -> int:
     return int(quantity[:-2]) * units[quantity[-2:]]
 
 
+def in_flight(pool: ThreadPoolExecutor, server: Server, count: int) -> list:
+    """`count` full-size clips posted at once, given half a second to reach the model."""
+    clip = ten_second_clip()
+    futures = [pool.submit(requests.post, server.predict_url, data=clip, timeout=120) for _ in range(count)]
+    time.sleep(0.5)
+    return futures
+
+
 def test_probes_answer_in_time_with_four_clips_in_flight(full_size_server):
     """Kubernetes restarts a pod whose liveness probe times out: the event loop must stay free."""
     server, ports, container = full_size_server
-    clip = ten_second_clip()
     with ThreadPoolExecutor(4) as pool:
-        inflight = [pool.submit(requests.post, server.predict_url, data=clip, timeout=120) for _ in range(4)]
-        time.sleep(0.5)
+        inflight = in_flight(pool, server, 4)
         durations = []
         while not all(f.done() for f in inflight):
             durations += [probe(container["readinessProbe"], ports), probe(container["livenessProbe"], ports)]
@@ -224,15 +230,13 @@ KUBERNETES_GRACE_S = 30  # the pod's default terminationGracePeriodSeconds
 def test_sigterm_finishes_inflight_requests_then_exits_zero(full_size_server):
     """Runs last on this server: it stops it."""
     server, _, _ = full_size_server
-    clip = ten_second_clip()
     with ThreadPoolExecutor(2) as pool:
-        inflight = [pool.submit(requests.post, server.predict_url, data=clip, timeout=120) for _ in range(2)]
-        time.sleep(0.5)
+        inflight = in_flight(pool, server, 2)
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         time.sleep(0.3)
         with pytest.raises(requests.ConnectionError):  # no longer accepting
-            requests.post(server.predict_url, data=clip, timeout=5)
+            requests.post(server.predict_url, data=ten_second_clip(), timeout=5)
         responses = [f.result() for f in inflight]
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     assert server.process.wait(timeout=KUBERNETES_GRACE_S - (time.monotonic() - signalled)) == 0
