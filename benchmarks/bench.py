@@ -262,6 +262,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     engines = {
         "torch fp32": build_engine(model, str(model_dir), EngineOptions("torch", "fp32", threads)),
         "torch bf16": build_engine(copy.deepcopy(model), str(model_dir), EngineOptions("torch", "bf16", threads)),
+        "torch int8": build_engine(copy.deepcopy(model), str(model_dir), EngineOptions("torch", "int8", threads)),
         "onnxruntime fp32": build_engine(model, str(model_dir), EngineOptions("onnxruntime", "fp32", threads, work)),
         "onnxruntime int8": build_engine(model, str(model_dir), EngineOptions("onnxruntime", "int8", threads, work)),
     }
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
     # 5. bf16 and int8 against fp32
     reference = engines["torch fp32"](features)
-    for name in ("torch bf16", "onnxruntime int8"):
+    for name in ("torch bf16", "torch int8", "onnxruntime int8"):
         approximate = engines[name](features)
         cosine = torch.nn.functional.cosine_similarity(approximate, reference, dim=-1)
         overlap = [len(set(q.topk(5).indices.tolist()) & set(r.topk(5).indices.tolist())) / 5

@@ -28,7 +28,6 @@ def test_a_bad_environment_variable_is_named_at_start(env, message):
     "flags, message",
     [
         (["--top_k", "0"], "argument --top_k: invalid int value: '0'"),
-        (["--precision", "int8", "--backend", "torch"], "--precision int8 needs --backend onnxruntime"),
         (["--precision", "bf16", "--backend", "onnxruntime"], "--precision bf16 needs --backend torch"),
         (["--workers", "2"], "--workers must be 1"),
         (["--max_batch_wait_ms", "inf"], "argument --max_batch_wait_ms: invalid float value: 'inf'"),

@@ -34,12 +34,18 @@ def test_onnxruntime_fp32_equals_torch(tiny_model, tiny_model_dir, features, tmp
     torch.testing.assert_close(engine(features), TorchEngine(tiny_model)(features), atol=1e-4, rtol=0)
 
 
-def test_int8_is_close_to_fp32_and_independent_of_batch_mates(tiny_model, tiny_model_dir, features, tmp_path):
-    engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "int8", 2, tmp_path))
-    batched = engine(features)
-    assert cosine(batched, TorchEngine(tiny_model)(features)).min() >= 0.99
-    for i in range(len(features)):
-        torch.testing.assert_close(engine(features[i : i + 1])[0], batched[i], atol=0, rtol=0)
+@pytest.mark.parametrize("backend, tolerance", [("torch", 1e-5), ("onnxruntime", 0.0)])
+def test_int8_is_close_to_fp32_and_independent_of_batch_mates(tiny_model_dir, features, tmp_path, backend, tolerance):
+    """Per-token scales (torch) or one clip per run (onnxruntime): batch-mates cannot move a clip's
+    logits beyond float summation order (torch) or at all (onnxruntime)."""
+    fp32 = TorchEngine(ASTForAudioClassification.from_pretrained(tiny_model_dir))(features)
+    model = ASTForAudioClassification.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    engine = build_engine(model, str(tiny_model_dir), EngineOptions(backend, "int8", 2, tmp_path))
+    loud = features.clone()
+    loud[1:] *= 50  # batch-mates with far larger activations, which a shared scale would follow
+    batched = engine(loud)
+    assert cosine(engine(features), fp32).min() >= 0.99
+    torch.testing.assert_close(batched[0], engine(features[:1])[0], atol=tolerance, rtol=0)
 
 
 def test_export_is_cached_per_model_version(tiny_model, tiny_model_dir, tmp_path):
@@ -69,7 +75,8 @@ def test_int8_server_answers_a_clip_the_same_with_any_batch_mates(tiny_model_dir
         with_others = predict(loud, clip, loud)[1]
     finally:
         stop_server(server)
-    assert alone == with_others
+    assert [p["label"] for p in alone] == [p["label"] for p in with_others]
+    np.testing.assert_allclose([p["score"] for p in alone], [p["score"] for p in with_others], atol=1e-5, rtol=0)
 
 
 def test_bf16_is_close_to_fp32(tiny_model_dir, features):
