@@ -305,8 +305,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             for concurrency in args.concurrency:
                 count = args.repeats if concurrency == 1 else max(4, 2 * concurrency)
                 result = load_test(make_call, files, concurrency, count)
-                # Against the model alone at the batch size the server may use (1 at concurrency 1, up to 4 above).
-                model_best = alone["torch fp32 b1"] if concurrency == 1 else max(alone["torch fp32 b1"], alone["torch fp32 b4"])
+                # Against the model alone at the batch size the server uses (1 by default).
+                model_best = alone["torch fp32 b1"]
                 rows.append(Row("server fp32", f"{protocol}, concurrency {concurrency}", result["clips_per_s"], "clips/s",
                                 base, "pipeline", {**result, "vs_model_alone": result["clips_per_s"] / model_best}))
         stop = threading.Event()

@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max_audio_seconds", type=positive(float), default=600.0, help="Longest clip accepted, in seconds.")
     parser.add_argument("--max_clips_per_request", type=positive(int), default=64, help="Most clips accepted in one request.")
-    parser.add_argument("--max_batch_size", type=positive(int), default=4,
-                        help="Most clips in one forward pass (on 2 cores larger batches were no faster per clip, "
-                        "and memory grows with them).")
+    parser.add_argument("--max_batch_size", type=positive(int), default=1,
+                        help="Most clips in one forward pass. 1: no batching, which served fastest on 2 cores "
+                        "(make bench); raise it on machines where batches pay.")
     parser.add_argument("--max_batch_wait_ms", type=non_negative(float), default=0.0,
                         help="How long a request waits for others to share its forward pass (0: only those already queued).")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",

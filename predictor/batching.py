@@ -1,10 +1,12 @@
 """Concurrent requests' clips → shared forward passes, run off the event loop.
 
 One task owns the model: it takes the first waiting request, gathers whatever else arrives within
-`max_wait` (by default nothing more than is already queued, since on 2 cores a batch of 4 is no
-cheaper per clip than 4 single clips) up to `max_batch_size` clips, and runs them on a single
-thread of its own, so the event loop keeps answering health probes and accepting requests while
-AST computes. Requests that arrive during a forward pass wait in the queue and form the next batch.
+`max_wait` (by default nothing more than is already queued) up to `max_batch_size` clips, and runs
+them on a single thread of its own, so the event loop keeps answering health probes and accepting
+requests while AST computes. Requests that arrive during a forward pass wait in the queue and form
+the next batch. On 2 cores batches did not pay (a server with batches of up to 4 served 8-15 %
+fewer clips/s than one without), so the server's default `max_batch_size` is 1: this is then a
+queue in front of the model's thread, which is also where the filterbank runs (`on_model_thread`).
 """
 
 import asyncio
@@ -28,13 +30,22 @@ class Batcher:
 
     async def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """Logits for these clips, computed alone or alongside other requests' clips."""
+        self._start()
+        result = asyncio.get_running_loop().create_future()
+        await self._queue.put((features, result))
+        return await result
+
+    async def on_model_thread(self, work: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+        """Run other torch work on the model's thread, between forward passes: beside them, on
+        threads of its own, its kernels and the model's would fight over the same cores."""
+        self._start()
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+
+    def _start(self) -> None:
         if self._worker is None:
             self._queue = asyncio.Queue()
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
             self._worker = asyncio.get_running_loop().create_task(self._serve())
-        result = asyncio.get_running_loop().create_future()
-        await self._queue.put((features, result))
-        return await result
 
     async def _serve(self) -> None:
         while True:

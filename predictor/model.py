@@ -60,7 +60,7 @@ class ASTModel(Model):
         function_to_apply: Optional[str] = None,
         max_audio_seconds: float = 600.0,
         max_clips_per_request: int = 64,
-        max_batch_size: int = 4,
+        max_batch_size: int = 1,
         max_batch_wait_ms: float = 0.0,
         engine: EngineOptions = EngineOptions(),
     ):
@@ -127,7 +127,8 @@ class ASTModel(Model):
             )
         top_k = labels.check_top_k(request.parameters.get("top_k", self.default_top_k), self.num_labels)
         function = labels.check_function(request.parameters.get("function_to_apply", self.default_function))
-        features = await asyncio.to_thread(self._features, request.clips)
+        waveforms = await asyncio.to_thread(self._decode, request.clips)
+        features = await self.batcher.on_model_thread(self.filterbank, waveforms)
         return Batch(features=features, request=request, top_k=top_k, function=function)
 
     async def predict(self, payload: Batch, headers: Optional[dict] = None) -> Scores:
@@ -140,12 +141,11 @@ class ASTModel(Model):
 
     # ---- compute, off the event loop -------------------------------------------------------
 
-    def _features(self, clips: list[protocol.Clip]) -> torch.Tensor:
-        waveforms = [
+    def _decode(self, clips: list[protocol.Clip]) -> list[np.ndarray]:
+        return [
             audio.decode(clip, self.target) if isinstance(clip, bytes) else audio.from_waveform(*clip, self.target)
             for clip in clips
         ]
-        return self.filterbank(waveforms)
 
     def get_input_types(self) -> list[dict]:
         return protocol.INPUT_TYPES
