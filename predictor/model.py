@@ -2,9 +2,10 @@
 
 Thin by design: protocol parsing lives in `protocol`, decoding in `audio`, the filterbank in
 `features`, the inference engine in `engines`, request batching in `batching`, ranking in
-`labels`. What lives here is the order of the steps and where they run: decoding and features in
-a worker thread, the model behind the batcher on a thread of its own, so the event loop keeps
-answering health probes during inference.
+`labels`. What lives here is the order of the steps and where they run: decoding in a worker
+thread; the filterbank and the model, both torch, on the model's own thread behind the batcher's
+queue (beside each other they fought over the same 2 cores); the event loop only parses and
+answers, so it keeps answering health probes during inference.
 """
 
 import asyncio
