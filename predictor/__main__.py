@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32: equal to the transformers pipeline. bf16 (torch backend): 1.7x faster on CPUs with "
                         "AVX512-BF16/AMX, logits' cosine to fp32 >= 0.9999. int8: int8 weights and per-token int8 "
-                        "activations, ~2x faster, cosine >= 0.999 (torch; or ONNX Runtime's dynamic quantization).")
+                        "activations, 1.8-2x faster, cosine >= 0.999 (torch; or ONNX Runtime's dynamic quantization).")
     parser.add_argument("--threads", type=positive(int), default=None,
                         help="Intra-op threads. Default: the container's CPU limit (cgroup), not the node's core count.")
     parser.add_argument("--onnx_cache_dir", type=Path, default=None,

@@ -25,7 +25,8 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self._queue: Optional[asyncio.Queue] = None
         self._worker: Optional[asyncio.Task] = None
-        # Made on first use, in the serving process (kserve pickles the model into worker processes).
+        # Made on first use: the queue and the task belong to the server's event loop, which does not
+        # exist yet when the model loads.
         self._thread: Optional[ThreadPoolExecutor] = None
 
     async def __call__(self, features: torch.Tensor) -> torch.Tensor:

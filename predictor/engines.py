@@ -16,7 +16,7 @@
   `Int8Linear`, int8 weights per output channel and int8 activations per token, multiplied by
   `torch._int_mm` (the int8 GEMM torchao builds on; torchao's own eager path measured ~14x slower,
   and `torch.ao.quantization` is deprecated). Per-token scales make a clip's logits independent of
-  its batch-mates. About 2x faster than fp32 here (int8 GEMM runs at ~3.9x the fp32 rate), logits'
+  its batch-mates. 1.8-2x faster than fp32 here (int8 GEMM runs at ~3.9x the fp32 rate), logits'
   cosine to fp32 ≥ 0.999 on the random-init model (real checkpoints' activation outliers may cost
   more: check with `make bench`-style cosine on your clips before relying on it).
 - `--backend onnxruntime --precision int8`: ONNX Runtime's dynamic quantization of the MatMul
