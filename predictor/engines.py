@@ -25,6 +25,7 @@
 """
 
 import hashlib
+import inspect
 import logging
 import os
 import tempfile
@@ -35,6 +36,9 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 from transformers import ASTForAudioClassification
+
+from . import ast_forward
+from .ast_forward import PooledLogits
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +61,12 @@ class Engine(Protocol):
 
 class TorchEngine:
     def __init__(self, model: ASTForAudioClassification, dtype: torch.dtype = torch.float32):
-        self.model = model.to(dtype).eval()
+        self.logits = PooledLogits(model.to(dtype).eval())
         self.dtype = dtype
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(input_values=features.to(self.dtype)).logits.float()
+            return self.logits(features.to(self.dtype)).float()
 
 
 class Int8Linear(torch.nn.Module):
@@ -96,17 +100,6 @@ def quantize_linears(model: ASTForAudioClassification) -> ASTForAudioClassificat
             if isinstance(child, torch.nn.Linear) and child.in_features % 8 == 0 and child.out_features % 8 == 0:
                 setattr(module, name, Int8Linear(child))
     return model
-
-
-class _Logits(torch.nn.Module):
-    """The model with a plain tensor output, which is what an ONNX graph can return."""
-
-    def __init__(self, model: ASTForAudioClassification):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
-        return self.model(input_values=input_values).logits
 
 
 class OnnxEngine:
@@ -160,7 +153,7 @@ def _cached_onnx(model: ASTForAudioClassification, source: str, precision: str, 
         logger.info("Exporting the model to ONNX (once per model version) into %s", fp32)
         example = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
         _atomic_write(fp32, lambda tmp: torch.onnx.export(
-            _Logits(model).eval(), (example,), tmp, input_names=["input_values"], output_names=["logits"],
+            PooledLogits(model).eval(), (example,), tmp, input_names=["input_values"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), dynamo=True,
             opset_version=ONNX_OPSET, external_data=False, verbose=False,
         ))
@@ -192,7 +185,7 @@ def _atomic_write(path: Path, write) -> None:
 def _model_key(model: ASTForAudioClassification, source: str) -> str:
     """A digest of what the exported file depends on: the config, the weights' bytes (KServe's
     storage initializer rewrites the files on every pod start, so their dates say nothing), and
-    the versions of the libraries that export and quantize it."""
+    the versions of the libraries that export and quantize it, and our forward's source."""
     import onnx
     import onnxruntime
     import transformers
@@ -200,6 +193,7 @@ def _model_key(model: ASTForAudioClassification, source: str) -> str:
     digest = hashlib.sha256(model.config.to_json_string().encode())
     versions = (torch.__version__, transformers.__version__, onnx.__version__, onnxruntime.__version__, ONNX_OPSET)
     digest.update(repr(versions).encode())
+    digest.update(inspect.getsource(ast_forward).encode())  # the traced forward is ours
     directory = Path(source)
     if directory.is_dir():
         for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
