@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from kserve import logging as kserve_logging
 from kserve import model_server
 
+from .allocator import keep_freed_memory
 from .cpu import configure_torch_threads
 from .engines import BACKENDS, PRECISIONS, EngineOptions
 from .labels import FUNCTIONS
@@ -128,6 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ours.handlers = kserve_logging.logger.handlers
         ours.setLevel(kserve_logging.logger.level)
         ours.propagate = False
+    keep_freed_memory()
     threads = configure_torch_threads(args.threads)
     engine = EngineOptions(backend=args.backend, precision=args.precision, threads=threads, cache_dir=args.onnx_cache_dir)
     model = ASTModel(name=args.model_name, engine=engine, **_pick(args, MODEL_FLAGS))
