@@ -88,8 +88,9 @@ class Int8Linear(torch.nn.Module):
         quantized = torch.round(rows / scale).to(torch.int8)
         if len(quantized) <= 16:  # _int_mm wants more than 16 rows; pad (rows stay independent)
             quantized = torch.nn.functional.pad(quantized, (0, 0, 0, 17 - len(quantized)))
-        product = torch._int_mm(quantized, self.weight_t)[: len(rows)]
-        return (product.float() * scale * self.weight_scale + self.bias).reshape(*x.shape[:-1], -1)
+        output = torch._int_mm(quantized, self.weight_t)[: len(rows)].float()
+        output.mul_(scale)  # in place: each full-size temporary costs a pass over memory
+        return torch.addcmul(self.bias, output, self.weight_scale, out=output).reshape(*x.shape[:-1], -1)
 
 
 def quantize_linears(model: ASTForAudioClassification) -> ASTForAudioClassification:
