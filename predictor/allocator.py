@@ -37,3 +37,12 @@ def keep_freed_memory() -> bool:
     kept = all([bool(mallopt(option, value)) for option, value in settings])
     logger.info("Freed memory is %s", "kept for reuse (glibc mallopt)" if kept else "returned to the system")
     return kept
+
+
+def release_freed_memory() -> None:
+    """Hand what is free now back to the system, once: loading (an ONNX export above all) peaks
+    far above what serving needs, and `keep_freed_memory` would otherwise keep that peak."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

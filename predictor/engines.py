@@ -24,11 +24,7 @@
   it measured slower than the torch int8 path above.
 """
 
-import hashlib
-import inspect
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -37,19 +33,18 @@ import numpy as np
 import torch
 from transformers import ASTForAudioClassification
 
-from . import ast_forward
 from .ast_forward import PooledLogits
+from .onnx_export import cached_onnx, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "int8")
-ONNX_OPSET = 18
 
 
 @dataclass(frozen=True)
 class EngineOptions:
-    backend: str = "torch"
+    backend: str = "auto"
     precision: str = "fp32"
     threads: int = 1
     cache_dir: Optional[Path] = None  # None: $XDG_CACHE_HOME/ast-kserve
@@ -123,84 +118,24 @@ class OnnxEngine:
     @classmethod
     def build(cls, model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path,
               threads: int) -> "OnnxEngine":
-        return cls(_cached_onnx(model, source, precision, cache_dir), threads)
+        return cls(cached_onnx(model, source, precision, cache_dir), threads)
+
+
+def resolve_backend(backend: str, precision: str) -> str:
+    """`auto`: the engine that measured fastest here for the precision (`make bench`, 2 cores):
+    ONNX Runtime for fp32 and int8, torch for bf16 (which only the torch backend runs)."""
+    if backend != "auto":
+        return backend
+    return "torch" if precision == "bf16" else "onnxruntime"
 
 
 def build_engine(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Engine:
-    if options.backend == "torch":
+    backend = resolve_backend(options.backend, options.precision)
+    logger.info("Engine: %s, %s", backend, options.precision)
+    if backend == "torch":
         if options.precision == "int8":
             return TorchEngine(quantize_linears(model.eval()))
         return TorchEngine(model, torch.bfloat16 if options.precision == "bf16" else torch.float32)
     if options.precision == "bf16":
         raise ValueError("bf16 runs on the torch backend")
     return OnnxEngine.build(model, source, options.precision, options.cache_dir or default_cache_dir(), options.threads)
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ast-kserve"
-
-
-def _cached_onnx(model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path) -> Path:
-    """Export (and quantize) once per model version; later starts load the file."""
-    key = _model_key(model, source)
-    path = cache_dir / f"ast-{key}-{precision}.onnx"
-    if path.is_file():
-        logger.info("Using cached ONNX model %s", path)
-        return path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fp32 = cache_dir / f"ast-{key}-fp32.onnx"
-    if not fp32.is_file():
-        logger.info("Exporting the model to ONNX (once per model version) into %s", fp32)
-        example = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
-        _atomic_write(fp32, lambda tmp: torch.onnx.export(
-            PooledLogits(model).eval(), (example,), tmp, input_names=["input_values"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), dynamo=True,
-            opset_version=ONNX_OPSET, external_data=False, verbose=False,
-        ))
-    if precision == "int8":
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        logger.info("Quantizing the ONNX model to int8 into %s", path)
-        graph = onnx.load(fp32)
-        # The exporter's intermediate shape annotations trip the quantizer's shape inference
-        # ("Inferred shape and existing shape differ"); it infers them afresh without them.
-        graph.graph.ClearField("value_info")
-        _atomic_write(path, lambda tmp: quantize_dynamic(graph, tmp, per_channel=True, weight_type=QuantType.QInt8))
-    return path
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same directory, so a crash never leaves half a model."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _model_key(model: ASTForAudioClassification, source: str) -> str:
-    """A digest of what the exported file depends on: the config, the weights' bytes (KServe's
-    storage initializer rewrites the files on every pod start, so their dates say nothing), and
-    the versions of the libraries that export and quantize it, and our forward's source."""
-    import onnx
-    import onnxruntime
-    import transformers
-
-    digest = hashlib.sha256(model.config.to_json_string().encode())
-    versions = (torch.__version__, transformers.__version__, onnx.__version__, onnxruntime.__version__, ONNX_OPSET)
-    digest.update(repr(versions).encode())
-    digest.update(inspect.getsource(ast_forward).encode())  # the traced forward is ours
-    directory = Path(source)
-    if directory.is_dir():
-        for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
-            with open(weights, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-    else:  # a hub id: the revision the hub client resolved names the files
-        digest.update(f"{source}@{getattr(model.config, '_commit_hash', None)}".encode())
-    return digest.hexdigest()[:16]

@@ -22,6 +22,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
 from . import audio, labels, protocol
+from .allocator import release_freed_memory
 from .batching import Batcher
 from .engines import EngineOptions, build_engine
 from .errors import ClientInputError
@@ -105,6 +106,8 @@ class ASTModel(Model):
         self.default_top_k = min(self.default_top_k, self.num_labels)  # the pipeline clamps top_k too
         engine = build_engine(model.eval(), source, self.engine_options)
         engine(self.filterbank([np.zeros(self.filterbank.sampling_rate, dtype=np.float32)]))  # warm-up
+        del model  # an ONNX Runtime engine has its own copy of the weights
+        release_freed_memory()
         self.batcher = Batcher(engine, self.max_batch_size, self.max_batch_wait_ms / 1000)
         logger.info(
             "Loaded AST from %s: %d labels, %d mel bins x %d frames, default %s top-%d, %s",

@@ -9,7 +9,7 @@ import requests
 import torch
 from transformers import ASTForAudioClassification
 
-from predictor.engines import EngineOptions, TorchEngine, build_engine
+from predictor.engines import EngineOptions, TorchEngine, build_engine, resolve_backend
 
 from .conftest import encode, start_server, stop_server, tone
 
@@ -100,3 +100,9 @@ def test_changed_weights_get_a_new_export(tiny_model_dir, tmp_path):
     assert len(list(cache.glob("*.onnx"))) == 2
     features = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
     torch.testing.assert_close(engine(features), TorchEngine(model)(features), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("precision, backend", [("fp32", "onnxruntime"), ("int8", "onnxruntime"), ("bf16", "torch")])
+def test_auto_backend_is_the_fastest_measured_for_the_precision(precision, backend):
+    assert resolve_backend("auto", precision) == backend
+    assert resolve_backend("torch", precision) == "torch"

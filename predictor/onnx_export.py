@@ -1,0 +1,119 @@
+"""The ONNX file ONNX Runtime runs: exported (and quantized) once per model version, in a child process.
+
+The file is cached on disk, keyed by the model's bytes and the libraries' versions; in a pod,
+mount a volume at the cache directory to keep it across restarts. The export runs in a child
+process because it peaks at ~2.5 GiB for the full-size model and leaves its garbage fragmented
+through the heap of the process that ran it (that server's resident set stayed ~0.4 GiB higher,
+measured); a child hands all of it back when it exits.
+
+    python -m predictor.onnx_export SOURCE FP32_FILE OUT_FILE PRECISION    # what the server runs
+"""
+
+import hashlib
+import inspect
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import ASTForAudioClassification
+
+from . import ast_forward
+from .ast_forward import PooledLogits
+from .cpu import configure_torch_threads
+
+logger = logging.getLogger(__name__)
+
+ONNX_OPSET = 18
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ast-kserve"
+
+
+def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path) -> Path:
+    """The cached file for this model version and precision, exported first if it is missing."""
+    key = model_key(model, source)
+    path = cache_dir / f"ast-{key}-{precision}.onnx"
+    if path.is_file():
+        logger.info("Using cached ONNX model %s", path)
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("Exporting the model to ONNX (%s, once per model version) into %s", precision, path)
+    command = [sys.executable, "-m", __name__, source, str(cache_dir / f"ast-{key}-fp32.onnx"), str(path), precision]
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"exporting the model to ONNX failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return path
+
+
+def export(source: str, fp32: Path, out: Path, precision: str) -> None:
+    """Write `fp32` (unless it exists) and, for int8, `out` quantized from it."""
+    if not fp32.is_file():
+        model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa").eval()
+        example = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
+        _atomic_write(fp32, lambda tmp: torch.onnx.export(
+            PooledLogits(model).eval(), (example,), tmp, input_names=["input_values"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), dynamo=True,
+            opset_version=ONNX_OPSET, external_data=False, verbose=False,
+        ))
+    if precision == "int8":
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        graph = onnx.load(fp32)
+        # The exporter's intermediate shape annotations trip the quantizer's shape inference
+        # ("Inferred shape and existing shape differ"); it infers them afresh without them.
+        graph.graph.ClearField("value_info")
+        _atomic_write(out, lambda tmp: quantize_dynamic(graph, tmp, per_channel=True, weight_type=QuantType.QInt8))
+
+
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Write through a temp file in the same directory, so a crash never leaves half a model."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_key(model: ASTForAudioClassification, source: str) -> str:
+    """A digest of what the exported file depends on: the config, the weights' bytes (KServe's
+    storage initializer rewrites the files on every pod start, so their dates say nothing), the
+    versions of the libraries that export and quantize it, and our forward's source."""
+    import onnx
+    import onnxruntime
+    import transformers
+
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    versions = (torch.__version__, transformers.__version__, onnx.__version__, onnxruntime.__version__, ONNX_OPSET)
+    digest.update(repr(versions).encode())
+    digest.update(inspect.getsource(ast_forward).encode())  # the traced forward is ours
+    directory = Path(source)
+    if directory.is_dir():
+        for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+            with open(weights, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+    else:  # a hub id: the revision the hub client resolved names the files
+        digest.update(f"{source}@{getattr(model.config, '_commit_hash', None)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    source, fp32, out, precision = sys.argv[1:]
+    configure_torch_threads(None)
+    export(source, Path(fp32), Path(out), precision)
+
+
+if __name__ == "__main__":
+    main()
