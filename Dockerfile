@@ -17,7 +17,7 @@ WORKDIR /app
 COPY predictor/ /app/predictor/
 # Bytecode compiled now: uid 1000 cannot write it into /app at run time.
 RUN python -m compileall -q /app/predictor
-# HOME and caches where uid 1000 may write: the ONNX export cache (--precision int8) and the hub cache.
+# HOME and caches where uid 1000 may write: the ONNX export cache (the default engine's) and the hub cache.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \

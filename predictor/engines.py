@@ -1,27 +1,28 @@
 """What runs AST: features (batch, frames, mel bins) → logits (batch, labels).
 
-- `TorchEngine` (the default): the transformers model in eager mode, SDPA attention,
-  `torch.inference_mode`. On 2 cores it already runs at 0.83 of the fp32 GEMM roofline at
-  batch 1 and 0.88 at batch 4 (`make bench`), so batches help it a little.
-- `OnnxEngine`: the same model exported once to ONNX (torch's dynamo exporter, the supported path
-  in torch 2.13) and run by ONNX Runtime. In fp32 it ran at 0.85-0.97x eager torch at batch 1
-  and slower still per clip at batch 8, with gigabytes more memory (its attention materialises
-  every score matrix), so it always runs clips one at a time. The export (about 15 s for the full-size model
-  on 2 cores) is cached on disk, keyed by the model's bytes and the libraries' versions; in a pod,
-  mount a volume at the cache directory to keep it across restarts.
+Both engines run `ast_forward.PooledLogits` (the last layer for the pooled tokens only). Which
+engine runs is `--backend`; `auto` (the default) picks the fastest measured here (`make bench`,
+2 cores) for the precision: ONNX Runtime for fp32 and int8, torch for bf16.
+
+- `OnnxEngine`: the model exported once to ONNX (torch's dynamo exporter, the supported path in
+  torch 2.13; see `onnx_export` for the cache) and run by ONNX Runtime, one clip at a time
+  (batches did not pay, and its attention materialises every score matrix, so a batch costs
+  gigabytes). fp32: ~1.1x the torch engine, within 1e-4 of it, ~1.0 of the fp32 GEMM roofline
+  for the FLOPs it computes. int8: ONNX Runtime's dynamic quantization of the MatMul weights (per
+  channel); it picks one activation scale per tensor, which clip by clip means per clip, so a
+  clip's logits never depend on other requests. ~1.15x the torch int8 path below, same cosine.
+- `TorchEngine`: the transformers modules in eager mode, SDPA attention, `torch.inference_mode`.
+  fp32 at ~0.93 of the roofline.
 - `--precision bf16` runs the torch engine in bfloat16, which CPUs with AVX512-BF16 or AMX
-  multiply at twice the fp32 rate: 1.7x faster here, logits' cosine to fp32 ≥ 0.9999. (Without
-  those instructions bf16 is emulated and slower than fp32.)
-- `--precision int8` (torch backend, the default for int8): every encoder Linear becomes
-  `Int8Linear`, int8 weights per output channel and int8 activations per token, multiplied by
-  `torch._int_mm` (the int8 GEMM torchao builds on; torchao's own eager path measured ~14x slower,
-  and `torch.ao.quantization` is deprecated). Per-token scales make a clip's logits independent of
-  its batch-mates. 1.8-2x faster than fp32 here (int8 GEMM runs at ~3.9x the fp32 rate), logits'
-  cosine to fp32 ≥ 0.999 on the random-init model (real checkpoints' activation outliers may cost
-  more: check with `make bench`-style cosine on your clips before relying on it).
-- `--backend onnxruntime --precision int8`: ONNX Runtime's dynamic quantization of the MatMul
-  weights (per channel). It picks one activation scale per tensor, so it runs clips one at a time;
-  it measured slower than the torch int8 path above.
+  multiply at twice the fp32 rate: 1.9x the pipeline here, logits' cosine to fp32 ≥ 0.9999.
+  (Without those instructions bf16 is emulated and slower than fp32.)
+- `--backend torch --precision int8`: every encoder Linear becomes `Int8Linear`, int8 weights per
+  output channel and int8 activations per token, multiplied by `torch._int_mm` (the int8 GEMM
+  torchao builds on; torchao's own eager path measured ~14x slower, and `torch.ao.quantization`
+  is deprecated). Per-token scales make a clip's logits independent of its batch-mates.
+  Attention stays fp32 (bf16 attention measured no faster on this CPU): ~45 % of the time.
+Accuracy of both int8 paths: cosine ≥ 0.999 to fp32 on the random-init model; real checkpoints'
+activation outliers may cost more, so check the cosine on your clips before relying on it.
 """
 
 import logging
