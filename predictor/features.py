@@ -103,20 +103,24 @@ class LogMelFilterbank:
         Kaldi's per-frame pre-emphasis runs once over the whole signal instead: the two differ only
         in each frame's first sample, which the symmetric Hann window multiplies by zero. Removing
         a frame's mean x before pre-emphasis is then subtracting 0.03 x after it. The FFT runs in
-        float64 as the extractor's does (float32 misses by up to 2e-3 in quiet low bins); the
-        spectrum is then rounded to complex64, as the extractor stores it.
+        float64 as the extractor's does (float32 misses by up to 2e-3 in quiet low bins), and so
+        does the power (re² + im²: 3.5x faster than abs() of a complex tensor); it is rounded to
+        float32 after, where the extractor rounds the spectrum to complex64 before (≤ 1e-7 apart).
+        Normalising before padding makes the padding one constant fill.
         """
         signal = torch.from_numpy(waveform).double()
         frames_count = 1 + (len(signal) - FRAME_LENGTH) // HOP_LENGTH
         dc = (1 - PREEMPHASIS) * signal.unfold(0, FRAME_LENGTH, HOP_LENGTH).mean(dim=-1, keepdim=True)
-        padded = torch.nn.functional.pad(signal, (0, FFT_LENGTH - FRAME_LENGTH))
-        emphasised = torch.cat((padded[:1], padded[1:] - PREEMPHASIS * padded[:-1]))
+        emphasised = torch.zeros(len(signal) + FFT_LENGTH - FRAME_LENGTH, dtype=torch.float64)
+        emphasised[0] = signal[0]
+        torch.sub(signal[1:], signal[:-1], alpha=PREEMPHASIS, out=emphasised[1 : len(signal)])
         # FFT_LENGTH-wide frames whose tail the zero-padded window silences: no separate padding copy.
         frames = emphasised.unfold(0, FFT_LENGTH, HOP_LENGTH)[:frames_count].sub(dc).mul_(self.window)
-        power = torch.fft.rfft(frames).to(torch.complex64).abs().square()
-        # The extractor pads with zeros in the log domain, before normalising.
-        fbank = torch.zeros(self.max_length, self.num_mel_bins)
-        fbank[:frames_count] = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))[: self.max_length]
-        if self.do_normalize:
-            fbank = (fbank - self.mean) / (self.std * 2)
+        spectrum = torch.fft.rfft(frames)
+        power = (spectrum.real.square() + spectrum.imag.square()).float()
+        mel = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))[: self.max_length]
+        # The extractor pads with zeros in the log domain, then normalises.
+        mean, scale = (self.mean, self.std * 2) if self.do_normalize else (0.0, 1.0)
+        fbank = torch.full((self.max_length, self.num_mel_bins), -mean / scale)
+        fbank[: len(mel)] = mel.sub_(mean).div_(scale)
         return fbank
