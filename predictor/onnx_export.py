@@ -46,7 +46,9 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("Exporting the model to ONNX (%s, once per model version) into %s", precision, path)
     command = [sys.executable, "-m", __name__, source, str(cache_dir / f"ast-{key}-fp32.onnx"), str(path), precision]
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server has just loaded the model, so a hub id is in the local cache: no second lookup.
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
     if done.returncode != 0:
         raise RuntimeError(f"exporting the model to ONNX failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return path
