@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch: eager PyTorch with SDPA; onnxruntime: the model exported to ONNX once (cached), "
                         "run clip by clip.")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32: equal to the transformers pipeline. bf16 (torch backend): 1.7x faster on CPUs with "
+                        help="fp32: equal to the transformers pipeline. bf16 (torch backend): ~1.9x the pipeline on CPUs with "
                         "AVX512-BF16/AMX, logits' cosine to fp32 >= 0.9999. int8: int8 weights and activations "
                         "(onnxruntime: dynamic quantization, one clip at a time; torch: per-token scales), about 2x "
                         "faster than fp32, cosine >= 0.999.")

@@ -11,8 +11,9 @@ thresholds; so all threads share the main arena (the others allocate little, so 
 nothing measurable). With the three settings the faults go to zero. The cost: the resident set
 stays at the largest request's peak instead of shrinking between requests.
 
-jemalloc or tcmalloc through LD_PRELOAD would do the same, but need a system package and an
-environment the server cannot give itself; `mallopt` it can call at start-up.
+jemalloc or tcmalloc through LD_PRELOAD would do the same but need a system package, and
+GLIBC_TUNABLES would too but only where the environment is set (the image, not `make run` or a
+plain `python -m predictor`); `mallopt` works however the server is started.
 """
 
 import ctypes
@@ -24,6 +25,7 @@ M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 KEEP_BYTES = 1 << 30
+MMAP_THRESHOLD_MAX = 32 << 20  # older glibc refuses more; still above one clip's largest buffer (15 MB)
 
 
 def keep_freed_memory() -> bool:
@@ -33,15 +35,16 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, KEEP_BYTES), (M_TRIM_THRESHOLD, KEEP_BYTES))
-    kept = all([bool(mallopt(option, value)) for option, value in settings])
+    mmap_threshold = mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) or mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    kept = bool(mmap_threshold) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_ARENA_MAX, 1))
     logger.info("Freed memory is %s", "kept for reuse (glibc mallopt)" if kept else "returned to the system")
     return kept
 
 
 def release_freed_memory() -> None:
-    """Hand what is free now back to the system, once: loading (an ONNX export above all) peaks
-    far above what serving needs, and `keep_freed_memory` would otherwise keep that peak."""
+    """Hand what is free now back to the system, once, after loading: loading peaks above what
+    serving needs (the torch model is dropped once ONNX Runtime has its own copy), and
+    `keep_freed_memory` would otherwise keep that peak (measured ~0.2 GiB)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

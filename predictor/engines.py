@@ -7,12 +7,12 @@ engine runs is `--backend`; `auto` (the default) picks the fastest measured here
 - `OnnxEngine`: the model exported once to ONNX (torch's dynamo exporter, the supported path in
   torch 2.13; see `onnx_export` for the cache) and run by ONNX Runtime, one clip at a time
   (batches did not pay, and its attention materialises every score matrix, so a batch costs
-  gigabytes). fp32: ~1.1x the torch engine, within 1e-4 of it, ~1.0 of the fp32 GEMM roofline
-  for the FLOPs it computes. int8: ONNX Runtime's dynamic quantization of the MatMul weights (per
+  gigabytes). fp32: 1.03-1.15x the torch engine across runs, within 1e-4 of it, ~1.0 of the
+  fp32 GEMM roofline for the FLOPs it computes. int8: ONNX Runtime's dynamic quantization of the MatMul weights (per
   channel); it picks one activation scale per tensor, which clip by clip means per clip, so a
   clip's logits never depend on other requests. ~1.15x the torch int8 path below, same cosine.
 - `TorchEngine`: the transformers modules in eager mode, SDPA attention, `torch.inference_mode`.
-  fp32 at ~0.93 of the roofline.
+  fp32 at 0.93-1.0 of the roofline across runs.
 - `--precision bf16` runs the torch engine in bfloat16, which CPUs with AVX512-BF16 or AMX
   multiply at twice the fp32 rate: 1.9x the pipeline here, logits' cosine to fp32 ≥ 0.9999.
   (Without those instructions bf16 is emulated and slower than fp32.)
@@ -35,7 +35,7 @@ import torch
 from transformers import ASTForAudioClassification
 
 from .ast_forward import PooledLogits
-from .onnx_export import cached_onnx, default_cache_dir
+from .onnx_export import ExportError, cached_onnx, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +131,21 @@ def resolve_backend(backend: str, precision: str) -> str:
 
 
 def build_engine(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Engine:
+    """The engine `options` ask for. With `auto`, a model that cannot be exported to ONNX (an
+    unwritable cache, an export that fails) is served by torch instead, with a warning: slower,
+    but serving. An explicit `--backend onnxruntime` raises `ExportError` instead."""
     backend = resolve_backend(options.backend, options.precision)
     logger.info("Engine: %s, %s", backend, options.precision)
-    if backend == "torch":
-        if options.precision == "int8":
-            return TorchEngine(quantize_linears(model.eval()))
-        return TorchEngine(model, torch.bfloat16 if options.precision == "bf16" else torch.float32)
-    if options.precision == "bf16":
-        raise ValueError("bf16 runs on the torch backend")
-    return OnnxEngine.build(model, source, options.precision, options.cache_dir or default_cache_dir(), options.threads)
+    if backend == "onnxruntime":
+        if options.precision == "bf16":
+            raise ValueError("bf16 runs on the torch backend")
+        try:
+            return OnnxEngine.build(model, source, options.precision, options.cache_dir or default_cache_dir(),
+                                    options.threads)
+        except ExportError as exc:
+            if options.backend != "auto":
+                raise
+            logger.warning("%s\nServing with the torch engine instead (pass --backend torch to skip the export)", exc)
+    if options.precision == "int8":
+        return TorchEngine(quantize_linears(model.eval()))
+    return TorchEngine(model, torch.bfloat16 if options.precision == "bf16" else torch.float32)

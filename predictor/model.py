@@ -27,6 +27,7 @@ from .batching import Batcher
 from .engines import EngineOptions, build_engine
 from .errors import ClientInputError
 from .features import LogMelFilterbank
+from .onnx_export import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ class ASTModel(Model):
             model.config.problem_type, self.num_labels
         )
         self.default_top_k = min(self.default_top_k, self.num_labels)  # the pipeline clamps top_k too
-        engine = build_engine(model.eval(), source, self.engine_options)
+        try:
+            engine = build_engine(model.eval(), source, self.engine_options)
+        except ExportError as exc:
+            raise ModelLoadError(f"{exc}\nPass --backend torch (or BACKEND=torch) to serve without ONNX Runtime.") from exc
         engine(self.filterbank([np.zeros(self.filterbank.sampling_rate, dtype=np.float32)]))  # warm-up
         del model  # an ONNX Runtime engine has its own copy of the weights
         release_freed_memory()

@@ -1,5 +1,6 @@
 """`predictor.allocator`: a forward pass reuses the last one's pages instead of faulting them in."""
 
+import platform
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ def forward_faults(mode: str) -> int:
     return int(done.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_forward_passes_reuse_freed_memory():
     default, kept = forward_faults("default"), forward_faults("keep")
     assert default > 10_000  # glibc's defaults: activation pages faulted in again on every pass

@@ -10,8 +10,9 @@ import torch
 from transformers import ASTForAudioClassification
 
 from predictor.engines import EngineOptions, TorchEngine, build_engine, resolve_backend
+from predictor.onnx_export import ExportError
 
-from .conftest import encode, start_server, stop_server, tone
+from .conftest import assert_same_predictions, encode, expected, start_server, stop_server, tone
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,35 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
-def test_onnxruntime_fp32_equals_torch(tiny_model, tiny_model_dir, features, tmp_path):
-    engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, tmp_path))
-    torch.testing.assert_close(engine(features), TorchEngine(tiny_model)(features), atol=1e-4, rtol=0)
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_fp32_engines_equal_the_transformers_model(tiny_model, tiny_model_dir, features, tmp_path, backend):
+    engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions(backend, "fp32", 2, tmp_path))
+    with torch.inference_mode():
+        expected = tiny_model(input_values=features).logits
+    torch.testing.assert_close(engine(features), expected, atol=1e-4, rtol=0)
+
+
+def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(tiny_model, tiny_model_dir, features,
+                                                                                tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("the cache directory cannot be made under a file")
+    engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions("auto", "fp32", 2, blocked / "cache"))
+    assert isinstance(engine, TorchEngine)
+    torch.testing.assert_close(engine(features), TorchEngine(tiny_model)(features), atol=0, rtol=0)
+    with pytest.raises(ExportError, match="cannot write the ONNX cache directory"):
+        build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, blocked / "cache"))
+
+
+def test_torch_backend_server_matches_the_pipeline(tiny_model_dir, tiny_pipeline, speech_16k, tmp_path):
+    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--backend", "torch"))
+    try:
+        body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, 16000, "WAV", "FLOAT")).decode()}],
+                "parameters": {"top_k": 3, "function_to_apply": "softmax"}}
+        response = requests.post(server.predict_url, json=body)
+    finally:
+        stop_server(server)
+    assert response.status_code == 200, response.text
+    assert_same_predictions(response.json()["predictions"][0], expected(tiny_pipeline, speech_16k, 3, "softmax"))
 
 
 @pytest.mark.parametrize("backend, tolerance", [("torch", 1e-5), ("onnxruntime", 0.0)])
@@ -57,9 +84,12 @@ def test_export_is_cached_per_model_version(tiny_model, tiny_model_dir, tmp_path
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_int8_server_answers_a_clip_the_same_with_any_batch_mates(tiny_model_dir, tmp_path):
-    """The issue's requirement for --precision int8: a clip's answer must not depend on who it was batched with."""
-    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--precision", "int8"))
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_int8_server_answers_a_clip_the_same_with_any_batch_mates(tiny_model_dir, tmp_path, backend):
+    """The issue's requirement for --precision int8: a clip's answer must not depend on who it was
+    batched with, even when its request's clips share one forward pass."""
+    server = start_server(tiny_model_dir, tmp_path / "server.log",
+                          extra_args=("--precision", "int8", "--backend", backend, "--max_batch_size", "4"))
     clip = encode(tone(700, 1.0, 16000), 16000, "WAV", "FLOAT")
     loud = encode(np.clip(np.random.default_rng(0).standard_normal(32000), -1, 1).astype(np.float32), 16000, "WAV", "FLOAT")
 
