@@ -121,6 +121,6 @@ class LogMelFilterbank:
         mel = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))[: self.max_length]
         # The extractor pads with zeros in the log domain, then normalises.
         mean, scale = (self.mean, self.std * 2) if self.do_normalize else (0.0, 1.0)
-        fbank = torch.full((self.max_length, self.num_mel_bins), -mean / scale)
+        fbank = torch.full((self.max_length, self.num_mel_bins), (0.0 - mean) / scale)
         fbank[: len(mel)] = mel.sub_(mean).div_(scale)
         return fbank
