@@ -1,5 +1,6 @@
 """`predictor.allocator`: a forward pass reuses the last one's pages instead of faulting them in."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -34,7 +35,9 @@ worker.join()
 
 
 def forward_faults(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", FORWARD_FAULTS, mode], capture_output=True, text=True, check=True)
+    # glibc's defaults, whatever this shell sets: the comparison needs them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    done = subprocess.run([sys.executable, "-c", FORWARD_FAULTS, mode], capture_output=True, text=True, check=True, env=env)
     return int(done.stdout)
 
 
