@@ -10,7 +10,7 @@ engine runs is `--backend`; `auto` (the default) picks the fastest measured here
   gigabytes). fp32: 1.03-1.15x the torch engine across runs, within 1e-4 of it, ~1.0 of the
   fp32 GEMM roofline for the FLOPs it computes. int8: ONNX Runtime's dynamic quantization of the MatMul weights (per
   channel); it picks one activation scale per tensor, which clip by clip means per clip, so a
-  clip's logits never depend on other requests. ~1.15x the torch int8 path below, same cosine.
+  clip's logits never depend on other requests. 1.16-1.19x the torch int8 path below, same cosine.
 - `TorchEngine`: the transformers modules in eager mode, SDPA attention, `torch.inference_mode`.
   fp32 at 0.93-1.0 of the roofline across runs.
 - `--precision bf16` runs the torch engine in bfloat16, which CPUs with AVX512-BF16 or AMX
@@ -119,7 +119,17 @@ class OnnxEngine:
     @classmethod
     def build(cls, model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path,
               threads: int) -> "OnnxEngine":
-        return cls(cached_onnx(model, source, precision, cache_dir), threads)
+        """Every way this can fail comes out as `ExportError`, which `auto` answers with torch. A
+        cached file ONNX Runtime cannot open is removed, so the next start exports it afresh."""
+        try:
+            path = cached_onnx(model, source, precision, cache_dir)
+        except (OSError, ImportError) as exc:
+            raise ExportError(f"could not prepare the ONNX model: {exc}") from exc
+        try:
+            return cls(path, threads)
+        except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception itself
+            path.unlink(missing_ok=True)
+            raise ExportError(f"ONNX Runtime could not load {path} (removed from the cache): {exc}") from exc
 
 
 def resolve_backend(backend: str, precision: str) -> str:

@@ -1,15 +1,16 @@
 """The ONNX file ONNX Runtime runs: exported (and quantized) once per model version, in a child process.
 
-The file is cached on disk, keyed by the model's bytes and the libraries' versions; in a pod,
-mount a volume at the cache directory to keep it across restarts. The export runs in a child
-process because it peaks at ~2.5 GiB for the full-size model and leaves its garbage fragmented
-through the heap of the process that ran it (that server's resident set stayed ~0.4 GiB higher,
-measured); a child hands all of it back when it exits.
+The file is cached on disk, keyed by the model's config and weights, this export code and the
+libraries' versions; in a pod, mount a volume at the cache directory to keep it across container
+restarts. The export runs in a child process because it peaks at 2.4 GiB for the full-size
+model and leaves its garbage fragmented through the heap of the process that ran it (that
+server's resident set stayed ~0.4 GiB higher, measured); a child hands all of it back on exit.
 
     python -m predictor.onnx_export SOURCE FP32_FILE OUT_FILE PRECISION    # what the server runs
 """
 
 import hashlib
+import importlib.metadata
 import inspect
 import logging
 import os
@@ -30,7 +31,10 @@ from .cpu import configure_torch_threads
 logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 18
-EXPORT_TIMEOUT_S = 1800
+# The HTTP server (and so the liveness probe) starts only after loading: an export that takes
+# longer than this is abandoned for the torch engine (under --backend auto) well before the
+# manifests' liveness probe would restart the container (inferenceservice.yaml: 90 s + 3 x 10 s).
+EXPORT_TIMEOUT_S = 60
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # where `-m predictor.onnx_export` imports from
 
 
@@ -54,13 +58,16 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot write the ONNX cache directory {cache_dir}: {exc}") from exc
-    logger.info("Exporting the model to ONNX (%s, once per model version) into %s", precision, path)
-    command = [sys.executable, "-m", __name__, source, str(cache_dir / f"ast-{key}-fp32.onnx"), str(path), precision]
+    logger.info("Exporting the model to ONNX (%s; once per model version and cache directory) into %s", precision, path)
+    local = Path(source)
+    command = [sys.executable, "-m", __name__, str(local.resolve()) if local.is_dir() else source,
+               str(cache_dir.resolve() / f"ast-{key}-fp32.onnx"), str(path.resolve()), precision]
     # The server has just loaded the model, so a hub id is in the local cache: no second lookup.
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    python_path = os.pathsep.join(filter(None, (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH"))))
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
     try:
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
-                              env=environment, cwd=PACKAGE_PARENT, timeout=EXPORT_TIMEOUT_S)
+                              env=environment, timeout=EXPORT_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         raise ExportError(f"exporting the model to ONNX took over {EXPORT_TIMEOUT_S} s") from exc
     if done.returncode != 0 or not path.is_file():
@@ -113,38 +120,35 @@ def model_key(model: ASTForAudioClassification, source: str) -> str:
     start, so dates say nothing; for a hub id, the snapshot the hub client resolved). Hashing the
     loaded tensors instead would fault in every page of the memory-mapped weights, which ONNX
     Runtime never needs: +0.4 GiB resident (measured); that is only the fallback."""
-    import onnx
-    import onnxruntime
-    import onnxscript
-    import transformers
-
+    libraries = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")  # read, not imported: onnxscript alone is 58 MiB
     digest = hashlib.sha256(model.config.to_json_string().encode())
-    versions = (torch.__version__, transformers.__version__, onnx.__version__, onnxscript.__version__,
-                onnxruntime.__version__, ONNX_OPSET)
+    versions = tuple(importlib.metadata.version(name) for name in libraries) + (ONNX_OPSET,)
     digest.update(repr(versions).encode())
     for module in (ast_forward, sys.modules[__name__]):
         digest.update(inspect.getsource(module).encode())
-    files = _weight_files(source)
+    files = weight_files(source)
     for weights in files:
         with open(weights, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
     if not files:
+        logger.warning("No weight files found for %s: hashing the loaded weights instead", source)
         for name, tensor in model.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().float().contiguous().numpy())
     return digest.hexdigest()[:16]
 
 
-def _weight_files(source: str) -> list[Path]:
+def weight_files(source: str) -> list[Path]:
+    """The weight files of a model directory, or of the local snapshot a hub id was loaded from."""
     directory = Path(source)
-    if not directory.is_dir():  # a hub id: the local snapshot the server has just loaded
-        from huggingface_hub import snapshot_download
+    if not directory.is_dir():
+        from huggingface_hub import try_to_load_from_cache
 
-        try:
-            directory = Path(snapshot_download(source, local_files_only=True))
-        except (OSError, ValueError):
+        config = try_to_load_from_cache(source, "config.json")
+        if not isinstance(config, str):  # not cached (None), or cached as missing
             return []
+        directory = Path(config).parent
     return sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin"))
 
 

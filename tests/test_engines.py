@@ -10,7 +10,7 @@ import torch
 from transformers import ASTForAudioClassification
 
 from predictor.engines import EngineOptions, TorchEngine, build_engine, resolve_backend
-from predictor.onnx_export import ExportError
+from predictor.onnx_export import ExportError, weight_files
 
 from .conftest import assert_same_predictions, encode, expected, start_server, stop_server, tone
 
@@ -34,8 +34,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_fp32_engines_equal_the_transformers_model(tiny_model, tiny_model_dir, features, tmp_path, backend):
     engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions(backend, "fp32", 2, tmp_path))
     with torch.inference_mode():
-        expected = tiny_model(input_values=features).logits
-    torch.testing.assert_close(engine(features), expected, atol=1e-4, rtol=0)
+        reference = tiny_model(input_values=features).logits
+    torch.testing.assert_close(engine(features), reference, atol=1e-4, rtol=0)
 
 
 def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(tiny_model, tiny_model_dir, features,
@@ -47,6 +47,34 @@ def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(ti
     torch.testing.assert_close(engine(features), TorchEngine(tiny_model)(features), atol=0, rtol=0)
     with pytest.raises(ExportError, match="cannot write the ONNX cache directory"):
         build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, blocked / "cache"))
+
+
+def test_a_cached_file_onnxruntime_cannot_open_is_removed_and_torch_serves(tiny_model, tiny_model_dir, tmp_path):
+    build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+    (cached,) = tmp_path.glob("*.onnx")
+    cached.write_bytes(b"not a protobuf")  # e.g. a disk that filled up under an earlier version
+    with pytest.raises(ExportError, match="could not load"):
+        build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+    assert not cached.exists()
+    cached.write_bytes(b"not a protobuf")
+    assert isinstance(build_engine(tiny_model, str(tiny_model_dir), EngineOptions("auto", "fp32", 1, tmp_path)),
+                      TorchEngine)
+
+
+def test_a_hub_id_is_keyed_by_its_cached_snapshot_files(tmp_path, monkeypatch):
+    """What `from_pretrained` leaves in the hub cache: refs/main naming a snapshot directory."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--org--ast"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_text(name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert weight_files("org/ast") == [snapshot / "model.safetensors"]
+    assert weight_files("org/not-downloaded") == []
 
 
 def test_torch_backend_server_matches_the_pipeline(tiny_model_dir, tiny_pipeline, speech_16k, tmp_path):
