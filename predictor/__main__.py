@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_batch_wait_ms", type=non_negative(float), default=0.0,
                         help="How long a request waits for others to share its forward pass (0: only those already queued).")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="auto: onnxruntime for fp32 and int8, torch for bf16 (the fastest measured on 2 cores). "
+                        help="auto: onnxruntime for fp32 and int8, torch for bf16 (the fastest measured on 2 cores; "
+                        "torch if the ONNX export fails). "
                         "torch: eager PyTorch with SDPA; onnxruntime: the model exported to ONNX once (cached), "
                         "run clip by clip.")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
