@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,7 @@ ONNX_OPSET = 18
 # longer than this is abandoned for the torch engine (under --backend auto) well before the
 # manifests' liveness probe would restart the container (inferenceservice.yaml: 90 s + 3 x 10 s).
 EXPORT_TIMEOUT_S = 60
+TEMP_SUFFIX = ".onnx.tmp"
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # where `-m predictor.onnx_export` imports from
 
 
@@ -58,6 +60,7 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot write the ONNX cache directory {cache_dir}: {exc}") from exc
+    _remove_abandoned_temp_files(cache_dir)
     logger.info("Exporting the model to ONNX (%s; once per model version and cache directory) into %s", precision, path)
     local = Path(source)
     command = [sys.executable, "-m", __name__, str(local.resolve()) if local.is_dir() else source,
@@ -100,9 +103,21 @@ def export(source: str, fp32: Path, out: Path, precision: str) -> None:
         _atomic_write(out, lambda tmp: quantize_dynamic(graph, tmp, per_channel=True, weight_type=QuantType.QInt8))
 
 
+def _remove_abandoned_temp_files(cache_dir: Path) -> None:
+    """An export killed mid-way (timeout, out of memory) leaves its ~350 MB temp file behind, and
+    a volume would keep it forever. Older than two time limits, no export is still writing it."""
+    for temp in cache_dir.glob(f"*{TEMP_SUFFIX}"):
+        try:
+            if time.time() - temp.stat().st_mtime > 2 * EXPORT_TIMEOUT_S:
+                temp.unlink()
+                logger.info("Removed %s, left by an export that did not finish", temp)
+        except OSError:  # another server removed it first
+            pass
+
+
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write through a temp file in the same directory, so a crash never leaves half a model."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=TEMP_SUFFIX)
     os.close(handle)
     try:
         write(tmp)

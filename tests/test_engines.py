@@ -1,7 +1,9 @@
 """`predictor.engines`: ONNX Runtime against eager torch, int8 against fp32, and the export cache."""
 
 import base64
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from transformers import ASTForAudioClassification
 
 from predictor.engines import EngineOptions, TorchEngine, build_engine, resolve_backend
-from predictor.onnx_export import ExportError, weight_files
+from predictor.onnx_export import EXPORT_TIMEOUT_S, ExportError, weight_files
 
 from .conftest import assert_same_predictions, encode, expected, start_server, stop_server, tone
 
@@ -47,6 +49,16 @@ def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(ti
     torch.testing.assert_close(engine(features), TorchEngine(tiny_model)(features), atol=0, rtol=0)
     with pytest.raises(ExportError, match="cannot write the ONNX cache directory"):
         build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, blocked / "cache"))
+
+
+def test_an_export_removes_temp_files_abandoned_by_killed_exports_only(tiny_model, tiny_model_dir, tmp_path):
+    abandoned, in_progress = tmp_path / "ast-old.onnx.tmp", tmp_path / "ast-now.onnx.tmp"
+    for temp in (abandoned, in_progress):
+        temp.write_bytes(b"half a model")
+    long_ago = time.time() - 2 * EXPORT_TIMEOUT_S - 60
+    os.utime(abandoned, (long_ago, long_ago))
+    build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+    assert not abandoned.exists() and in_progress.exists()
 
 
 def test_a_cached_file_onnxruntime_cannot_open_is_removed_and_torch_serves(tiny_model, tiny_model_dir, tmp_path):
