@@ -8,9 +8,10 @@ engine runs is `--backend`; `auto` (the default) picks the fastest measured here
   torch 2.13; see `onnx_export` for the cache) and run by ONNX Runtime, one clip at a time
   (batches did not pay, and its attention materialises every score matrix, so a batch costs
   gigabytes). fp32: 1.03-1.15x the torch engine across runs, within 1e-4 of it, ~1.0 of the
-  fp32 GEMM roofline for the FLOPs it computes. int8: ONNX Runtime's dynamic quantization of the MatMul weights (per
-  channel); it picks one activation scale per tensor, which clip by clip means per clip, so a
-  clip's logits never depend on other requests. 1.16-1.19x the torch int8 path below, same cosine.
+  fp32 GEMM roofline for the FLOPs it computes. int8: ONNX Runtime's dynamic quantization of the
+  MatMul weights (per channel); it picks one activation scale per tensor, which clip by clip
+  means per clip, so a clip's logits never depend on other requests. 1.16-1.19x the torch int8
+  path below, same cosine.
 - `TorchEngine`: the transformers modules in eager mode, SDPA attention, `torch.inference_mode`.
   fp32 at 0.93-1.0 of the roofline across runs.
 - `--precision bf16` runs the torch engine in bfloat16, which CPUs with AVX512-BF16 or AMX
