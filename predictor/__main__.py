@@ -22,14 +22,14 @@ from .cpu import configure_torch_threads
 from .engines import BACKENDS, PRECISIONS, EngineOptions
 from .labels import FUNCTIONS
 from .model import ASTModel, ModelLoadError
-from .protocol import AudioModelServer
+from .protocol.kserve import AudioModelServer
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 # After SIGTERM, in-flight requests get this long to finish: inside Kubernetes' default 30 s
 # terminationGracePeriodSeconds (Knative's, the revision timeout, is longer still).
 GRACE_PERIOD_S = 20
-MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_clips_per_request", "max_batch_size",
-               "max_batch_wait_ms")
+MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_request_audio_seconds",
+               "max_clips_per_request", "max_windows_per_request", "max_batch_size", "max_batch_wait_ms")
 ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir")
 # KServe's own flags, passed on explicitly: ModelServer's defaults come from kserve's own parse of
 # sys.argv at import, not from the arguments main() was given.
@@ -58,8 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Logits to scores. Default: as the transformers pipeline decides from config.problem_type, "
         "but sigmoid for AudioSet's 527 labels (multi-label).",
     )
-    parser.add_argument("--max_audio_seconds", type=positive(float), default=600.0, help="Longest clip accepted, in seconds.")
+    parser.add_argument("--max_audio_seconds", type=positive(float), default=600.0,
+                        help="Longest clip accepted, in seconds; every clip is classified whole, window by window.")
+    parser.add_argument("--max_request_audio_seconds", type=positive(float), default=600.0,
+                        help="Most seconds of audio in one request, all clips together (checked from the headers "
+                        "before decoding, and while decoding).")
     parser.add_argument("--max_clips_per_request", type=positive(int), default=64, help="Most clips accepted in one request.")
+    parser.add_argument("--max_windows_per_request", type=positive(int), default=240,
+                        help="Most model windows one request may cost (a smaller hop_seconds costs more): 240 is "
+                        "four times the 59 windows of 10 minutes at the default hop.")
+    parser.add_argument("--max_request_mb", type=positive(float), default=32.0,
+                        help="Largest gRPC request message, in MiB (kserve's own default is 8 MiB; a 10-minute "
+                        "16 kHz 16-bit WAV is 19 MB).")
     parser.add_argument("--max_batch_size", type=positive(int), default=1,
                         help="Most clips in one forward pass. 1: no batching, which served fastest on 2 cores "
                         "(make bench); raise it on machines where batches pay.")
@@ -80,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx_cache_dir", type=Path, default=None,
                         help="Where exported ONNX models are kept. Default: $XDG_CACHE_HOME/ast-kserve (~/.cache/ast-kserve).")
     parser.set_defaults(model_name="ast")
-    apply_environment(parser, ("model_name",) + MODEL_FLAGS + ENGINE_FLAGS)
+    apply_environment(parser, ("model_name", "max_request_mb") + MODEL_FLAGS + ENGINE_FLAGS)
     return parser
 
 
@@ -141,7 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ModelLoadError as exc:
         logging.getLogger(__package__).error("%s", exc)
         return 1
-    AudioModelServer(grace_period=GRACE_PERIOD_S, **_pick(args, SERVER_FLAGS)).start([model])
+    AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=int(args.max_request_mb * 2**20),
+                     **_pick(args, SERVER_FLAGS)).start([model])
     return 0
 
 

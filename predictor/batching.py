@@ -1,85 +1,132 @@
-"""Concurrent requests' clips → shared forward passes, run off the event loop.
+"""Windows of concurrent requests → forward passes on the model's own thread, fairly.
 
-One task owns the model: it takes the first waiting request, gathers whatever else arrives within
-`max_wait` (by default nothing more than is already queued) up to `max_batch_size` clips, and runs
-them on a single thread of its own, so the event loop keeps answering health probes and accepting
-requests while AST computes. Requests that arrive during a forward pass wait in the queue and form
-the next batch. On 2 cores batches did not pay (a server with batches of up to 4 served 8-15 %
-fewer clips/s than one without), so the server's default `max_batch_size` is 1: this is then a
-queue in front of the model's thread, which is also where the filterbank runs (`on_model_thread`).
+The unit of work is a window, not a request: a ten-minute clip is 59 windows, about a minute of
+compute on 2 cores, and must not hold back a five-second clip sent after it. Each request waiting
+for the model is a `Job`; every pass takes the next window of each job in turn (round robin, up to
+`max_batch_size` windows), so a short request waits for at most the pass in flight and one window
+of each request ahead of it. A job whose caller has gone away (a cancelled gRPC call, a client
+that disconnected) is dropped before its next window: what it had not started costs nothing.
+
+One asyncio task owns the schedule and runs each pass on a single thread of its own, so the event
+loop keeps answering health probes while AST computes. The filterbank runs there too, between
+passes: beside them, on threads of its own, its kernels and the model's would fight over the same
+cores. On 2 cores batches did not pay (a server with batches of up to 4 served 8-15 % fewer
+clips/s than one without), so the server's default `max_batch_size` is 1.
 """
 
 import asyncio
+import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+from . import metrics
+
+logger = logging.getLogger(__name__)
+
+Compute = Callable[[list[np.ndarray]], torch.Tensor]
+"""Windows of samples → (windows, labels) logits: the filterbank, then the engine."""
 
 
-class Batcher:
-    def __init__(self, forward: Forward, max_batch_size: int, max_wait_s: float):
-        self.forward = forward
+@dataclass
+class Job:
+    windows: Sequence[np.ndarray]
+    result: asyncio.Future
+    scheduled: int = 0
+    """Windows handed to a forward pass so far."""
+    logits: list = field(default_factory=list)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.windows) - self.scheduled
+
+    @property
+    def abandoned(self) -> bool:
+        return self.result.done()
+
+
+class WindowQueue:
+    def __init__(self, compute: Compute, max_batch_size: int, max_wait_s: float):
+        self.compute = compute
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self._queue: Optional[asyncio.Queue] = None
+        self._jobs: deque[Job] = deque()
+        # Made on first use: the event, the task and the thread belong to the server's event loop,
+        # which does not exist yet when the model loads.
+        self._arrived: Optional[asyncio.Event] = None
         self._worker: Optional[asyncio.Task] = None
-        # Made on first use: the queue and the task belong to the server's event loop, which does not
-        # exist yet when the model loads.
         self._thread: Optional[ThreadPoolExecutor] = None
 
-    async def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits for these clips, computed alone or alongside other requests' clips."""
+    async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+        """(windows, labels) logits, computed in turn with every other request's windows."""
         self._start()
-        result = asyncio.get_running_loop().create_future()
-        await self._queue.put((features, result))
-        return await result
-
-    async def on_model_thread(self, work: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-        """Run other torch work on the model's thread, between forward passes: beside them, on
-        threads of its own, its kernels and the model's would fight over the same cores."""
-        self._start()
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+        job = Job(windows, asyncio.get_running_loop().create_future())
+        self._jobs.append(job)
+        metrics.QUEUED_WINDOWS.inc(len(windows))
+        self._arrived.set()
+        return await job.result  # a cancelled caller cancels the future too: dropped at its next turn
 
     def _start(self) -> None:
         if self._worker is None:
-            self._queue = asyncio.Queue()
+            self._arrived = asyncio.Event()
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
             self._worker = asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
         while True:
-            waiting = await self._gather()
+            batch = await self._next_batch()
             try:
-                # Clients that went away (a cancelled gRPC call, a timed-out caller) cost nothing more.
-                waiting = [(features, result) for features, result in waiting if not result.done()]
-                if not waiting:
-                    continue
                 logits = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self._run, torch.cat([f for f, _ in waiting])
+                    self._thread, self.compute, [job.windows[index] for job, index in batch]
                 )
-                for (features, result), rows in zip(waiting, logits.split([len(f) for f, _ in waiting])):
-                    if not result.done():
-                        result.set_result(rows)
-            except Exception as exc:  # noqa: BLE001 - the waiting requests get the failure, the loop goes on
-                for _, result in waiting:
-                    if not result.done():
-                        result.set_exception(exc)
+                metrics.WINDOWS.inc(len(batch))
+                for (job, _), row in zip(batch, logits):
+                    job.logits.append(row)
+                    if len(job.logits) == len(job.windows) and not job.result.done():
+                        job.result.set_result(torch.stack(job.logits))
+            except Exception as exc:  # noqa: BLE001 - the batch's requests get the failure, the loop goes on
+                logger.exception("forward pass failed")
+                for job, _ in batch:
+                    if not job.result.done():
+                        job.result.set_exception(exc)
 
-    async def _gather(self) -> list:
-        """The first waiting request, then whatever arrives within max_wait, up to max_batch_size clips."""
+    async def _next_batch(self) -> list[tuple[Job, int]]:
+        """The next window of each job in turn, up to max_batch_size; waits for work if there is none.
+
+        With max_wait > 0, a batch that is not full waits that long for more requests to join it.
+        """
         loop = asyncio.get_running_loop()
-        waiting = [await self._queue.get()]
+        batch = self._take(self.max_batch_size)
+        while not batch:
+            self._arrived.clear()
+            await self._arrived.wait()
+            batch = self._take(self.max_batch_size)
         deadline = loop.time() + self.max_wait_s
-        while sum(len(f) for f, _ in waiting) < self.max_batch_size:
+        while len(batch) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
+            self._arrived.clear()
             try:
-                remaining = deadline - loop.time()
-                waiting.append(self._queue.get_nowait() if remaining <= 0
-                               else await asyncio.wait_for(self._queue.get(), remaining))
-            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
                 break
-        return waiting
+            batch += self._take(self.max_batch_size - len(batch))
+        return batch
 
-    def _run(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.forward(chunk) for chunk in batch.split(self.max_batch_size)])
+    def _take(self, room: int) -> list[tuple[Job, int]]:
+        """Round robin: the next window of each live job in line, again and again, up to `room`
+        windows; a job served goes to the back of the line, a job with nothing left leaves it."""
+        for job in [job for job in self._jobs if job.abandoned]:
+            self._jobs.remove(job)
+            metrics.QUEUED_WINDOWS.dec(job.waiting)
+        taken: list[tuple[Job, int]] = []
+        while len(taken) < room and self._jobs:
+            job = self._jobs.popleft()
+            taken.append((job, job.scheduled))
+            job.scheduled += 1
+            if job.waiting:
+                self._jobs.append(job)
+        metrics.QUEUED_WINDOWS.dec(len(taken))
+        return taken

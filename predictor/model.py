@@ -1,16 +1,18 @@
 """The kserve.Model: load AST once, then preprocess → predict → postprocess per request.
 
-Thin by design: protocol parsing lives in `protocol`, decoding in `audio`, the filterbank in
-`features`, the inference engine in `engines`, request batching in `batching`, ranking in
-`labels`. What lives here is the order of the steps and where they run: decoding in a worker
-thread; the filterbank and the model, both torch, on the model's own thread behind the batcher's
-queue (beside each other they fought over the same 2 cores); the event loop only parses and
-answers, so it keeps answering health probes during inference.
+Thin by design: protocol parsing lives in `protocol`, decoding in `audio`, cutting clips into
+windows and pooling them in `windows`, the filterbank in `features`, the model's queue in
+`batching`, the inference engine in `engines`, ranking in `labels`. What lives here is the order
+of the steps, the request's limits, and where each step runs: decoding in a worker thread; the
+filterbank and the model, both torch, on the model's own thread behind the window queue (beside
+each other they fought over the same 2 cores); the event loop only parses and answers, so it
+keeps answering health probes during inference.
 """
 
 import asyncio
 import logging
 import os
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,13 +23,15 @@ from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
-from . import audio, labels, protocol
+from . import audio, labels, protocol, windows
 from .allocator import release_freed_memory
-from .batching import Batcher
-from .engines import EngineOptions, build_engine
+from .batching import WindowQueue
+from .engines import Engine, EngineOptions, build_engine
 from .errors import ClientInputError
-from .features import LogMelFilterbank
+from .features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from .onnx_export import ExportError
+from .protocol.requests import parse
+from .protocol.responses import ClipResult, Ranked, Segments, respond
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +42,32 @@ class ModelLoadError(RuntimeError):
     """Nothing loadable at the configured location; the message says where we looked."""
 
 
-@dataclass
-class Batch:
-    """A request on its way through the model: its features and what the response needs."""
+@dataclass(frozen=True)
+class Options:
+    """A request's parameters, checked."""
 
-    features: torch.Tensor
-    request: protocol.AudioRequest
     top_k: int
     function: str
+    hop_seconds: float
+    aggregate: str
+    return_segments: bool
 
 
 @dataclass
-class Scores:
-    scores: torch.Tensor
-    batch: Batch
+class Work:
+    """A request on its way through the model: its clips' windows and what the response needs."""
+
+    request: protocol.AudioRequest
+    options: Options
+    starts: list[np.ndarray]  # each clip's window starts, in samples
+    lengths: list[int]  # each clip's samples at the model's rate
+    windows: list[np.ndarray]  # every clip's windows, in order: views into the waveforms
+
+
+@dataclass
+class Logits:
+    per_clip: list[torch.Tensor]  # (windows, labels) for each clip
+    work: Work
 
 
 class ASTModel(Model):
@@ -62,7 +78,9 @@ class ASTModel(Model):
         top_k: int = 5,
         function_to_apply: Optional[str] = None,
         max_audio_seconds: float = 600.0,
+        max_request_audio_seconds: float = 600.0,
         max_clips_per_request: int = 64,
+        max_windows_per_request: int = 240,
         max_batch_size: int = 1,
         max_batch_wait_ms: float = 0.0,
         engine: EngineOptions = EngineOptions(),
@@ -72,13 +90,17 @@ class ASTModel(Model):
         self.default_top_k = top_k
         self.requested_function = function_to_apply
         self.max_audio_seconds = max_audio_seconds
+        self.max_request_audio_seconds = max_request_audio_seconds
         self.max_clips_per_request = max_clips_per_request
+        self.max_windows_per_request = max_windows_per_request
         self.max_batch_size = max_batch_size
         self.max_batch_wait_ms = max_batch_wait_ms
         self.engine_options = engine
-        self.batcher: Optional[Batcher] = None
+        self.queue: Optional[WindowQueue] = None
+        self.engine: Optional[Engine] = None
         self.filterbank: Optional[LogMelFilterbank] = None
         self.target: Optional[audio.Target] = None
+        self.windowing: Optional[windows.Windowing] = None
         self.num_labels = 0
         self.id2label: dict[int, str] = {}
         self.default_function = "softmax"
@@ -98,7 +120,9 @@ class ASTModel(Model):
         if model.config.model_type != AST_MODEL_TYPE:
             raise ModelLoadError(f"'{self.model_dir}' holds a {model.config.model_type} model, not AST")
         self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model.config))
-        self.target = audio.Target(self.filterbank.sampling_rate, self.filterbank.max_samples, self.max_audio_seconds)
+        rate = self.filterbank.sampling_rate
+        self.target = audio.Target(rate, self.max_audio_seconds)
+        self.windowing = windows.Windowing(rate, self.filterbank.max_length * HOP_LENGTH, FRAME_LENGTH)
         self.num_labels = model.config.num_labels
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.default_function = self.requested_function or labels.default_function(
@@ -106,17 +130,17 @@ class ASTModel(Model):
         )
         self.default_top_k = min(self.default_top_k, self.num_labels)  # the pipeline clamps top_k too
         try:
-            engine = build_engine(model.eval(), source, self.engine_options)
+            self.engine = build_engine(model.eval(), source, self.engine_options)
         except ExportError as exc:
             raise ModelLoadError(f"{exc}\nPass --backend torch (or BACKEND=torch) to serve without ONNX Runtime.") from exc
-        engine(self.filterbank([np.zeros(self.filterbank.sampling_rate, dtype=np.float32)]))  # warm-up
+        self._compute([np.zeros(rate, dtype=np.float32)])  # warm-up
         del model  # an ONNX Runtime engine has its own copy of the weights
         release_freed_memory()
-        self.batcher = Batcher(engine, self.max_batch_size, self.max_batch_wait_ms / 1000)
+        self.queue = WindowQueue(self._compute, self.max_batch_size, self.max_batch_wait_ms / 1000)
         logger.info(
-            "Loaded AST from %s: %d labels, %d mel bins x %d frames, default %s top-%d, %s",
+            "Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d, %s",
             source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
-            self.default_function, self.default_top_k, self.engine_options,
+            self.windowing.seconds, self.default_function, self.default_top_k, self.engine_options,
         )
         self.ready = True
         return self.ready
@@ -127,33 +151,80 @@ class ASTModel(Model):
         """kserve's check looks for V1/V2 dict keys; our preprocess has already validated."""
         return payload
 
-    async def preprocess(self, payload: Union[dict, bytes, InferRequest], headers: Optional[dict] = None) -> Batch:
-        request = protocol.parse(payload)
+    async def preprocess(self, payload: Union[dict, bytes, InferRequest], headers: Optional[dict] = None) -> Work:
+        request = parse(payload)
         if len(request.clips) > self.max_clips_per_request:
             raise ClientInputError(
                 f"{len(request.clips)} clips in one request; this server takes at most {self.max_clips_per_request}"
             )
-        top_k = labels.check_top_k(request.parameters.get("top_k", self.default_top_k), self.num_labels)
-        function = labels.check_function(request.parameters.get("function_to_apply", self.default_function))
+        options = self._options(request.parameters)
         waveforms = await asyncio.to_thread(self._decode, request.clips)
-        features = await self.batcher.on_model_thread(self.filterbank, waveforms)
-        return Batch(features=features, request=request, top_k=top_k, function=function)
+        starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
+        count = sum(len(s) for s in starts)
+        if count > self.max_windows_per_request:
+            raise ClientInputError(
+                f"this request needs {count} windows of {self.windowing.seconds:g} s at hop_seconds "
+                f"{options.hop_seconds:g}; this server computes at most {self.max_windows_per_request} per request: "
+                "raise hop_seconds or send fewer seconds of audio"
+            )
+        return Work(
+            request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
+            windows=[window for w, s in zip(waveforms, starts) for window in self.windowing.slices(w, s)],
+        )
 
-    async def predict(self, payload: Batch, headers: Optional[dict] = None) -> Scores:
-        logits = await self.batcher(payload.features)
-        return Scores(scores=labels.scores(logits, payload.function), batch=payload)
+    async def predict(self, payload: Work, headers: Optional[dict] = None) -> Logits:
+        logits = await self.queue(payload.windows)
+        return Logits(per_clip=list(logits.split([len(s) for s in payload.starts])), work=payload)
 
-    async def postprocess(self, result: Scores, headers: Optional[dict] = None, response_headers=None) -> Union[dict, InferResponse]:
-        names, values = labels.top_k(result.scores, result.batch.top_k, self.id2label)
-        return protocol.respond(result.batch.request, self.name, names, values.numpy())
+    async def postprocess(self, result: Logits, headers: Optional[dict] = None, response_headers=None) -> Union[dict, InferResponse]:
+        work, options = result.work, result.work.options
+        clip_logits = torch.stack([windows.aggregate(logits, options.aggregate) for logits in result.per_clip])
+        results = [ClipResult(ranked) for ranked in self._rank(clip_logits, options)]
+        if options.return_segments:
+            for clip, logits, starts, length in zip(results, result.per_clip, work.starts, work.lengths):
+                start, end = self.windowing.times(starts, length)
+                clip.segments = Segments(start=start, end=end, ranked=self._rank(logits, options))
+        return respond(work.request, self.name, results)
 
-    # ---- compute, off the event loop -------------------------------------------------------
+    # ---- steps -------------------------------------------------------------------------------
 
-    def _decode(self, clips: list[protocol.Clip]) -> list[np.ndarray]:
-        return [
-            audio.decode(clip, self.target) if isinstance(clip, bytes) else audio.from_waveform(*clip, self.target)
-            for clip in clips
-        ]
+    def _options(self, parameters: dict[str, Any]) -> Options:
+        segments = parameters.get("return_segments", False)
+        if not isinstance(segments, bool):
+            raise ClientInputError(f"return_segments must be true or false; got {segments!r}")
+        return Options(
+            top_k=labels.check_top_k(parameters.get("top_k", self.default_top_k), self.num_labels),
+            function=labels.check_function(parameters.get("function_to_apply", self.default_function)),
+            hop_seconds=self.windowing.check_hop(parameters.get("hop_seconds", self.windowing.seconds)),
+            aggregate=windows.check_aggregate(parameters.get("aggregate", "max")),
+            return_segments=segments,
+        )
+
+    def _decode(self, clips: list[audio.Clip]) -> list[np.ndarray]:
+        """Every clip's header first, so that the request's audio budget is checked before a sample
+        is decoded; then each clip in turn, the budget enforced on what decoding finds."""
+        with ExitStack() as stack:
+            sources = [audio.open_clip(clip, self.target) for clip in clips]
+            for source in sources:
+                stack.enter_context(closing(source.blocks))
+            budget = self.max_request_audio_seconds
+            limit = f"this server accepts at most {budget:g} s of audio per request"
+            declared = sum(s.frames / s.rate for s in sources if s.frames is not None)
+            if declared > budget:
+                raise ClientInputError(f"the request's clips hold {declared:.1f} s of audio; {limit}")
+            waveforms = []
+            for source in sources:
+                waveforms.append(self.target.waveform(source, budget, limit))
+                budget -= len(waveforms[-1]) / self.target.rate
+            return waveforms
+
+    def _compute(self, window_samples: list[np.ndarray]) -> torch.Tensor:
+        """On the model's thread: windows → features → logits."""
+        return self.engine(self.filterbank(window_samples))
+
+    def _rank(self, logits: torch.Tensor, options: Options) -> list[Ranked]:
+        names, values = labels.top_k(labels.scores(logits, options.function), options.top_k, self.id2label)
+        return [Ranked(row_names, row_values) for row_names, row_values in zip(names, values.numpy())]
 
     def get_input_types(self) -> list[dict]:
         return protocol.INPUT_TYPES

@@ -6,7 +6,7 @@ restarts. The export runs in a child process because it peaks at 2.4 GiB for the
 model and leaves its garbage fragmented through the heap of the process that ran it (that
 server's resident set stayed ~0.4 GiB higher, measured); a child hands all of it back on exit.
 
-    python -m predictor.onnx_export SOURCE FP32_FILE OUT_FILE PRECISION    # what the server runs
+    python -m predictor.onnx_export SOURCE FP32_FILE OUT_FILE PRECISION    # fp32, int8-s8 or int8-u8
 """
 
 import hashlib
@@ -27,7 +27,7 @@ from transformers import ASTForAudioClassification
 
 from . import ast_forward
 from .ast_forward import PooledLogits
-from .cpu import configure_torch_threads
+from .cpu import configure_torch_threads, int8_weight_type
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class ExportError(RuntimeError):
 def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path) -> Path:
     """The cached file for this model version and precision, exported first if it is missing."""
     key = model_key(model, source)
+    precision = f"int8-{int8_weight_type()}" if precision == "int8" else precision
     path = cache_dir / f"ast-{key}-{precision}.onnx"
     if path.is_file():
         logger.info("Using cached ONNX model %s", path)
@@ -82,7 +83,7 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
 
 def export(source: str, fp32: Path, out: Path, precision: str) -> None:
     """Write `fp32` (unless it exists: `out` itself for fp32) and, for int8, `out` quantized from it."""
-    if precision not in ("fp32", "int8"):
+    if precision not in ("fp32", "int8-s8", "int8-u8"):
         raise ValueError(f"no ONNX export for precision {precision!r}")
     if not fp32.is_file():
         model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa").eval()
@@ -92,7 +93,7 @@ def export(source: str, fp32: Path, out: Path, precision: str) -> None:
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), dynamo=True,
             opset_version=ONNX_OPSET, external_data=False, verbose=False,
         ))
-    if precision == "int8":
+    if precision.startswith("int8"):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -100,7 +101,8 @@ def export(source: str, fp32: Path, out: Path, precision: str) -> None:
         # The exporter's intermediate shape annotations trip the quantizer's shape inference
         # ("Inferred shape and existing shape differ"); it infers them afresh without them.
         graph.graph.ClearField("value_info")
-        _atomic_write(out, lambda tmp: quantize_dynamic(graph, tmp, per_channel=True, weight_type=QuantType.QInt8))
+        weights = QuantType.QInt8 if precision == "int8-s8" else QuantType.QUInt8  # see cpu.int8_weight_type
+        _atomic_write(out, lambda tmp: quantize_dynamic(graph, tmp, per_channel=True, weight_type=weights))
 
 
 def _remove_abandoned_temp_files(cache_dir: Path) -> None:

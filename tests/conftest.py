@@ -1,7 +1,7 @@
 """Shared fixtures: models the tests build themselves, real audio, and the real server.
 
 No weights are committed: `tiny_model_dir` is a random-init AST small enough for every test to
-afford; the full-size geometry is built only by the test that needs it. Audio is made with
+afford (with AudioSet's 10.24 s windows); the full-size geometry is built only by the test that needs it. Audio is made with
 espeak-ng (speech) and numpy (tones, noise), and written to each container by soundfile.
 """
 
@@ -45,7 +45,8 @@ def onnx_cache(tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_random_ast(tmp_path_factory.mktemp("tiny-ast"), TINY_LABELS, tiny=True)
+    """Tiny, but with AudioSet's 1024 frames: its windows are AudioSet's 10.24 s, each costing milliseconds."""
+    return save_random_ast(tmp_path_factory.mktemp("tiny-ast"), TINY_LABELS, tiny=True, max_length=1024)
 
 
 @pytest.fixture(scope="session")

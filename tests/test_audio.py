@@ -10,7 +10,7 @@ from predictor.errors import ClientInputError
 from .conftest import encode, tone
 
 RATE = 16000
-TARGET = audio.Target(rate=RATE, keep_samples=RATE * 60, max_seconds=60)
+TARGET = audio.Target(rate=RATE, max_seconds=60)
 
 
 def dominant_frequency(waveform: np.ndarray, rate: int) -> float:
@@ -58,8 +58,8 @@ def test_a_1khz_tone_stays_1khz_at_any_rate(rate):
 def test_resampling_is_band_limited():
     """A 7 kHz tone at 44.1 kHz is kept; 12 kHz (above the new Nyquist) is removed, not aliased to 4 kHz."""
     rate = 44100
-    kept = audio.from_waveform(tone(7000, 1.0, rate), rate, TARGET)
-    removed = audio.from_waveform(tone(12000, 1.0, rate), rate, TARGET)
+    kept = audio.decode((tone(7000, 1.0, rate), rate), TARGET)
+    removed = audio.decode((tone(12000, 1.0, rate), rate), TARGET)
     assert np.sqrt(np.mean(kept**2)) > 0.3
     assert np.sqrt(np.mean(removed[1000:-1000] ** 2)) < 1e-3
 
@@ -98,11 +98,11 @@ def test_truncated_file_is_refused(speech_16k, fmt, subtype):
 
 def test_too_long_is_refused_before_decoding():
     data = encode(np.zeros(RATE * 5, np.float32), RATE, "WAV", "PCM_16")
-    limited = audio.Target(RATE, keep_samples=RATE, max_seconds=4)
+    limited = audio.Target(RATE, max_seconds=4)
     with pytest.raises(ClientInputError, match="5.0 s long.*at most 4 s"):
-        audio.decode(data, limited)
+        audio.open_clip(data, limited)
     with pytest.raises(ClientInputError, match="5.0 s long.*at most 4 s"):
-        audio.from_waveform(np.zeros(RATE * 5, np.float32), RATE, limited)
+        audio.open_clip((np.zeros(RATE * 5, np.float32), RATE), limited)
 
 
 def test_nan_samples_are_refused():
@@ -115,23 +115,32 @@ def test_nan_samples_are_refused():
 @pytest.mark.parametrize("rate", [0, -16000, 16000.5, "16000", True, 10_000_000])
 def test_bad_sampling_rates_are_refused(rate):
     with pytest.raises(ClientInputError, match="sampling_rate"):
-        audio.from_waveform(tone(440, 0.5, RATE), rate, TARGET)
+        audio.decode((tone(440, 0.5, RATE), rate), TARGET)
 
 
 def test_waveform_must_be_mono():
     with pytest.raises(ClientInputError, match="one-dimensional"):
-        audio.from_waveform(np.zeros((2, 100), np.float32), RATE, TARGET)
+        audio.decode((np.zeros((2, 100), np.float32), RATE), TARGET)
 
 
-@pytest.mark.parametrize("rate", [RATE, 44100])
-def test_only_the_part_the_model_reads_is_decoded(rate):
-    """Beyond keep_samples (plus a second for the resampler) nothing is decoded, and what is kept
-    is what decoding and resampling the whole file would have given."""
+@pytest.mark.parametrize("rate", [RATE, 44100, 96000])
+def test_long_files_decode_whole_and_stream_to_the_same_samples(rate):
+    """A 70 s file (many decoding blocks) is decoded whole; block-by-block downmix and resampling
+    give exactly what downmixing and resampling the whole signal at once gives."""
     rng = np.random.default_rng(1)
-    long_clip = (0.1 * rng.standard_normal(rate * 20)).astype(np.float32)
-    keep = RATE * 2
-    short = audio.Target(RATE, keep_samples=keep, max_seconds=60)
-    partial = audio.decode(encode(long_clip, rate, "WAV", "FLOAT"), short)
-    assert abs(len(partial) - 3 * RATE) <= 1
-    whole = audio.decode(encode(long_clip, rate, "WAV", "FLOAT"), TARGET)
-    np.testing.assert_allclose(partial[:keep], whole[:keep], atol=1e-6)
+    stereo = (0.1 * rng.standard_normal((rate * 70, 2))).astype(np.float32)
+    decoded = audio.decode(encode(stereo, rate, "WAV", "FLOAT"), audio.Target(RATE, max_seconds=600))
+    mono = stereo.mean(axis=1, dtype=np.float32)
+    whole = mono if rate == RATE else soxr.resample(mono, rate, RATE, quality="HQ")
+    assert len(decoded) == len(whole) and abs(len(decoded) - 70 * RATE) <= 1
+    np.testing.assert_allclose(decoded, whole, atol=1e-7, rtol=0)
+
+
+def test_a_length_the_header_does_not_state_is_limited_while_decoding():
+    """Streamed and VBR files may not state their length (a reader then says frames=None): the limit
+    is enforced on the frames decoded, and decoding stops there."""
+    target = audio.Target(RATE, max_seconds=4)
+    source = audio.open_clip(encode(np.zeros(RATE * 3, np.float32), RATE, "WAV", "PCM_16"), target)
+    source.frames = None
+    with pytest.raises(ClientInputError, match="longer than 2.5 s; the request's limit"):
+        target.waveform(source, 2.5, "the request's limit")

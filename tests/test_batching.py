@@ -1,120 +1,143 @@
-"""`predictor.batching`: concurrent requests share forward passes and each gets its own rows back."""
+"""`predictor.batching`: windows of concurrent requests share passes, fairly, each request gets its
+own rows back, and abandoned work is never computed. Passes wait on events, never on sleeps."""
 
 import asyncio
-import time
+import threading
 
+import numpy as np
 import pytest
 import torch
 
-from predictor.batching import Batcher
+from predictor.batching import WindowQueue
 
 
-class RecordingForward:
-    """A stand-in engine whose logits are a known function of each row: the row's sum, twice."""
-
-    def __init__(self):
-        self.batch_sizes: list[int] = []
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        self.batch_sizes.append(len(features))
-        total = features.sum(dim=(1, 2))
-        return torch.stack([total, 2 * total], dim=1)
-
-
-def requests_of(sizes: list[int]) -> list[torch.Tensor]:
-    return [torch.rand(n, 3, 4) for n in sizes]
-
-
-def run_concurrently(batcher: Batcher, requests: list[torch.Tensor]) -> list[torch.Tensor]:
-    async def main():
-        return await asyncio.gather(*(batcher(r) for r in requests))
-
-    return asyncio.run(main())
-
-
-def expected_logits(features: torch.Tensor) -> torch.Tensor:
-    total = features.sum(dim=(1, 2))
+def logits_of(windows: list[np.ndarray]) -> torch.Tensor:
+    """A stand-in engine whose logits are a known function of each window: its sum, twice."""
+    total = torch.tensor([float(w.sum()) for w in windows])
     return torch.stack([total, 2 * total], dim=1)
 
 
-def test_requests_arriving_together_share_a_forward_pass():
-    forward = RecordingForward()
-    requests = requests_of([1, 2, 1])
-    results = run_concurrently(Batcher(forward, max_batch_size=8, max_wait_s=0.2), requests)
-    assert forward.batch_sizes == [4]
-    for features, logits in zip(requests, results):
-        torch.testing.assert_close(logits, expected_logits(features))
+class Recording:
+    """Records every pass; the first pass can be held until the test releases it."""
+
+    def __init__(self, hold_first: bool = False):
+        self.passes: list[list[float]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def __call__(self, windows: list[np.ndarray]) -> torch.Tensor:
+        self.started.set()
+        self.release.wait(timeout=30)
+        self.passes.append([float(w[0]) for w in windows])
+        return logits_of(windows)
 
 
-def test_batches_stop_at_max_batch_size_and_split_big_requests():
-    forward = RecordingForward()
-    requests = requests_of([3, 3, 5])
-    results = run_concurrently(Batcher(forward, max_batch_size=4, max_wait_s=0.2), requests)
-    assert max(forward.batch_sizes) <= 4 and sum(forward.batch_sizes) == 11
-    for features, logits in zip(requests, results):
-        torch.testing.assert_close(logits, expected_logits(features))
+def job(tag: float, count: int) -> list[np.ndarray]:
+    """`count` windows whose first sample is `tag` (so passes say whose window they ran)."""
+    rng = np.random.default_rng(int(tag * 10))
+    windows = [rng.random(5).astype(np.float32) for _ in range(count)]
+    for window in windows:
+        window[0] = tag
+    return windows
 
 
-def test_a_failing_forward_fails_its_requests_and_the_batcher_goes_on():
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_concurrent_requests_share_passes_and_get_their_own_rows():
+    compute = Recording()
+    queue = WindowQueue(compute, max_batch_size=8, max_wait_s=0.5)
+    jobs = [job(1, 1), job(2, 2), job(3, 1)]
+
+    async def main():
+        return await asyncio.gather(*(queue(windows) for windows in jobs))
+
+    results = run(main())
+    assert [len(p) for p in compute.passes] == [4]
+    for windows, logits in zip(jobs, results):
+        torch.testing.assert_close(logits, logits_of(windows))
+
+
+def test_passes_stop_at_max_batch_size_and_take_turns():
+    compute = Recording()
+    queue = WindowQueue(compute, max_batch_size=4, max_wait_s=0.5)
+    jobs = [job(1, 3), job(2, 3), job(3, 5)]
+
+    async def main():
+        return await asyncio.gather(*(queue(windows) for windows in jobs))
+
+    results = run(main())
+    assert max(len(p) for p in compute.passes) <= 4 and sum(len(p) for p in compute.passes) == 11
+    assert sorted(compute.passes[0]) == [1, 1, 2, 3]  # one window of each, then round again
+    for windows, logits in zip(jobs, results):
+        torch.testing.assert_close(logits, logits_of(windows))
+
+
+def test_a_short_request_is_not_held_back_by_a_long_one():
+    """Batch size 1: a 1-window request sent while a 20-window request runs is computed after at
+    most one more of the long one's windows, and answered first."""
+    compute = Recording(hold_first=True)
+    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0)
+    answered: list[str] = []
+
+    async def request(name: str, windows):
+        logits = await queue(windows)
+        answered.append(name)
+        return logits
+
+    async def main():
+        long = asyncio.create_task(request("long", job(1, 20)))
+        await asyncio.to_thread(compute.started.wait, 30)  # the long request's first pass is running
+        short = asyncio.create_task(request("short", job(2, 1)))
+        await asyncio.sleep(0)  # the short request is queued before the pass ends
+        compute.release.set()
+        await asyncio.gather(long, short)
+
+    run(main())
+    order = [p[0] for p in compute.passes]
+    assert order.index(2) <= 2, order
+    assert answered == ["short", "long"]
+    assert len(order) == 21
+
+
+def test_a_failing_pass_fails_its_requests_and_the_queue_goes_on():
     calls = []
 
-    def forward(features: torch.Tensor) -> torch.Tensor:
-        calls.append(len(features))
+    def compute(windows):
+        calls.append(len(windows))
         if len(calls) == 1:
             raise RuntimeError("out of memory")
-        return expected_logits(features)
+        return logits_of(windows)
 
-    batcher = Batcher(forward, max_batch_size=8, max_wait_s=0.0)
+    queue = WindowQueue(compute, max_batch_size=8, max_wait_s=0.0)
+    second = job(2, 2)
 
     async def main():
         with pytest.raises(RuntimeError, match="out of memory"):
-            await batcher(torch.ones(1, 3, 4))
-        return await batcher(torch.ones(2, 3, 4))
+            await queue(job(1, 1))
+        return await queue(second)
 
-    torch.testing.assert_close(asyncio.run(main()), expected_logits(torch.ones(2, 3, 4)))
-
-
-class SlowForward(RecordingForward):
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.2)  # long enough for later requests to queue up behind this pass
-        return super().__call__(features)
-
-
-def test_by_default_requests_queued_during_a_pass_form_the_next():
-    """max_wait 0: a lone request runs at once; the ones arriving meanwhile share the next pass."""
-    forward = SlowForward()
-    batcher = Batcher(forward, max_batch_size=4, max_wait_s=0.0)
-    requests = requests_of([1, 1, 1, 1])
-
-    async def main():
-        first = asyncio.create_task(batcher(requests[0]))
-        await asyncio.sleep(0.05)
-        return await asyncio.gather(first, *(batcher(r) for r in requests[1:]))
-
-    results = asyncio.run(main())
-    assert forward.batch_sizes == [1, 3]
-    for features, logits in zip(requests, results):
-        torch.testing.assert_close(logits, expected_logits(features))
+    torch.testing.assert_close(run(main()), logits_of(second))
 
 
 def test_a_cancelled_request_is_not_computed():
-    forward_calls: list[int] = []
-
-    def forward(features: torch.Tensor) -> torch.Tensor:
-        forward_calls.append(len(features))
-        time.sleep(0.2)  # the first pass is busy while the second request is cancelled
-        return expected_logits(features)
-
-    batcher = Batcher(forward, max_batch_size=4, max_wait_s=0.0)
+    """A caller that goes away (a cancelled gRPC call, a disconnected client) frees its windows."""
+    compute = Recording(hold_first=True)
+    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0)
+    third = job(3, 1)
 
     async def main():
-        first = asyncio.create_task(batcher(torch.ones(1, 3, 4)))
-        await asyncio.sleep(0.05)
-        abandoned = asyncio.create_task(batcher(torch.ones(2, 3, 4)))
-        await asyncio.sleep(0.01)
+        first = asyncio.create_task(queue(job(1, 1)))
+        await asyncio.to_thread(compute.started.wait, 30)
+        abandoned = asyncio.create_task(queue(job(2, 5)))
+        await asyncio.sleep(0)  # queued behind the first pass
         abandoned.cancel()
+        compute.release.set()
         await first
-        return await batcher(torch.ones(3, 3, 4))
+        return await queue(third)
 
-    torch.testing.assert_close(asyncio.run(main()), expected_logits(torch.ones(3, 3, 4)))
-    assert forward_calls == [1, 3]
+    torch.testing.assert_close(run(main()), logits_of(third))
+    assert [p[0] for p in compute.passes] == [1, 3]

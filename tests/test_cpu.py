@@ -1,10 +1,11 @@
 """`predictor.cpu`: threads from the container's CPU limit, read from cgroup files."""
 
 import os
+from pathlib import Path
 
 import pytest
 
-from predictor.cpu import cpu_limit
+from predictor.cpu import cpu_flags, cpu_limit, int8_weight_type
 
 USABLE = len(os.sched_getaffinity(0))
 
@@ -47,3 +48,13 @@ def test_with_the_hosts_cgroup_namespace_the_own_cgroup_is_found(tmp_path, membe
     write(tmp_path / "cgroup", files)
     (tmp_path / "self-cgroup").write_text(membership)
     assert cpu_limit(tmp_path / "cgroup", membership=tmp_path / "self-cgroup") == 1
+
+
+@pytest.mark.parametrize("flags, weights", [({"avx2", "fma"}, "u8"), ({"avx2", "avx512f", "avx512_vnni"}, "s8"),
+                                            ({"avx2", "avx_vnni"}, "s8"), ({"avx512f", "amx_int8"}, "s8")])
+def test_int8_weight_type_follows_vnni(flags, weights):
+    assert int8_weight_type(flags) == weights
+
+
+def test_this_machines_cpu_flags_are_read():
+    assert "sse2" in cpu_flags() or not Path("/proc/cpuinfo").is_file()

@@ -59,12 +59,12 @@ def test_without_preprocessor_config_features_follow_the_model(tiny_model_dir, t
     (tmp_path / "m" / "preprocessor_config.json").unlink()
     model = ASTModel("ast", str(tmp_path / "m"))
     assert model.load() and model.ready
-    assert (model.filterbank.num_mel_bins, model.filterbank.max_length) == (64, 300)
+    assert (model.filterbank.num_mel_bins, model.filterbank.max_length) == (64, 1024)
 
 
 def test_mismatched_preprocessor_config_is_refused(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     config = tmp_path / "m" / "preprocessor_config.json"
     config.write_text(config.read_text().replace('"num_mel_bins": 64', '"num_mel_bins": 128'))
-    with pytest.raises(ModelLoadError, match="128 mel bins x 300 frames but the model expects 64 x 300"):
+    with pytest.raises(ModelLoadError, match="128 mel bins x 1024 frames but the model expects 64 x 1024"):
         ASTModel("ast", str(tmp_path / "m")).load()

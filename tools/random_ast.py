@@ -24,10 +24,12 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "in
 TINY_FEATURES = {"num_mel_bins": 64, "max_length": 300}
 
 
-def save_random_ast(directory: Path, labels: Optional[Sequence[str]] = None, tiny: bool = False, seed: int = 0) -> Path:
-    """Save a random AST with the given labels (default: 527 placeholder AudioSet classes)."""
+def save_random_ast(directory: Path, labels: Optional[Sequence[str]] = None, tiny: bool = False, seed: int = 0,
+                    max_length: Optional[int] = None) -> Path:
+    """Save a random AST with the given labels (default: 527 placeholder AudioSet classes); `max_length`
+    frames if given (a tiny model with AudioSet's 1024 frames has AudioSet's 10.24 s windows)."""
     labels = list(labels or (f"AudioSet class {i}" for i in range(AUDIOSET_NUM_LABELS)))
-    features = TINY_FEATURES if tiny else {}
+    features = {**(TINY_FEATURES if tiny else {}), **({"max_length": max_length} if max_length else {})}
     config = ASTConfig(
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),

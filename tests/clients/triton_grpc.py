@@ -2,8 +2,8 @@
 
 Reads a JSON job on stdin: {"url", "model", "clips": [base64 audio], "parameters"} or, with
 "waveform": [[floats]] (its rate, if not 16 kHz, in "parameters": tritonclient.grpc has no
-per-input parameters); prints {"label": [[...]], "score": [[...]]} or
-{"error_code": ..., "error": ...} as JSON on stdout.
+per-input parameters); prints {"ready": ..., "<output>": [...], ...} with every output the server
+sent (BYTES as strings), or {"error_code": ..., "error": ...}, as JSON on stdout.
 """
 
 import base64
@@ -31,10 +31,11 @@ def main() -> None:
     except InferenceServerException as exc:
         print(json.dumps({"error_code": exc.status(), "error": exc.message()}))
         return
+    outputs = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
     print(json.dumps({
         "ready": client.is_model_ready(job["model"]),
-        "label": [[label.decode() for label in row] for row in result.as_numpy("label")],
-        "score": result.as_numpy("score").tolist(),
+        **{name: (np.vectorize(bytes.decode, otypes=[object])(data) if data.dtype == np.object_ else data).tolist()
+           for name, data in outputs.items()},
     }))
 
 

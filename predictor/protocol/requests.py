@@ -1,55 +1,26 @@
-"""V1 and V2 (Open Inference Protocol) requests ↔ clips and parameters; results → responses.
+"""Request bodies → `AudioRequest`: V1 JSON, raw audio, V2 from REST JSON, binary data or gRPC.
 
-Nothing numeric happens here. `parse` turns whatever a client sent (a V1 JSON body, a raw audio
-body, a V2 request from REST JSON, REST binary data or gRPC) into an `AudioRequest`; `respond`
-turns labels and scores back into the shape that client expects.
-
-`AudioDataPlane` is kserve's own extension point (the `DataPlane` a `ModelServer` routes every
-request through) and holds our workarounds for kserve 0.21, each tested end to end:
-- `InferRequest.from_bytes` turns binary BYTES tensors into UTF-8 strings, so binary audio sent
-  with the V2 binary data extension (tritonclient's default) fails there with a 500; we parse
-  that extension ourselves and keep the bytes.
-- kserve's V1 path decodes `application/octet-stream` as JSON, and leaves JSON sent with any
-  content type not on its exact list (`application/json; charset=utf-8`, `text/plain`) undecoded;
-  we read a V1 body as audio unless it is, or looks like, JSON.
-- Our `ClientInputError` becomes kserve's `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT).
-The third obstacle, `InferResponse.to_grpc` failing on numpy outputs when raw outputs are due,
-is avoided in `respond`: gRPC outputs are always serialised to raw bytes before kserve sees them.
+kserve 0.21's `InferRequest.from_bytes` turns binary BYTES tensors into UTF-8 strings, so binary
+audio sent with the V2 binary data extension (tritonclient's default) fails there with a 500; we
+parse that extension here and keep the bytes (`parse_binary_extension`).
 """
 
 import base64
 import binascii
 import struct
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 import orjson
-from cloudevents.sdk.converters.util import has_binary_headers
-from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER, PredictorProtocol
-from kserve.errors import InvalidInput
-from kserve.model_server import ModelServer
-from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.infer_type import (
-    InferInput,
-    InferOutput,
-    InferRequest,
-    InferResponse,
-    deserialize_bytes_tensor,
-    to_http_parameters,
-)
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
+from kserve.protocol.infer_type import InferInput, InferRequest, deserialize_bytes_tensor, to_http_parameters
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from kserve.utils.numpy_codec import to_np_dtype
 from pydantic import ValidationError
 
-from .errors import ClientInputError
+from ..errors import ClientInputError
+from . import AUDIO_INPUT, MODEL_PARAMETERS, OUTPUT_TYPES, SEGMENT_OUTPUTS, WAVEFORM_INPUT, AudioRequest, Clip
 
-AUDIO_INPUT = "audio"
-WAVEFORM_INPUT = "waveform"
-LABEL_OUTPUT = "label"
-SCORE_OUTPUT = "score"
-MODEL_PARAMETERS = ("top_k", "function_to_apply")
 # sampling_rate belongs to the waveform input, but tritonclient.grpc cannot set input parameters,
 # so it is taken from the request's parameters too (the input's wins).
 RATE_PARAMETER = "sampling_rate"
@@ -57,27 +28,6 @@ RATE_PARAMETER = "sampling_rate"
 PROTOCOL_PARAMETERS = ("binary_data_output",)
 INPUT_PARAMETERS = {AUDIO_INPUT: ("binary_data_size",), WAVEFORM_INPUT: ("binary_data_size", RATE_PARAMETER)}
 DEFAULT_SAMPLING_RATE = 16_000
-
-INPUT_TYPES = [
-    {"name": AUDIO_INPUT, "datatype": "BYTES", "shape": [-1]},
-    {"name": WAVEFORM_INPUT, "datatype": "FP32", "shape": [-1, -1]},
-]
-OUTPUT_TYPES = [
-    {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1, -1]},
-    {"name": SCORE_OUTPUT, "datatype": "FP32", "shape": [-1, -1]},
-]
-
-Clip = Union[bytes, tuple[np.ndarray, int]]
-"""An encoded audio file, or a decoded mono waveform with its sampling rate."""
-
-
-@dataclass
-class AudioRequest:
-    """What the model needs from a request, whichever protocol carried it."""
-
-    clips: list[Clip]
-    parameters: dict[str, Any] = field(default_factory=dict)
-    v2: Optional[InferRequest] = None  # None: answer in V1's shape
 
 
 def parse(payload: Union[dict, bytes, InferRequest]) -> AudioRequest:
@@ -128,7 +78,22 @@ def _parse_v2(request: InferRequest) -> AudioRequest:
     else:
         rate = input_parameters.get(RATE_PARAMETER, request_parameters.get(RATE_PARAMETER, DEFAULT_SAMPLING_RATE))
         clips = _waveform_clips(tensor, rate)
+    requested = _requested_outputs(request)
+    if requested & set(SEGMENT_OUTPUTS):  # asking for a segment output is asking for segments
+        parameters.setdefault("return_segments", True)
     return AudioRequest(clips=clips, parameters=parameters, v2=request)
+
+
+def _requested_outputs(request: InferRequest) -> set[str]:
+    """kserve's REST encoder checks requested names, its gRPC encoder ignores them: check here,
+    once, before anything is computed."""
+    wanted = {o.name for o in request.request_outputs or []}
+    unknown = wanted - {o["name"] for o in OUTPUT_TYPES}
+    if unknown:
+        raise ClientInputError(
+            f"unknown requested output(s) {sorted(unknown)}; outputs are {', '.join(o['name'] for o in OUTPUT_TYPES)}"
+        )
+    return wanted
 
 
 def _audio_clips(tensor: InferInput) -> list[Clip]:
@@ -198,103 +163,16 @@ def _b64decode(text: str, where: str) -> bytes:
         raise ClientInputError(f"{where} is not valid base64: {exc}") from None
 
 
-def respond(request: AudioRequest, model_name: str, labels: list[list[str]], scores: np.ndarray) -> Union[dict, InferResponse]:
-    """Labels and (batch, k) float32 scores → the response the request's protocol expects."""
-    if request.v2 is None:
-        return {
-            "predictions": [
-                [{"label": label, "score": float(score)} for label, score in zip(row_labels, row_scores)]
-                for row_labels, row_scores in zip(labels, scores)
-            ]
-        }
-    label_array = np.array(labels, dtype=np.object_).reshape(scores.shape)
-    outputs = [
-        InferOutput(name=LABEL_OUTPUT, shape=list(label_array.shape), datatype="BYTES", data=label_array),
-        InferOutput(name=SCORE_OUTPUT, shape=list(scores.shape), datatype="FP32", data=scores),
-    ]
-    if request.v2.request_outputs:
-        # kserve's REST encoder checks requested names, its gRPC encoder ignores them: check here, once.
-        wanted = [o.name for o in request.v2.request_outputs]
-        unknown = set(wanted) - {o.name for o in outputs}
-        if unknown:
-            raise ClientInputError(f"unknown requested output(s) {sorted(unknown)}; outputs are '{LABEL_OUTPUT}' and '{SCORE_OUTPUT}'")
-        outputs = [o for o in outputs if o.name in wanted]
-    if request.v2.from_grpc:
-        # tritonclient's as_numpy reads raw_output_contents only; raw bytes suit kserve's clients too.
-        for output in outputs:
-            output.set_data_from_numpy(output.data, binary_data=True)
-    return InferResponse(
-        response_id=request.v2.id or "",
-        model_name=model_name,
-        infer_outputs=outputs,
-        use_binary_outputs=request.v2.use_binary_outputs,
-        requested_outputs=request.v2.request_outputs,
-    )
 
 
-class AudioDataPlane(DataPlane):
-    """kserve's DataPlane with raw audio bodies, binary BYTES inputs and our client errors."""
-
-    def decode(self, body, headers, protocol_version: str = PredictorProtocol.REST_V1.value, model_name=None):
-        headers = headers or {}
-        with _as_invalid_input():
-            if protocol_version == PredictorProtocol.REST_V1.value and isinstance(body, (bytes, bytearray)):
-                if _is_raw_audio(body, headers):
-                    return body, {}
-                if not has_binary_headers(headers):
-                    # kserve parses JSON only for an exact list of content types; clients also send
-                    # "application/json; charset=utf-8", text/plain, or curl's form-urlencoded default.
-                    body = _load_json(body)
-            return super().decode(body, headers, protocol_version, model_name)
-
-    def decode_inference_request(self, body, headers: dict, model_name: str) -> InferRequest:
-        if isinstance(body, bytes):
-            with _as_invalid_input():
-                return _parse_binary_extension(body, headers, model_name)
-        return super().decode_inference_request(body, headers, model_name)
-
-    async def infer(self, model_name: str, request, headers=None):
-        with _as_invalid_input():
-            return await super().infer(model_name, request, headers)
-
-
-class AudioModelServer(ModelServer):
-    """kserve's ModelServer, routing requests through `AudioDataPlane`."""
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.dataplane = AudioDataPlane(model_registry=self.registered_models)
-
-
-@contextmanager
-def _as_invalid_input() -> Iterator[None]:
-    """Our client errors become kserve's InvalidInput: HTTP 400, gRPC INVALID_ARGUMENT."""
-    try:
-        yield
-    except ClientInputError as exc:
-        raise InvalidInput(str(exc)) from exc
-
-
-def _is_raw_audio(body: bytes, headers: dict) -> bool:
-    """A V1 body is audio unless it says (or looks like) JSON: curl's --data-binary needs no header."""
-    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type.startswith("audio/"):
-        return True
-    if content_type in ("application/json", "application/cloudevents+json", "application/ld+json"):
-        return False
-    if has_binary_headers(headers):
-        return False
-    return body[:1024].lstrip()[:1] != b"{"
-
-
-def _load_json(body: bytes) -> Any:
+def load_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ClientInputError(f"request body is neither audio nor valid JSON: {exc}") from None
 
 
-def _parse_binary_extension(body: bytes, headers: dict, model_name: str) -> InferRequest:
+def parse_binary_extension(body: bytes, headers: dict, model_name: str) -> InferRequest:
     """The V2 binary data extension: a JSON header, then each binary input's bytes in order.
 
     The header is validated by kserve's own V2 request model, with an empty `data` standing in
@@ -309,7 +187,7 @@ def _parse_binary_extension(body: bytes, headers: dict, model_name: str) -> Infe
         raise ClientInputError(f"'{INFERENCE_CONTENT_LENGTH_HEADER}' is not a number: {header_length!r}") from None
     if not 0 < json_length <= len(body):
         raise ClientInputError(f"'{INFERENCE_CONTENT_LENGTH_HEADER}' {json_length} does not fit the {len(body)}-byte body")
-    header = _load_json(body[:json_length])
+    header = load_json(body[:json_length])
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise ClientInputError('malformed binary V2 request header: "inputs" must be a list')
     binary = [isinstance(t, dict) and "data" not in t for t in header["inputs"]]

@@ -1,0 +1,111 @@
+"""Audio in any form a client sends → float32 mono waveform at the model's sampling rate.
+
+Two steps, so that a request's limits are checked before anything is decoded: `open_clip` reads
+a file's header (or takes a waveform as it is) into a `Source`; `Target.waveform` decodes it,
+block by block, to mono at the model's rate (`stream`). Files are read by libsndfile (`sndfile`)
+when it can, which keeps every answer it gave before; what it cannot open (AAC in MP4/M4A, Opus in
+WebM, ADTS) goes to FFmpeg's libraries in process (`ffmpeg`), limited to audio containers.
+
+Problems the client can fix raise `ClientInputError` with a message that names them.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from ..errors import ClientInputError
+from .ffmpeg import open_ffmpeg
+from .sndfile import NotReadable, open_sndfile
+from .source import Source
+from .stream import to_mono
+
+MIN_SAMPLING_RATE = 1_000
+MAX_SAMPLING_RATE = 768_000
+
+Clip = Union[bytes, tuple[np.ndarray, object]]
+"""An encoded audio file, or a mono waveform with its sampling rate as the client stated it."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model's sampling rate and the longest clip this server takes."""
+
+    rate: int
+    max_seconds: float
+
+    def check_duration(self, source: Source) -> None:
+        """Refuse from the header alone, before a sample is decoded."""
+        if source.frames is not None and source.frames / source.rate > self.max_seconds:
+            raise ClientInputError(
+                f"audio is {source.frames / source.rate:.1f} s long; {self.clip_limit}"
+            )
+
+    @property
+    def clip_limit(self) -> str:
+        return f"this server accepts at most {self.max_seconds:g} s per clip"
+
+    def waveform(self, source: Source, max_seconds: float = math.inf, limit: str = "") -> np.ndarray:
+        """Decode and resample; past the clip limit or `max_seconds` (named by `limit`) decoding stops."""
+        if max_seconds < self.max_seconds:
+            return to_mono(source, self.rate, max_seconds, limit)
+        return to_mono(source, self.rate, self.max_seconds, self.clip_limit)
+
+
+def open_clip(clip: Clip, target: Target) -> Source:
+    """An encoded file's header or a waveform, checked against the clip limit; nothing decoded yet."""
+    source = open_file(clip) if isinstance(clip, bytes) else from_waveform(*clip)
+    target.check_duration(source)
+    return source
+
+
+def open_file(data: bytes) -> Source:
+    if not data:
+        raise ClientInputError("audio is empty (0 bytes)")
+    try:
+        source = open_sndfile(data)
+    except NotReadable as sndfile_reason:
+        try:
+            source = open_ffmpeg(data)
+        except ClientInputError as ffmpeg_reason:
+            raise ClientInputError(
+                f"could not decode audio ({len(data)} bytes): not a complete file in a format this server reads "
+                f"(WAV, FLAC, OGG Vorbis/Opus, MP3, M4A/MP4 AAC or ALAC, WebM/Matroska Opus, AAC, ...): "
+                f"libsndfile: {sndfile_reason}; ffmpeg: {ffmpeg_reason}"
+            ) from None
+    if source.frames == 0:
+        raise ClientInputError("audio has no samples (zero-length clip)")
+    return source
+
+
+def from_waveform(waveform: np.ndarray, rate: object) -> Source:
+    """A client's mono waveform as a one-block source, after the checks a file's header gets."""
+    if waveform.ndim != 1:
+        raise ClientInputError(f"waveform must be one-dimensional (mono), got shape {list(waveform.shape)}")
+    if waveform.size == 0:
+        raise ClientInputError("waveform has no samples (zero-length clip)")
+    rate = check_sampling_rate(rate)
+    return Source(rate=rate, channels=1, frames=len(waveform), blocks=(block for block in [waveform[:, None]]), reader="waveform")
+
+
+def decode(clip: Clip, target: Target) -> np.ndarray:
+    """One clip, opened and decoded against the clip limit alone."""
+    return target.waveform(open_clip(clip, target))
+
+
+def check_sampling_rate(rate: object) -> int:
+    """A sampling rate must be a whole number of Hz in a range soxr and AST can make sense of."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)):
+        if isinstance(rate, float) and rate.is_integer():
+            rate = int(rate)
+        else:
+            raise ClientInputError(f"sampling_rate must be an integer number of Hz, got {rate!r}")
+    if not MIN_SAMPLING_RATE <= rate <= MAX_SAMPLING_RATE:
+        raise ClientInputError(
+            f"sampling_rate {rate} Hz is outside {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz"
+        )
+    return int(rate)
+
+
+__all__ = ["Clip", "Source", "Target", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]

@@ -1,0 +1,51 @@
+"""A `Source`, block by block → the model's mono waveform: downmix, check, resample.
+
+Memory follows the 16 kHz mono result, never the decoded source: each block is averaged to mono
+and fed to soxr's streaming resampler (the same band-limited "HQ" mode as `soxr.resample`, the
+one librosa uses: a linear interpolator would alias the upper octave straight into the mel bins
+AST looks at). The duration limit is enforced on the frames actually decoded, so a header that
+understates a file's length (streamed and VBR files) cannot get more audio through.
+"""
+
+import math
+from contextlib import closing
+
+import numpy as np
+import soxr
+
+from ..errors import ClientInputError
+from .source import Source
+
+
+def to_mono(source: Source, rate: int, max_seconds: float, limit: str) -> np.ndarray:
+    """The source's samples as float32 mono at `rate`; more than `max_seconds` raises, naming `limit`."""
+    max_frames = math.floor(max_seconds * source.rate)
+    resampler = None if source.rate == rate else soxr.ResampleStream(source.rate, rate, 1, dtype="float32", quality="HQ")
+    pieces: list[np.ndarray] = []
+    decoded = 0
+    with closing(source.blocks):
+        for block in source.blocks:
+            decoded += len(block)
+            if decoded > max_frames:
+                raise ClientInputError(f"audio is longer than {max_seconds:g} s; {limit}")
+            mono = downmix(block)
+            check_finite(mono)
+            pieces.append(mono if resampler is None else resampler.resample_chunk(mono))
+    if decoded == 0:
+        raise ClientInputError("audio has no samples (zero-length clip)")
+    if resampler is not None:
+        pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+    return np.concatenate(pieces) if len(pieces) > 1 else np.ascontiguousarray(pieces[0], dtype=np.float32)
+
+
+def downmix(samples: np.ndarray) -> np.ndarray:
+    """(frames, channels) → (frames,), the channel mean: what `librosa.to_mono` does."""
+    if samples.shape[1] == 1:
+        return np.ascontiguousarray(samples[:, 0], dtype=np.float32)
+    return samples.mean(axis=1, dtype=np.float32)
+
+
+def check_finite(samples: np.ndarray) -> None:
+    if not np.isfinite(samples).all():
+        bad = int(np.count_nonzero(~np.isfinite(samples)))
+        raise ClientInputError(f"waveform contains {bad} NaN or infinite sample(s)")

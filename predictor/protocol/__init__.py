@@ -1,0 +1,48 @@
+"""V1 and V2 (Open Inference Protocol) requests ↔ clips and parameters; results → responses.
+
+Nothing numeric happens here. `requests.parse` turns whatever a client sent (a V1 JSON body, a raw
+audio body, a V2 request from REST JSON, REST binary data or gRPC) into an `AudioRequest`;
+`responses.respond` turns labels, scores and segments back into the shape that client expects;
+`kserve` holds the DataPlane and ModelServer subclasses: every kserve workaround in one place.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from kserve.protocol.infer_type import InferRequest
+
+from ..audio import Clip
+
+AUDIO_INPUT = "audio"
+WAVEFORM_INPUT = "waveform"
+LABEL_OUTPUT = "label"
+SCORE_OUTPUT = "score"
+SEGMENT_START_OUTPUT = "segment_start"
+SEGMENT_END_OUTPUT = "segment_end"
+SEGMENT_LABEL_OUTPUT = "segment_label"
+SEGMENT_SCORE_OUTPUT = "segment_score"
+SEGMENT_OUTPUTS = (SEGMENT_START_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT)
+MODEL_PARAMETERS = ("top_k", "function_to_apply", "hop_seconds", "aggregate", "return_segments")
+
+INPUT_TYPES = [
+    {"name": AUDIO_INPUT, "datatype": "BYTES", "shape": [-1]},
+    {"name": WAVEFORM_INPUT, "datatype": "FP32", "shape": [-1, -1]},
+]
+OUTPUT_TYPES = [
+    {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1, -1]},
+    {"name": SCORE_OUTPUT, "datatype": "FP32", "shape": [-1, -1]},
+    # Only with the request parameter return_segments: true (or when one of them is requested).
+    {"name": SEGMENT_START_OUTPUT, "datatype": "FP32", "shape": [-1, -1], "optional": True},
+    {"name": SEGMENT_END_OUTPUT, "datatype": "FP32", "shape": [-1, -1], "optional": True},
+    {"name": SEGMENT_LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1, -1, -1], "optional": True},
+    {"name": SEGMENT_SCORE_OUTPUT, "datatype": "FP32", "shape": [-1, -1, -1], "optional": True},
+]
+
+
+@dataclass
+class AudioRequest:
+    """What the model needs from a request, whichever protocol carried it."""
+
+    clips: list[Clip]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    v2: Optional[InferRequest] = None  # None: answer in V1's shape

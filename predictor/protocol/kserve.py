@@ -1,0 +1,83 @@
+"""The kserve classes our requests go through: every kserve 0.21 workaround in one place.
+
+`AudioDataPlane` is kserve's own extension point (the `DataPlane` a `ModelServer` routes every
+request through), each workaround tested end to end:
+- binary BYTES inputs in a V2 REST request: parsed by `requests.parse_binary_extension`;
+- kserve's V1 path decodes `application/octet-stream` as JSON, and leaves JSON sent with any
+  content type not on its exact list (`application/json; charset=utf-8`, `text/plain`) undecoded;
+  we read a V1 body as audio unless it is, or looks like, JSON;
+- our `ClientInputError` becomes kserve's `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT).
+`AudioModelServer` routes through it and sets the gRPC receive limit, which kserve reads only
+from its own command line.
+"""
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from cloudevents.sdk.converters.util import has_binary_headers
+from kserve import model_server
+from kserve.constants.constants import PredictorProtocol
+from kserve.errors import InvalidInput
+from kserve.model_server import ModelServer
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.infer_type import InferRequest
+
+from ..errors import ClientInputError
+from .requests import load_json, parse_binary_extension
+
+
+class AudioDataPlane(DataPlane):
+    """kserve's DataPlane with raw audio bodies, binary BYTES inputs and our client errors."""
+
+    def decode(self, body, headers, protocol_version: str = PredictorProtocol.REST_V1.value, model_name=None):
+        headers = headers or {}
+        with _as_invalid_input():
+            if protocol_version == PredictorProtocol.REST_V1.value and isinstance(body, (bytes, bytearray)):
+                if _is_raw_audio(body, headers):
+                    return body, {}
+                if not has_binary_headers(headers):
+                    # kserve parses JSON only for an exact list of content types; clients also send
+                    # "application/json; charset=utf-8", text/plain, or curl's form-urlencoded default.
+                    body = load_json(body)
+            return super().decode(body, headers, protocol_version, model_name)
+
+    def decode_inference_request(self, body, headers: dict, model_name: str) -> InferRequest:
+        if isinstance(body, bytes):
+            with _as_invalid_input():
+                return parse_binary_extension(body, headers, model_name)
+        return super().decode_inference_request(body, headers, model_name)
+
+    async def infer(self, model_name: str, request, headers=None):
+        with _as_invalid_input():
+            return await super().infer(model_name, request, headers)
+
+
+class AudioModelServer(ModelServer):
+    """kserve's ModelServer, routing requests through `AudioDataPlane`, with our gRPC message limit."""
+
+    def __init__(self, max_message_bytes: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dataplane = AudioDataPlane(model_registry=self.registered_models)
+        # kserve's GRPCServer takes its limits from kserve's own parse of the command line.
+        model_server.args.grpc_max_receive_message_length = max_message_bytes
+
+
+@contextmanager
+def _as_invalid_input() -> Iterator[None]:
+    """Our client errors become kserve's InvalidInput: HTTP 400, gRPC INVALID_ARGUMENT."""
+    try:
+        yield
+    except ClientInputError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
+def _is_raw_audio(body: bytes, headers: dict) -> bool:
+    """A V1 body is audio unless it says (or looks like) JSON: curl's --data-binary needs no header."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith("audio/"):
+        return True
+    if content_type in ("application/json", "application/cloudevents+json", "application/ld+json"):
+        return False
+    if has_binary_headers(headers):
+        return False
+    return body[:1024].lstrip()[:1] != b"{"

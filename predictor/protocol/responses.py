@@ -1,0 +1,103 @@
+"""Labels, scores and segments → the V1 or V2 answer the request's protocol expects.
+
+kserve 0.21's `InferResponse.to_grpc` fails on numpy outputs when raw outputs are due, so gRPC
+outputs are always serialised to raw bytes here, before kserve sees them.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+from kserve.protocol.infer_type import InferOutput, InferResponse
+
+from . import (LABEL_OUTPUT, OUTPUT_TYPES, SCORE_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT,
+               SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT, AudioRequest)
+
+
+@dataclass
+class Ranked:
+    """Top-k labels, best first, with their float32 scores."""
+
+    labels: list[str]
+    scores: np.ndarray
+
+
+@dataclass
+class Segments:
+    """One clip's windows: seconds of the clip each covers, and each window's own top-k."""
+
+    start: np.ndarray
+    end: np.ndarray
+    ranked: list[Ranked]
+
+
+@dataclass
+class ClipResult:
+    ranked: Ranked
+    segments: Optional[Segments] = None
+
+
+def respond(request: AudioRequest, model_name: str, results: list[ClipResult]) -> Union[dict, InferResponse]:
+    """Each clip's labels and scores (and its segments, if asked for) → the request's protocol."""
+    if request.v2 is None:
+        return {"predictions": [_v1_prediction(result) for result in results]}
+    outputs = [
+        _output(LABEL_OUTPUT, np.array([r.ranked.labels for r in results], dtype=np.object_)),
+        _output(SCORE_OUTPUT, np.stack([r.ranked.scores for r in results])),
+    ]
+    if results[0].segments is not None:
+        outputs += _segment_outputs([r.segments for r in results])
+    if request.v2.request_outputs:
+        wanted = {o.name for o in request.v2.request_outputs}
+        outputs = [o for o in outputs if o.name in wanted]
+    if request.v2.from_grpc:
+        # tritonclient's as_numpy reads raw_output_contents only; raw bytes suit kserve's clients too.
+        for output in outputs:
+            output.set_data_from_numpy(output.data, binary_data=True)
+    return InferResponse(
+        response_id=request.v2.id or "",
+        model_name=model_name,
+        infer_outputs=outputs,
+        use_binary_outputs=request.v2.use_binary_outputs,
+        requested_outputs=request.v2.request_outputs,
+    )
+
+
+def _v1_prediction(result: ClipResult) -> Union[list, dict]:
+    """Today's list of {label, score}; with segments, {"labels": that list, "segments": [...]}."""
+    labels = _v1_labels(result.ranked)
+    if result.segments is None:
+        return labels
+    segments = result.segments
+    return {
+        "labels": labels,
+        "segments": [
+            {"start": float(start), "end": float(end), "labels": _v1_labels(ranked)}
+            for start, end, ranked in zip(segments.start, segments.end, segments.ranked)
+        ],
+    }
+
+
+def _v1_labels(ranked: Ranked) -> list[dict]:
+    return [{"label": label, "score": float(score)} for label, score in zip(ranked.labels, ranked.scores)]
+
+
+def _segment_outputs(segments: list[Segments]) -> list[InferOutput]:
+    """[N, S] times and [N, S, k] labels and scores, S the most windows of any clip; a shorter
+    clip's missing windows are padded with start = end = -1, empty labels and scores of 0."""
+    count, k = max(len(s.start) for s in segments), len(segments[0].ranked[0].labels)
+    start = np.full((len(segments), count), -1, np.float32)
+    end = np.full((len(segments), count), -1, np.float32)
+    labels = np.full((len(segments), count, k), "", dtype=np.object_)
+    scores = np.zeros((len(segments), count, k), np.float32)
+    for i, clip in enumerate(segments):
+        start[i, : len(clip.start)], end[i, : len(clip.end)] = clip.start, clip.end
+        for j, ranked in enumerate(clip.ranked):
+            labels[i, j], scores[i, j] = ranked.labels, ranked.scores
+    return [_output(SEGMENT_START_OUTPUT, start), _output(SEGMENT_END_OUTPUT, end),
+            _output(SEGMENT_LABEL_OUTPUT, labels), _output(SEGMENT_SCORE_OUTPUT, scores)]
+
+
+def _output(name: str, data: np.ndarray) -> InferOutput:
+    datatype = next(o["datatype"] for o in OUTPUT_TYPES if o["name"] == name)
+    return InferOutput(name=name, shape=list(data.shape), datatype=datatype, data=data)

@@ -1,0 +1,78 @@
+"""Long clips → windows of the model's length; window logits → clip logits and segment times.
+
+AST reads `max_length` frames (10.24 s for AudioSet AST) and the transformers pipeline truncates
+everything after them. Here a clip is cut into windows of exactly that many hops of samples,
+window k starting at sample round(k x hop x rate) while the start lies inside the clip, and each
+window is classified as the pipeline would classify that slice alone (a last, shorter window is
+padded by the filterbank as the extractor pads). A clip no longer than one window is one window,
+so short clips are answered exactly as before.
+
+A trailing window shorter than one 25 ms frame is skipped: it holds no frame the extractor would
+compute, only its padding, and its "scores" would describe silence that is not in the clip.
+
+Pure functions on numpy arrays and torch tensors: no I/O, no kserve.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ClientInputError
+
+AGGREGATES = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class Windowing:
+    rate: int
+    length: int
+    """Samples per window: the model's frames times the hop between frames (163,840 for AudioSet AST)."""
+    min_samples: int
+    """One analysis frame (400 samples): less than that holds nothing the filterbank computes."""
+
+    @property
+    def seconds(self) -> float:
+        return self.length / self.rate
+
+    def check_hop(self, hop_seconds: object) -> float:
+        if isinstance(hop_seconds, bool) or not isinstance(hop_seconds, (int, float)) \
+                or not 0 < hop_seconds <= self.seconds or round(hop_seconds * self.rate) < 1:
+            raise ClientInputError(
+                f"hop_seconds must be a number greater than 0 and at most the window, {self.seconds:g} s; "
+                f"got {hop_seconds!r}"
+            )
+        return float(hop_seconds)
+
+    def starts(self, samples: int, hop_seconds: float) -> np.ndarray:
+        """First sample of each window of a clip `samples` long."""
+        if samples < self.min_samples:
+            raise ClientInputError(
+                f"clip is {samples} samples at {self.rate} Hz; AST needs at least {self.min_samples} (one 25 ms frame)"
+            )
+        last = samples - self.min_samples  # a window must start early enough to hold one frame
+        count = int(np.floor(last / (hop_seconds * self.rate))) + 2
+        starts = np.round(np.arange(count) * hop_seconds * self.rate).astype(np.int64)
+        return starts[starts <= last]
+
+    def slices(self, waveform: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+        """Views into the waveform, one per window: no copies."""
+        return [waveform[start : start + self.length] for start in starts.tolist()]
+
+    def times(self, starts: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """Seconds of the clip each window covers: start, and min(start + window, duration)."""
+        start = starts / self.rate
+        return start.astype(np.float32), (np.minimum(starts + self.length, samples) / self.rate).astype(np.float32)
+
+
+def check_aggregate(name: object) -> str:
+    if name not in AGGREGATES:
+        raise ClientInputError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {name!r}")
+    return name  # type: ignore[return-value]
+
+
+def aggregate(window_logits: torch.Tensor, how: str) -> torch.Tensor:
+    """(windows, labels) logits → (labels,): the clip's logits, before any scoring function."""
+    if how == "max":
+        return window_logits.amax(dim=0)
+    return window_logits.mean(dim=0)

@@ -1,0 +1,224 @@
+"""Clips longer than one window, end to end: windows, segments, aggregates, limits, every protocol.
+
+The tests' tiny random AST has AudioSet's 1024 frames, so its windows are AudioSet's 10.24 s
+(163,840 samples) while a window costs milliseconds. Every window is held to the transformers
+pipeline on that window's sample slice alone. This server keeps the default limits (600 s per
+clip and per request), with a lower window limit to test it.
+"""
+
+import base64
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton_http
+
+from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, run_triton_grpc, start_server,
+                       stop_server, tone)
+
+RATE = 16000
+WINDOW = 163_840
+ALL = len(TINY_LABELS)
+
+
+@pytest.fixture(scope="module")
+def long_server(tiny_model_dir, tmp_path_factory):
+    running = start_server(tiny_model_dir, tmp_path_factory.mktemp("long-server") / "server.log",
+                           env={"MAX_WINDOWS_PER_REQUEST": "100"})
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def three_parts(speech_16k) -> np.ndarray:
+    """30.72 s: speech over quiet noise, a 440 Hz tone, loud noise; 10.24 s each."""
+    rng = np.random.default_rng(7)
+    speech = np.concatenate([speech_16k, np.zeros(WINDOW - len(speech_16k), np.float32)])
+    speech += 0.01 * rng.standard_normal(WINDOW).astype(np.float32)
+    return np.concatenate([speech, tone(440, WINDOW / RATE, RATE), 0.3 * rng.standard_normal(WINDOW)]).astype(np.float32)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def v1(server, clips: list[np.ndarray], **parameters) -> list:
+    body = {"instances": [{"b64": b64(encode(c, RATE, "WAV", "FLOAT"))} for c in clips], "parameters": parameters}
+    response = requests.post(server.predict_url, json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def logits_by_label(predictions: list[dict]) -> np.ndarray:
+    """All labels' raw logits (function_to_apply none, top_k all) in label order."""
+    scores = {p["label"]: p["score"] for p in predictions}
+    return np.array([scores[label] for label in TINY_LABELS])
+
+
+def test_three_windows_each_equal_the_pipeline_on_its_slice(long_server, tiny_pipeline, three_parts):
+    [answer] = v1(long_server, [three_parts], hop_seconds=10.24, return_segments=True, top_k=ALL,
+                  function_to_apply="none")
+    segments = answer["segments"]
+    assert [s["start"] for s in segments] == pytest.approx([0, 10.24, 20.48])
+    assert [s["end"] for s in segments] == pytest.approx([10.24, 20.48, 30.72])
+    for k, segment in enumerate(segments):
+        assert_same_predictions(segment["labels"], expected(tiny_pipeline, three_parts[k * WINDOW : (k + 1) * WINDOW], ALL, "none"))
+    window_logits = np.stack([logits_by_label(s["labels"]) for s in segments])
+    np.testing.assert_allclose(logits_by_label(answer["labels"]), window_logits.max(axis=0), atol=1e-6)
+    # The three parts differ, so the windows do: pooling is over different answers.
+    assert np.abs(window_logits[0] - window_logits[1]).max() > 1e-3
+
+    [mean] = v1(long_server, [three_parts], aggregate="mean", return_segments=True, top_k=ALL, function_to_apply="none")
+    np.testing.assert_allclose(logits_by_label(mean["labels"]), window_logits.mean(axis=0), atol=1e-5)
+
+
+def test_scores_are_the_function_of_the_pooled_logits(long_server, three_parts):
+    """aggregate pools logits, then function_to_apply scores them: softmax of the max, not max of softmaxes."""
+    [raw] = v1(long_server, [three_parts], top_k=ALL, function_to_apply="none")
+    [scored] = v1(long_server, [three_parts], top_k=ALL, function_to_apply="softmax")
+    logits = logits_by_label(raw)
+    np.testing.assert_allclose(logits_by_label(scored), np.exp(logits) / np.exp(logits).sum(), atol=1e-6)
+
+
+def test_a_hop_smaller_than_the_window(long_server, tiny_pipeline, three_parts):
+    [answer] = v1(long_server, [three_parts], hop_seconds=5, return_segments=True, top_k=3)
+    segments = answer["segments"]
+    starts = [0, 5, 10, 15, 20, 25, 30]
+    assert [s["start"] for s in segments] == starts
+    assert [s["end"] for s in segments] == pytest.approx([min(s + 10.24, 30.72) for s in starts])
+    for start, segment in zip(starts, segments):
+        piece = three_parts[start * RATE : start * RATE + WINDOW]
+        assert_same_predictions(segment["labels"], expected(tiny_pipeline, piece, 3, "softmax"))
+
+
+@pytest.mark.parametrize("extra, windows", [(1, 1), (400, 2)])
+def test_a_clip_just_over_a_window(long_server, tiny_pipeline, three_parts, extra, windows):
+    """One sample more than a window holds no further frame: one window. A frame more makes a second."""
+    clip = three_parts[: WINDOW + extra]
+    [answer] = v1(long_server, [clip], return_segments=True, top_k=3)
+    assert len(answer["segments"]) == windows
+    assert_same_predictions(answer["segments"][0]["labels"], expected(tiny_pipeline, clip[:WINDOW], 3, "softmax"))
+    last = answer["segments"][-1]
+    assert last["end"] == pytest.approx(min(last["start"] + WINDOW / RATE, len(clip) / RATE))
+
+
+def test_short_clips_answer_as_before(long_server, tiny_pipeline, speech_16k):
+    """A clip no longer than a window is one window: today's response shape and the pipeline's answer."""
+    short = tone(880, 0.1, RATE)
+    plain = v1(long_server, [short, speech_16k], top_k=3)
+    for clip, answer in zip([short, speech_16k], plain):
+        assert_same_predictions(answer, expected(tiny_pipeline, clip, 3, "softmax"))
+    [segmented] = v1(long_server, [short], return_segments=True, top_k=3)
+    assert segmented["labels"] == plain[0]
+    assert [s["start"] for s in segmented["segments"]] == [0.0]
+    assert [s["end"] for s in segmented["segments"]] == [pytest.approx(0.1)]
+    assert segmented["segments"][0]["labels"] == plain[0]
+
+
+def check_v2_segments(outputs: dict, clips: list[np.ndarray], pipe, k: int) -> None:
+    """[N, S] times and [N, S, k] labels/scores; a clip's missing windows are -1, -1, "" and 0."""
+    count = max(-(-len(c) // WINDOW) for c in clips)
+    start, end = np.asarray(outputs["segment_start"]), np.asarray(outputs["segment_end"])
+    labels, scores = np.asarray(outputs["segment_label"], dtype=object), np.asarray(outputs["segment_score"])
+    assert start.shape == end.shape == (len(clips), count)
+    assert labels.shape == scores.shape == (len(clips), count, k)
+    for i, clip in enumerate(clips):
+        n = -(-len(clip) // WINDOW)
+        np.testing.assert_allclose(start[i, :n], np.arange(n) * 10.24, rtol=1e-6)
+        np.testing.assert_allclose(end[i, :n], np.minimum(np.arange(1, n + 1) * 10.24, len(clip) / RATE), rtol=1e-6)
+        assert (start[i, n:] == -1).all() and (end[i, n:] == -1).all()
+        assert (labels[i, n:] == "").all() and (scores[i, n:] == 0).all()
+        for j in range(n):
+            actual = [{"label": str(label), "score": float(score)} for label, score in zip(labels[i, j], scores[i, j])]
+            assert_same_predictions(actual, expected(pipe, clip[j * WINDOW : (j + 1) * WINDOW], k, "softmax"))
+
+
+@pytest.fixture(scope="module")
+def uneven_clips(three_parts) -> list[np.ndarray]:
+    return [three_parts, three_parts[:RATE * 3], three_parts[WINDOW : WINDOW + int(RATE * 15)]]
+
+
+def test_v2_segments_over_rest_json(long_server, tiny_pipeline, uneven_clips):
+    body = {"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [3],
+                        "data": [b64(encode(c, RATE, "WAV", "FLOAT")) for c in uneven_clips]}],
+            "parameters": {"return_segments": True, "top_k": 2}}
+    response = requests.post(long_server.infer_url, json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: np.reshape(o["data"], o["shape"]) for o in response.json()["outputs"]}
+    assert set(outputs) == {"label", "score", "segment_start", "segment_end", "segment_label", "segment_score"}
+    check_v2_segments(outputs, uneven_clips, tiny_pipeline, 2)
+
+
+def test_v2_segments_over_binary_data_with_tritonclient(long_server, tiny_pipeline, uneven_clips):
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{long_server.http_port}")
+    tensor = triton_http.InferInput("audio", [3], "BYTES")
+    tensor.set_data_from_numpy(np.array([encode(c, RATE, "WAV", "FLOAT") for c in uneven_clips], dtype=object))
+    wanted = ["segment_start", "segment_end", "segment_label", "segment_score"]
+    # Asking for segment outputs by name is asking for segments: no parameter needed.
+    result = client.infer("ast", [tensor], outputs=[triton_http.InferRequestedOutput(n) for n in wanted],
+                          parameters={"top_k": 2})
+    outputs = {n: result.as_numpy(n) for n in wanted}
+    outputs["segment_label"] = np.vectorize(bytes.decode, otypes=[object])(outputs["segment_label"])
+    assert result.as_numpy("label") is None
+    check_v2_segments(outputs, uneven_clips, tiny_pipeline, 2)
+
+
+def test_v2_segments_over_grpc_with_tritonclient(long_server, tiny_pipeline, uneven_clips):
+    result = run_triton_grpc({"url": long_server.grpc_url, "model": "ast",
+                              "clips": [b64(encode(c, RATE, "WAV", "FLOAT")) for c in uneven_clips],
+                              "parameters": {"return_segments": True, "top_k": 2}})
+    assert "error" not in result, result
+    check_v2_segments(result, uneven_clips, tiny_pipeline, 2)
+
+
+def test_ten_minutes_over_grpc_and_v1(long_server, tiny_pipeline, tmp_path):
+    """A 10-minute 16 kHz 16-bit WAV is 19 MB: past kserve's 8 MiB gRPC default, inside ours."""
+    rng = np.random.default_rng(11)
+    clip = (0.1 * rng.standard_normal(RATE * 600)).astype(np.float32)
+    data = encode(clip, RATE, "WAV", "PCM_16")
+    assert len(data) > 8 * 2**20
+    decoded = np.frombuffer(data[44:], dtype="<i2").astype(np.float32) / 32768
+    result = run_triton_grpc({"url": long_server.grpc_url, "model": "ast", "clips": [b64(data)],
+                              "parameters": {"return_segments": True, "top_k": 1}})
+    assert "error" not in result, result
+    assert np.asarray(result["segment_start"]).shape == (1, 59)
+    last = 58 * WINDOW
+    assert result["segment_label"][0][58] == [expected(tiny_pipeline, decoded[last:], 1, "softmax")[0]["label"]]
+    response = requests.post(long_server.predict_url, json={"instances": [{"b64": b64(data)}]}, timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0][0]["label"] == result["label"][0][0]
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"hop_seconds": 0}, "hop_seconds must be a number greater than 0 and at most the window, 10.24 s; got 0"),
+        ({"hop_seconds": 11}, "hop_seconds must be a number greater than 0 and at most the window, 10.24 s; got 11"),
+        ({"hop_seconds": "5"}, "hop_seconds must be a number"),
+        ({"aggregate": "median"}, "aggregate must be one of max, mean; got 'median'"),
+        ({"return_segments": "yes"}, "return_segments must be true or false; got 'yes'"),
+        # Windows start every 1,600 samples while one 400-sample frame still fits: 307 of them.
+        ({"hop_seconds": 0.1}, f"this request needs {len(range(0, 3 * WINDOW - 400 + 1, 1600))} windows"),
+    ],
+)
+def test_bad_long_audio_parameters(long_server, three_parts, parameters, message):
+    body = {"instances": [{"b64": b64(encode(three_parts, RATE, "WAV", "PCM_16"))}], "parameters": parameters}
+    response = requests.post(long_server.predict_url, json=body, timeout=60)
+    assert response.status_code == 400 and message in response.json()["error"], response.text
+
+
+def test_the_request_audio_budget_refuses_before_decoding(long_server):
+    """64 ten-minute clips would be 640 minutes: the headers alone say so (silence compresses to
+    almost nothing in FLAC, so the request itself is small)."""
+    silence = encode(np.zeros(RATE * 590, np.float32), RATE, "FLAC", "PCM_16")
+    body = {"instances": [{"b64": b64(silence)}] * 2}
+    response = requests.post(long_server.predict_url, json=body, timeout=60)
+    assert response.status_code == 400
+    assert "the request's clips hold 1180.0 s of audio; this server accepts at most 600 s of audio per request" \
+        in response.json()["error"]
+
+
+def test_metadata_lists_the_segment_outputs(long_server):
+    metadata = requests.get(f"{long_server.url}/v2/models/ast").json()
+    assert {o["name"] for o in metadata["outputs"]} == {"label", "score", "segment_start", "segment_end",
+                                                        "segment_label", "segment_score"}
