@@ -11,7 +11,8 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
     && pip install -r /tmp/requirements.txt
 
 FROM python:3.11-slim
-# libsndfile (with FLAC, Ogg Vorbis/Opus and MP3) comes inside soundfile's wheel: no apt packages needed.
+# libsndfile (with FLAC, Ogg Vorbis/Opus and MP3) comes inside soundfile's wheel, FFmpeg's libraries (M4A,
+# WebM, AAC) inside av's: no apt packages needed.
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY predictor/ /app/predictor/

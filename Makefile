@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev run test random-model bench pack-model
+.PHONY: install install-dev run test random-model bench timeline pack-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ random-model: install
 
 bench: install-dev
 	$(BIN)/python -m benchmarks.bench
+
+timeline: install-dev
+	$(BIN)/python -m tools.timeline
 
 # make pack-model SRC=path/or/hub-id OUT=dir: a model directory ready for a bucket or PVC.
 pack-model: install

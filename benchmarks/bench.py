@@ -10,9 +10,14 @@ ratio:
      and 16 (clips/s, p50/p99 latency), and --precision bf16 and int8 over V2 at concurrency 4;
   4. feature extraction alone: ours against `ASTFeatureExtractor`;
   5. bf16 and int8 against fp32 logits (max abs difference, cosine, top-5 overlap);
-  6. the server's peak RSS, and how fast its health probes answer with 4 clips in flight.
-Results go to benchmarks/results/<time>.json and benchmarks/results/latest.json. Nothing here is
-asserted: tests check behaviour, this measures speed.
+  6. the server's peak RSS, and how fast its health probes answer with 4 clips in flight;
+  7. long clips: one 10-minute clip over V2 binary at fp32 and int8, in seconds of audio classified
+     per second (and seconds per minute of audio) against one clip of exactly one window (10.24 s)
+     on the same server; and a fresh server's peak RSS after a 10-minute 48 kHz stereo WAV against
+     after a 10 s one, both sent as V1 raw audio bodies.
+`--only main` runs 1-6, `--only long` runs 7. Results go to benchmarks/results/<time>.json, and
+a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
+check behaviour, this measures speed.
 """
 
 import argparse
@@ -42,13 +47,16 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassificati
 from predictor.allocator import keep_freed_memory
 from predictor.cpu import cpu_limit
 from predictor.engines import EngineOptions, build_engine, resolve_backend
-from predictor.features import LogMelFilterbank
+from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
+from predictor.windows import Windowing
 from tools.random_ast import save_random_ast
 
 logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 RATE = 16000
+SECTIONS = ("main", "long")
+LONG_SECONDS = 600.0
 
 
 @dataclass
@@ -82,6 +90,20 @@ def make_clips(count: int, seconds: float = 10.0) -> list[np.ndarray]:
 def wav(clip: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, clip, RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def tones_file(seconds: float, rate: int, channels: int, subtype: str = "PCM_16", format_: str = "WAV") -> bytes:
+    """Tones over noise as `make_clips` makes them, at any rate and channel count (a tone per channel),
+    written 10 s at a time: 10 minutes of 48 kHz stereo would be 460 MB of float64 in one piece."""
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", rate, channels, subtype=subtype, format=format_) as file:
+        total, block = round(seconds * rate), round(10 * rate)
+        for first in range(0, total, block):
+            t = np.arange(first, min(first + block, total))[:, None] / rate
+            tones = 0.3 * np.sin(2 * np.pi * (440 + 220 * np.arange(channels)) * t)
+            file.write((tones + 0.05 * rng.standard_normal(tones.shape)).astype(np.float32))
     return buffer.getvalue()
 
 
@@ -167,6 +189,18 @@ def v1_b64_call(port: int) -> Callable[[bytes], None]:
     return call
 
 
+def v1_raw_call(port: int, content_type: str = "audio/wav") -> Callable[[bytes], None]:
+    """The file itself as the V1 body: no base64, no JSON."""
+    session = requests.Session()
+
+    def call(data: bytes) -> None:
+        response = session.post(f"http://127.0.0.1:{port}/v1/models/ast:predict", data=data,
+                                headers={"Content-Type": content_type}, timeout=600)
+        response.raise_for_status()
+
+    return call
+
+
 def v2_binary_call(port: int) -> Callable[[bytes], None]:
     import tritonclient.http as httpclient
 
@@ -239,12 +273,22 @@ def load_test(make_call: Callable[[], Callable[[bytes], None]], files: list[byte
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    rows: list[Row] = []
     threads = cpu_limit()
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="ast-bench-"))
     model_dir = save_random_ast(work / "ast")
     config = ASTConfig.from_pretrained(model_dir)
+    rows: list[Row] = []
+    if args.only in (None, "main"):
+        rows += clip_sections(args, work, model_dir, config, threads)
+    if args.only in (None, "long"):
+        rows += long_sections(args, work, model_dir, config)
+    return rows
+
+
+def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config: ASTConfig, threads: int) -> list[Row]:
+    """Sections 1-6, on 10 s clips."""
+    rows: list[Row] = []
     clips = make_clips(args.clips)
     files = [wav(c) for c in clips]
     logger.info("full-size random AST in %s, %d clips of 10 s, %d threads", model_dir, len(clips), threads)
@@ -348,6 +392,67 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def long_sections(args: argparse.Namespace, work: Path, model_dir: Path, config: ASTConfig) -> list[Row]:
+    """Section 7: does a 10-minute clip cost in proportion to its length, in time and in memory?
+
+    Each precision's server is fresh. On the fp32 one, memory comes first: the peak RSS after one
+    10 s 48 kHz stereo WAV, then after a 10-minute one (both V1 raw bodies; the peak is a high-water
+    mark, so the 10-minute growth shows over what a short clip already needed). Then speed, on both:
+    one clip of exactly one window (10.24 s, best of --repeats after a warm-up) as the baseline,
+    then one 10-minute clip, 16 kHz mono, over V2 binary."""
+    rows: list[Row] = []
+    windowing = Windowing(RATE, config.max_length * HOP_LENGTH, FRAME_LENGTH)
+    window_s = windowing.seconds
+    short, long_ = (wav(make_clips(1, seconds)[0]) for seconds in (window_s, LONG_SECONDS))
+    windows = len(windowing.starts(round(LONG_SECONDS * RATE), window_s))
+    stereo_rate, stereo_short_s = 48000, 10.0
+    stereo_short, stereo_long = (tones_file(seconds, stereo_rate, 2) for seconds in (stereo_short_s, LONG_SECONDS))
+    logger.info("long clips: %d windows of %g s in %g s; 10-minute 48 kHz stereo WAV of %.0f MB",
+                windows, window_s, LONG_SECONDS, len(stereo_long) / 1e6)
+    http_port, grpc_port = 18180, 18181
+    speed: dict[str, float] = {}
+    for precision in ("fp32", "int8"):
+        flags = () if precision == "fp32" else ("--precision", precision)
+        server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work), *flags)
+        try:
+            if precision == "fp32":
+                raw = v1_raw_call(http_port)
+                raw(stereo_short)
+                before = peak_rss_mib(server.pid)
+                start = time.perf_counter()
+                raw(stereo_long)
+                seconds = time.perf_counter() - start
+                after = peak_rss_mib(server.pid)
+                sizes = {"body_mb": len(stereo_long) / 1e6,
+                         "source_as_float32_mib": LONG_SECONDS * stereo_rate * 2 * 4 / 2**20,
+                         "mono_16k_float32_mib": LONG_SECONDS * RATE * 4 / 2**20,
+                         "request_s": seconds}
+                rows.append(Row("long clip memory", "fp32 peak RSS after a 10-minute 48 kHz stereo WAV (V1 raw body)",
+                                after, "MiB", before, f"after a {stereo_short_s:g} s one", sizes))
+                rows.append(Row("long clip memory", "fp32 peak RSS growth, 10-minute file over 10 s file",
+                                after - before, "MiB", extra={k: v for k, v in sizes.items() if k != "request_s"}))
+            call = v2_binary_call(http_port)
+            one_window = best_of(args.repeats, lambda: call(short))
+            start = time.perf_counter()
+            call(long_)
+            seconds = time.perf_counter() - start
+        finally:
+            server.terminate()
+            server.wait(60)
+        speed[precision] = LONG_SECONDS / seconds
+        section, baseline_name = f"long clip {precision}", f"one {window_s:g} s clip"
+        extra = {"request_s": seconds, "one_window_request_s": one_window, "windows": windows,
+                 # the ratio if time followed windows exactly: the last window is only part full
+                 "proportional_ratio": LONG_SECONDS / (windows * window_s)}
+        if precision != "fp32":
+            extra["vs_fp32"] = speed[precision] / speed["fp32"]
+        rows.append(Row(section, "10-minute clip, V2 binary (HTTP): audio classified per second", speed[precision],
+                        "s audio/s", window_s / one_window, baseline_name, extra))
+        rows.append(Row(section, "10-minute clip: cost per minute of audio", 60 * seconds / LONG_SECONDS, "s",
+                        60 * one_window / window_s, baseline_name))
+    return rows
+
+
 def report(rows: list[Row]) -> str:
     lines = ["| section | measurement | value | baseline | ratio | details |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -358,24 +463,44 @@ def report(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=8, help="distinct 10 s clips")
     parser.add_argument("--baseline_clips", type=int, default=3, help="clips the pipeline classifies")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each batch-1 measurement (best kept)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--only", choices=SECTIONS, default=None,
+                        help="main: sections 1-6 (10 s clips); long: section 7 (10-minute clips). Default: both. "
+                        "A partial run does not replace latest.json.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
     rows = run(args)
     table = report(rows)
-    logger.info("\n%s", table)
+    cpu = cpu_model()
+    logger.info("\n%s\nCPU: %s; load average (1, 5, 15 min) %s before, %s after", table, cpu,
+                " ".join(f"{x:.2f}" for x in load_before), " ".join(f"{x:.2f}" for x in os.getloadavg()))
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
-              "cpus": cpu_limit(), "node_cpus": os.cpu_count(), "args": vars(args),
+              "cpu": cpu, "cpus": cpu_limit(), "node_cpus": os.cpu_count(),
+              "load_average": {"before": load_before, "after": os.getloadavg()}, "args": vars(args),
               "rows": [{**asdict(r), "ratio": r.ratio} for r in rows], "table": table}
-    for path in (RESULTS / f"{result['time'].replace(':', '')}.json", RESULTS / "latest.json"):
+    paths = [RESULTS / f"{result['time'].replace(':', '')}.json"]
+    if args.only is None:  # latest.json is a full run's
+        paths.append(RESULTS / "latest.json")
+    for path in paths:
         path.write_text(json.dumps(result, indent=1))
-    logger.info("wrote %s", RESULTS / "latest.json")
+        logger.info("wrote %s", path)
 
 
 if __name__ == "__main__":

@@ -47,33 +47,28 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def test_concurrent_requests_share_passes_and_get_their_own_rows():
+def serve_together(max_batch_size: int, sizes: list[int]) -> Recording:
+    """Requests of these window counts sent at once; each must get exactly its own rows back."""
     compute = Recording()
-    queue = WindowQueue(compute, max_batch_size=8, max_wait_s=0.5)
-    jobs = [job(1, 1), job(2, 2), job(3, 1)]
+    queue = WindowQueue(compute, max_batch_size=max_batch_size, max_wait_s=0.5)
+    jobs = [job(tag, count) for tag, count in enumerate(sizes, start=1)]
 
     async def main():
         return await asyncio.gather(*(queue(windows) for windows in jobs))
 
-    results = run(main())
-    assert [len(p) for p in compute.passes] == [4]
-    for windows, logits in zip(jobs, results):
+    for windows, logits in zip(jobs, run(main())):
         torch.testing.assert_close(logits, logits_of(windows))
+    return compute
+
+
+def test_concurrent_requests_share_passes_and_get_their_own_rows():
+    assert [len(p) for p in serve_together(8, [1, 2, 1]).passes] == [4]
 
 
 def test_passes_stop_at_max_batch_size_and_take_turns():
-    compute = Recording()
-    queue = WindowQueue(compute, max_batch_size=4, max_wait_s=0.5)
-    jobs = [job(1, 3), job(2, 3), job(3, 5)]
-
-    async def main():
-        return await asyncio.gather(*(queue(windows) for windows in jobs))
-
-    results = run(main())
-    assert max(len(p) for p in compute.passes) <= 4 and sum(len(p) for p in compute.passes) == 11
-    assert sorted(compute.passes[0]) == [1, 1, 2, 3]  # one window of each, then round again
-    for windows, logits in zip(jobs, results):
-        torch.testing.assert_close(logits, logits_of(windows))
+    passes = serve_together(4, [3, 3, 5]).passes
+    assert max(len(p) for p in passes) <= 4 and sum(len(p) for p in passes) == 11
+    assert sorted(passes[0]) == [1, 1, 2, 3]  # one window of each, then round again
 
 
 def test_a_short_request_is_not_held_back_by_a_long_one():

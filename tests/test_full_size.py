@@ -1,11 +1,16 @@
 """Parity at AST's real geometry: 768 wide, 12 layers, 128 mel bins x 1024 frames, 527 labels.
 
-The one place the suite pays for a full-size forward pass (a few seconds each on 2 cores).
+The one place the suite pays for full-size forward passes (about a second each on 2 cores):
+parity with the pipeline, and fairness between a long and a short clip.
 """
 
 import base64
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import orjson
 import pytest
 import requests
 from transformers import ASTConfig, pipeline
@@ -38,3 +43,74 @@ def test_full_size_model_matches_the_pipeline(full_size_dir, speech_16k, tmp_pat
     # 527 labels and no function_to_apply: the server's default is sigmoid (AudioSet is multi-label).
     reference = expected(pipeline("audio-classification", model=str(full_size_dir)), clip, 10, "sigmoid")
     assert_same_predictions(response.json()["predictions"][0], reference)
+
+
+def windows_done(server) -> float:
+    """The server's own count of windows classified (Prometheus, on kserve's /metrics)."""
+    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("ast_windows_total "):
+            return float(line.split()[1])
+    raise AssertionError("no ast_windows_total on /metrics")
+
+
+@pytest.fixture(scope="module")
+def torch_server(full_size_dir, tmp_path_factory):
+    """The full-size model on the torch engine (no ONNX export to wait for)."""
+    server = start_server(full_size_dir, tmp_path_factory.mktemp("full-torch") / "server.log",
+                          extra_args=("--backend", "torch"))
+    yield server
+    stop_server(server)
+
+
+def noise_wav(seconds: float, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode((0.1 * rng.standard_normal(int(RATE * seconds))).astype(np.float32), RATE, "WAV", "PCM_16")
+
+
+def queued_windows(server) -> float:
+    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("ast_queued_windows "):
+            return float(line.split()[1])
+    raise AssertionError("no ast_queued_windows on /metrics")
+
+
+def test_a_short_clip_is_answered_while_a_long_one_is_classified(torch_server):
+    """Windows, not requests, take turns on the model: a 5 s clip posted while a 30 s clip (12
+    windows at hop 2.5 s) is being classified is answered after at most a few windows, before the
+    long one. Order and window counts come from the server, never from timings."""
+    server, start = torch_server, windows_done(torch_server)
+    long_clip, short_clip = noise_wav(30, 5), noise_wav(5, 6)
+    with ThreadPoolExecutor(1) as pool:
+        long_done = pool.submit(requests.post, server.predict_url, timeout=600, json={
+            "instances": [{"b64": base64.b64encode(long_clip).decode()}], "parameters": {"hop_seconds": 2.5}})
+        while windows_done(server) < start + 1:  # the long clip's first window has been classified
+            assert not long_done.done(), long_done.result().text
+            time.sleep(0.05)
+        before = windows_done(server)
+        short = requests.post(server.predict_url, data=short_clip, timeout=600)
+        after = windows_done(server)
+        assert short.status_code == 200, short.text
+        assert not long_done.done(), "the long clip was answered before the short one"
+        long_answer = long_done.result()
+    assert long_answer.status_code == 200, long_answer.text
+    # The window in flight when the short clip arrived, at most one more of the long clip's, its own.
+    assert after - before <= 3, (before, after)
+    assert windows_done(server) == start + 12 + 1
+
+
+def test_a_client_that_goes_away_stops_using_the_model(torch_server):
+    """A 30 s clip at hop 2.5 s is 12 windows; its client hangs up once the first has been
+    classified: the server drops the rest at its next turn instead of computing them for nobody."""
+    server, begun = torch_server, windows_done(torch_server)
+    body = orjson.dumps({"instances": [{"b64": base64.b64encode(noise_wav(30, 8)).decode()}],
+                         "parameters": {"hop_seconds": 2.5}})
+    with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
+        connection.sendall(b"POST /v1/models/ast:predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        while windows_done(server) < begun + 1:
+            time.sleep(0.05)
+    while queued_windows(server) > 0:  # dropped at the abandoned request's next turn
+        time.sleep(0.05)
+    # The first window, the one in flight when the client left, and at most one more.
+    assert windows_done(server) - begun <= 3, (begun, windows_done(server))
+    assert server.is_ready()

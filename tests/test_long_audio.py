@@ -7,11 +7,15 @@ clip and per request), with a lower window limit to test it.
 """
 
 import base64
+import subprocess
 
 import numpy as np
 import pytest
 import requests
+import soundfile as sf
 import tritonclient.http as triton_http
+
+from predictor import audio
 
 from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, run_triton_grpc, start_server,
                        stop_server, tone)
@@ -222,3 +226,44 @@ def test_metadata_lists_the_segment_outputs(long_server):
     metadata = requests.get(f"{long_server.url}/v2/models/ast").json()
     assert {o["name"] for o in metadata["outputs"]} == {"label", "score", "segment_start", "segment_end",
                                                         "segment_label", "segment_score"}
+
+
+@pytest.mark.parametrize("suffix, codec", [(".m4a", ["-c:a", "aac"]), (".webm", ["-c:a", "libopus"]),
+                                           (".aac", ["-c:a", "aac", "-f", "adts"])])
+def test_phone_and_browser_recordings_through_the_server(long_server, tiny_pipeline, speech_16k, tmp_path,
+                                                         suffix, codec):
+    """M4A (voice recorders), WebM (MediaRecorder) and ADTS AAC, 25 s of 48 kHz stereo made by the
+    ffmpeg CLI, sent as a raw body and over V2 binary data: answered as the pipeline answers the
+    waveform our decoder gives (so the server path adds nothing), with three windows."""
+    rng = np.random.default_rng(3)
+    mono = np.concatenate([speech_16k, tone(660, 25 - len(speech_16k) / RATE, RATE)])
+    stereo = np.stack([mono, 0.05 * rng.standard_normal(len(mono)).astype(np.float32)], axis=1)
+    wav, out = tmp_path / "in.wav", tmp_path / f"out{suffix}"
+    sf.write(wav, stereo, RATE, subtype="PCM_16")
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(wav), "-ar", "48000", *codec, str(out)],
+                   check=True, timeout=60)
+    data = out.read_bytes()
+    waveform = audio.decode(data, audio.Target(RATE, max_seconds=600))
+    response = requests.post(long_server.predict_url, data=data, timeout=60,
+                             headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    starts = [0, WINDOW, 2 * WINDOW]
+    reference = [expected(tiny_pipeline, waveform[s : s + WINDOW], ALL, "none") for s in starts]
+    pooled = np.max([logits_by_label(r) for r in reference], axis=0)
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{long_server.http_port}")
+    tensor = triton_http.InferInput("audio", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=object))
+    result = client.infer("ast", [tensor], parameters={"top_k": ALL, "function_to_apply": "none",
+                                                       "return_segments": True})
+    assert result.as_numpy("segment_start").shape == (1, 3)
+    answer = [{"label": label.decode(), "score": float(score)}
+              for label, score in zip(result.as_numpy("label")[0], result.as_numpy("score")[0])]
+    np.testing.assert_allclose(logits_by_label(answer), pooled, atol=1e-4)
+    assert response.json()["predictions"][0][0]["label"] == TINY_LABELS[int(np.argmax(pooled))]
+
+
+def test_grpc_messages_past_the_limit_are_refused(long_server):
+    """--max_request_mb (32 MiB by default) bounds a gRPC message; past it gRPC itself refuses."""
+    result = run_triton_grpc({"url": long_server.grpc_url, "model": "ast", "clips": [b64(bytes(33 * 2**20))]})
+    assert result["error_code"] == "StatusCode.RESOURCE_EXHAUSTED", result
+    assert long_server.is_ready()
