@@ -463,14 +463,24 @@ def report(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+
+
 def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with family/model/stepping and the vector extensions that
+    set fp32, bf16 and int8 speed: a cloud VM's "AMD EPYC" alone does not say which generation."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return "unknown"
+        return "unknown"
+    flags = set(fields.get("flags", "").split())
+    return (f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
+            f"stepping {fields.get('stepping', '?')}; {' '.join(f for f in ISA_FLAGS if f in flags) or 'no AVX2'})")
 
 
 def main() -> None:
