@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Largest gRPC request message, in MiB (kserve's own default is 8 MiB; a 10-minute "
                         "16 kHz 16-bit WAV is 19 MB).")
     parser.add_argument("--max_batch_size", type=positive(int), default=1,
-                        help="Most clips in one forward pass. 1: no batching, which served fastest on 2 cores "
-                        "(make bench); raise it on machines where batches pay.")
+                        help="Most windows (10.24 s each for AudioSet AST) in one forward pass. 1: no batching, "
+                        "which served fastest on 2 cores (make bench); raise it on machines where batches pay.")
     parser.add_argument("--max_batch_wait_ms", type=non_negative(float), default=0.0,
                         help="How long a request waits for others to share its forward pass (0: only those already queued).")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",

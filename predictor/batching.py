@@ -1,17 +1,18 @@
 """Windows of concurrent requests → forward passes on the model's own thread, fairly.
 
-The unit of work is a window, not a request: a ten-minute clip is 59 windows, about a minute of
-compute on 2 cores, and must not hold back a five-second clip sent after it. Each request waiting
-for the model is a `Job`; every pass takes the next window of each job in turn (round robin, up to
-`max_batch_size` windows), so a short request waits for at most the pass in flight and one window
-of each request ahead of it. A job whose caller has gone away (a cancelled gRPC call, a client
-that disconnected) is dropped before its next window: what it had not started costs nothing.
+The unit of work is a window, not a request: a ten-minute clip is 59 windows and must not hold
+back a five-second clip sent after it. Each request waiting for the model is a `Job`. A job that
+has not had a window computed yet goes first (in order of arrival); after that, every pass takes
+the next window of each job in turn (round robin, up to `max_batch_size` windows). So a short
+request waits for the pass in flight and for the requests that arrived just before it, not for
+anyone's long clip. A job whose caller has gone away (a cancelled gRPC call, a client that
+disconnected) is dropped before its next window: what it had not started costs nothing.
 
 One asyncio task owns the schedule and runs each pass on a single thread of its own, so the event
 loop keeps answering health probes while AST computes. The filterbank runs there too, between
 passes: beside them, on threads of its own, its kernels and the model's would fight over the same
-cores. On 2 cores batches did not pay (a server with batches of up to 4 served 8-15 % fewer
-clips/s than one without), so the server's default `max_batch_size` is 1.
+cores. On 2 cores batches did not pay (`make bench`), so the server's default `max_batch_size`
+is 1.
 """
 
 import asyncio
@@ -54,7 +55,8 @@ class WindowQueue:
         self.compute = compute
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self._jobs: deque[Job] = deque()
+        self._fresh: deque[Job] = deque()  # no window taken yet: first in line
+        self._jobs: deque[Job] = deque()  # the round robin of jobs that have had a window
         # Made on first use: the event, the task and the thread belong to the server's event loop,
         # which does not exist yet when the model loads.
         self._arrived: Optional[asyncio.Event] = None
@@ -65,7 +67,7 @@ class WindowQueue:
         """(windows, labels) logits, computed in turn with every other request's windows."""
         self._start()
         job = Job(windows, asyncio.get_running_loop().create_future())
-        self._jobs.append(job)
+        self._fresh.append(job)
         metrics.QUEUED_WINDOWS.inc(len(windows))
         self._arrived.set()
         return await job.result  # a cancelled caller cancels the future too: dropped at its next turn
@@ -116,14 +118,16 @@ class WindowQueue:
         return batch
 
     def _take(self, room: int) -> list[tuple[Job, int]]:
-        """Round robin: the next window of each live job in line, again and again, up to `room`
-        windows; a job served goes to the back of the line, a job with nothing left leaves it."""
-        for job in [job for job in self._jobs if job.abandoned]:
-            self._jobs.remove(job)
-            metrics.QUEUED_WINDOWS.dec(job.waiting)
+        """Up to `room` windows: fresh jobs' first windows, then the next window of each job in the
+        round robin, again and again; a job served goes to the back of the round robin, a job with
+        nothing left leaves it."""
+        for line in (self._fresh, self._jobs):
+            for job in [job for job in line if job.abandoned]:
+                line.remove(job)
+                metrics.QUEUED_WINDOWS.dec(job.waiting)
         taken: list[tuple[Job, int]] = []
-        while len(taken) < room and self._jobs:
-            job = self._jobs.popleft()
+        while len(taken) < room and (self._fresh or self._jobs):
+            job = (self._fresh or self._jobs).popleft()
             taken.append((job, job.scheduled))
             job.scheduled += 1
             if job.waiting:

@@ -158,15 +158,9 @@ class ASTModel(Model):
                 f"{len(request.clips)} clips in one request; this server takes at most {self.max_clips_per_request}"
             )
         options = self._options(request.parameters)
-        waveforms = await asyncio.to_thread(self._decode, request.clips)
+        waveforms = await asyncio.to_thread(self._decode, request.clips, options.hop_seconds)
+        self._check_windows([len(w) for w in waveforms], options.hop_seconds)
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
-        count = sum(len(s) for s in starts)
-        if count > self.max_windows_per_request:
-            raise ClientInputError(
-                f"this request needs {count} windows of {self.windowing.seconds:g} s at hop_seconds "
-                f"{options.hop_seconds:g}; this server computes at most {self.max_windows_per_request} per request: "
-                "raise hop_seconds or send fewer seconds of audio"
-            )
         return Work(
             request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
             windows=[window for w, s in zip(waveforms, starts) for window in self.windowing.slices(w, s)],
@@ -200,23 +194,38 @@ class ASTModel(Model):
             return_segments=segments,
         )
 
-    def _decode(self, clips: list[audio.Clip]) -> list[np.ndarray]:
-        """Every clip's header first, so that the request's audio budget is checked before a sample
-        is decoded; then each clip in turn, the budget enforced on what decoding finds."""
+    def _decode(self, clips: list[audio.Clip], hop_seconds: float) -> list[np.ndarray]:
+        """Every clip's header first, so that the request's audio and window budgets are checked
+        before a sample is decoded; then each clip in turn, the audio budget charged with the frames
+        decoding finds (a header may not say, or may understate)."""
         with ExitStack() as stack:
-            sources = [audio.open_clip(clip, self.target) for clip in clips]
-            for source in sources:
-                stack.enter_context(closing(source.blocks))
+            sources = []
+            for clip in clips:
+                sources.append(audio.open_clip(clip, self.target))
+                stack.enter_context(closing(sources[-1].blocks))
             budget = self.max_request_audio_seconds
             limit = f"this server accepts at most {budget:g} s of audio per request"
-            declared = sum(s.frames / s.rate for s in sources if s.frames is not None)
-            if declared > budget:
-                raise ClientInputError(f"the request's clips hold {declared:.1f} s of audio; {limit}")
+            declared = [s.frames / s.rate for s in sources if s.frames is not None]
+            if sum(declared) > budget:
+                raise ClientInputError(f"the request's clips hold {sum(declared):.1f} s of audio; {limit}")
+            self._check_windows([round(seconds * self.target.rate) for seconds in declared], hop_seconds)
             waveforms = []
             for source in sources:
                 waveforms.append(self.target.waveform(source, budget, limit))
-                budget -= len(waveforms[-1]) / self.target.rate
+                budget -= source.decoded / source.rate
+                logger.debug("decoded %d frames at %d Hz (%d channels) with %s", source.decoded, source.rate,
+                             source.channels, source.reader)
             return waveforms
+
+    def _check_windows(self, lengths: list[int], hop_seconds: float) -> None:
+        """Refuse a request whose windows would cost more than the limit, before making them."""
+        count = sum(self.windowing.count(length, hop_seconds) for length in lengths)
+        if count > self.max_windows_per_request:
+            raise ClientInputError(
+                f"this request needs {count} windows of {self.windowing.seconds:g} s at hop_seconds "
+                f"{hop_seconds:g}; this server computes at most {self.max_windows_per_request} per request: "
+                "raise hop_seconds or send fewer seconds of audio"
+            )
 
     def _compute(self, window_samples: list[np.ndarray]) -> torch.Tensor:
         """On the model's thread: windows → features → logits."""

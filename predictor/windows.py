@@ -37,12 +37,18 @@ class Windowing:
 
     def check_hop(self, hop_seconds: object) -> float:
         if isinstance(hop_seconds, bool) or not isinstance(hop_seconds, (int, float)) \
-                or not 0 < hop_seconds <= self.seconds or round(hop_seconds * self.rate) < 1:
+                or not 1 / self.rate <= hop_seconds <= self.seconds:
             raise ClientInputError(
-                f"hop_seconds must be a number greater than 0 and at most the window, {self.seconds:g} s; "
-                f"got {hop_seconds!r}"
+                f"hop_seconds must be a number from one sample ({1 / self.rate:g} s) to the window, "
+                f"{self.seconds:g} s; got {hop_seconds!r}"
             )
         return float(hop_seconds)
+
+    def count(self, samples: int, hop_seconds: float) -> int:
+        """How many windows `starts` will give, without building them (a budget check comes first)."""
+        if samples < self.min_samples:
+            return 1  # refused by `starts`, with the reason
+        return int(np.floor((samples - self.min_samples) / (hop_seconds * self.rate) + 1e-9)) + 1
 
     def starts(self, samples: int, hop_seconds: float) -> np.ndarray:
         """First sample of each window of a clip `samples` long."""
@@ -51,8 +57,7 @@ class Windowing:
                 f"clip is {samples} samples at {self.rate} Hz; AST needs at least {self.min_samples} (one 25 ms frame)"
             )
         last = samples - self.min_samples  # a window must start early enough to hold one frame
-        count = int(np.floor(last / (hop_seconds * self.rate))) + 2
-        starts = np.round(np.arange(count) * hop_seconds * self.rate).astype(np.int64)
+        starts = np.round(np.arange(self.count(samples, hop_seconds) + 1) * hop_seconds * self.rate).astype(np.int64)
         return starts[starts <= last]
 
     def slices(self, waveform: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
@@ -61,8 +66,7 @@ class Windowing:
 
     def times(self, starts: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:
         """Seconds of the clip each window covers: start, and min(start + window, duration)."""
-        start = starts / self.rate
-        return start.astype(np.float32), (np.minimum(starts + self.length, samples) / self.rate).astype(np.float32)
+        return starts / self.rate, np.minimum(starts + self.length, samples) / self.rate
 
 
 def check_aggregate(name: object) -> str:

@@ -1,7 +1,10 @@
 """Decoding, downmix and resampling: `predictor.audio` on real encoded files."""
 
+import subprocess
+
 import numpy as np
 import pytest
+import soundfile as sf
 import soxr
 
 from predictor import audio
@@ -136,11 +139,32 @@ def test_long_files_decode_whole_and_stream_to_the_same_samples(rate):
     np.testing.assert_allclose(decoded, whole, atol=1e-7, rtol=0)
 
 
-def test_a_length_the_header_does_not_state_is_limited_while_decoding():
-    """Streamed and VBR files may not state their length (a reader then says frames=None): the limit
-    is enforced on the frames decoded, and decoding stops there."""
+def ffmpeg_cli(source: np.ndarray, rate: int, tmp_path, *args: str) -> bytes:
+    """The ffmpeg CLI's encoding of a float WAV, written to its standard output (a pipe)."""
+    wav = tmp_path / "in.wav"
+    sf.write(wav, source, rate, subtype="FLOAT")
+    return subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(wav), *args, "-"], check=True,
+                          capture_output=True, timeout=60).stdout
+
+
+def test_a_length_the_header_does_not_state_is_limited_while_decoding(tmp_path):
+    """A FLAC written to a pipe states no length: it opens, and the limit stops its decoding."""
+    data = ffmpeg_cli(tone(440, 6.0, RATE), RATE, tmp_path, "-f", "flac")
     target = audio.Target(RATE, max_seconds=4)
-    source = audio.open_clip(encode(np.zeros(RATE * 3, np.float32), RATE, "WAV", "PCM_16"), target)
-    source.frames = None
-    with pytest.raises(ClientInputError, match="longer than 2.5 s; the request's limit"):
-        target.waveform(source, 2.5, "the request's limit")
+    source = audio.open_clip(data, target)
+    assert source.frames is None
+    with pytest.raises(ClientInputError, match="longer than 4 s; this server accepts at most 4 s per clip"):
+        target.waveform(source)
+    whole = audio.decode(data, TARGET)
+    np.testing.assert_allclose(whole, tone(440, 6.0, RATE), atol=1e-4)
+
+
+def test_a_vbr_mp3_without_a_length_header_is_decoded_whole(tmp_path):
+    """libsndfile only estimates an MP3's length and soundfile stops there: a VBR file without a
+    Xing header, loud then quiet, came out a fraction of its length. FFmpeg reads it to the end."""
+    rng = np.random.default_rng(2)
+    loud_then_quiet = np.concatenate([0.5 * rng.standard_normal(RATE), 0.01 * rng.standard_normal(19 * RATE)])
+    data = ffmpeg_cli(loud_then_quiet.astype(np.float32), RATE, tmp_path, "-c:a", "libmp3lame", "-q:a", "9",
+                      "-write_xing", "0", "-f", "mp3")
+    decoded = audio.decode(data, TARGET)
+    assert abs(len(decoded) - 20 * RATE) < 0.1 * RATE

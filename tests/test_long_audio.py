@@ -196,8 +196,10 @@ def test_ten_minutes_over_grpc_and_v1(long_server, tiny_pipeline, tmp_path):
 @pytest.mark.parametrize(
     "parameters, message",
     [
-        ({"hop_seconds": 0}, "hop_seconds must be a number greater than 0 and at most the window, 10.24 s; got 0"),
-        ({"hop_seconds": 11}, "hop_seconds must be a number greater than 0 and at most the window, 10.24 s; got 11"),
+        ({"hop_seconds": 0}, "hop_seconds must be a number from one sample (6.25e-05 s) to the window, 10.24 s; got 0"),
+        ({"hop_seconds": 11}, "hop_seconds must be a number from one sample (6.25e-05 s) to the window, 10.24 s; got 11"),
+        ({"hop_seconds": 3e-5}, "hop_seconds must be a number from one sample"),
+        ({"hop_seconds": [1]}, "hop_seconds must be a number"),
         ({"hop_seconds": "5"}, "hop_seconds must be a number"),
         ({"aggregate": "median"}, "aggregate must be one of max, mean; got 'median'"),
         ({"return_segments": "yes"}, "return_segments must be true or false; got 'yes'"),
@@ -220,6 +222,34 @@ def test_the_request_audio_budget_refuses_before_decoding(long_server):
     assert response.status_code == 400
     assert "the request's clips hold 1180.0 s of audio; this server accepts at most 600 s of audio per request" \
         in response.json()["error"]
+
+
+def streamed_flac(tmp_path, seconds: float) -> bytes:
+    """Silence as FLAC written to a pipe, as a recorder streaming to a server does: its header
+    states no length, so only decoding finds out how long it is."""
+    out = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                          f"anullsrc=r={RATE}:cl=mono", "-t", str(seconds), "-f", "flac", "-"],
+                         check=True, capture_output=True, timeout=60).stdout
+    assert audio.open_clip(out, audio.Target(RATE, max_seconds=600)).frames is None
+    return out
+
+
+def test_the_request_audio_budget_is_enforced_while_decoding(long_server, tmp_path):
+    """Two clips of 400 s whose headers say nothing: the second passes the 600 s budget while it
+    is being decoded, and decoding stops there."""
+    clip = streamed_flac(tmp_path, 400)
+    response = requests.post(long_server.predict_url, json={"instances": [{"b64": b64(clip)}] * 2}, timeout=60)
+    assert response.status_code == 400
+    assert "longer than 200 s; this server accepts at most 600 s of audio per request" in response.json()["error"]
+
+
+def test_asking_for_segment_outputs_with_return_segments_false_is_refused(long_server, three_parts):
+    body = {"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1],
+                        "data": [b64(encode(three_parts, RATE, "WAV", "PCM_16"))]}],
+            "outputs": [{"name": "segment_start"}], "parameters": {"return_segments": False}}
+    response = requests.post(long_server.infer_url, json=body, timeout=60)
+    assert response.status_code == 400
+    assert "output(s) ['segment_start'] need segments, but return_segments is false" in response.json()["error"]
 
 
 def test_metadata_lists_the_segment_outputs(long_server):

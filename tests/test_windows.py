@@ -37,10 +37,16 @@ def test_slices_are_views_and_times_end_at_the_clip():
     np.testing.assert_allclose(end, np.minimum(starts / 16000 + 10.24, len(waveform) / 16000), rtol=1e-6)
 
 
-@pytest.mark.parametrize("hop", [0, -1, 10.25, "1", True, None, 1e-9, float("nan")])
+@pytest.mark.parametrize("hop", [0, -1, 10.25, "1", True, None, 1e-9, 0.9 / 16000, float("nan"), float("inf")])
 def test_bad_hops_are_refused(hop):
-    with pytest.raises(ClientInputError, match="hop_seconds must be a number greater than 0 and at most the window, 10.24 s"):
+    with pytest.raises(ClientInputError, match=r"hop_seconds must be a number from one sample \(6.25e-05 s\) to the window, 10.24 s"):
         AUDIOSET.check_hop(hop)
+
+
+@pytest.mark.parametrize("samples", [400, 401, 163_840, 1_000_000])
+@pytest.mark.parametrize("hop", [1 / 16000, 1 / 3, 2.5, 10.24])
+def test_windows_are_counted_before_they_are_made(samples, hop):
+    assert AUDIOSET.count(samples, hop) == len(AUDIOSET.starts(samples, hop))
 
 
 def test_a_clip_shorter_than_a_frame_is_refused():

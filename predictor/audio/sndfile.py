@@ -1,7 +1,10 @@
 """libsndfile's reader (through soundfile): WAV, FLAC, OGG Vorbis/Opus, MP3, AIFF and the rest.
 
 The first reader tried: it is the one the pipeline-parity tests pin down, and it reads the
-formats most clients send without FFmpeg. What it cannot open goes to `ffmpeg`.
+formats most clients send without FFmpeg. What it cannot open goes to `ffmpeg`, and so do two
+kinds of file it opens but whose length it only guesses, since soundfile never reads past that
+guess: MP3 (a VBR file without a Xing header would be cut short, or refused as too long) and
+files whose header leaves the length open (a FLAC written to a pipe).
 """
 
 import io
@@ -17,6 +20,7 @@ from .source import Source
 BLOCK_FRAMES = 65_536
 TRUNCATED_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
 UNKNOWN_CHUNK_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
+UNKNOWN_FRAMES = 2**62  # libsndfile's SF_COUNT_MAX, or near it: the header does not say
 
 
 class NotReadable(Exception):
@@ -29,16 +33,21 @@ def open_sndfile(data: bytes) -> Source:
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise NotReadable(reason(exc)) from None
     try:
+        if file.format == "MP3" or file.frames >= UNKNOWN_FRAMES:
+            raise NotReadable(f"libsndfile only estimates the length of this {file.format} file")
         _check_truncation(file)
-    except ClientInputError:
+    except (NotReadable, ClientInputError):
         file.close()
         raise
     frames: Optional[int] = file.frames if file.frames > 0 else None
-    return Source(rate=file.samplerate, channels=file.channels, frames=frames, blocks=_blocks(file), reader="libsndfile")
+    blocks = _blocks(file)
+    next(blocks)  # into its `with`, so that closing it unread still closes the file
+    return Source(rate=file.samplerate, channels=file.channels, frames=frames, blocks=blocks, reader="libsndfile")
 
 
 def _blocks(file: sf.SoundFile) -> Iterator[np.ndarray]:
     with file:
+        yield np.empty((0, file.channels), np.float32)  # consumed by open_sndfile
         while True:
             try:
                 block = file.read(BLOCK_FRAMES, dtype="float32", always_2d=True)

@@ -20,4 +20,6 @@ class Source:
     blocks: Iterator[np.ndarray]
     """float32 (frames, channels) blocks in order; a generator that releases the file when closed."""
     reader: str
-    """The library that read it, for messages and logs: 'libsndfile' or 'ffmpeg'."""
+    """What read it, for the logs: 'libsndfile', 'ffmpeg' or 'waveform' (a client's samples)."""
+    decoded: int = 0
+    """Frames decoded so far: what a request's audio budget is charged, whatever the header said."""

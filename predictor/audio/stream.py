@@ -26,6 +26,7 @@ def to_mono(source: Source, rate: int, max_seconds: float, limit: str) -> np.nda
     with closing(source.blocks):
         for block in source.blocks:
             decoded += len(block)
+            source.decoded = decoded
             if decoded > max_frames:
                 raise ClientInputError(f"audio is longer than {max_seconds:g} s; {limit}")
             mono = downmix(block)

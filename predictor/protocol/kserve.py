@@ -10,7 +10,7 @@ request through), each workaround tested end to end:
 `AudioModelServer` routes through it, sets the gRPC receive limit (which kserve reads only from
 its own command line), and adds `CancelOnDisconnect` to kserve's FastAPI app: uvicorn lets a
 handler run on after its client has gone, and a ten-minute clip would then keep the model busy
-for a minute for nobody. gRPC cancels the handler of a cancelled call by itself.
+for nobody. gRPC cancels the handler of a cancelled call by itself.
 """
 
 import asyncio

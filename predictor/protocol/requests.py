@@ -78,9 +78,10 @@ def _parse_v2(request: InferRequest) -> AudioRequest:
     else:
         rate = input_parameters.get(RATE_PARAMETER, request_parameters.get(RATE_PARAMETER, DEFAULT_SAMPLING_RATE))
         clips = _waveform_clips(tensor, rate)
-    requested = _requested_outputs(request)
-    if requested & set(SEGMENT_OUTPUTS):  # asking for a segment output is asking for segments
-        parameters.setdefault("return_segments", True)
+    requested = _requested_outputs(request) & set(SEGMENT_OUTPUTS)
+    if requested:  # asking for a segment output is asking for segments
+        if parameters.setdefault("return_segments", True) is False:
+            raise ClientInputError(f"output(s) {sorted(requested)} need segments, but return_segments is false")
     return AudioRequest(clips=clips, parameters=parameters, v2=request)
 
 
@@ -161,8 +162,6 @@ def _b64decode(text: str, where: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ClientInputError(f"{where} is not valid base64: {exc}") from None
-
-
 
 
 def load_json(body: bytes) -> Any:
