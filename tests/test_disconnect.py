@@ -57,11 +57,17 @@ class Handler:
         self.finished = True
 
 
+async def serving(answer_first: bool) -> tuple[Handler, Connection, asyncio.Task]:
+    """A request through the middleware, up to the point where its handler has read the body."""
+    handler, connection = Handler(answer_first), Connection()
+    served = asyncio.create_task(CancelOnDisconnect(handler)(SCOPE, connection.receive, connection.send))
+    await handler.reading_done.wait()
+    return handler, connection, served
+
+
 def test_a_client_that_hangs_up_before_the_answer_cancels_the_handler():
     async def main():
-        handler, connection = Handler(answer_first=False), Connection()
-        served = asyncio.create_task(CancelOnDisconnect(handler)(SCOPE, connection.receive, connection.send))
-        await handler.reading_done.wait()
+        handler, connection, served = await serving(answer_first=False)
         connection.hung_up.set()
         await asyncio.wait_for(served, 10)  # returns quietly: nobody is left to answer
         return handler
@@ -72,9 +78,7 @@ def test_a_client_that_hangs_up_before_the_answer_cancels_the_handler():
 
 def test_a_disconnect_after_the_answer_began_lets_the_handler_finish():
     async def main():
-        handler, connection = Handler(answer_first=True), Connection()
-        served = asyncio.create_task(CancelOnDisconnect(handler)(SCOPE, connection.receive, connection.send))
-        await handler.reading_done.wait()
+        handler, connection, served = await serving(answer_first=True)
         connection.hung_up.set()
         await asyncio.sleep(0)  # the middleware sees the disconnect...
         handler.release.set()  # ...and the handler still finishes
@@ -88,9 +92,7 @@ def test_a_disconnect_after_the_answer_began_lets_the_handler_finish():
 
 def test_a_handler_answering_normally_is_untouched():
     async def main():
-        handler, connection = Handler(answer_first=False), Connection()
-        served = asyncio.create_task(CancelOnDisconnect(handler)(SCOPE, connection.receive, connection.send))
-        await handler.reading_done.wait()
+        handler, _, served = await serving(answer_first=False)
         handler.release.set()
         await asyncio.wait_for(served, 10)
         return handler
@@ -102,9 +104,7 @@ def test_a_handler_answering_normally_is_untouched():
 def test_the_servers_own_cancellation_goes_through():
     """On shutdown the server cancels the request's task: that must not be swallowed as a disconnect."""
     async def main():
-        handler, connection = Handler(answer_first=False), Connection()
-        served = asyncio.create_task(CancelOnDisconnect(handler)(SCOPE, connection.receive, connection.send))
-        await handler.reading_done.wait()
+        handler, _, served = await serving(answer_first=False)
         served.cancel()
         with pytest.raises(asyncio.CancelledError):
             await served
