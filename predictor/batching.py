@@ -29,6 +29,8 @@ from . import metrics
 
 logger = logging.getLogger(__name__)
 
+RESTART_DELAY_S = 0.5
+
 Compute = Callable[[list[np.ndarray]], torch.Tensor]
 """Windows of samples → (windows, labels) logits: the filterbank, then the engine."""
 
@@ -76,7 +78,20 @@ class WindowQueue:
         if self._worker is None:
             self._arrived = asyncio.Event()
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
-            self._worker = asyncio.get_running_loop().create_task(self._serve())
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._serve())
+        self._worker.add_done_callback(self._supervise)
+
+    def _supervise(self, worker: asyncio.Task) -> None:
+        """The worker only ends by dying (or on shutdown, cancelled): then every request that waits
+        for the model would wait forever, so a new worker takes over the queue, after a pause that
+        keeps a fault that persists from spinning."""
+        if worker.cancelled():
+            return
+        logger.error("The model queue's worker died; starting a new one", exc_info=worker.exception())
+        asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._spawn)
 
     async def _serve(self) -> None:
         while True:
@@ -85,16 +100,20 @@ class WindowQueue:
                 logits = await asyncio.get_running_loop().run_in_executor(
                     self._thread, self.compute, [job.windows[index] for job, index in batch]
                 )
+                if len(logits) != len(batch):
+                    raise RuntimeError(f"the engine returned {len(logits)} rows of logits for {len(batch)} windows")
                 metrics.WINDOWS.inc(len(batch))
                 for (job, _), row in zip(batch, logits):
                     job.logits.append(row)
                     if len(job.logits) == len(job.windows) and not job.result.done():
                         job.result.set_result(torch.stack(job.logits))
-            except Exception as exc:  # noqa: BLE001 - the batch's requests get the failure, the loop goes on
-                logger.exception("forward pass failed")
+            except BaseException as exc:  # noqa: BLE001 - the batch's requests get the failure, the loop goes on
                 for job, _ in batch:
                     if not job.result.done():
                         job.result.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise  # the server is shutting down
+                logger.exception("forward pass failed")
 
     async def _next_batch(self) -> list[tuple[Job, int]]:
         """The next window of each job in turn, up to max_batch_size; waits for work if there is none.

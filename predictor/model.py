@@ -152,11 +152,7 @@ class ASTModel(Model):
         return payload
 
     async def preprocess(self, payload: Union[dict, bytes, InferRequest], headers: Optional[dict] = None) -> Work:
-        request = parse(payload)
-        if len(request.clips) > self.max_clips_per_request:
-            raise ClientInputError(
-                f"{len(request.clips)} clips in one request; this server takes at most {self.max_clips_per_request}"
-            )
+        request = parse(payload, self.max_clips_per_request)
         options = self._options(request.parameters)
         waveforms = await asyncio.to_thread(self._decode, request.clips, options.hop_seconds)
         self._check_windows([len(w) for w in waveforms], options.hop_seconds)

@@ -139,3 +139,58 @@ def test_a_cancelled_request_is_not_computed():
     torch.testing.assert_close(run(main()), logits_of(third))
     assert [p[0] for p in compute.passes] == [1, 3]
     assert REGISTRY.get_sample_value("ast_queued_windows") == queued_before  # nothing left counted as waiting
+
+
+class Crash(BaseException):
+    """Not an Exception: what a plain `except Exception` would let through."""
+
+
+def test_a_pass_that_dies_of_anything_fails_only_its_requests():
+    def compute(windows):
+        if float(windows[0][0]) == 1:
+            raise Crash("the engine fell over")
+        if float(windows[0][0]) == 2:
+            return logits_of(windows)[:0]  # an engine answering with no rows at all
+        return logits_of(windows)
+
+    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0)
+    third = job(3, 2)
+
+    async def main():
+        with pytest.raises(Crash):
+            await queue(job(1, 1))
+        with pytest.raises(RuntimeError, match="returned 0 rows of logits for 1 windows"):
+            await queue(job(2, 1))
+        return await queue(third)
+
+    torch.testing.assert_close(run(main()), logits_of(third))
+
+
+class BrokenWindows(list):
+    """Windows whose count cannot be read once queued: the queue's own bookkeeping fails on them."""
+
+    def __init__(self, windows):
+        super().__init__(windows)
+        self.counted = 0
+
+    def __len__(self):
+        self.counted += 1
+        if self.counted > 1:
+            raise Crash("bookkeeping failed")
+        return super().__len__()
+
+
+def test_a_worker_that_dies_is_replaced_and_later_requests_are_served():
+    """A failure outside any pass (here in the queue's own bookkeeping) ends the worker task; a new
+    one takes over at once, so the requests behind it do not wait forever."""
+    queue = WindowQueue(logits_of, max_batch_size=1, max_wait_s=0.0)
+    later = job(2, 2)
+
+    async def main():
+        broken = asyncio.create_task(queue(BrokenWindows(job(1, 1))))
+        await asyncio.sleep(0)
+        answer = await asyncio.wait_for(queue(later), 30)
+        broken.cancel()
+        return answer
+
+    torch.testing.assert_close(run(main()), logits_of(later))

@@ -54,6 +54,10 @@ V1_CASES = {
     "nan": (v1(wav_with_nan()), "NaN or infinite"),
     "too-long": (v1(encode(np.zeros(RATE * 31, np.float32), RATE, "WAV", "PCM_16")), "at most 30 s"),
     "too-many-clips": (v1(*[GOOD_WAV] * 7), "at most 6"),
+    # Counted before anything is decoded: seven broken clips are refused for their number.
+    "too-many-broken-clips": ({"instances": [{"b64": "!!"}] * 7}, "7 clips in one request; this server takes at most 6"),
+    "huge-samples": (v1(encode(np.full(RATE, 1e30, np.float32), RATE, "WAV", "FLOAT")),
+                     "waveform has samples as large as 1e+30; this server takes samples within ±1e+14"),
     "bad-base64": ({"instances": [{"b64": "not base64 !!"}]}, "not valid base64"),
     "instances-not-list": ({"instances": {"b64": b64(GOOD_WAV)}}, "non-empty list"),
     "no-instances": ({"instances": []}, "non-empty list"),
@@ -96,6 +100,10 @@ V2_CASES = {
                      "parameters": {"channels": 2}}]}, "unknown parameter(s) ['channels'] on input 'waveform'"),
     "waveform-empty": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 0], "data": []}]}, "shape"),
     "unknown-output": ({**v2_audio(GOOD_WAV), "outputs": [{"name": "logits"}]}, "unknown requested output(s) ['logits']"),
+    "too-many-broken-clips": ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [7], "data": ["!!"] * 7}]},
+                              "7 clips in one request; this server takes at most 6"),
+    "huge-waveform": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1000], "data": [3e20] * 1000}]},
+                      "waveform has samples as large as 3e+20"),
     **{
         f"bytes-element-{kind}": ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "data": [value]}]},
                                   f"audio[0] must be an audio file (a base64 string in JSON, bytes in binary data or gRPC), got {kind}")
@@ -190,3 +198,18 @@ def test_server_still_serves_after_all_of_that(server):
     assert requests.get(f"{server.url}/v2/health/live").status_code == 200
     response = requests.post(server.predict_url, json=v1(GOOD_WAV))
     assert response.status_code == 200 and len(response.json()["predictions"][0]) == 5
+
+
+def test_base64_broken_into_lines_is_accepted(server):
+    """What `base64` (76-column lines), MIME encoders and many Java/.NET clients write by default:
+    answered exactly as the same file in one line."""
+    one_line = requests.post(server.predict_url, json=v1(GOOD_WAV), timeout=60)
+    lines = base64.encodebytes(GOOD_WAV).decode().replace("\n", "\r\n")
+    assert "\r\n" in lines.strip()
+    broken = requests.post(server.predict_url, json={"instances": [{"b64": lines}]}, timeout=60)
+    v2 = requests.post(server.infer_url, timeout=60, json={"inputs": [
+        {"name": "audio", "datatype": "BYTES", "shape": [1], "data": [lines]}]})
+    assert one_line.status_code == broken.status_code == v2.status_code == 200, (broken.text, v2.text)
+    assert broken.json() == one_line.json()
+    assert [o["data"] for o in v2.json()["outputs"] if o["name"] == "label"][0] == \
+        [p["label"] for p in one_line.json()["predictions"][0]]

@@ -16,6 +16,8 @@ import soxr
 from ..errors import ClientInputError
 from .source import Source
 
+MAX_AMPLITUDE = 1e14
+
 
 def to_mono(source: Source, rate: int, max_seconds: float, limit: str) -> np.ndarray:
     """The source's samples as float32 mono at `rate`; more than `max_seconds` raises, naming `limit`."""
@@ -30,7 +32,7 @@ def to_mono(source: Source, rate: int, max_seconds: float, limit: str) -> np.nda
             if decoded > max_frames:
                 raise ClientInputError(f"audio is longer than {max_seconds:g} s; {limit}")
             mono = downmix(block)
-            check_finite(mono)
+            check_samples(mono)
             pieces.append(mono if resampler is None else resampler.resample_chunk(mono))
     if decoded == 0:
         raise ClientInputError("audio has no samples (zero-length clip)")
@@ -46,7 +48,18 @@ def downmix(samples: np.ndarray) -> np.ndarray:
     return samples.mean(axis=1, dtype=np.float32)
 
 
-def check_finite(samples: np.ndarray) -> None:
+def check_samples(samples: np.ndarray) -> None:
+    """Finite, and small enough that no step of the filterbank overflows: a 25 ms frame's mel
+    energy is at most about 7e8 times its peak sample squared, and float32 ends at 3.4e38, so
+    beyond ±1e14 the features would be infinite and the scores NaN. Audio is normally within ±1
+    (integer PCM scaled to floats within ±2^31), far inside the bound."""
+    peak = float(np.abs(samples).max(initial=0.0))
+    if peak <= MAX_AMPLITUDE:
+        return
     if not np.isfinite(samples).all():
         bad = int(np.count_nonzero(~np.isfinite(samples)))
         raise ClientInputError(f"waveform contains {bad} NaN or infinite sample(s)")
+    raise ClientInputError(
+        f"waveform has samples as large as {peak:.3g}; this server takes samples within ±{MAX_AMPLITUDE:g} "
+        "(audio is normally within ±1): larger ones overflow the spectrogram"
+    )

@@ -28,25 +28,29 @@ RATE_PARAMETER = "sampling_rate"
 PROTOCOL_PARAMETERS = ("binary_data_output",)
 INPUT_PARAMETERS = {AUDIO_INPUT: ("binary_data_size",), WAVEFORM_INPUT: ("binary_data_size", RATE_PARAMETER)}
 DEFAULT_SAMPLING_RATE = 16_000
+WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")
 
 
-def parse(payload: Union[dict, bytes, InferRequest]) -> AudioRequest:
+def parse(payload: Union[dict, bytes, InferRequest], max_clips: int) -> AudioRequest:
+    """The request's clips and parameters; more than `max_clips` clips are refused from their count,
+    before any is decoded from base64."""
     if isinstance(payload, InferRequest):
-        return _parse_v2(payload)
+        return _parse_v2(payload, max_clips)
     if isinstance(payload, (bytes, bytearray)):
         return AudioRequest(clips=[bytes(payload)])
     if isinstance(payload, dict):
-        return _parse_v1(payload)
+        return _parse_v1(payload, max_clips)
     raise ClientInputError(f"unsupported request body of type {type(payload).__name__}")
 
 
-def _parse_v1(body: dict) -> AudioRequest:
+def _parse_v1(body: dict, max_clips: int) -> AudioRequest:
     unknown = set(body) - {"instances", "parameters"}
     if unknown:
         raise ClientInputError(f"unknown field(s) {sorted(unknown)}; a V1 request has 'instances' and 'parameters'")
     instances = body.get("instances")
     if not isinstance(instances, list) or not instances:
         raise ClientInputError('"instances" must be a non-empty list of {"b64": "<base64 audio file>"}')
+    _check_count(len(instances), max_clips)
     clips: list[Clip] = []
     for i, instance in enumerate(instances):
         if not isinstance(instance, dict) or set(instance) != {"b64"} or not isinstance(instance["b64"], str):
@@ -56,13 +60,15 @@ def _parse_v1(body: dict) -> AudioRequest:
     return AudioRequest(clips=clips, parameters=_model_parameters({} if parameters is None else parameters, ()))
 
 
-def _parse_v2(request: InferRequest) -> AudioRequest:
+def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
     if len(request.inputs) != 1:
         names = [i.name for i in request.inputs]
         raise ClientInputError(
             f"expected exactly one input, '{AUDIO_INPUT}' or '{WAVEFORM_INPUT}'; got {len(names)}: {names}"
         )
     tensor = request.inputs[0]
+    if tensor.shape and isinstance(tensor.shape[0], int):  # the rest of the shape is checked with the data
+        _check_count(tensor.shape[0] if len(tensor.shape) > 1 or tensor.name == AUDIO_INPUT else 1, max_clips)
     if tensor.name not in INPUT_PARAMETERS:
         raise ClientInputError(f"unknown input '{tensor.name}'; inputs are '{AUDIO_INPUT}' and '{WAVEFORM_INPUT}'")
     input_parameters = to_http_parameters(tensor.parameters or {})
@@ -157,11 +163,21 @@ def _model_parameters(parameters: Any, tolerated: tuple[str, ...]) -> dict[str, 
     return {k: v for k, v in parameters.items() if k in MODEL_PARAMETERS}
 
 
+def _check_count(count: int, max_clips: int) -> None:
+    if count > max_clips:
+        raise ClientInputError(f"{count} clips in one request; this server takes at most {max_clips}")
+
+
 def _b64decode(text: str, where: str) -> bytes:
+    """Strict base64, except that ASCII whitespace is skipped as RFC 2045 decoders skip it: the
+    `base64` command, MIME encoders and many Java and .NET clients break their output into lines."""
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ClientInputError(f"{where} is not valid base64: {exc}") from None
+        unbroken = text.translate(WHITESPACE)
+        if len(unbroken) < len(text):
+            return _b64decode(unbroken, where)
+        raise ClientInputError(f"{where} is not valid base64 (line breaks and spaces are allowed): {exc}") from None
 
 
 def load_json(body: bytes) -> Any:
