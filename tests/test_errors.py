@@ -54,6 +54,7 @@ V1_CASES = {
     "nan": (v1(wav_with_nan()), "NaN or infinite"),
     "too-long": (v1(encode(np.zeros(RATE * 31, np.float32), RATE, "WAV", "PCM_16")), "at most 30 s"),
     "too-many-clips": (v1(*[GOOD_WAV] * 7), "at most 6"),
+    "parameters-not-object": ({**v1(GOOD_WAV), "parameters": [1, 2]}, '"parameters" must be an object'),
     # Counted before anything is decoded: seven broken clips are refused for their number.
     "too-many-broken-clips": ({"instances": [{"b64": "!!"}] * 7}, "7 clips in one request; this server takes at most 6"),
     "huge-samples": (v1(encode(np.full(RATE, 1e30, np.float32), RATE, "WAV", "FLOAT")),
@@ -181,6 +182,41 @@ def binary_request(header: dict, payload: bytes, json_length=None) -> tuple[byte
 def test_v2_bad_binary_request(server, header, payload, message):
     body, headers = binary_request(header, payload)
     assert_client_error(requests.post(server.infer_url, data=body, headers=headers), message)
+
+
+GOOD_BINARY = ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 8}}]},
+               struct.pack("<I", 4) + b"abcd")
+
+
+@pytest.mark.parametrize(
+    "json_length, message",
+    [(None, "a binary V2 request needs the 'inference-header-content-length' header"),
+     ("twelve", "'inference-header-content-length' is not a number: 'twelve'"),
+     ("0", "'inference-header-content-length' 0 does not fit"), ("-5", "'inference-header-content-length' -5 does not fit"),
+     ("99999", "'inference-header-content-length' 99999 does not fit")],
+    ids=["missing", "not-a-number", "zero", "negative", "past-the-body"],
+)
+def test_v2_binary_header_length_must_fit(server, json_length, message):
+    body, headers = binary_request(*GOOD_BINARY, json_length=json_length)
+    if json_length is None:
+        del headers["Inference-Header-Content-Length"]
+    assert_client_error(requests.post(server.infer_url, data=body, headers=headers), message)
+
+
+def test_v2_binary_unknown_datatype(server):
+    header = {"inputs": [{"name": "audio", "datatype": "COMPLEX64", "shape": [1], "parameters": {"binary_data_size": 8}}]}
+    body, headers = binary_request(header, b"\x00" * 8)
+    assert_client_error(requests.post(server.infer_url, data=body, headers=headers), "unknown datatype COMPLEX64")
+
+
+def test_a_one_dimensional_waveform_is_one_clip(server):
+    samples = tone(440, 1.0, RATE)
+    flat = requests.post(server.infer_url, json={"inputs": [
+        {"name": "waveform", "datatype": "FP32", "shape": [len(samples)], "data": samples.tolist()}]})
+    rows = requests.post(server.infer_url, json={"inputs": [
+        {"name": "waveform", "datatype": "FP32", "shape": [1, len(samples)], "data": samples.tolist()}]})
+    assert flat.status_code == rows.status_code == 200, flat.text
+    assert flat.json()["outputs"] == rows.json()["outputs"]
 
 
 def test_v2_binary_nan_waveform_from_tritonclient(server):
