@@ -29,7 +29,8 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 # terminationGracePeriodSeconds (Knative's, the revision timeout, is longer still).
 GRACE_PERIOD_S = 20
 MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_request_audio_seconds",
-               "max_clips_per_request", "max_windows_per_request", "max_batch_size", "max_batch_wait_ms")
+               "max_clips_per_request", "max_windows_per_request", "max_batch_size", "max_batch_wait_ms",
+               "max_queued_windows")
 ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir")
 # KServe's own flags, passed on explicitly: ModelServer's defaults come from kserve's own parse of
 # sys.argv at import, not from the arguments main() was given.
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_windows_per_request", type=positive(int), default=240,
                         help="Most model windows one request may cost (a smaller hop_seconds costs more): 240 is "
                         "four times the 59 windows of 10 minutes at the default hop.")
+    parser.add_argument("--max_queued_windows", type=positive(int), default=240,
+                        help="Most windows of admitted requests waiting for the model; past it a request gets "
+                        "503 with Retry-After (gRPC UNAVAILABLE) at once. 240: four 10-minute clips, the most "
+                        "containerConcurrency 4 lets in.")
     parser.add_argument("--max_request_mb", type=positive(float), default=32.0,
                         help="Largest gRPC request message, in MiB (kserve's own default is 8 MiB; a 10-minute "
                         "16 kHz 16-bit WAV is 19 MB).")

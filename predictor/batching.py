@@ -8,6 +8,11 @@ request waits for the pass in flight and for the requests that arrived just befo
 anyone's long clip. A job whose caller has gone away (a cancelled gRPC call, a client that
 disconnected) is dropped before its next window: what it had not started costs nothing.
 
+The queue is bounded: past `max_queued` windows waiting, a new request is refused at once with
+`Overloaded` (a 503 with `Retry-After`, from the windows waiting and the time a window has been
+taking), while the requests already admitted finish; an empty queue admits any request, so one
+request up to the per-request window limit always runs.
+
 One asyncio task owns the schedule and runs each pass on a single thread of its own, so the event
 loop keeps answering health probes while AST computes. The filterbank runs there too, between
 passes: beside them, on threads of its own, its kernels and the model's would fight over the same
@@ -17,6 +22,8 @@ is 1.
 
 import asyncio
 import logging
+import math
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +33,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .errors import Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +61,13 @@ class Job:
 
 
 class WindowQueue:
-    def __init__(self, compute: Compute, max_batch_size: int, max_wait_s: float):
+    def __init__(self, compute: Compute, max_batch_size: int, max_wait_s: float, max_queued: int = 1 << 30):
         self.compute = compute
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_queued = max_queued
+        self._waiting = 0  # windows of admitted requests not yet handed to a pass
+        self._seconds_per_window = 1.0  # a running average of the passes, for Retry-After
         self._fresh: deque[Job] = deque()  # no window taken yet: first in line
         self._jobs: deque[Job] = deque()  # the round robin of jobs that have had a window
         # Made on first use: the event, the task and the thread belong to the server's event loop,
@@ -68,9 +79,15 @@ class WindowQueue:
     async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
         """(windows, labels) logits, computed in turn with every other request's windows."""
         self._start()
+        if self._waiting and self._waiting + len(windows) > self.max_queued:
+            retry_after = max(1, math.ceil(self._waiting * self._seconds_per_window))
+            raise Overloaded(
+                f"the model's queue is full ({self._waiting} windows waiting, at most {self.max_queued}); "
+                f"retry in about {retry_after} s", retry_after)
         job = Job(windows, asyncio.get_running_loop().create_future())
         self._fresh.append(job)
-        metrics.QUEUED_WINDOWS.inc(len(windows))
+        metrics.SUBMITTED.inc(len(windows))
+        self._count_waiting(len(windows))
         self._arrived.set()
         return await job.result  # a cancelled caller cancels the future too: dropped at its next turn
 
@@ -97,9 +114,11 @@ class WindowQueue:
         while True:
             batch = await self._next_batch()
             try:
+                started = time.monotonic()
                 logits = await asyncio.get_running_loop().run_in_executor(
                     self._thread, self.compute, [job.windows[index] for job, index in batch]
                 )
+                self._seconds_per_window += 0.2 * ((time.monotonic() - started) / len(batch) - self._seconds_per_window)
                 if len(logits) != len(batch):
                     raise RuntimeError(f"the engine returned {len(logits)} rows of logits for {len(batch)} windows")
                 metrics.WINDOWS.inc(len(batch))
@@ -143,7 +162,7 @@ class WindowQueue:
         for line in (self._fresh, self._jobs):
             for job in [job for job in line if job.abandoned]:
                 line.remove(job)
-                metrics.QUEUED_WINDOWS.dec(job.waiting)
+                self._count_waiting(-job.waiting)
         taken: list[tuple[Job, int]] = []
         while len(taken) < room and (self._fresh or self._jobs):
             job = (self._fresh or self._jobs).popleft()
@@ -151,5 +170,9 @@ class WindowQueue:
             job.scheduled += 1
             if job.waiting:
                 self._jobs.append(job)
-        metrics.QUEUED_WINDOWS.dec(len(taken))
+        self._count_waiting(-len(taken))
         return taken
+
+    def _count_waiting(self, change: int) -> None:
+        self._waiting += change
+        metrics.QUEUED_WINDOWS.inc(change)

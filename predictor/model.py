@@ -83,6 +83,7 @@ class ASTModel(Model):
         max_windows_per_request: int = 240,
         max_batch_size: int = 1,
         max_batch_wait_ms: float = 0.0,
+        max_queued_windows: int = 240,
         engine: EngineOptions = EngineOptions(),
     ):
         super().__init__(name)
@@ -95,6 +96,7 @@ class ASTModel(Model):
         self.max_windows_per_request = max_windows_per_request
         self.max_batch_size = max_batch_size
         self.max_batch_wait_ms = max_batch_wait_ms
+        self.max_queued_windows = max_queued_windows
         self.engine_options = engine
         self.queue: Optional[WindowQueue] = None
         self.engine: Optional[Engine] = None
@@ -136,7 +138,7 @@ class ASTModel(Model):
         self._compute([np.zeros(rate, dtype=np.float32)])  # warm-up
         del model  # an ONNX Runtime engine has its own copy of the weights
         release_freed_memory()
-        self.queue = WindowQueue(self._compute, self.max_batch_size, self.max_batch_wait_ms / 1000)
+        self.queue = WindowQueue(self._compute, self.max_batch_size, self.max_batch_wait_ms / 1000, self.max_queued_windows)
         logger.info(
             "Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d, %s",
             source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,

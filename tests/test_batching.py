@@ -10,6 +10,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from predictor.batching import WindowQueue
+from predictor.errors import Overloaded
 
 
 def logits_of(windows: list[np.ndarray]) -> torch.Tensor:
@@ -194,3 +195,26 @@ def test_a_worker_that_dies_is_replaced_and_later_requests_are_served():
         return answer
 
     torch.testing.assert_close(run(main()), logits_of(later))
+
+
+def test_a_full_queue_refuses_at_once_and_admitted_requests_finish():
+    """At most 3 windows waiting: a request that would pass that is refused with a retry time,
+    while an empty queue admits even a request bigger than the bound."""
+    compute = Recording(hold_first=True)
+    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0, max_queued=3)
+    big, second = job(1, 5), job(2, 2)
+
+    async def main():
+        first = asyncio.create_task(queue(big))  # 5 windows > 3, but the queue is empty
+        await asyncio.to_thread(compute.started.wait, 30)  # 1 window in the pass, 4 waiting
+        with pytest.raises(Overloaded, match=r"queue is full \(4 windows waiting, at most 3\)") as refused:
+            await queue(job(3, 1))
+        assert refused.value.retry_after_s >= 1
+        compute.release.set()
+        await first
+        return first.result(), await queue(second)  # room again once the queue has drained
+
+    big_logits, second_logits = run(main())
+    torch.testing.assert_close(big_logits, logits_of(big))
+    torch.testing.assert_close(second_logits, logits_of(second))
+    assert 3 not in [p[0] for p in compute.passes]

@@ -194,11 +194,22 @@ def memory_limit_bytes(container: dict) -> int:
     return int(quantity[:-2]) * units[quantity[-2:]]
 
 
+def submitted_windows(server: Server) -> float:
+    """Windows the server has admitted to its model queue so far (its /metrics)."""
+    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("ast_windows_submitted_total "):
+            return float(line.split()[1])
+    raise AssertionError("no ast_windows_submitted_total on /metrics")
+
+
 def in_flight(pool: ThreadPoolExecutor, server: Server, count: int) -> list:
-    """`count` full-size clips posted at once, given half a second to reach the model."""
+    """`count` full-size clips (one window each) posted at once; returns once all have reached the model's queue."""
     clip = ten_second_clip()
+    before = submitted_windows(server)
     futures = [pool.submit(requests.post, server.predict_url, data=clip, timeout=120) for _ in range(count)]
-    time.sleep(0.5)
+    while submitted_windows(server) < before + count:
+        assert not any(f.done() and f.result().status_code != 200 for f in futures)
+        time.sleep(0.05)
     return futures
 
 
@@ -249,9 +260,14 @@ def test_sigterm_finishes_inflight_requests_then_exits_zero(full_size_server):
         inflight = in_flight(pool, server, 2)
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        time.sleep(0.3)
-        with pytest.raises(requests.ConnectionError):  # no longer accepting
-            requests.post(server.predict_url, data=ten_second_clip(), timeout=5)
+        while True:  # the server stops accepting while the admitted requests are still being classified
+            try:
+                requests.get(f"{server.url}/v2/health/live", timeout=5)
+            except requests.ConnectionError:
+                break
+            assert time.monotonic() - signalled < KUBERNETES_GRACE_S, "still accepting after SIGTERM"
+            time.sleep(0.05)
+        assert not all(f.done() for f in inflight), "the requests finished before the server stopped accepting"
         responses = [f.result() for f in inflight]
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     assert server.process.wait(timeout=KUBERNETES_GRACE_S - (time.monotonic() - signalled)) == 0

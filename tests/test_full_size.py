@@ -15,7 +15,8 @@ import pytest
 import requests
 from transformers import ASTConfig, pipeline
 
-from .conftest import assert_same_predictions, encode, expected, save_random_ast, start_server, stop_server
+from .conftest import (assert_same_predictions, encode, expected, run_triton_grpc, save_random_ast, start_server,
+                       stop_server)
 
 RATE = 16000
 
@@ -59,9 +60,9 @@ def windows_done(server) -> float:
 
 @pytest.fixture(scope="module")
 def torch_server(full_size_dir, tmp_path_factory):
-    """The full-size model on the torch engine (no ONNX export to wait for)."""
+    """The full-size model on the torch engine (no ONNX export to wait for), at most 10 windows waiting."""
     server = start_server(full_size_dir, tmp_path_factory.mktemp("full-torch") / "server.log",
-                          extra_args=("--backend", "torch"))
+                          extra_args=("--backend", "torch", "--max_queued_windows", "10"))
     yield server
     stop_server(server)
 
@@ -116,3 +117,26 @@ def test_a_client_that_goes_away_stops_using_the_model(torch_server):
     # The first window, the one in flight when the client left, and at most one more.
     assert windows_done(server) - begun <= 3, (begun, windows_done(server))
     assert server.is_ready()
+
+
+def test_overload_is_refused_at_once_while_admitted_work_finishes(torch_server):
+    """A 12-window request is admitted into an empty queue; a second one, which would make 20
+    windows wait where the server takes 10, is refused with 503 and Retry-After (gRPC: UNAVAILABLE)
+    while the first is still being classified; the probes answer and the first request succeeds."""
+    server, begun = torch_server, windows_done(torch_server)
+    body = {"instances": [{"b64": base64.b64encode(noise_wav(30, 9)).decode()}], "parameters": {"hop_seconds": 2.5}}
+    with ThreadPoolExecutor(1) as pool:
+        admitted = pool.submit(requests.post, server.predict_url, json=body, timeout=600)
+        while windows_done(server) < begun + 1:
+            assert not admitted.done(), admitted.result().text
+            time.sleep(0.05)
+        refused = requests.post(server.predict_url, json=body, timeout=60)
+        over_grpc = run_triton_grpc({"url": server.grpc_url, "model": "ast", "clips": [body["instances"][0]["b64"]], "parameters": {"hop_seconds": 2.5}})
+        live = requests.get(f"{server.url}/v2/health/live", timeout=5)
+        assert not admitted.done(), "the admitted request finished before the overload could be tested"
+        assert admitted.result().status_code == 200, admitted.result().text
+    assert refused.status_code == 503, refused.text
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "the model's queue is full" in refused.json()["error"]
+    assert over_grpc["error_code"] == "StatusCode.UNAVAILABLE" and "queue is full" in over_grpc["error"], over_grpc
+    assert live.status_code == 200

@@ -14,19 +14,23 @@ for nobody. gRPC cancels the handler of a cancelled call by itself.
 """
 
 import asyncio
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from cloudevents.sdk.converters.util import has_binary_headers
 from kserve import model_server
 from kserve.constants.constants import PredictorProtocol
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ServerNotReady
 from kserve.model_server import ModelServer
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
+from starlette.responses import JSONResponse
 
-from ..errors import ClientInputError
+from ..errors import ClientInputError, Overloaded
 from .requests import load_json, parse_binary_extension
+
+logger = logging.getLogger(__name__)
 
 
 class AudioDataPlane(DataPlane):
@@ -34,7 +38,7 @@ class AudioDataPlane(DataPlane):
 
     def decode(self, body, headers, protocol_version: str = PredictorProtocol.REST_V1.value, model_name=None):
         headers = headers or {}
-        with _as_invalid_input():
+        with _as_kserve_errors():
             if protocol_version == PredictorProtocol.REST_V1.value and isinstance(body, (bytes, bytearray)):
                 if _is_raw_audio(body, headers):
                     return body, {}
@@ -46,12 +50,12 @@ class AudioDataPlane(DataPlane):
 
     def decode_inference_request(self, body, headers: dict, model_name: str) -> InferRequest:
         if isinstance(body, bytes):
-            with _as_invalid_input():
+            with _as_kserve_errors():
                 return parse_binary_extension(body, headers, model_name)
         return super().decode_inference_request(body, headers, model_name)
 
     async def infer(self, model_name: str, request, headers=None):
-        with _as_invalid_input():
+        with _as_kserve_errors():
             return await super().infer(model_name, request, headers)
 
 
@@ -64,6 +68,7 @@ class AudioModelServer(ModelServer):
         # kserve's GRPCServer takes its limits from kserve's own parse of the command line.
         model_server.args.grpc_max_receive_message_length = max_message_bytes
         model_server.app.add_middleware(CancelOnDisconnect)
+        model_server.app.add_exception_handler(Busy, busy_handler)
 
 
 class CancelOnDisconnect:
@@ -106,12 +111,30 @@ class CancelOnDisconnect:
 
 
 @contextmanager
-def _as_invalid_input() -> Iterator[None]:
-    """Our client errors become kserve's InvalidInput: HTTP 400, gRPC INVALID_ARGUMENT."""
+def _as_kserve_errors() -> Iterator[None]:
+    """Our client errors become kserve's InvalidInput (HTTP 400, gRPC INVALID_ARGUMENT); a full
+    queue becomes `Busy` (HTTP 503 with Retry-After, gRPC UNAVAILABLE)."""
     try:
         yield
     except ClientInputError as exc:
         raise InvalidInput(str(exc)) from exc
+    except Overloaded as exc:
+        raise Busy(str(exc), exc.retry_after_s) from exc
+
+
+class Busy(ServerNotReady):
+    """kserve maps ServerNotReady to gRPC UNAVAILABLE with its `reason`, which it does not set."""
+
+    def __init__(self, reason: str, retry_after_s: int):
+        super().__init__(reason)
+        self.error_msg = self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+async def busy_handler(_: Any, exc: Busy) -> JSONResponse:
+    """HTTP 503 with Retry-After, logged once as a warning (kserve's handler would log a trace)."""
+    logger.warning("%s", exc)
+    return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": str(exc.retry_after_s)})
 
 
 def _is_raw_audio(body: bytes, headers: dict) -> bool:
