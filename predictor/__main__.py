@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "503 with Retry-After (gRPC UNAVAILABLE) at once. 240: four 10-minute clips, the most "
                         "containerConcurrency 4 lets in.")
     parser.add_argument("--max_request_mb", type=positive(float), default=32.0,
-                        help="Largest gRPC request message, in MiB (kserve's own default is 8 MiB; a 10-minute "
-                        "16 kHz 16-bit WAV is 19 MB).")
+                        help="Largest request: an HTTP body (413 past it, before it is read) or a gRPC message "
+                        "(kserve's own default is 8 MiB), in MiB. A 10-minute 16 kHz 16-bit WAV is 19 MB.")
     parser.add_argument("--max_batch_size", type=positive(int), default=1,
                         help="Most windows (10.24 s each for AudioSet AST) in one forward pass. 1: no batching, "
                         "which served fastest on 2 cores (make bench); raise it on machines where batches pay.")

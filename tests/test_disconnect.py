@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from predictor.protocol.kserve import CancelOnDisconnect
+from predictor.protocol.asgi import CancelOnDisconnect
 
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/models/ast:predict"}
 

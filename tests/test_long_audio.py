@@ -7,6 +7,7 @@ clip and per request), with a lower window limit to test it.
 """
 
 import base64
+import socket
 import subprocess
 
 import numpy as np
@@ -296,4 +297,39 @@ def test_grpc_messages_past_the_limit_are_refused(long_server):
     """--max_request_mb (32 MiB by default) bounds a gRPC message; past it gRPC itself refuses."""
     result = run_triton_grpc({"url": long_server.grpc_url, "model": "ast", "clips": [b64(bytes(33 * 2**20))]})
     assert result["error_code"] == "StatusCode.RESOURCE_EXHAUSTED", result
+    assert long_server.is_ready()
+
+
+def raw_http(server, head: bytes, chunks=()) -> bytes:
+    """A request written by hand on a socket (what requests cannot do: stop sending midway), and
+    the server's answer as it arrives."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as connection:
+        connection.sendall(head)
+        try:
+            for chunk in chunks:
+                connection.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the body was over: what the limit is for
+        answer = b""
+        while (data := connection.recv(65536)):
+            answer += data
+        return answer
+
+
+def test_a_body_past_the_limit_is_refused_before_it_is_read(long_server):
+    """Content-Length past --max_request_mb (32 MiB): 413 at once, with not a byte of the body sent."""
+    answer = raw_http(long_server, b"POST /v1/models/ast:predict HTTP/1.1\r\nHost: test\r\n"
+                                   b"Content-Type: audio/wav\r\nContent-Length: 41943040\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"request body is 41943040 bytes; this server accepts at most 33554432 bytes (32 MiB" in answer
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(long_server):
+    """No length stated: the server counts what it reads and answers 413 past 32 MiB; the client
+    is cut off long before its 64 MiB are sent."""
+    chunk = b"%x\r\n%s\r\n" % (2**20, bytes(2**20))
+    answer = raw_http(long_server, b"POST /v1/models/ast:predict HTTP/1.1\r\nHost: test\r\nContent-Type: audio/wav\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 64 + [b"0\r\n\r\n"])
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"request body is more than 33554432 bytes" in answer
     assert long_server.is_ready()

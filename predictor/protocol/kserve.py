@@ -8,12 +8,10 @@ request through), each workaround tested end to end:
   we read a V1 body as audio unless it is, or looks like, JSON;
 - our `ClientInputError` becomes kserve's `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT).
 `AudioModelServer` routes through it, sets the gRPC receive limit (which kserve reads only from
-its own command line), and adds `CancelOnDisconnect` to kserve's FastAPI app: uvicorn lets a
-handler run on after its client has gone, and a ten-minute clip would then keep the model busy
-for nobody. gRPC cancels the handler of a cancelled call by itself.
+its own command line), and adds our ASGI middlewares (`asgi`) to kserve's FastAPI app: the same
+size limit for HTTP bodies, and cancellation for clients that disconnect.
 """
 
-import asyncio
 import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -28,6 +26,7 @@ from kserve.protocol.infer_type import InferRequest
 from starlette.responses import JSONResponse
 
 from ..errors import ClientInputError, Overloaded
+from .asgi import BodyLimit, CancelOnDisconnect
 from .requests import load_json, parse_binary_extension
 
 logger = logging.getLogger(__name__)
@@ -68,46 +67,8 @@ class AudioModelServer(ModelServer):
         # kserve's GRPCServer takes its limits from kserve's own parse of the command line.
         model_server.args.grpc_max_receive_message_length = max_message_bytes
         model_server.app.add_middleware(CancelOnDisconnect)
+        model_server.app.add_middleware(BodyLimit, max_bytes=max_message_bytes)
         model_server.app.add_exception_handler(Busy, busy_handler)
-
-
-class CancelOnDisconnect:
-    """ASGI middleware: once a request's body has arrived, a client that disconnects before its
-    response starts cancels the request's handler (so its windows waiting for the model are dropped)."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        body_read, responding = asyncio.Event(), asyncio.Event()
-
-        async def tracked_receive() -> dict:
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                body_read.set()
-            return message
-
-        async def tracked_send(message: dict) -> None:
-            responding.set()
-            await send(message)
-
-        handler = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
-
-        async def watch() -> None:
-            await body_read.wait()
-            if (await receive())["type"] == "http.disconnect" and not responding.is_set():
-                handler.cancel()
-
-        watcher = asyncio.ensure_future(watch())
-        try:
-            await handler
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # the server's own cancellation, not the client's
-                raise
-        finally:
-            watcher.cancel()
 
 
 @contextmanager

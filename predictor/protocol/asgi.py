@@ -1,0 +1,100 @@
+"""ASGI middlewares for kserve's FastAPI app: what uvicorn and kserve do not do for a model server.
+
+- `BodyLimit`: kserve's endpoints read a request body whole, however large; uvicorn sets no limit.
+  A body past the limit is answered 413 as soon as its `Content-Length` says so, before a byte of
+  it is read, or (chunked, no length) as soon as the bytes read pass it; the rest is never read.
+- `CancelOnDisconnect`: uvicorn lets a handler run on after its client has gone, and a ten-minute
+  clip would then keep the model busy for nobody; a disconnect before the answer starts cancels
+  the handler, whose windows waiting for the model are then dropped. (gRPC cancels the handler of
+  a cancelled call by itself.)
+"""
+
+import asyncio
+import json
+from typing import Any
+
+
+class BodyTooLarge(Exception):
+    """Raised into the app when a chunked body passes the limit: it stops reading there."""
+
+
+class BodyLimit:
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send, f"{int(declared)} bytes")
+        read, started = 0, False
+
+        async def counted_receive() -> dict:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_bytes:
+                raise BodyTooLarge()
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send, f"more than {self.max_bytes} bytes")
+
+    async def _refuse(self, send: Any, size: str) -> None:
+        message = (f"request body is {size}; this server accepts at most {self.max_bytes} bytes "
+                   f"({self.max_bytes / 2**20:g} MiB, --max_request_mb): send compressed audio (FLAC, M4A, Opus) "
+                   "or fewer clips per request")
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class CancelOnDisconnect:
+    """ASGI middleware: once a request's body has arrived, a client that disconnects before its
+    response starts cancels the request's handler (so its windows waiting for the model are dropped)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_read, responding = asyncio.Event(), asyncio.Event()
+
+        async def tracked_receive() -> dict:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            responding.set()
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
+
+        async def watch() -> None:
+            await body_read.wait()
+            if (await receive())["type"] == "http.disconnect" and not responding.is_set():
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the server's own cancellation, not the client's
+                raise
+        finally:
+            watcher.cancel()
