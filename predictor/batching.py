@@ -126,12 +126,14 @@ class WindowQueue:
                     job.logits.append(row)
                     if len(job.logits) == len(job.windows) and not job.result.done():
                         job.result.set_result(torch.stack(job.logits))
+            except asyncio.CancelledError:  # the server is shutting down: so are its requests
+                for job, _ in batch:
+                    job.result.cancel()
+                raise
             except BaseException as exc:  # noqa: BLE001 - the batch's requests get the failure, the loop goes on
                 for job, _ in batch:
                     if not job.result.done():
                         job.result.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise  # the server is shutting down
                 logger.exception("forward pass failed")
 
     async def _next_batch(self) -> list[tuple[Job, int]]:

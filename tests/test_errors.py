@@ -1,8 +1,10 @@
 """Bad input of every kind gets a 4xx naming the problem, and the server keeps serving."""
 
 import base64
+import http.server
 import json
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -249,3 +251,35 @@ def test_base64_broken_into_lines_is_accepted(server):
     assert broken.json() == one_line.json()
     assert [o["data"] for o in v2.json()["outputs"] if o["name"] == "label"][0] == \
         [p["label"] for p in one_line.json()["predictions"][0]]
+
+
+def test_request_fields_are_data_never_paths_or_urls(server, tmp_path):
+    """The transformers pipeline opens a string input as a file path or fetches it as a URL; here
+    every field is data: a path or URL where audio belongs is bytes that are not audio (a 400), and
+    nothing is opened or fetched (a loopback server that would serve real audio sees no request)."""
+    requested = []
+
+    class Audio(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the standard library's name
+            requested.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(GOOD_WAV)
+
+        def log_message(self, *args):
+            pass
+
+    local_file = tmp_path / "clip.wav"
+    local_file.write_bytes(GOOD_WAV)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Audio) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        for text in [str(local_file), f"file://{local_file}", f"http://127.0.0.1:{web.server_address[1]}/clip.wav"]:
+            raw = requests.post(server.predict_url, data=text.encode(), headers={"Content-Type": "audio/wav"})
+            assert_client_error(raw, "could not decode audio")
+            as_b64 = requests.post(server.predict_url, json={"instances": [{"b64": b64(text.encode())}]})
+            assert_client_error(as_b64, "could not decode audio")
+            as_v2_string = requests.post(server.infer_url, json={"inputs": [
+                {"name": "audio", "datatype": "BYTES", "shape": [1], "data": [text]}]})
+            assert_client_error(as_v2_string, "not valid base64")
+        web.shutdown()
+    assert requested == []
