@@ -14,8 +14,7 @@ from transformers import ASTForAudioClassification
 from predictor.engines import EngineOptions, TorchEngine, build_engine, resolve_backend
 from predictor.onnx_export import EXPORT_TIMEOUT_S, ExportError, weight_files
 
-from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, save_random_ast, start_server,
-                       stop_server, tone)
+from .conftest import assert_same_predictions, encode, expected, start_server, stop_server, tone
 
 
 @pytest.fixture(scope="module")
@@ -102,28 +101,19 @@ def test_torch_backend_server_matches_the_pipeline(tiny_model_dir, tiny_pipeline
     assert_same_predictions(response.json()["predictions"][0], expected(tiny_pipeline, speech_16k, 3, "softmax"))
 
 
-@pytest.fixture(scope="module")
-def short_model_dir(tmp_path_factory):
-    """The tiny geometry with 300 frames: on a random-init 32-wide model fed random features, ONNX
-    Runtime's one activation scale per tensor loses more the more tokens share it (cosine 0.79 at
-    1024 frames); `make bench` measures int8 at the real geometry."""
-    return save_random_ast(tmp_path_factory.mktemp("tiny-300"), TINY_LABELS, tiny=True)
-
-
 @pytest.mark.parametrize("backend, tolerance", [("torch", 1e-5), ("onnxruntime", 0.0)])
-def test_int8_is_close_to_fp32_and_independent_of_batch_mates(short_model_dir, tmp_path, backend, tolerance):
-    """Per-token scales (torch) or one clip per run (onnxruntime): batch-mates cannot move a clip's
-    logits beyond float summation order (torch) or at all (onnxruntime)."""
-    fp32_model = ASTForAudioClassification.from_pretrained(short_model_dir)
-    torch.manual_seed(1)
-    features = torch.randn(5, fp32_model.config.max_length, fp32_model.config.num_mel_bins)
-    fp32 = TorchEngine(fp32_model)(features)
-    model = ASTForAudioClassification.from_pretrained(short_model_dir, attn_implementation="sdpa")
-    engine = build_engine(model, str(short_model_dir), EngineOptions(backend, "int8", 2, tmp_path))
+def test_int8_is_close_to_fp32_and_independent_of_batch_mates(tiny_model_dir, features, tmp_path, backend, tolerance):
+    """The cosine the README promises, on whatever CPU runs this (ONNX Runtime's int8 weights
+    follow its VNNI, see cpu.int8_weight_type). Per-token scales (torch) or one clip per run
+    (onnxruntime): batch-mates cannot move a clip's logits beyond float summation order (torch)
+    or at all (onnxruntime)."""
+    fp32 = TorchEngine(ASTForAudioClassification.from_pretrained(tiny_model_dir))(features)
+    model = ASTForAudioClassification.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    engine = build_engine(model, str(tiny_model_dir), EngineOptions(backend, "int8", 2, tmp_path))
     loud = features.clone()
     loud[1:] *= 50  # batch-mates with far larger activations, which a shared scale would follow
     batched = engine(loud)
-    assert cosine(engine(features), fp32).min() >= 0.99
+    assert cosine(engine(features), fp32).min() >= 0.999
     torch.testing.assert_close(batched[0], engine(features[:1])[0], atol=tolerance, rtol=0)
 
 
@@ -166,7 +156,7 @@ def test_bf16_is_close_to_fp32(tiny_model_dir, features):
     bf16 = build_engine(ASTForAudioClassification.from_pretrained(tiny_model_dir), str(tiny_model_dir),
                         EngineOptions("torch", "bf16", 2))(features)
     assert bf16.dtype == torch.float32
-    assert cosine(bf16, fp32).min() >= 0.99
+    assert cosine(bf16, fp32).min() >= 0.9999  # what the README promises
 
 
 def test_changed_weights_get_a_new_export(tiny_model_dir, tmp_path):
