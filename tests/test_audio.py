@@ -168,3 +168,11 @@ def test_a_vbr_mp3_without_a_length_header_is_decoded_whole(tmp_path):
                       "-write_xing", "0", "-f", "mp3")
     decoded = audio.decode(data, TARGET)
     assert abs(len(decoded) - 20 * RATE) < 0.1 * RATE
+
+
+def test_many_channels_downmix_block_by_block():
+    """64 channels: blocks hold a fixed number of samples across channels, and the mean is exact."""
+    rng = np.random.default_rng(4)
+    channels = (0.1 * rng.standard_normal((RATE * 3, 64))).astype(np.float32)
+    decoded = audio.decode(encode(channels, RATE, "WAV", "FLOAT"), TARGET)
+    np.testing.assert_allclose(decoded, channels.mean(axis=1, dtype=np.float32), atol=1e-7)

@@ -17,7 +17,7 @@ import soundfile as sf
 from ..errors import ClientInputError
 from .source import Source
 
-BLOCK_FRAMES = 65_536
+BLOCK_SAMPLES = 131_072  # per block, all channels together: a block's memory does not grow with the channels
 TRUNCATED_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
 UNKNOWN_CHUNK_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
 UNKNOWN_FRAMES = 2**62  # libsndfile's SF_COUNT_MAX, or near it: the header does not say
@@ -50,7 +50,7 @@ def _blocks(file: sf.SoundFile) -> Iterator[np.ndarray]:
         yield np.empty((0, file.channels), np.float32)  # consumed by open_sndfile
         while True:
             try:
-                block = file.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+                block = file.read(max(1, BLOCK_SAMPLES // file.channels), dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as exc:
                 raise ClientInputError(
                     f"could not decode audio: the file is corrupt or truncated after {file.tell()} frames: {reason(exc)}"
