@@ -24,17 +24,15 @@ def to_mono(source: Source, rate: int, max_seconds: float, limit: str) -> np.nda
     max_frames = math.floor(max_seconds * source.rate)
     resampler = None if source.rate == rate else soxr.ResampleStream(source.rate, rate, 1, dtype="float32", quality="HQ")
     pieces: list[np.ndarray] = []
-    decoded = 0
     with closing(source.blocks):
         for block in source.blocks:
-            decoded += len(block)
-            source.decoded = decoded
-            if decoded > max_frames:
+            source.decoded += len(block)
+            if source.decoded > max_frames:
                 raise ClientInputError(f"audio is longer than {max_seconds:g} s; {limit}")
             mono = downmix(block)
             check_samples(mono)
             pieces.append(mono if resampler is None else resampler.resample_chunk(mono))
-    if decoded == 0:
+    if source.decoded == 0:
         raise ClientInputError("audio has no samples (zero-length clip)")
     if resampler is not None:
         pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
