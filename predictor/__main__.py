@@ -20,9 +20,11 @@ from kserve import model_server
 from .allocator import keep_freed_memory
 from .cpu import configure_torch_threads
 from .engines import BACKENDS, PRECISIONS, EngineOptions
+from .onnx_export import EXPORT_TIMEOUT_S
 from .labels import FUNCTIONS
 from .model import ASTModel, ModelLoadError
 from .protocol.kserve import AudioModelServer
+from .protocol.request_ids import RequestLog
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 # After SIGTERM, in-flight requests get this long to finish: inside Kubernetes' default 30 s
@@ -31,7 +33,7 @@ GRACE_PERIOD_S = 20
 MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_request_audio_seconds",
                "max_clips_per_request", "max_windows_per_request", "max_batch_size", "max_batch_wait_ms",
                "max_queued_windows")
-ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir")
+ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir", "onnx_export_timeout_s")
 # KServe's own flags, passed on explicitly: ModelServer's defaults come from kserve's own parse of
 # sys.argv at import, not from the arguments main() was given.
 SERVER_FLAGS = (
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Intra-op threads. Default: the container's CPU limit (cgroup), not the node's core count.")
     parser.add_argument("--onnx_cache_dir", type=Path, default=None,
                         help="Where exported ONNX models are kept. Default: $XDG_CACHE_HOME/ast-kserve (~/.cache/ast-kserve).")
+    parser.add_argument("--onnx_export_timeout_s", type=positive(float), default=EXPORT_TIMEOUT_S,
+                        help="An ONNX export taking longer is abandoned for the torch engine (--backend auto) or "
+                        "fails the start (--backend onnxruntime); keep it well inside the liveness probe's "
+                        "initial delay, as the server answers probes only once loaded.")
     parser.set_defaults(model_name="ast")
     apply_environment(parser, ("model_name", "max_request_mb") + MODEL_FLAGS + ENGINE_FLAGS)
     return parser
@@ -147,9 +153,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         ours.handlers = kserve_logging.logger.handlers
         ours.setLevel(kserve_logging.logger.level)
         ours.propagate = False
+        for handler in kserve_logging.logger.handlers:
+            handler.addFilter(RequestLog())
     keep_freed_memory()
     threads = configure_torch_threads(args.threads)
-    engine = EngineOptions(backend=args.backend, precision=args.precision, threads=threads, cache_dir=args.onnx_cache_dir)
+    engine = EngineOptions(backend=args.backend, precision=args.precision, threads=threads, cache_dir=args.onnx_cache_dir,
+                           export_timeout_s=args.onnx_export_timeout_s)
     model = ASTModel(name=args.model_name, engine=engine, **_pick(args, MODEL_FLAGS))
     try:
         model.load()

@@ -36,7 +36,7 @@ import torch
 from transformers import ASTForAudioClassification
 
 from .ast_forward import PooledLogits
-from .onnx_export import ExportError, cached_onnx, default_cache_dir
+from .onnx_export import EXPORT_TIMEOUT_S, ExportError, cached_onnx, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class EngineOptions:
     precision: str = "fp32"
     threads: int = 1
     cache_dir: Optional[Path] = None  # None: $XDG_CACHE_HOME/ast-kserve
+    export_timeout_s: float = EXPORT_TIMEOUT_S
 
 
 class Engine(Protocol):
@@ -118,16 +119,16 @@ class OnnxEngine:
         ))
 
     @classmethod
-    def build(cls, model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path,
-              threads: int) -> "OnnxEngine":
+    def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OnnxEngine":
         """Every way this can fail comes out as `ExportError`, which `auto` answers with torch. A
         cached file ONNX Runtime cannot open is removed, so the next start exports it afresh."""
         try:
-            path = cached_onnx(model, source, precision, cache_dir)
+            path = cached_onnx(model, source, options.precision, options.cache_dir or default_cache_dir(),
+                               options.export_timeout_s)
         except (OSError, ImportError) as exc:
             raise ExportError(f"could not prepare the ONNX model: {exc}") from exc
         try:
-            return cls(path, threads)
+            return cls(path, options.threads)
         except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception itself
             path.unlink(missing_ok=True)
             raise ExportError(f"ONNX Runtime could not load {path} (removed from the cache): {exc}") from exc
@@ -151,8 +152,7 @@ def build_engine(model: ASTForAudioClassification, source: str, options: EngineO
         if options.precision == "bf16":
             raise ValueError("bf16 runs on the torch backend")
         try:
-            return OnnxEngine.build(model, source, options.precision, options.cache_dir or default_cache_dir(),
-                                    options.threads)
+            return OnnxEngine.build(model, source, options)
         except ExportError as exc:
             if options.backend != "auto":
                 raise

@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 18
 # The HTTP server (and so the liveness probe) starts only after loading: an export that takes
-# longer than this is abandoned for the torch engine (under --backend auto) well before the
-# manifests' liveness probe would restart the container (inferenceservice.yaml: 90 s + 3 x 10 s).
-EXPORT_TIMEOUT_S = 60
+# longer than this (--onnx_export_timeout_s) is abandoned for the torch engine (under --backend
+# auto) well before the manifests' liveness probe would restart the container
+# (inferenceservice.yaml: 90 s + 3 x 10 s).
+EXPORT_TIMEOUT_S = 60.0
 TEMP_SUFFIX = ".onnx.tmp"
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # where `-m predictor.onnx_export` imports from
 
@@ -49,7 +50,8 @@ class ExportError(RuntimeError):
     """The ONNX file could not be made or kept: the message says why."""
 
 
-def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path) -> Path:
+def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path,
+                timeout_s: float = EXPORT_TIMEOUT_S) -> Path:
     """The cached file for this model version and precision, exported first if it is missing."""
     key = model_key(model, source)
     precision = f"int8-{int8_weight_type()}" if precision == "int8" else precision
@@ -61,7 +63,7 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot write the ONNX cache directory {cache_dir}: {exc}") from exc
-    _remove_abandoned_temp_files(cache_dir)
+    _remove_abandoned_temp_files(cache_dir, timeout_s)
     logger.info("Exporting the model to ONNX (%s; once per model version and cache directory) into %s", precision, path)
     local = Path(source)
     command = [sys.executable, "-m", __name__, str(local.resolve()) if local.is_dir() else source,
@@ -71,9 +73,9 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
     try:
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
-                              env=environment, timeout=EXPORT_TIMEOUT_S)
+                              env=environment, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
-        raise ExportError(f"exporting the model to ONNX took over {EXPORT_TIMEOUT_S} s") from exc
+        raise ExportError(f"exporting the model to ONNX took over {timeout_s:g} s (--onnx_export_timeout_s)") from exc
     if done.returncode != 0 or not path.is_file():
         raise ExportError(f"exporting the model to ONNX failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     peaks = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF)]
@@ -105,12 +107,13 @@ def export(source: str, fp32: Path, out: Path, precision: str) -> None:
         _atomic_write(out, lambda tmp: quantize_dynamic(graph, tmp, per_channel=True, weight_type=weights))
 
 
-def _remove_abandoned_temp_files(cache_dir: Path) -> None:
+def _remove_abandoned_temp_files(cache_dir: Path, timeout_s: float) -> None:
     """An export killed mid-way (timeout, out of memory) leaves its ~350 MB temp file behind, and
-    a volume would keep it forever. Older than two time limits, no export is still writing it."""
+    a volume would keep it forever. Older than two time limits, no export is still writing it
+    (servers sharing a cache directory are expected to share the limit)."""
     for temp in cache_dir.glob(f"*{TEMP_SUFFIX}"):
         try:
-            if time.time() - temp.stat().st_mtime > 2 * EXPORT_TIMEOUT_S:
+            if time.time() - temp.stat().st_mtime > 2 * timeout_s:
                 temp.unlink()
                 logger.info("Removed %s, left by an export that did not finish", temp)
         except OSError:  # another server removed it first

@@ -169,6 +169,22 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
     assert still_alive, f"the server died during the tests:\n{running.log.read_text()[-4000:]}"
 
 
+def raw_http(server, head: bytes, chunks=()) -> bytes:
+    """A request written by hand on a socket (what requests cannot do: stop sending midway), and
+    the server's answer as it arrives."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as connection:
+        connection.sendall(head)
+        try:
+            for chunk in chunks:
+                connection.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the body was over: what the limit is for
+        answer = b""
+        while (data := connection.recv(65536)):
+            answer += data
+        return answer
+
+
 TRITON_GRPC_CLIENT = Path(__file__).parent / "clients" / "triton_grpc.py"
 
 

@@ -51,6 +51,31 @@ def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(ti
         build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, blocked / "cache"))
 
 
+def test_an_export_past_its_time_limit_falls_back_to_torch(tiny_model, tiny_model_dir, tmp_path):
+    """The export's child process is killed at --onnx_export_timeout_s; nothing is cached."""
+    hurried = EngineOptions("onnxruntime", "fp32", 1, tmp_path, export_timeout_s=0.05)
+    with pytest.raises(ExportError, match=r"took over 0.05 s \(--onnx_export_timeout_s\)"):
+        build_engine(tiny_model, str(tiny_model_dir), hurried)
+    auto = EngineOptions("auto", "fp32", 1, tmp_path, export_timeout_s=0.05)
+    assert isinstance(build_engine(tiny_model, str(tiny_model_dir), auto), TorchEngine)
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_an_export_whose_child_fails_falls_back_to_torch(tiny_model, tiny_model_dir, tmp_path):
+    """The child loads the model afresh from its directory: weights gone since the server loaded
+    them (a volume unmounted, say) make it fail, and its error comes back in the message."""
+    vanished = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, vanished)
+    for weights in weight_files(str(vanished)):
+        weights.unlink()
+    cache = tmp_path / "cache"
+    with pytest.raises(ExportError, match=r"(?s)exporting the model to ONNX failed \(exit 1\).*OSError"):
+        build_engine(tiny_model, str(vanished), EngineOptions("onnxruntime", "fp32", 1, cache))
+    engine = build_engine(tiny_model, str(vanished), EngineOptions("auto", "fp32", 1, cache))
+    assert isinstance(engine, TorchEngine)
+    assert not list(cache.glob("*.onnx"))
+
+
 def test_an_export_removes_temp_files_abandoned_by_killed_exports_only(tiny_model, tiny_model_dir, tmp_path):
     abandoned, in_progress = tmp_path / "ast-old.onnx.tmp", tmp_path / "ast-now.onnx.tmp"
     for temp in (abandoned, in_progress):

@@ -7,7 +7,6 @@ clip and per request), with a lower window limit to test it.
 """
 
 import base64
-import socket
 import subprocess
 
 import numpy as np
@@ -18,7 +17,7 @@ import tritonclient.http as triton_http
 
 from predictor import audio
 
-from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, run_triton_grpc, start_server,
+from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, raw_http, run_triton_grpc, start_server,
                        stop_server, tone)
 
 RATE = 16000
@@ -298,22 +297,6 @@ def test_grpc_messages_past_the_limit_are_refused(long_server):
     result = run_triton_grpc({"url": long_server.grpc_url, "model": "ast", "clips": [b64(bytes(33 * 2**20))]})
     assert result["error_code"] == "StatusCode.RESOURCE_EXHAUSTED", result
     assert long_server.is_ready()
-
-
-def raw_http(server, head: bytes, chunks=()) -> bytes:
-    """A request written by hand on a socket (what requests cannot do: stop sending midway), and
-    the server's answer as it arrives."""
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as connection:
-        connection.sendall(head)
-        try:
-            for chunk in chunks:
-                connection.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before the body was over: what the limit is for
-        answer = b""
-        while (data := connection.recv(65536)):
-            answer += data
-        return answer
 
 
 def test_a_body_past_the_limit_is_refused_before_it_is_read(long_server):

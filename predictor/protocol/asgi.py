@@ -7,11 +7,20 @@
   clip would then keep the model busy for nobody; a disconnect before the answer starts cancels
   the handler, whose windows waiting for the model are then dropped. (gRPC cancels the handler of
   a cancelled call by itself.)
+- `RequestIds`: gives each request its id (`request_ids`) and returns it as the `x-request-id`
+  header. An exception no handler took is answered here, a 500 naming the request id only, and
+  logged once with its trace: Starlette's own last resort would log it twice (kserve's handler,
+  then uvicorn) and send the exception's text to the client.
 """
 
 import asyncio
 import json
+import logging
 from typing import Any
+
+from . import request_ids
+
+logger = logging.getLogger(__name__)
 
 
 class BodyTooLarge(Exception):
@@ -51,14 +60,19 @@ class BodyLimit:
                 await self._refuse(send, f"more than {self.max_bytes} bytes")
 
     async def _refuse(self, send: Any, size: str) -> None:
+        logger.warning("413: request body is %s (limit %d bytes)", size, self.max_bytes)
         message = (f"request body is {size}; this server accepts at most {self.max_bytes} bytes "
                    f"({self.max_bytes / 2**20:g} MiB, --max_request_mb): send compressed audio (FLAC, M4A, Opus) "
                    "or fewer clips per request")
-        body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, 413, message, close=True)
+
+
+async def _send_error(send: Any, status: int, message: str, close: bool = False) -> None:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send({"type": "http.response.body", "body": body})
 
 
 class CancelOnDisconnect:
@@ -98,3 +112,33 @@ class CancelOnDisconnect:
                 raise
         finally:
             watcher.cancel()
+
+
+class RequestIds:
+    """ASGI middleware: the request's id on its response, and the last word on unhandled errors."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(request_ids.HEADER.encode())
+        request_id = request_ids.begin(header.decode("latin-1") if header is not None else None)
+        started = False
+
+        async def identified_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                others = [(k, v) for k, v in message.get("headers", []) if k.lower() != request_ids.HEADER.encode()]
+                message = {**message, "headers": others + [(request_ids.HEADER.encode(), request_id.value.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, identified_send)
+        except Exception:
+            if started:
+                raise
+            logger.exception("500: %s %s failed", scope.get("method"), scope.get("path"))
+            await _send_error(identified_send, 500, f"internal server error (request id {request_id.value})")

@@ -6,17 +6,19 @@ request through), each workaround tested end to end:
 - kserve's V1 path decodes `application/octet-stream` as JSON, and leaves JSON sent with any
   content type not on its exact list (`application/json; charset=utf-8`, `text/plain`) undecoded;
   we read a V1 body as audio unless it is, or looks like, JSON;
+- CloudEvents in either mode, read per the spec (`cloudevents`);
 - our `ClientInputError` becomes kserve's `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT).
 `AudioModelServer` routes through it, sets the gRPC receive limit (which kserve reads only from
 its own command line), and adds our ASGI middlewares (`asgi`) to kserve's FastAPI app: the same
-size limit for HTTP bodies, and cancellation for clients that disconnect.
+size limit for HTTP bodies, cancellation for clients that disconnect, and request ids. A request's
+id (`request_ids`) is settled in `AudioDataPlane.infer`, the one place both HTTP and gRPC requests
+pass with their headers and V2 `id`.
 """
 
 import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from cloudevents.sdk.converters.util import has_binary_headers
 from kserve import model_server
 from kserve.constants.constants import PredictorProtocol
 from kserve.errors import InvalidInput, ServerNotReady
@@ -26,7 +28,8 @@ from kserve.protocol.infer_type import InferRequest
 from starlette.responses import JSONResponse
 
 from ..errors import ClientInputError, Overloaded
-from .asgi import BodyLimit, CancelOnDisconnect
+from . import cloudevents, request_ids
+from .asgi import BodyLimit, CancelOnDisconnect, RequestIds
 from .requests import load_json, parse_binary_extension
 
 logger = logging.getLogger(__name__)
@@ -39,12 +42,15 @@ class AudioDataPlane(DataPlane):
         headers = headers or {}
         with _as_kserve_errors():
             if protocol_version == PredictorProtocol.REST_V1.value and isinstance(body, (bytes, bytearray)):
+                attributes: dict = {}
+                if cloudevents.is_cloudevent(headers):
+                    body, content_type, attributes = cloudevents.unwrap(body, headers)
+                    headers = {"content-type": content_type}
                 if _is_raw_audio(body, headers):
-                    return body, {}
-                if not has_binary_headers(headers):
-                    # kserve parses JSON only for an exact list of content types; clients also send
-                    # "application/json; charset=utf-8", text/plain, or curl's form-urlencoded default.
-                    body = load_json(body)
+                    return body, attributes
+                # kserve parses JSON only for an exact list of content types; clients also send
+                # "application/json; charset=utf-8", text/plain, or curl's form-urlencoded default.
+                return load_json(body), attributes
             return super().decode(body, headers, protocol_version, model_name)
 
     def decode_inference_request(self, body, headers: dict, model_name: str) -> InferRequest:
@@ -54,6 +60,12 @@ class AudioDataPlane(DataPlane):
         return super().decode_inference_request(body, headers, model_name)
 
     async def infer(self, model_name: str, request, headers=None):
+        v2 = request if isinstance(request, InferRequest) else None
+        headers = {} if headers is None else headers
+        request_id = request_ids.adopt(headers, v2.id if v2 else None)
+        headers[request_ids.HEADER] = request_id  # for kserve's latency log line
+        if v2 is not None and not v2.id:
+            v2.id = request_id
         with _as_kserve_errors():
             return await super().infer(model_name, request, headers)
 
@@ -68,6 +80,7 @@ class AudioModelServer(ModelServer):
         model_server.args.grpc_max_receive_message_length = max_message_bytes
         model_server.app.add_middleware(CancelOnDisconnect)
         model_server.app.add_middleware(BodyLimit, max_bytes=max_message_bytes)
+        model_server.app.add_middleware(RequestIds)
         model_server.app.add_exception_handler(Busy, busy_handler)
 
 
@@ -100,11 +113,9 @@ async def busy_handler(_: Any, exc: Busy) -> JSONResponse:
 
 def _is_raw_audio(body: bytes, headers: dict) -> bool:
     """A V1 body is audio unless it says (or looks like) JSON: curl's --data-binary needs no header."""
-    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = cloudevents.media_type(headers.get("content-type", ""))
     if content_type.startswith("audio/"):
         return True
-    if content_type in ("application/json", "application/cloudevents+json", "application/ld+json"):
-        return False
-    if has_binary_headers(headers):
+    if content_type in ("application/json", "application/ld+json"):
         return False
     return body[:1024].lstrip()[:1] != b"{"

@@ -1,0 +1,39 @@
+"""CloudEvents (what Knative Eventing delivers to a model): the event's data is the V1 request.
+
+kserve reads binary-mode events (`ce-*` headers) itself, but answers broken JSON data as if it
+were audio, and takes a structured event (`application/cloudevents+json`) only when it carries
+`time`, an attribute the spec makes optional. The CloudEvents SDK reads both modes per the spec;
+the data is then what a plain V1 body would be: audio bytes (`datacontenttype` audio/*, or
+`data_base64` in a structured event), or JSON.
+"""
+
+from typing import Any, Mapping
+
+from cloudevents.exceptions import GenericException
+from cloudevents.http import from_http
+from cloudevents.sdk.converters.util import has_binary_headers
+
+from ..errors import ClientInputError
+
+STRUCTURED = "application/cloudevents+json"
+
+
+def is_cloudevent(headers: Mapping[str, str]) -> bool:
+    return has_binary_headers(headers) or media_type(headers.get("content-type", "")) == STRUCTURED
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
+def unwrap(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, str, dict[str, Any]]:
+    """The event's data as bytes, its media type, and its attributes (for kserve's answering event)."""
+    try:
+        event = from_http(dict(headers), body, data_unmarshaller=lambda data: data)
+    except GenericException as exc:
+        raise ClientInputError(f"not a valid CloudEvent: {exc}") from None
+    data = event.get_data()
+    if data is None:
+        raise ClientInputError("the CloudEvent has no data: send the audio, or a V1 request, as its data")
+    attributes = dict(event.get_attributes())
+    return (data.encode() if isinstance(data, str) else data), attributes.get("datacontenttype", ""), attributes
