@@ -8,7 +8,8 @@
   the handler, whose windows waiting for the model are then dropped. (gRPC cancels the handler of
   a cancelled call by itself.)
 - `RequestIds`: gives each request its id (`request_ids`) and returns it as the `x-request-id`
-  header. An exception no handler took is answered here, a 500 naming the request id only, and
+  header. A client that hangs up mid-upload is logged (info) and forgotten; any other exception
+  no handler took is answered here, a 500 naming the request id only, and
   logged once with its trace: Starlette's own last resort would log it twice (kserve's handler,
   then uvicorn) and send the exception's text to the client.
 """
@@ -17,6 +18,8 @@ import asyncio
 import json
 import logging
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from . import request_ids
 
@@ -137,6 +140,8 @@ class RequestIds:
 
         try:
             await self.app(scope, receive, identified_send)
+        except ClientDisconnect:  # Starlette's word for a body cut short: nobody to answer
+            logger.info("the client disconnected before its request arrived whole")
         except Exception:
             if started:
                 raise
