@@ -32,7 +32,7 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 GRACE_PERIOD_S = 20
 MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_request_audio_seconds",
                "max_clips_per_request", "max_windows_per_request", "max_batch_size", "max_batch_wait_ms",
-               "max_queued_windows")
+               "max_queued_windows", "max_channels")
 ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir", "onnx_export_timeout_s")
 # KServe's own flags, passed on explicitly: ModelServer's defaults come from kserve's own parse of
 # sys.argv at import, not from the arguments main() was given.
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Most windows of admitted requests waiting for the model; past it a request gets "
                         "503 with Retry-After (gRPC UNAVAILABLE) at once. 240: four 10-minute clips, the most "
                         "containerConcurrency 4 lets in.")
+    parser.add_argument("--max_channels", type=positive(int), default=64,
+                        help="Most channels in one audio file (checked from its header); every channel is averaged "
+                        "into mono, block by block, so memory does not grow with them.")
     parser.add_argument("--max_request_mb", type=positive(float), default=32.0,
                         help="Largest request: an HTTP body (413 past it, before it is read) or a gRPC message "
                         "(kserve's own default is 8 MiB), in MiB. A 10-minute 16 kHz 16-bit WAV is 19 MB.")

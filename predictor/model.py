@@ -84,6 +84,7 @@ class ASTModel(Model):
         max_batch_size: int = 1,
         max_batch_wait_ms: float = 0.0,
         max_queued_windows: int = 240,
+        max_channels: int = 64,
         engine: EngineOptions = EngineOptions(),
     ):
         super().__init__(name)
@@ -97,6 +98,7 @@ class ASTModel(Model):
         self.max_batch_size = max_batch_size
         self.max_batch_wait_ms = max_batch_wait_ms
         self.max_queued_windows = max_queued_windows
+        self.max_channels = max_channels
         self.engine_options = engine
         self.queue: Optional[WindowQueue] = None
         self.engine: Optional[Engine] = None
@@ -123,7 +125,7 @@ class ASTModel(Model):
             raise ModelLoadError(f"'{self.model_dir}' holds a {model.config.model_type} model, not AST")
         self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model.config))
         rate = self.filterbank.sampling_rate
-        self.target = audio.Target(rate, self.max_audio_seconds)
+        self.target = audio.Target(rate, self.max_audio_seconds, self.max_channels)
         self.windowing = windows.Windowing(rate, self.filterbank.max_length * HOP_LENGTH, FRAME_LENGTH)
         self.num_labels = model.config.num_labels
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}

@@ -56,6 +56,12 @@ V1_CASES = {
     "nan": (v1(wav_with_nan()), "NaN or infinite"),
     "too-long": (v1(encode(np.zeros(RATE * 31, np.float32), RATE, "WAV", "PCM_16")), "at most 30 s"),
     "too-many-clips": (v1(*[GOOD_WAV] * 7), "at most 6"),
+    "too-many-channels": (v1(encode(np.zeros((RATE, 65), np.float32), RATE, "WAV", "FLOAT")),
+                          "audio has 65 channels; this server accepts at most 64 (--max_channels)"),
+    "rate-too-low": (v1(encode(np.zeros(4000, np.float32), 500, "WAV", "PCM_16")),
+                     "audio is sampled at 500 Hz, outside 1000..768000 Hz"),
+    "rate-too-high": (v1(encode(np.zeros(4000, np.float32), 900_000, "WAV", "PCM_16")),
+                      "audio is sampled at 900000 Hz, outside 1000..768000 Hz"),
     "parameters-not-object": ({**v1(GOOD_WAV), "parameters": [1, 2]}, '"parameters" must be an object'),
     # Counted before anything is decoded: seven broken clips are refused for their number.
     "too-many-broken-clips": ({"instances": [{"b64": "!!"}] * 7}, "7 clips in one request; this server takes at most 6"),

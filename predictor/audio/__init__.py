@@ -30,13 +30,18 @@ Clip = Union[bytes, tuple[np.ndarray, object]]
 
 @dataclass(frozen=True)
 class Target:
-    """The model's sampling rate and the longest clip this server takes."""
+    """The model's sampling rate, and the longest and widest clip this server takes."""
 
     rate: int
     max_seconds: float
+    max_channels: int = 64
 
-    def check_duration(self, source: Source) -> None:
+    def check_header(self, source: Source) -> None:
         """Refuse from the header alone, before a sample is decoded."""
+        _check_rate_range(source.rate, "audio is sampled at")
+        if source.channels > self.max_channels:
+            raise ClientInputError(f"audio has {source.channels} channels; this server accepts at most "
+                                   f"{self.max_channels} (--max_channels)")
         if source.frames is not None and source.frames / source.rate > self.max_seconds:
             raise ClientInputError(
                 f"audio is {source.frames / source.rate:.1f} s long; {self.clip_limit}"
@@ -56,7 +61,7 @@ class Target:
 def open_clip(clip: Clip, target: Target) -> Source:
     """An encoded file's header or a waveform, checked against the clip limit; nothing decoded yet."""
     source = open_file(clip) if isinstance(clip, bytes) else from_waveform(*clip)
-    target.check_duration(source)
+    target.check_header(source)
     return source
 
 
@@ -101,11 +106,13 @@ def check_sampling_rate(rate: object) -> int:
             rate = int(rate)
         else:
             raise ClientInputError(f"sampling_rate must be an integer number of Hz, got {rate!r}")
-    if not MIN_SAMPLING_RATE <= rate <= MAX_SAMPLING_RATE:
-        raise ClientInputError(
-            f"sampling_rate {rate} Hz is outside {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz"
-        )
+    _check_rate_range(rate, "sampling_rate")
     return int(rate)
+
+
+def _check_rate_range(rate: int, what: str) -> None:
+    if not MIN_SAMPLING_RATE <= rate <= MAX_SAMPLING_RATE:
+        raise ClientInputError(f"{what} {rate} Hz, outside {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz")
 
 
 __all__ = ["Clip", "Source", "Target", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]
