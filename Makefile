@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev run test random-model bench timeline pack-model
+.PHONY: install install-dev run test random-model bench timeline pack-model load soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ bench: install-dev
 
 timeline: install-dev
 	$(BIN)/python -m tools.timeline
+
+# Mixed load (32 users, 60 s, tiny model), then overload at 4x capacity (full-size model): benchmarks/results/load-*.json
+load: install-dev
+	$(BIN)/python -m benchmarks.load
+
+# 10,000 requests; RSS, open files and threads of the server over the run: benchmarks/results/soak-*.json
+soak: install-dev
+	$(BIN)/python -m benchmarks.soak
 
 # make pack-model SRC=path/or/hub-id OUT=dir: a model directory ready for a bucket or PVC.
 pack-model: install
