@@ -2,8 +2,21 @@
 
 Raised without importing kserve; `protocol.kserve` turns them into kserve's: `ClientInputError`
 into `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT), `Overloaded` into a 503 with
-`Retry-After` (gRPC UNAVAILABLE).
+`Retry-After` (gRPC UNAVAILABLE). `shown` is how a message quotes what the client sent.
 """
+
+import reprlib
+from typing import Any
+
+# Short, however long or deep the value: a message (and the log line that records it) never
+# repeats a client's megabyte string, and a list nested a thousand deep is not recursed into.
+_SHOWN = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 80, 80, 40
+_SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxtuple = 8
+
+
+def shown(value: Any) -> str:
+    return _SHOWN.repr(value)
 
 
 class ClientInputError(ValueError):

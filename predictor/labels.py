@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .errors import ClientInputError
+from .errors import ClientInputError, shown
 
 FUNCTIONS = ("sigmoid", "softmax", "none")
 AUDIOSET_NUM_LABELS = 527
@@ -30,13 +30,13 @@ def default_function(problem_type: Optional[str], num_labels: int) -> str:
 
 def check_function(name: object) -> str:
     if name not in FUNCTIONS:
-        raise ClientInputError(f"function_to_apply must be one of {', '.join(FUNCTIONS)}; got {name!r}")
+        raise ClientInputError(f"function_to_apply must be one of {', '.join(FUNCTIONS)}; got {shown(name)}")
     return name  # type: ignore[return-value]
 
 
 def check_top_k(top_k: object, num_labels: int) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_labels:
-        raise ClientInputError(f"top_k must be an integer from 1 to {num_labels}; got {top_k!r}")
+        raise ClientInputError(f"top_k must be an integer from 1 to {num_labels}; got {shown(top_k)}")
     return top_k
 
 

@@ -27,7 +27,7 @@ from . import audio, labels, protocol, windows
 from .allocator import release_freed_memory
 from .batching import WindowQueue
 from .engines import Engine, EngineOptions, build_engine
-from .errors import ClientInputError
+from .errors import ClientInputError, shown
 from .features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from .onnx_export import ExportError
 from .protocol.requests import parse
@@ -185,7 +185,7 @@ class ASTModel(Model):
     def _options(self, parameters: dict[str, Any]) -> Options:
         segments = parameters.get("return_segments", False)
         if not isinstance(segments, bool):
-            raise ClientInputError(f"return_segments must be true or false; got {segments!r}")
+            raise ClientInputError(f"return_segments must be true or false; got {shown(segments)}")
         return Options(
             top_k=labels.check_top_k(parameters.get("top_k", self.default_top_k), self.num_labels),
             function=labels.check_function(parameters.get("function_to_apply", self.default_function)),

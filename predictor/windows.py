@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ClientInputError
+from .errors import ClientInputError, shown
 
 AGGREGATES = ("max", "mean")
 
@@ -40,7 +40,7 @@ class Windowing:
                 or not 1 / self.rate <= hop_seconds <= self.seconds:
             raise ClientInputError(
                 f"hop_seconds must be a number from one sample ({1 / self.rate:g} s) to the window, "
-                f"{self.seconds:g} s; got {hop_seconds!r}"
+                f"{self.seconds:g} s; got {shown(hop_seconds)}"
             )
         return float(hop_seconds)
 
@@ -71,7 +71,7 @@ class Windowing:
 
 def check_aggregate(name: object) -> str:
     if name not in AGGREGATES:
-        raise ClientInputError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {name!r}")
+        raise ClientInputError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {shown(name)}")
     return name  # type: ignore[return-value]
 
 

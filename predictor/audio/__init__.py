@@ -15,7 +15,7 @@ from typing import Union
 
 import numpy as np
 
-from ..errors import ClientInputError
+from ..errors import ClientInputError, shown
 from .ffmpeg import open_ffmpeg
 from .sndfile import NotReadable, open_sndfile
 from .source import Source
@@ -105,7 +105,7 @@ def check_sampling_rate(rate: object) -> int:
         if isinstance(rate, float) and rate.is_integer():
             rate = int(rate)
         else:
-            raise ClientInputError(f"sampling_rate must be an integer number of Hz, got {rate!r}")
+            raise ClientInputError(f"sampling_rate must be an integer number of Hz, got {shown(rate)}")
     _check_rate_range(rate, "sampling_rate")
     return int(rate)
 

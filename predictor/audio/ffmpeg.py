@@ -108,7 +108,13 @@ def _open_stream(container: av.container.InputContainer) -> Source:
 
 def _blocks(container: av.container.InputContainer, stream: av.AudioStream, rate: int, channels: int,
             frames: Optional[int]) -> Iterator[np.ndarray]:
+    """(frames, channels) float32 blocks in [-1, 1). Every frame goes through swresample into packed
+    float32 (one plane), whatever format the decoder gave: PyAV 18.1's `AudioFrame.planes` walks
+    `extended_data` to a NULL that planar frames of 8 or more channels do not have, and read past
+    its end (other memory in the samples, or a segfault of the whole server). Converting a sample
+    format at an unchanged rate is exact for floats and the usual x / 2^(bits-1) for integers."""
     decoded = 0
+    packer = av.AudioResampler(format="flt")  # same rate and layout; see `_blocks`' docstring
     try:
         yield np.empty((0, channels), np.float32)  # consumed by open_ffmpeg
         for packet in container.demux(stream):
@@ -118,9 +124,10 @@ def _blocks(container: av.container.InputContainer, stream: av.AudioStream, rate
                         f"audio changes from {rate} Hz, {channels} channel(s) to {frame.sample_rate} Hz, "
                         f"{frame.layout.nb_channels} channel(s) after {decoded} frames; one clip must keep both"
                     )
-                block = _to_float(frame, channels)
-                decoded += len(block)
-                yield block
+                for packed in packer.resample(frame):
+                    block = packed.to_ndarray().reshape(-1, channels)
+                    decoded += len(block)
+                    yield block
         if frames is not None and decoded < frames - TRUNCATION_SLACK_SECONDS * rate:
             raise ClientInputError(f"audio file is truncated: its header declares {frames} frames, "
                                    f"the file holds {decoded}")
@@ -130,17 +137,6 @@ def _blocks(container: av.container.InputContainer, stream: av.AudioStream, rate
         raise ClientInputError(f"audio is corrupt or truncated after {decoded} frames: {_reason(exc)}") from None
     finally:
         container.close()
-
-
-def _to_float(frame: av.AudioFrame, channels: int) -> np.ndarray:
-    """(frames, channels) float32 in [-1, 1) from any of FFmpeg's sample formats, planar or packed."""
-    array = frame.to_ndarray()
-    array = array.T if frame.format.is_planar else array.reshape(-1, channels)
-    if array.dtype.kind == "f":
-        return np.ascontiguousarray(array, dtype=np.float32)
-    scale = float(2 ** (array.dtype.itemsize * 8 - 1))
-    offset = scale if array.dtype.kind == "u" else 0.0  # u8's silence is 128
-    return ((array.astype(np.float32) - offset) / scale).astype(np.float32, copy=False)
 
 
 def _refuse_io(url: str, flags: int, options: dict) -> None:

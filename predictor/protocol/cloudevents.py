@@ -13,7 +13,7 @@ from cloudevents.exceptions import GenericException
 from cloudevents.http import from_http
 from cloudevents.sdk.converters.util import has_binary_headers
 
-from ..errors import ClientInputError
+from ..errors import ClientInputError, shown
 
 STRUCTURED = "application/cloudevents+json"
 
@@ -30,10 +30,17 @@ def unwrap(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, str, dict[st
     """The event's data as bytes, its media type, and its attributes (for kserve's answering event)."""
     try:
         event = from_http(dict(headers), body, data_unmarshaller=lambda data: data)
-    except GenericException as exc:
-        raise ClientInputError(f"not a valid CloudEvent: {exc}") from None
+    # The SDK's own errors, and what its JSON parsing lets through: not UTF-8, not JSON, not an
+    # object, nested past the recursion limit.
+    except (GenericException, ValueError, AttributeError, TypeError, RecursionError) as exc:
+        raise ClientInputError(f"not a valid CloudEvent: {shown(str(exc))}") from None
     data = event.get_data()
     if data is None:
         raise ClientInputError("the CloudEvent has no data: send the audio, or a V1 request, as its data")
     attributes = dict(event.get_attributes())
-    return (data.encode() if isinstance(data, str) else data), attributes.get("datacontenttype", ""), attributes
+    content_type = attributes.get("datacontenttype", "")
+    if not isinstance(content_type, str):
+        raise ClientInputError(f"the CloudEvent's datacontenttype must be a string, got {shown(content_type)}")
+    if not isinstance(data, (bytes, str)):
+        raise ClientInputError(f"the CloudEvent's data must be audio or a V1 request, got {shown(data)}")
+    return (data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data), content_type, attributes

@@ -69,6 +69,11 @@ class AudioDataPlane(DataPlane):
         with _as_kserve_errors():
             return await super().infer(model_name, request, headers)
 
+    async def explain(self, model_name: str, request, headers=None):
+        """No explainer: kserve answers 501, once our preprocess has taken the request (or 400)."""
+        with _as_kserve_errors():
+            return await super().explain(model_name, request, headers)
+
 
 class AudioModelServer(ModelServer):
     """kserve's ModelServer, routing requests through `AudioDataPlane`, with our gRPC message limit."""

@@ -18,7 +18,7 @@ from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from kserve.utils.numpy_codec import to_np_dtype
 from pydantic import ValidationError
 
-from ..errors import ClientInputError
+from ..errors import ClientInputError, shown
 from . import AUDIO_INPUT, MODEL_PARAMETERS, OUTPUT_TYPES, SEGMENT_OUTPUTS, WAVEFORM_INPUT, AudioRequest, Clip
 
 # sampling_rate belongs to the waveform input, but tritonclient.grpc cannot set input parameters,
@@ -46,7 +46,7 @@ def parse(payload: Union[dict, bytes, InferRequest], max_clips: int) -> AudioReq
 def _parse_v1(body: dict, max_clips: int) -> AudioRequest:
     unknown = set(body) - {"instances", "parameters"}
     if unknown:
-        raise ClientInputError(f"unknown field(s) {sorted(unknown)}; a V1 request has 'instances' and 'parameters'")
+        raise ClientInputError(f"unknown field(s) {shown(sorted(unknown))}; a V1 request has 'instances' and 'parameters'")
     instances = body.get("instances")
     if not isinstance(instances, list) or not instances:
         raise ClientInputError('"instances" must be a non-empty list of {"b64": "<base64 audio file>"}')
@@ -70,11 +70,11 @@ def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
     if tensor.shape and isinstance(tensor.shape[0], int):  # the rest of the shape is checked with the data
         _check_count(tensor.shape[0] if len(tensor.shape) > 1 or tensor.name == AUDIO_INPUT else 1, max_clips)
     if tensor.name not in INPUT_PARAMETERS:
-        raise ClientInputError(f"unknown input '{tensor.name}'; inputs are '{AUDIO_INPUT}' and '{WAVEFORM_INPUT}'")
+        raise ClientInputError(f"unknown input {shown(tensor.name)}; inputs are '{AUDIO_INPUT}' and '{WAVEFORM_INPUT}'")
     input_parameters = to_http_parameters(tensor.parameters or {})
     unknown = set(input_parameters) - set(INPUT_PARAMETERS[tensor.name])
     if unknown:
-        raise ClientInputError(f"unknown parameter(s) {sorted(unknown)} on input '{tensor.name}'")
+        raise ClientInputError(f"unknown parameter(s) {shown(sorted(unknown))} on input '{tensor.name}'")
     request_parameters = to_http_parameters(request.parameters or {})
     parameters = _model_parameters(request_parameters, PROTOCOL_PARAMETERS + (RATE_PARAMETER,))
     if tensor.name == AUDIO_INPUT:
@@ -87,7 +87,7 @@ def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
     requested = _requested_outputs(request) & set(SEGMENT_OUTPUTS)
     if requested:  # asking for a segment output is asking for segments
         if parameters.setdefault("return_segments", True) is False:
-            raise ClientInputError(f"output(s) {sorted(requested)} need segments, but return_segments is false")
+            raise ClientInputError(f"output(s) {shown(sorted(requested))} need segments, but return_segments is false")
     return AudioRequest(clips=clips, parameters=parameters, v2=request)
 
 
@@ -98,7 +98,7 @@ def _requested_outputs(request: InferRequest) -> set[str]:
     unknown = wanted - {o["name"] for o in OUTPUT_TYPES}
     if unknown:
         raise ClientInputError(
-            f"unknown requested output(s) {sorted(unknown)}; outputs are {', '.join(o['name'] for o in OUTPUT_TYPES)}"
+            f"unknown requested output(s) {shown(sorted(unknown))}; outputs are {', '.join(o['name'] for o in OUTPUT_TYPES)}"
         )
     return wanted
 
@@ -137,20 +137,20 @@ def _waveform_clips(tensor: InferInput, rate: Any) -> list[Clip]:
 
 def _expect_datatype(tensor: InferInput, datatype: str) -> None:
     if tensor.datatype != datatype:
-        raise ClientInputError(f"input '{tensor.name}' must have datatype {datatype}, got {tensor.datatype}")
+        raise ClientInputError(f"input '{tensor.name}' must have datatype {datatype}, got {shown(tensor.datatype)}")
 
 
 def _as_numpy(tensor: InferInput) -> np.ndarray:
     """kserve's conversion, with its plain ValueError (a 500) for a shape/data mismatch made a 400."""
     shape = list(tensor.shape)
     if any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
-        raise ClientInputError(f"input '{tensor.name}' has an invalid shape {shape}")
+        raise ClientInputError(f"input '{tensor.name}' has an invalid shape {shown(shape)}")
     try:
         return tensor.as_numpy()
-    except (ValueError, TypeError, struct.error) as exc:
+    except (ValueError, TypeError, OverflowError, struct.error) as exc:
         count = int(np.prod(shape)) if shape else 1
         raise ClientInputError(
-            f"input '{tensor.name}' declares shape {shape} ({count} elements) but its data does not fit it: {exc}"
+            f"input '{tensor.name}' declares shape {shown(shape)} ({count} elements) but its data does not fit it: {exc}"
         ) from None
 
 
@@ -159,7 +159,7 @@ def _model_parameters(parameters: Any, tolerated: tuple[str, ...]) -> dict[str, 
         raise ClientInputError('"parameters" must be an object')
     unknown = set(parameters) - set(MODEL_PARAMETERS) - set(tolerated)
     if unknown:
-        raise ClientInputError(f"unknown parameter(s) {sorted(unknown)}; supported: {', '.join(MODEL_PARAMETERS)}")
+        raise ClientInputError(f"unknown parameter(s) {shown(sorted(unknown))}; supported: {', '.join(MODEL_PARAMETERS)}")
     return {k: v for k, v in parameters.items() if k in MODEL_PARAMETERS}
 
 
@@ -199,7 +199,7 @@ def parse_binary_extension(body: bytes, headers: dict, model_name: str) -> Infer
     try:
         json_length = int(header_length)
     except ValueError:
-        raise ClientInputError(f"'{INFERENCE_CONTENT_LENGTH_HEADER}' is not a number: {header_length!r}") from None
+        raise ClientInputError(f"'{INFERENCE_CONTENT_LENGTH_HEADER}' is not a number: {shown(header_length)}") from None
     if not 0 < json_length <= len(body):
         raise ClientInputError(f"'{INFERENCE_CONTENT_LENGTH_HEADER}' {json_length} does not fit the {len(body)}-byte body")
     header = load_json(body[:json_length])
@@ -220,9 +220,9 @@ def parse_binary_extension(body: bytes, headers: dict, model_name: str) -> Infer
             continue
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is None:
-            raise ClientInputError(f"'data' field is missing for input '{tensor.name}', and no binary_data_size follows")
+            raise ClientInputError(f"'data' field is missing for input {shown(tensor.name)}, and no binary_data_size follows")
         if not isinstance(size, int) or size < 0 or offset + size > len(body):
-            raise ClientInputError(f"input '{tensor.name}': binary_data_size {size!r} does not fit the {len(body)}-byte body")
+            raise ClientInputError(f"input '{tensor.name}': binary_data_size {shown(size)} does not fit the {len(body)}-byte body")
         tensor.data = _decode_binary_tensor(body[offset : offset + size], tensor.datatype, tensor.name)
         offset += size
     return request
