@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev run test random-model bench timeline pack-model load soak fuzz
+.PHONY: install install-dev run test random-model bench timeline pack-model load soak fuzz fuzz-api
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ load: install-dev
 # 10,000 requests; RSS, open files and threads of the server over the run: benchmarks/results/soak-*.json
 soak: install-dev
 	$(BIN)/python -m benchmarks.soak
+
+# Coverage-guided fuzzing (atheris) of the decoder and the request parsers; findings in .fuzz/crashes fail it.
+FUZZ_SECONDS ?= 120
+fuzz: install-dev
+	$(BIN)/python -m tools.fuzz_decoder --seconds $(FUZZ_SECONDS)
+
+# The schemathesis and hypothesis tests with many more examples (about 5 minutes on 2 cores).
+fuzz-api: install-dev
+	SCHEMATHESIS_MAX_EXAMPLES=1000 HYPOTHESIS_EXAMPLES_SCALE=10 $(BIN)/python -m pytest tests/test_openapi.py tests/test_properties.py
 
 # make pack-model SRC=path/or/hub-id OUT=dir: a model directory ready for a bucket or PVC.
 pack-model: install
