@@ -47,6 +47,7 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassificati
 from predictor.allocator import keep_freed_memory
 from predictor.cpu import cpu_limit
 from predictor.engines import EngineOptions, build_engine, resolve_backend
+from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.windows import Windowing
 from tools.random_ast import save_random_ast
@@ -319,19 +320,24 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
         "torch int8": build_engine(copy.deepcopy(model), str(model_dir), EngineOptions("torch", "int8", threads)),
         "onnxruntime fp32": build_engine(model, str(model_dir), EngineOptions("onnxruntime", "fp32", threads, work)),
         "onnxruntime int8": build_engine(model, str(model_dir), EngineOptions("onnxruntime", "int8", threads, work)),
+        "openvino fp32": build_engine(model, str(model_dir), EngineOptions("openvino", "fp32", threads, work)),
     }
+    if cpu_multiplies_bf16():
+        engines["openvino bf16"] = build_engine(model, str(model_dir), EngineOptions("openvino", "bf16", threads, work))
     alone: dict[str, float] = {}
     for name, engine in engines.items():
         for batch in (1, 4, 8):
-            if batch > len(features) or (batch > 1 and "onnxruntime" in name):
-                continue  # onnxruntime runs clip by clip, so batch n = n x batch 1
+            if batch > len(features) or (batch > 1 and name.startswith(("onnxruntime", "openvino"))):
+                continue  # they run clip by clip, so batch n = n x batch 1
             seconds = best_of(args.repeats if batch == 1 else 1, lambda: engine(features[:batch]))
             alone[f"{name} b{batch}"] = batch / seconds
             rows.append(Row("model alone", f"{name}, batch {batch}", batch / seconds, "clips/s", base, "pipeline"))
 
     # 5. bf16 and int8 against fp32
     reference = engines["torch fp32"](features)
-    for name in ("torch bf16", "torch int8", "onnxruntime int8"):
+    for name in ("torch bf16", "torch int8", "onnxruntime int8", "openvino bf16"):
+        if name not in engines:
+            continue
         approximate = engines[name](features)
         cosine = torch.nn.functional.cosine_similarity(approximate, reference, dim=-1)
         overlap = [len(set(q.topk(5).indices.tolist()) & set(r.topk(5).indices.tolist())) / 5

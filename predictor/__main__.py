@@ -20,7 +20,7 @@ from kserve import model_server
 from .allocator import keep_freed_memory
 from .cpu import configure_torch_threads
 from .engines import BACKENDS, PRECISIONS, EngineOptions
-from .onnx_export import EXPORT_TIMEOUT_S
+from .engines.onnx_export import EXPORT_TIMEOUT_S
 from .labels import FUNCTIONS
 from .model import ASTModel, ModelLoadError
 from .protocol.kserve import AudioModelServer
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: onnxruntime for fp32 and int8, torch for bf16 (the fastest measured on 2 cores; "
                         "torch if the ONNX export fails). "
                         "torch: eager PyTorch with SDPA; onnxruntime: the model exported to ONNX once (cached), "
-                        "run clip by clip.")
+                        "run clip by clip; openvino: that ONNX file compiled by OpenVINO for this CPU (fp32, and bf16 "
+                        "where the CPU multiplies bf16 natively).")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32: equal to the transformers pipeline. bf16 (torch backend): ~1.9x the pipeline on CPUs with "
                         "AVX512-BF16/AMX, logits' cosine to fp32 >= 0.9999. int8: int8 weights and activations "

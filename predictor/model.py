@@ -26,10 +26,9 @@ from transformers import ASTFeatureExtractor, ASTForAudioClassification
 from . import audio, labels, protocol, windows
 from .allocator import release_freed_memory
 from .batching import WindowQueue
-from .engines import Engine, EngineOptions, build_engine
+from .engines import Engine, EngineOptions, ExportError, build_engine
 from .errors import ClientInputError, shown
 from .features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
-from .onnx_export import ExportError
 from .protocol.requests import parse
 from .protocol.responses import ClipResult, Ranked, Segments, respond
 
@@ -136,7 +135,7 @@ class ASTModel(Model):
         try:
             self.engine = build_engine(model.eval(), source, self.engine_options)
         except ExportError as exc:
-            raise ModelLoadError(f"{exc}\nPass --backend torch (or BACKEND=torch) to serve without ONNX Runtime.") from exc
+            raise ModelLoadError(f"{exc}\nPass --backend torch (or BACKEND=torch) to serve with eager PyTorch instead.") from exc
         self._compute([np.zeros(rate, dtype=np.float32)])  # warm-up
         del model  # an ONNX Runtime engine has its own copy of the weights
         release_freed_memory()

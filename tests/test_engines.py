@@ -12,7 +12,8 @@ import torch
 from transformers import ASTForAudioClassification
 
 from predictor.engines import EngineOptions, TorchEngine, build_engine, resolve_backend
-from predictor.onnx_export import EXPORT_TIMEOUT_S, ExportError, weight_files
+from predictor.engines.onnx_export import EXPORT_TIMEOUT_S, ExportError, weight_files
+from predictor.engines.openvino_engine import cpu_multiplies_bf16
 
 from .conftest import assert_same_predictions, encode, expected, start_server, stop_server, tone
 
@@ -32,7 +33,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_fp32_engines_equal_the_transformers_model(tiny_model, tiny_model_dir, features, tmp_path, backend):
     engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions(backend, "fp32", 2, tmp_path))
     with torch.inference_mode():
@@ -116,16 +117,34 @@ def test_a_hub_id_is_keyed_by_its_cached_snapshot_files(tmp_path, monkeypatch):
     assert weight_files("org/not-downloaded") == []
 
 
-def test_torch_backend_server_matches_the_pipeline(tiny_model_dir, tiny_pipeline, speech_16k, tmp_path):
-    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--backend", "torch"))
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_a_backends_server_matches_the_pipeline(tiny_model_dir, tiny_pipeline, speech_16k, tmp_path, backend):
+    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--backend", backend))
     try:
         body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, 16000, "WAV", "FLOAT")).decode()}],
                 "parameters": {"top_k": 3, "function_to_apply": "softmax"}}
         response = requests.post(server.predict_url, json=body)
     finally:
         stop_server(server)
+    assert f"Engine: {backend}, fp32" in server.log.read_text()
     assert response.status_code == 200, response.text
     assert_same_predictions(response.json()["predictions"][0], expected(tiny_pipeline, speech_16k, 3, "softmax"))
+
+
+def test_openvino_runs_bf16_only_where_the_cpu_multiplies_bf16(tiny_model, tiny_model_dir, features, tmp_path):
+    """On a CPU with AVX512-BF16 or AMX: bf16 within the cosine the README promises; elsewhere a
+    refusal that says why, before anything is exported."""
+    options = EngineOptions("openvino", "bf16", 2, tmp_path)
+    if cpu_multiplies_bf16():
+        with torch.inference_mode():
+            reference = tiny_model(input_values=features).logits
+        assert cosine(build_engine(tiny_model, str(tiny_model_dir), options)(features), reference).min() >= 0.9999
+    else:
+        with pytest.raises(ExportError, match="does not multiply bf16 natively"):
+            build_engine(tiny_model, str(tiny_model_dir), options)
+        assert not list(tmp_path.glob("*.onnx"))
+    with pytest.raises(ExportError, match="runs fp32 and bf16, not int8"):
+        build_engine(tiny_model, str(tiny_model_dir), EngineOptions("openvino", "int8", 2, tmp_path))
 
 
 @pytest.mark.parametrize("backend, tolerance", [("torch", 1e-5), ("onnxruntime", 0.0)])

@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 from transformers import ASTForAudioClassification
 
-from . import ast_forward
-from .ast_forward import PooledLogits
-from .cpu import configure_torch_threads, int8_weight_type
+from .. import ast_forward
+from ..ast_forward import PooledLogits
+from ..cpu import configure_torch_threads, int8_weight_type
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ ONNX_OPSET = 18
 # (inferenceservice.yaml: 90 s + 3 x 10 s).
 EXPORT_TIMEOUT_S = 60.0
 TEMP_SUFFIX = ".onnx.tmp"
-PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # where `-m predictor.onnx_export` imports from
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where `-m predictor.engines.onnx_export` imports from
 
 
 def default_cache_dir() -> Path:

@@ -1,0 +1,43 @@
+"""ONNX Runtime on the model exported once to ONNX (`onnx_export`), one clip at a time."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import ASTForAudioClassification
+
+from .onnx_export import ExportError, cached_onnx, default_cache_dir
+from .options import EngineOptions
+
+
+class OnnxEngine:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        batch = features.numpy()
+        return torch.from_numpy(np.concatenate(
+            [self.session.run(None, {"input_values": batch[i : i + 1]})[0] for i in range(len(batch))]
+        ))
+
+    @classmethod
+    def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OnnxEngine":
+        """Every way this can fail comes out as `ExportError`, which `auto` answers with torch. A
+        cached file ONNX Runtime cannot open is removed, so the next start exports it afresh."""
+        try:
+            path = cached_onnx(model, source, options.precision, options.cache_dir or default_cache_dir(),
+                               options.export_timeout_s)
+        except (OSError, ImportError) as exc:
+            raise ExportError(f"could not prepare the ONNX model: {exc}") from exc
+        try:
+            return cls(path, options.threads)
+        except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception itself
+            path.unlink(missing_ok=True)
+            raise ExportError(f"ONNX Runtime could not load {path} (removed from the cache): {exc}") from exc

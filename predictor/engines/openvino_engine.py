@@ -1,0 +1,60 @@
+"""OpenVINO on the model exported once to ONNX (`onnx_export`), compiled for the CPU it runs on.
+
+OpenVINO reads the ONNX file ONNX Runtime runs, so one export serves both, and its compiled blob
+is cached (`CACHE_DIR`) beside it: a second start skips the compile. One clip at a time, like the
+ONNX Runtime engine, so a clip's logits never depend on its batch-mates. bf16 is OpenVINO's
+`INFERENCE_PRECISION_HINT` on CPUs that multiply bf16 natively (its `BF16` capability: AVX512-BF16
+or AMX); elsewhere bf16 is refused, since emulating it is slower than fp32.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import ASTForAudioClassification
+
+from .onnx_export import ExportError, cached_onnx, default_cache_dir
+from .options import EngineOptions
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class OpenVinoEngine:
+    def __init__(self, path: Path, precision: str, threads: int, cache_dir: Path):
+        import openvino
+
+        core = openvino.Core()
+        core.set_property({"CACHE_DIR": str(cache_dir)})
+        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads,
+                  "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        self.request = core.compile_model(str(path), "CPU", config).create_infer_request()
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        batch = features.numpy()
+        return torch.from_numpy(np.concatenate(
+            [self.request.infer({0: batch[i : i + 1]})[0].copy() for i in range(len(batch))]
+        ))
+
+    @classmethod
+    def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OpenVinoEngine":
+        """Refuses what this CPU or this engine cannot run fast, before exporting anything."""
+        check_precision(options.precision)
+        cache_dir = options.cache_dir or default_cache_dir()
+        path = cached_onnx(model, source, "fp32", cache_dir, options.export_timeout_s)
+        return cls(path, options.precision, options.threads, cache_dir / "openvino")
+
+
+def cpu_multiplies_bf16() -> bool:
+    """OpenVINO's word for AVX512-BF16 or AMX on this CPU."""
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISION_HINTS:
+        raise ExportError(f"--backend openvino runs fp32 and bf16, not {precision}: use --backend onnxruntime or "
+                          "torch for int8")
+    if precision == "bf16" and not cpu_multiplies_bf16():
+        raise ExportError("this CPU does not multiply bf16 natively (no AVX512-BF16 or AMX), so bf16 would be "
+                          "slower than fp32 here: use --precision fp32 or int8")

@@ -1,0 +1,50 @@
+"""Eager PyTorch: the transformers modules with SDPA attention, in fp32, bf16, or int8 GEMMs."""
+
+import torch
+from transformers import ASTForAudioClassification
+
+from ..ast_forward import PooledLogits
+
+
+class TorchEngine:
+    def __init__(self, model: ASTForAudioClassification, dtype: torch.dtype = torch.float32):
+        self.logits = PooledLogits(model.to(dtype).eval())
+        self.dtype = dtype
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.logits(features.to(self.dtype)).float()
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear with int8 weights (one scale per output channel) and int8 activations (one scale
+    per token, so rows never share a scale): y = (q(x) @ q(W)^T) * sx * sw + b."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_t", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(weight.shape[0])
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        quantized = torch.round(rows / scale).to(torch.int8)
+        if len(quantized) <= 16:  # _int_mm wants more than 16 rows; pad (rows stay independent)
+            quantized = torch.nn.functional.pad(quantized, (0, 0, 0, 17 - len(quantized)))
+        output = torch._int_mm(quantized, self.weight_t)[: len(rows)].float()
+        output.mul_(scale)  # in place: each full-size temporary costs a pass over memory
+        return torch.addcmul(self.bias, output, self.weight_scale, out=output).reshape(*x.shape[:-1], -1)
+
+
+def quantize_linears(model: ASTForAudioClassification) -> ASTForAudioClassification:
+    """Every encoder Linear whose sizes the int8 GEMM takes (multiples of 8) becomes an Int8Linear;
+    the classifier head stays fp32, so the logits' last step is exact."""
+    for module in model.audio_spectrogram_transformer.modules():
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child.in_features % 8 == 0 and child.out_features % 8 == 0:
+                setattr(module, name, Int8Linear(child))
+    return model
