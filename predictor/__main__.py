@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_batch_wait_ms", type=non_negative(float), default=0.0,
                         help="How long a request waits for others to share its forward pass (0: only those already queued).")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="auto: onnxruntime for fp32 and int8, torch for bf16 (the fastest measured on 2 cores; "
-                        "torch if the ONNX export fails). "
+                        help="auto: the fastest engine for the precision, timed on this kind of CPU at the first start "
+                        "(the choice is kept in --onnx_cache_dir). "
                         "torch: eager PyTorch with SDPA; onnxruntime: the model exported to ONNX once (cached), "
                         "run clip by clip; openvino: that ONNX file compiled by OpenVINO for this CPU (fp32, and bf16 "
                         "where the CPU multiplies bf16 natively).")

@@ -82,11 +82,19 @@ VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    return {flag for value in _cpuinfo_values("flags", cpuinfo) for flag in value.split()}
+
+
+def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    return next(iter(_cpuinfo_values("model name", cpuinfo)), "unknown CPU")
+
+
+def _cpuinfo_values(field: str, cpuinfo: Path) -> list[str]:
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+        return []
+    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":", 1)[0].strip() == field]
 
 
 def int8_weight_type(flags: Optional[set[str]] = None) -> str:

@@ -1,6 +1,8 @@
 """`predictor.engines`: ONNX Runtime against eager torch, int8 against fp32, and the export cache."""
 
 import base64
+import json
+import logging
 import os
 import shutil
 import time
@@ -11,7 +13,8 @@ import requests
 import torch
 from transformers import ASTForAudioClassification
 
-from predictor.engines import EngineOptions, TorchEngine, build_engine, resolve_backend
+from predictor.engines import EngineOptions, OnnxEngine, OpenVinoEngine, TorchEngine, build_engine
+from predictor.engines.choice import cpu_key
 from predictor.engines.onnx_export import EXPORT_TIMEOUT_S, ExportError, weight_files
 from predictor.engines.openvino_engine import cpu_multiplies_bf16
 
@@ -89,16 +92,13 @@ def test_an_export_removes_temp_files_abandoned_by_killed_exports_only(tiny_mode
     assert not abandoned.exists() and in_progress.exists()
 
 
-def test_a_cached_file_onnxruntime_cannot_open_is_removed_and_torch_serves(tiny_model, tiny_model_dir, tmp_path):
+def test_a_cached_file_onnxruntime_cannot_open_is_removed(tiny_model, tiny_model_dir, tmp_path):
     build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
     (cached,) = tmp_path.glob("*.onnx")
     cached.write_bytes(b"not a protobuf")  # e.g. a disk that filled up under an earlier version
     with pytest.raises(ExportError, match="could not load"):
         build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
     assert not cached.exists()
-    cached.write_bytes(b"not a protobuf")
-    assert isinstance(build_engine(tiny_model, str(tiny_model_dir), EngineOptions("auto", "fp32", 1, tmp_path)),
-                      TorchEngine)
 
 
 def test_a_hub_id_is_keyed_by_its_cached_snapshot_files(tmp_path, monkeypatch):
@@ -220,7 +220,30 @@ def test_changed_weights_get_a_new_export(tiny_model_dir, tmp_path):
     torch.testing.assert_close(engine(features), TorchEngine(model)(features), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("precision, backend", [("fp32", "onnxruntime"), ("int8", "onnxruntime"), ("bf16", "torch")])
-def test_auto_backend_is_the_fastest_measured_for_the_precision(precision, backend):
-    assert resolve_backend("auto", precision) == backend
-    assert resolve_backend("torch", precision) == "torch"
+ENGINE_TYPES = {"onnxruntime": OnnxEngine, "openvino": OpenVinoEngine, "torch": TorchEngine}
+
+
+def test_auto_times_every_engine_once_per_kind_of_cpu_and_keeps_the_fastest(tiny_model_dir, tmp_path, caplog):
+    def auto():
+        model = ASTForAudioClassification.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+        with caplog.at_level(logging.INFO, logger="predictor.engines"):
+            return build_engine(model, str(tiny_model_dir), EngineOptions("auto", "fp32", 1, tmp_path))
+
+    first = auto()
+    timed = {r.getMessage().split(",")[0].removeprefix("Engine ") for r in caplog.records if "s per window" in r.getMessage()}
+    assert timed == {"onnxruntime", "openvino", "torch"}
+    (record,) = tmp_path.glob("choice-*-fp32-*.json")
+    kept = json.loads(record.read_text())
+    assert kept["backend"] == min(kept["seconds_per_window"], key=kept["seconds_per_window"].get)
+    assert isinstance(first, ENGINE_TYPES[kept["backend"]])
+    caplog.clear()
+    second = auto()  # the next start on this kind of CPU: no race, the kept engine
+    assert not any("s per window" in r.getMessage() for r in caplog.records)
+    assert isinstance(second, ENGINE_TYPES[kept["backend"]])
+
+
+def test_the_choice_is_kept_per_cpu_model_vector_extensions_and_threads():
+    epyc = cpu_key(2, {"avx2", "fma", "sse4_2"}, "AMD EPYC")
+    assert epyc == cpu_key(2, {"avx2", "fma"}, "AMD EPYC")  # flags no engine's speed depends on do not count
+    assert len({epyc, cpu_key(4, {"avx2", "fma"}, "AMD EPYC"), cpu_key(2, {"avx2", "fma", "amx_bf16"}, "AMD EPYC"),
+                cpu_key(2, {"avx2", "fma"}, "Intel Xeon")}) == 4

@@ -202,9 +202,7 @@ def test_every_label_is_reachable(server, speech_16k):
     assert [p["score"] for p in predictions] == sorted((p["score"] for p in predictions), reverse=True)
 
 
-def test_the_parity_tests_run_the_engine_auto_picks(server):
-    """Every parity test in this session talks to `server`: it must really run ONNX Runtime (what
-    --backend auto picks for fp32), not the torch engine after a silent export failure."""
+def test_the_parity_tests_run_onnx_runtime(server):
+    """Every parity test in this session talks to `server`: it must really run ONNX Runtime."""
     log = server.log.read_text()
     assert "Engine: onnxruntime, fp32" in log, log[-3000:]
-    assert "Serving with the torch engine instead" not in log, log[-3000:]
