@@ -230,6 +230,7 @@ def test_auto_times_every_engine_once_per_kind_of_cpu_and_keeps_the_fastest(tiny
             return build_engine(model, str(tiny_model_dir), EngineOptions("auto", "fp32", 1, tmp_path))
 
     first = auto()
+    assert any("Timing every engine" in r.getMessage() for r in caplog.records)
     timed = {r.getMessage().split(",")[0].removeprefix("Engine ") for r in caplog.records if "s per window" in r.getMessage()}
     assert timed == {"onnxruntime", "openvino", "torch"}
     (record,) = tmp_path.glob("choice-*-fp32-*.json")
@@ -238,7 +239,8 @@ def test_auto_times_every_engine_once_per_kind_of_cpu_and_keeps_the_fastest(tiny
     assert isinstance(first, ENGINE_TYPES[kept["backend"]])
     caplog.clear()
     second = auto()  # the next start on this kind of CPU: no race, the kept engine
-    assert not any("s per window" in r.getMessage() for r in caplog.records)
+    assert not any("Timing every engine" in r.getMessage() for r in caplog.records)
+    assert any("kept from an earlier start" in r.getMessage() for r in caplog.records)
     assert isinstance(second, ENGINE_TYPES[kept["backend"]])
 
 

@@ -44,20 +44,27 @@ def build_engine(model: ASTForAudioClassification, source: str, options: EngineO
     """The engine `options` ask for; with `auto`, the fastest for the precision on this node
     (`choice`). An engine asked for by name that cannot be built here raises `ExportError`."""
     if options.backend == "auto":
-        window = torch.randn(1, model.config.max_length, model.config.num_mel_bins, generator=torch.Generator().manual_seed(0))
-        backend, engine = choose(model, source, options, window, lambda name: _build(model, source, replace(options, backend=name)))
+        backend, engine = choose(model, source, options,
+                                 prepare=lambda name: _prepare(model, source, replace(options, backend=name)),
+                                 build=lambda name: _build(model, source, replace(options, backend=name)))
     else:
         backend, engine = options.backend, _build(model, source, options)
     logger.info("Engine: %s, %s", backend, options.precision)
     return engine
 
 
+def _prepare(model: ASTForAudioClassification, source: str, options: EngineOptions) -> None:
+    """What an engine needs on disk (an export), made now; `ExportError` if it cannot be."""
+    if options.backend == "openvino":
+        OpenVinoEngine.prepare(model, source, options)
+    elif options.backend == "onnxruntime":
+        OnnxEngine.prepare(model, source, options)
+
+
 def _build(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Engine:
     if options.backend == "openvino":
         return OpenVinoEngine.build(model, source, options)
     if options.backend == "onnxruntime":
-        if options.precision == "bf16":
-            raise ExportError("--backend onnxruntime runs fp32 and int8, not bf16: use --backend openvino or torch")
         return OnnxEngine.build(model, source, options)
     if options.precision == "int8":
         return TorchEngine(quantize_linears(model.eval()))

@@ -3,31 +3,36 @@
 No engine is fastest on every CPU (`make bench` on each kind of machine we have had: ONNX
 Runtime ahead on one, OpenVINO or torch on others; bf16 pays only where the CPU multiplies it
 natively). So at the first start for a (model version, precision, CPU, threads) key, each engine
-that runs the precision here is built and timed on a window of features, the fastest serves, and
-every timing is logged. The choice is kept beside the engine files (a JSON file named by the key),
-so the next start, or a replica sharing the cache volume on the same kind of node, builds that
-engine alone. The key names the CPU model, its vector flags and the thread count, so a pod
-rescheduled onto another kind of node measures again. An engine that cannot be built here (an
-export that fails, bf16 without native support) drops out of the race; torch always runs.
+that runs the precision here is built and timed on a window of features, every timing is logged,
+and the fastest serves. The race runs in a child process, like the export: engines built one after
+another leave their peak in the process that built them, and the server's own memory must stay
+what serving needs. The outcome is kept beside the engine files (a JSON file named by the key), so
+the next start, or a replica sharing the cache volume on the same kind of node, builds that engine
+alone. The key names the CPU model, its vector flags and the thread count, so a pod rescheduled
+onto another kind of node measures again. An engine that cannot be built here (an export that
+fails, bf16 without native support) drops out; torch always runs.
 """
 
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from transformers import ASTForAudioClassification, AutoConfig
 
-from ..allocator import release_freed_memory
-from ..cpu import cpu_flags, cpu_model_name
-from .onnx_export import ExportError, default_cache_dir, model_key
+from ..cpu import configure_torch_threads, cpu_flags, cpu_model_name
+from .onnx_export import ExportError, default_cache_dir, model_key, run_child
 from .options import Engine, EngineOptions
 
 logger = logging.getLogger(__name__)
 
-# Torch last: its bf16 and int8 engines convert the loaded model in place (building one again is a no-op).
+# Torch last: its bf16 and int8 engines convert the loaded model in place.
 CANDIDATES = {"fp32": ("onnxruntime", "openvino", "torch"), "bf16": ("openvino", "torch"), "int8": ("onnxruntime", "torch")}
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 TIMED_RUNS = 2
@@ -40,32 +45,51 @@ def cpu_key(threads: int, flags: Optional[set[str]] = None, name: Optional[str] 
     return hashlib.sha256(described.encode()).hexdigest()[:12]
 
 
-def choose(model: torch.nn.Module, source: str, options: EngineOptions, features: torch.Tensor,
+def choose(model: ASTForAudioClassification, source: str, options: EngineOptions, prepare: Callable[[str], None],
            build: Callable[[str], Engine]) -> tuple[str, Engine]:
-    """The backend that serves and its engine: the one this key chose before, else the fastest now."""
-    record = _record_path(model, source, options)
-    known = _read(record)
-    if known in CANDIDATES[options.precision]:
-        try:
-            logger.info("Engine choice %s (measured earlier on this kind of CPU, %s)", known, record)
-            return known, build(known)
-        except ExportError as exc:
-            logger.warning("%s: measuring the engines again", exc)
-    timings: dict[str, float] = {}
+    """The backend that serves and its engine: the one this key chose before, else the winner of a
+    race run now; should the race fail, the first candidate that builds. Exports happen here, in
+    the server (each in a child of its own), before the race: the race's process never holds a
+    model beside an export."""
+    candidates = []
     for backend in CANDIDATES[options.precision]:
+        try:
+            prepare(backend)
+            candidates.append(backend)
+        except ExportError as exc:
+            logger.warning("Engine %s cannot run %s here: %s", backend, options.precision, exc)
+    record = record_path(model, source, options)
+    outcome = _read(record)
+    if outcome is None:
+        outcome = _race_in_child(source, options, candidates, record)
+    else:
+        logger.info("Engine choice kept from an earlier start on this kind of CPU (%s)", record)
+    for backend, seconds in (outcome or {}).get("seconds_per_window", {}).items():
+        logger.info("Engine %s, %s: %.3f s per window", backend, options.precision, seconds)
+    fastest = (outcome or {}).get("backend")
+    order = [fastest] if fastest in candidates else []
+    for backend in order + [b for b in candidates if b not in order]:
+        try:
+            return backend, build(backend)
+        except ExportError as exc:
+            logger.warning("Engine %s cannot run %s here: %s", backend, options.precision, exc)
+    raise AssertionError("the torch engine always builds")
+
+
+def race(config, candidates: list[str], options: EngineOptions, build: Callable[[str], Engine]) -> dict:
+    """Each candidate built and timed in turn, one alive at a time: {backend, seconds_per_window}."""
+    window = torch.randn(1, config.max_length, config.num_mel_bins, generator=torch.Generator().manual_seed(0))
+    timings: dict[str, float] = {}
+    for backend in candidates:
         try:
             engine = build(backend)
         except ExportError as exc:
             logger.warning("Engine %s cannot run %s here: %s", backend, options.precision, exc)
             continue
-        timings[backend] = seconds_per_window(engine, features)
-        logger.info("Engine %s, %s: %.3f s per window", backend, options.precision, timings[backend])
-        del engine  # one engine's weights at a time beside the model's: the pod's memory limit holds
-        release_freed_memory()
-    fastest = min(timings, key=timings.__getitem__)  # torch always builds
-    logger.info("Engine choice %s, the fastest of %s", fastest, {k: round(v, 4) for k, v in timings.items()})
-    _write(record, fastest, timings)
-    return fastest, build(fastest)
+        timings[backend] = seconds_per_window(engine, window)
+        del engine
+    return {"backend": min(timings, key=timings.__getitem__), "seconds_per_window": timings,
+            "cpu": cpu_model_name(), "flags": sorted(set(ISA_FLAGS) & cpu_flags()), "threads": options.threads}
 
 
 def seconds_per_window(engine: Engine, features: torch.Tensor) -> float:
@@ -78,22 +102,52 @@ def seconds_per_window(engine: Engine, features: torch.Tensor) -> float:
     return min(runs)
 
 
-def _record_path(model: torch.nn.Module, source: str, options: EngineOptions) -> Path:
+def record_path(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Path:
     cache_dir = options.cache_dir or default_cache_dir()
     return cache_dir / f"choice-{model_key(model, source)}-{options.precision}-{cpu_key(options.threads)}.json"
 
 
-def _read(record: Path) -> Optional[str]:
+def _race_in_child(source: str, options: EngineOptions, candidates: list[str], record: Path) -> Optional[dict]:
+    logger.info("Timing every engine for %s on this kind of CPU (once; kept in %s)", options.precision, record)
+    timeout_s = 60 * len(candidates) + 60  # loading and compiling each, and three passes
     try:
-        return json.loads(record.read_text()).get("backend")
-    except (OSError, ValueError, AttributeError):
+        done = run_child(__name__, [source, options.precision, str(options.threads), str(record.parent.resolve()),
+                                    ",".join(candidates), str(record.resolve())], timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("Timing the engines took over %.0f s: serving with the first that builds", timeout_s)
         return None
+    if done.returncode != 0:
+        logger.warning("Timing the engines failed (exit %d): serving with the first that builds\n%s",
+                       done.returncode, done.stderr[-3000:])
+        return None
+    return _read(record)
 
 
-def _write(record: Path, backend: str, timings: dict[str, float]) -> None:
+def _read(record: Path) -> Optional[dict]:
     try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"backend": backend, "seconds_per_window": timings, "cpu": cpu_model_name(),
-                                      "flags": sorted(set(ISA_FLAGS) & cpu_flags())}, indent=1))
-    except OSError as exc:
-        logger.warning("Could not keep the engine choice in %s (%s): the next start measures again", record, exc)
+        outcome = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return outcome if isinstance(outcome, dict) else None
+
+
+def main() -> None:
+    """The race in its own process: writes the outcome to the record path it is given."""
+    from . import build_engine  # the package imports this module
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    source, precision, threads, cache_dir, candidates, record = sys.argv[1:]
+    configure_torch_threads(int(threads))
+    options = EngineOptions("auto", precision, int(threads), Path(cache_dir))
+
+    def build(backend: str) -> Engine:  # a model of its own for each: torch's bf16 and int8 convert it
+        model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa").eval()
+        return build_engine(model, source, replace(options, backend=backend))
+
+    outcome = race(AutoConfig.from_pretrained(source), candidates.split(","), options, build)
+    Path(record).parent.mkdir(parents=True, exist_ok=True)
+    Path(record).write_text(json.dumps(outcome, indent=1))
+
+
+if __name__ == "__main__":
+    main()

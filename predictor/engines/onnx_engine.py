@@ -27,15 +27,21 @@ class OnnxEngine:
             [self.session.run(None, {"input_values": batch[i : i + 1]})[0] for i in range(len(batch))]
         ))
 
-    @classmethod
-    def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OnnxEngine":
-        """Every way this can fail comes out as `ExportError`, which `auto` answers with torch. A
-        cached file ONNX Runtime cannot open is removed, so the next start exports it afresh."""
+    @staticmethod
+    def prepare(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Path:
+        """The ONNX file, exported if it is not cached yet; every failure is an `ExportError`."""
+        if options.precision == "bf16":
+            raise ExportError("--backend onnxruntime runs fp32 and int8, not bf16: use --backend openvino or torch")
         try:
-            path = cached_onnx(model, source, options.precision, options.cache_dir or default_cache_dir(),
+            return cached_onnx(model, source, options.precision, options.cache_dir or default_cache_dir(),
                                options.export_timeout_s)
         except (OSError, ImportError) as exc:
             raise ExportError(f"could not prepare the ONNX model: {exc}") from exc
+
+    @classmethod
+    def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OnnxEngine":
+        """A cached file ONNX Runtime cannot open is removed, so the next start exports it afresh."""
+        path = cls.prepare(model, source, options)
         try:
             return cls(path, options.threads)
         except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception itself

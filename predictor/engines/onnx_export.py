@@ -65,15 +65,9 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
         raise ExportError(f"cannot write the ONNX cache directory {cache_dir}: {exc}") from exc
     _remove_abandoned_temp_files(cache_dir, timeout_s)
     logger.info("Exporting the model to ONNX (%s; once per model version and cache directory) into %s", precision, path)
-    local = Path(source)
-    command = [sys.executable, "-m", __name__, str(local.resolve()) if local.is_dir() else source,
-               str(cache_dir.resolve() / f"ast-{key}-fp32.onnx"), str(path.resolve()), precision]
-    # The server has just loaded the model, so a hub id is in the local cache: no second lookup.
-    python_path = os.pathsep.join(filter(None, (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH"))))
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
     try:
-        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
-                              env=environment, timeout=timeout_s)
+        done = run_child(__name__, [source, str(cache_dir.resolve() / f"ast-{key}-fp32.onnx"), str(path.resolve()),
+                                    precision], timeout_s)
     except subprocess.TimeoutExpired as exc:
         raise ExportError(f"exporting the model to ONNX took over {timeout_s:g} s (--onnx_export_timeout_s)") from exc
     if done.returncode != 0 or not path.is_file():
@@ -81,6 +75,18 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
     peaks = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF)]
     logger.info("Exported %s (the export process peaked at %.1f GiB, the server's at %.1f GiB so far)", path, *peaks)
     return path
+
+
+def run_child(module: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """`python -m module args` in a process of its own, whose memory the server never holds, with
+    the model `source` (args[0]) as an absolute path. The server has just loaded the model, so a
+    hub id is in the local cache: the child makes no second lookup."""
+    local = Path(args[0])
+    args = [str(local.resolve()) if local.is_dir() else args[0], *args[1:]]
+    python_path = os.pathsep.join(filter(None, (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH"))))
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
+    return subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, errors="replace", env=environment, timeout=timeout_s)
 
 
 def export(source: str, fp32: Path, out: Path, precision: str) -> None:

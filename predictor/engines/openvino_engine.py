@@ -35,13 +35,16 @@ class OpenVinoEngine:
             [self.request.infer({0: batch[i : i + 1]})[0].copy() for i in range(len(batch))]
         ))
 
+    @staticmethod
+    def prepare(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Path:
+        """The fp32 ONNX file, exported if need be, once the precision is one this CPU runs fast."""
+        check_precision(options.precision)
+        return cached_onnx(model, source, "fp32", options.cache_dir or default_cache_dir(), options.export_timeout_s)
+
     @classmethod
     def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OpenVinoEngine":
-        """Refuses what this CPU or this engine cannot run fast, before exporting anything."""
-        check_precision(options.precision)
-        cache_dir = options.cache_dir or default_cache_dir()
-        path = cached_onnx(model, source, "fp32", cache_dir, options.export_timeout_s)
-        return cls(path, options.precision, options.threads, cache_dir / "openvino")
+        path = cls.prepare(model, source, options)
+        return cls(path, options.precision, options.threads, path.parent / "openvino")
 
 
 def cpu_multiplies_bf16() -> bool:
