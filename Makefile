@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev run test random-model bench timeline pack-model load soak fuzz fuzz-api
+.PHONY: install install-dev peer-venv run test random-model bench timeline pack-model load soak fuzz fuzz-api
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ $(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The optimum-intel peer make bench compares against, in a virtualenv of its own.
+PEER_VENV ?= .peer-venv
+$(PEER_VENV)/.installed: benchmarks/requirements-peer.txt
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q -r benchmarks/requirements-peer.txt
+	touch $@
+peer-venv: $(PEER_VENV)/.installed
+
 run: install
 	MODEL_DIR=$(MODEL_DIR) MODEL_NAME=$(MODEL_NAME) $(BIN)/python -m predictor
 
@@ -31,8 +39,8 @@ test: install-dev
 random-model: install
 	$(BIN)/python -m tools.random_ast models/ast-random
 
-bench: install-dev
-	$(BIN)/python -m benchmarks.bench
+bench: install-dev peer-venv
+	PEER_PYTHON=$(PEER_VENV)/bin/python $(BIN)/python -m benchmarks.bench
 
 timeline: install-dev
 	$(BIN)/python -m tools.timeline
@@ -54,6 +62,6 @@ fuzz: install-dev
 fuzz-api: install-dev
 	SCHEMATHESIS_MAX_EXAMPLES=1000 HYPOTHESIS_EXAMPLES_SCALE=10 $(BIN)/python -m pytest tests/test_openapi.py tests/test_properties.py
 
-# make pack-model SRC=path/or/hub-id OUT=dir: a model directory ready for a bucket or PVC.
+# make pack-model SRC=path/or/hub-id OUT=dir [PACK_ARGS="--precisions fp32,int8"]: a model directory, engine files included, ready for a bucket or PVC.
 pack-model: install
-	$(BIN)/python -m tools.pack_model $(SRC) $(OUT) --tar
+	$(BIN)/python -m tools.pack_model $(SRC) $(OUT) --tar $(PACK_ARGS)

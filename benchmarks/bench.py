@@ -3,9 +3,12 @@
 On a full-size random-init AST (768 x 12 layers, 128 mel bins x 1024 frames, 527 labels) and
 10 s clips, this measures and prints, each figure beside the baseline from the same run and their
 ratio:
-  1. the baseline: `pipeline("audio-classification")`, one clip at a time;
+  1. the baseline: `pipeline("audio-classification")`, one clip at a time; and the peer a user who
+     knows OpenVINO would pick, optimum-intel's OVModelForAudioClassification in that pipeline (from
+     its own virtualenv, `make peer-venv`);
   2. the model alone (features precomputed) for each engine at batch 1, 4 and 8, and as a fraction of
-     this machine's measured fp32 GEMM peak times the model's FLOPs (the roofline);
+     this machine's measured fp32 GEMM peak times the model's FLOPs (the roofline); the fp32, bf16
+     and int8 GEMM peaks; the CPU model and its vector extensions head the output;
   3. the server end to end: V2 binary data and V1 base64 over HTTP, and gRPC, at concurrency 1, 4
      and 16 (clips/s, p50/p99 latency), and --precision bf16 and int8 over V2 at concurrency 4;
   4. feature extraction alone: ours against `ASTFeatureExtractor`;
@@ -14,8 +17,10 @@ ratio:
   7. long clips: one 10-minute clip over V2 binary at fp32 and int8, in seconds of audio classified
      per second (and seconds per minute of audio) against one clip of exactly one window (10.24 s)
      on the same server; and a fresh server's peak RSS after a 10-minute 48 kHz stereo WAV against
-     after a 10 s one, both sent as V1 raw audio bodies.
-`--only main` runs 1-6, `--only long` runs 7. Results go to benchmarks/results/<time>.json, and
+     after a 10 s one, both sent as V1 raw audio bodies;
+  8. time to ready: a new pod (exports and times the engines), a restart with the cache kept, and a
+     new pod from a model directory `make pack-model` packed with its engine files.
+`--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8. Results go to benchmarks/results/<time>.json, and
 a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
 check behaviour, this measures speed.
 """
@@ -47,6 +52,7 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassificati
 from predictor.allocator import keep_freed_memory
 from predictor.cpu import cpu_limit
 from predictor.engines import EngineOptions, build_engine
+from predictor.engines.choice import ISA_FLAGS
 from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.windows import Windowing
@@ -56,7 +62,7 @@ logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 RATE = 16000
-SECTIONS = ("main", "long")
+SECTIONS = ("main", "long", "start")
 LONG_SECONDS = 600.0
 
 
@@ -121,13 +127,23 @@ def best_of(runs: int, work: Callable[[], object]) -> float:
 # ---- machine and model --------------------------------------------------------------------
 
 
-def gemm_peak_gflops() -> float:
-    """The best fp32 GEMM rate of a square 2048 product and of AST's own MLP product (1214x768 @ 768x3072)."""
-    rates = []
-    for m, k, n in ((2048, 2048, 2048), (1214, 768, 3072)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        rates.append(2 * m * k * n / best_of(10, lambda: a @ b) / 1e9)
-    return max(rates)
+def gemm_peaks() -> dict[str, float]:
+    """The best GEMM rate per precision, in G(FL)OP/s, of a square 2048 product and of AST's own MLP
+    product (1216x768 @ 768x3072): fp32 and bf16 through torch.matmul (bf16 is emulated, and slow,
+    without AVX512-BF16 or AMX), int8 through torch._int_mm (int32 sums)."""
+    kinds = {
+        "fp32": (lambda shape: torch.randn(*shape), torch.matmul),
+        "bf16": (lambda shape: torch.randn(*shape).bfloat16(), torch.matmul),
+        "int8": (lambda shape: torch.randint(-128, 128, shape, dtype=torch.int8), torch._int_mm),
+    }
+    peaks = {}
+    for precision, (make, multiply) in kinds.items():
+        rates = []
+        for m, k, n in ((2048, 2048, 2048), (1216, 768, 3072)):
+            a, b = make((m, k)), make((k, n))
+            rates.append(2 * m * k * n / best_of(5, lambda: multiply(a, b)) / 1e9)
+        peaks[precision] = max(rates)
+    return peaks
 
 
 def ast_gflops(config: ASTConfig, pooled_last_layer: bool = False) -> float:
@@ -167,7 +183,7 @@ def start_server(model_dir: Path, http_port: int, grpc_port: int, *flags: str) -
                 return process
         except requests.ConnectionError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     process.kill()
     raise RuntimeError("server not ready after 600 s")
 
@@ -284,6 +300,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += clip_sections(args, work, model_dir, config, threads)
     if args.only in (None, "long"):
         rows += long_sections(args, work, model_dir, config)
+    if args.only in (None, "start"):
+        rows += start_section(work, model_dir)
     return rows
 
 
@@ -298,6 +316,8 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     classify = pipeline("audio-classification", model=str(model_dir))
     base = args.baseline_clips / best_of(1, lambda: [classify(c) for c in clips[: args.baseline_clips]])
     rows.append(Row("baseline", "transformers pipeline, 1 clip at a time", base, "clips/s"))
+    peer = peer_rows(work, model_dir, clips[: args.baseline_clips], threads, base)
+    rows += peer
 
     # 4. features
     extractor = ASTFeatureExtractor()
@@ -310,8 +330,8 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     features = filterbank(clips)
     keep_freed_memory()  # as the server does at start; the baseline above ran with glibc's defaults, as a notebook would
 
-    # 2. the model alone, and the roofline (the GEMM peak is measured again at the end: the higher counts)
-    peak = gemm_peak_gflops()
+    # 2. the model alone, and the roofline (the GEMM peaks are measured again at the end: the higher count)
+    peaks = gemm_peaks()
     flops = ast_gflops(config)
     model = ASTForAudioClassification.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     engines = {
@@ -321,6 +341,7 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
         "onnxruntime fp32": build_engine(model, str(model_dir), EngineOptions("onnxruntime", "fp32", threads, work)),
         "onnxruntime int8": build_engine(model, str(model_dir), EngineOptions("onnxruntime", "int8", threads, work)),
         "openvino fp32": build_engine(model, str(model_dir), EngineOptions("openvino", "fp32", threads, work)),
+        "openvino int8": build_engine(model, str(model_dir), EngineOptions("openvino", "int8", threads, work)),
     }
     if cpu_multiplies_bf16():
         engines["openvino bf16"] = build_engine(model, str(model_dir), EngineOptions("openvino", "bf16", threads, work))
@@ -335,7 +356,7 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
 
     # 5. bf16 and int8 against fp32
     reference = engines["torch fp32"](features)
-    for name in ("torch bf16", "torch int8", "onnxruntime int8", "openvino bf16"):
+    for name in ("torch bf16", "openvino bf16", "torch int8", "onnxruntime int8", "openvino int8"):
         if name not in engines:
             continue
         approximate = engines[name](features)
@@ -346,12 +367,14 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
                         extra={"max_abs_logit_diff": float((approximate - reference).abs().max()),
                                "mean_top5_overlap": float(np.mean(overlap)), "clips": len(features)}))
     del engines, model
-    peak = max(peak, gemm_peak_gflops())
-    roofline = peak / flops
+    peaks = {precision: max(rate, again) for (precision, rate), again in zip(peaks.items(), gemm_peaks().values())}
+    roofline = peaks["fp32"] / flops
     for row in rows:
         if row.section == "model alone" and "fp32" in row.name:
             row.extra["roofline_fraction"] = row.value / roofline
-    rows.append(Row("machine", f"fp32 GEMM peak, {threads} threads", peak, "GFLOP/s"))
+    for precision, rate in peaks.items():
+        rows.append(Row("machine", f"{precision} GEMM peak, {threads} threads", rate,
+                        "GOP/s" if precision == "int8" else "GFLOP/s"))
     rows.append(Row("machine", "AST forward pass, one clip", flops, "GFLOP"))
     rows.append(Row("machine", "AST forward pass as computed (last layer for the pooled tokens)",
                     ast_gflops(config, pooled_last_layer=True), "GFLOP"))
@@ -361,6 +384,13 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
         """The model alone as the server runs it: the fastest engine for the precision (what
         --backend auto picks), batch 1."""
         return max(v for k, v in alone.items() if k.endswith(f" {precision} b1"))
+
+    def against(result: dict, precision: str) -> dict:
+        """A server row's details: its throughput over the model alone's, and over the peer's."""
+        ratios = {"vs_model_alone": result["clips_per_s"] / engine_alone(precision)}
+        if peer:
+            ratios["vs_optimum_intel"] = result["clips_per_s"] / peer[0].value
+        return {**result, **ratios}
 
     # 3. the server end to end, and 6. its peak RSS
     http_port, grpc_port = 18180, 18181
@@ -373,7 +403,7 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
                 count = args.repeats if concurrency == 1 else max(4, 2 * concurrency)
                 result = load_test(make_call, files, concurrency, count)
                 rows.append(Row("server fp32", f"{protocol}, concurrency {concurrency}", result["clips_per_s"], "clips/s",
-                                base, "pipeline", {**result, "vs_model_alone": result["clips_per_s"] / engine_alone("fp32")}))
+                                base, "pipeline", against(result, "fp32")))
         stop = threading.Event()
         with ThreadPoolExecutor(1) as prober:
             probes = prober.submit(probe_latencies, http_port, stop)
@@ -391,7 +421,7 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
         try:
             result = load_test(lambda: v2_binary_call(http_port), files, 4, 8)
             rows.append(Row(f"server {precision}", "V2 binary (HTTP), concurrency 4", result["clips_per_s"], "clips/s",
-                            base, "pipeline", {**result, "vs_model_alone": result["clips_per_s"] / engine_alone(precision)}))
+                            base, "pipeline", against(result, precision)))
             rows.append(Row(f"server {precision}", "peak RSS", peak_rss_mib(server.pid), "MiB"))
         finally:
             server.terminate()
@@ -461,6 +491,53 @@ def long_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     return rows
 
 
+def peer_rows(work: Path, model_dir: Path, clips: list[np.ndarray], threads: int, base: float) -> list[Row]:
+    """optimum-intel's OpenVINO model inside the pipeline, run by the peer virtualenv's Python
+    (`make peer-venv`, or PEER_PYTHON), on the clips the baseline classified."""
+    python = Path(os.environ.get("PEER_PYTHON", REPO / ".peer-venv" / "bin" / "python"))
+    if not python.exists():
+        logger.warning("no %s (make peer-venv): the optimum-intel peer is left out", python)
+        return []
+    np.save(work / "peer-clips.npy", np.stack(clips))
+    done = subprocess.run([str(python), str(REPO / "benchmarks" / "peer_optimum.py"), str(model_dir),
+                           str(work / "peer-clips.npy"), "--threads", str(threads)],
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        logger.warning("the optimum-intel peer failed:\n%s", done.stderr[-3000:])
+        return []
+    peer = json.loads(done.stdout.splitlines()[-1])
+    rate = peer.pop("optimum_intel_clips_per_s")
+    return [Row("peer", "optimum-intel OVModelForAudioClassification in the pipeline", rate, "clips/s", base,
+                "pipeline", peer)]
+
+
+def start_section(work: Path, model_dir: Path) -> list[Row]:
+    """Section 8: seconds from process start to ready on the full-size model, default flags (auto,
+    fp32), each with a cache directory of its own: a new pod with nothing cached (it exports and
+    times the engines), a restart with that cache, and a new pod whose model directory
+    `make pack-model` packed with its engine files; and what packing adds to the download."""
+    packed = work / "packed"
+    subprocess.run([sys.executable, "-m", "tools.pack_model", str(model_dir), str(packed)], cwd=REPO, check=True,
+                   capture_output=True)
+    seconds = {}
+    for name, directory, cache in (("new", model_dir, "cold"), ("restart", model_dir, "cold"),
+                                   ("packed", packed, "packed")):
+        start = time.perf_counter()
+        server = start_server(directory, 18180, 18181, "--onnx_cache_dir", str(work / f"{cache}-cache"))
+        seconds[name] = time.perf_counter() - start
+        server.terminate()
+        server.wait(60)
+    cold = "new pod, nothing packed or cached"
+    plain_mb = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file()) / 1e6
+    packed_mb = sum(p.stat().st_size for p in packed.rglob("*") if p.is_file()) / 1e6
+    return [
+        Row("start", cold, seconds["new"], "s to ready"),
+        Row("start", "restart, cache kept (a volume)", seconds["restart"], "s to ready", seconds["new"], cold),
+        Row("start", "new pod, engine files packed with the model", seconds["packed"], "s to ready", seconds["new"],
+            cold, {"model_dir_mb": packed_mb, "without_engines_mb": plain_mb}),
+    ]
+
+
 def report(rows: list[Row]) -> str:
     lines = ["| section | measurement | value | baseline | ratio | details |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -469,9 +546,6 @@ def report(rows: list[Row]) -> str:
         details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.extra.items())
         lines.append(f"| {row.section} | {row.name} | {row.value:.3g} {row.unit} | {baseline} | {ratio} | {details} |")
     return "\n".join(lines)
-
-
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 
 
 def cpu_model() -> str:
@@ -498,15 +572,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each batch-1 measurement (best kept)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--only", choices=SECTIONS, default=None,
-                        help="main: sections 1-6 (10 s clips); long: section 7 (10-minute clips). Default: both. "
+                        help="main: sections 1-6 (10 s clips); long: section 7 (10-minute clips); start: section 8 "
+                        "(time to ready). Default: all. "
                         "A partial run does not replace latest.json.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     RESULTS.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    cpu = cpu_model()
+    logger.info("CPU: %s", cpu)
     rows = run(args)
     table = report(rows)
-    cpu = cpu_model()
     logger.info("\n%s\nCPU: %s; load average (1, 5, 15 min) %s before, %s after", table, cpu,
                 " ".join(f"{x:.2f}" for x in load_before), " ".join(f"{x:.2f}" for x in os.getloadavg()))
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,

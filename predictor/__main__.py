@@ -22,7 +22,8 @@ from .cpu import configure_torch_threads
 from .engines import BACKENDS, PRECISIONS, EngineOptions
 from .engines.onnx_export import EXPORT_TIMEOUT_S
 from .labels import FUNCTIONS
-from .model import ASTModel, ModelLoadError
+from .checkpoint import ModelLoadError
+from .model import ASTModel
 from .protocol.kserve import AudioModelServer
 from .protocol.request_ids import RequestLog
 
@@ -33,7 +34,7 @@ GRACE_PERIOD_S = 20
 MODEL_FLAGS = ("model_dir", "top_k", "function_to_apply", "max_audio_seconds", "max_request_audio_seconds",
                "max_clips_per_request", "max_windows_per_request", "max_batch_size", "max_batch_wait_ms",
                "max_queued_windows", "max_channels")
-ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir", "onnx_export_timeout_s")
+ENGINE_FLAGS = ("backend", "precision", "threads", "onnx_cache_dir", "onnx_export_timeout_s", "calibration_dir")
 # KServe's own flags, passed on explicitly: ModelServer's defaults come from kserve's own parse of
 # sys.argv at import, not from the arguments main() was given.
 SERVER_FLAGS = (
@@ -87,23 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="How long a request waits for others to share its forward pass (0: only those already queued).")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: the fastest engine for the precision, timed on this kind of CPU at the first start "
-                        "(the choice is kept in --onnx_cache_dir). "
-                        "torch: eager PyTorch with SDPA; onnxruntime: the model exported to ONNX once (cached), "
-                        "run clip by clip; openvino: that ONNX file compiled by OpenVINO for this CPU (fp32, and bf16 "
-                        "where the CPU multiplies bf16 natively).")
+                        "(the choice is kept in --onnx_cache_dir, or packed with the model by make pack-model). "
+                        "onnxruntime: the model exported to ONNX once (cached), run clip by clip; openvino: that ONNX "
+                        "file compiled by OpenVINO for this CPU (bf16 where the CPU multiplies bf16 natively; int8 "
+                        "quantized by NNCF); torch: eager PyTorch with SDPA, the reference.")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32: equal to the transformers pipeline. bf16 (torch backend): ~1.9x the pipeline on CPUs with "
-                        "AVX512-BF16/AMX, logits' cosine to fp32 >= 0.9999. int8: int8 weights and activations "
-                        "(onnxruntime: dynamic quantization, one clip at a time; torch: per-token scales), about 2x "
-                        "faster than fp32, cosine >= 0.999.")
+                        help="fp32: equal to the transformers pipeline. bf16 (openvino, torch): for CPUs with "
+                        "AVX512-BF16/AMX, logits' cosine to fp32 >= 0.9999. int8: onnxruntime's dynamic int8 or "
+                        "openvino's static int8, whichever is faster here; check its accuracy on your clips with "
+                        "python -m predictor.compare.")
     parser.add_argument("--threads", type=positive(int), default=None,
                         help="Intra-op threads. Default: the container's CPU limit (cgroup), not the node's core count.")
     parser.add_argument("--onnx_cache_dir", type=Path, default=None,
                         help="Where exported ONNX models are kept. Default: $XDG_CACHE_HOME/ast-kserve (~/.cache/ast-kserve).")
     parser.add_argument("--onnx_export_timeout_s", type=positive(float), default=EXPORT_TIMEOUT_S,
-                        help="An ONNX export taking longer is abandoned for the torch engine (--backend auto) or "
-                        "fails the start (--backend onnxruntime); keep it well inside the liveness probe's "
-                        "initial delay, as the server answers probes only once loaded.")
+                        help="An export (or OpenVINO's int8 quantization) taking longer is abandoned: under --backend "
+                        "auto that engine drops out, a named backend fails the start; keep it well inside the "
+                        "liveness probe's initial delay, as the server answers probes only once loaded.")
+    parser.add_argument("--calibration_dir", type=Path, default=None,
+                        help="int8 on OpenVINO (static scales, NNCF): audio files like the ones you serve, to "
+                        "calibrate on. Default: clips the server synthesises (no data needed).")
     parser.set_defaults(model_name="ast")
     apply_environment(parser, ("model_name", "max_request_mb") + MODEL_FLAGS + ENGINE_FLAGS)
     return parser
@@ -150,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--workers must be 1: one server process already uses every CPU the container may "
                      "(its torch threads follow the CPU limit); scale with replicas instead")
     if args.precision == "bf16" and args.backend == "onnxruntime":
-        parser.error("--precision bf16 needs --backend torch")
+        parser.error("--precision bf16 needs --backend openvino, torch or auto")
     if args.configure_logging:
         kserve_logging.configure_logging(args.log_config_file)
         ours = logging.getLogger(__package__)
@@ -162,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     keep_freed_memory()
     threads = configure_torch_threads(args.threads)
     engine = EngineOptions(backend=args.backend, precision=args.precision, threads=threads, cache_dir=args.onnx_cache_dir,
-                           export_timeout_s=args.onnx_export_timeout_s)
+                           export_timeout_s=args.onnx_export_timeout_s, calibration_dir=args.calibration_dir)
     model = ASTModel(name=args.model_name, engine=engine, **_pick(args, MODEL_FLAGS))
     try:
         model.load()

@@ -21,13 +21,14 @@ from typing import Optional
 import torch
 from transformers import ASTForAudioClassification
 
-from . import audio, labels, windows
+from . import labels
 from .cpu import configure_torch_threads, cpu_model_name
 from .engines import EngineOptions, ExportError, build_engine
+from .engines.calibration import file_features
 from .engines.choice import CANDIDATES, seconds_per_window
 from .errors import ClientInputError
-from .features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
-from .model import ModelLoadError, load_feature_extractor, resolve_model_source
+from .features import LogMelFilterbank
+from .checkpoint import ModelLoadError, load_feature_extractor, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +44,6 @@ class Row:
     error: Optional[str] = None
 
 
-def features_of(files: list[Path], source: str, config) -> torch.Tensor:
-    """Every window of every file, as the server computes them (default hop)."""
-    filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, config))
-    rate = filterbank.sampling_rate
-    windowing = windows.Windowing(rate, filterbank.max_length * HOP_LENGTH, FRAME_LENGTH)
-    target = audio.Target(rate, max_seconds=3600)
-    slices = []
-    for path in files:
-        try:
-            waveform = audio.decode(path.read_bytes(), target)
-        except ClientInputError as exc:
-            raise ClientInputError(f"{path}: {exc}") from None
-        slices += windowing.slices(waveform, windowing.starts(len(waveform), windowing.seconds))
-    return filterbank(slices)
-
-
 def compare(model_dir: str, files: list[Path], precisions: list[str], threads: int, cache_dir: Path) -> list[Row]:
     source = resolve_model_source(model_dir)
 
@@ -67,7 +52,7 @@ def compare(model_dir: str, files: list[Path], precisions: list[str], threads: i
 
     model = fresh_model()
     function = labels.default_function(model.config.problem_type, model.config.num_labels)
-    features = features_of(files, source, model.config)
+    features = file_features(files, LogMelFilterbank.from_extractor(load_feature_extractor(source, model.config)))
     reference = build_engine(model, source, EngineOptions("torch", "fp32", threads, cache_dir))(features)
     expected = labels.scores(reference, function)
     rows = []

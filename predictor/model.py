@@ -11,34 +11,29 @@ keeps answering health probes during inference.
 
 import asyncio
 import logging
-import os
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
-from transformers import ASTFeatureExtractor, ASTForAudioClassification
+from transformers import ASTForAudioClassification
 
 from . import audio, labels, protocol, windows
 from .allocator import release_freed_memory
 from .batching import WindowQueue
+from .checkpoint import ModelLoadError, load_feature_extractor, resolve_model_source
 from .engines import Engine, EngineOptions, ExportError, build_engine
 from .errors import ClientInputError, shown
-from .features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
+from .features import LogMelFilterbank
 from .protocol.requests import parse
 from .protocol.responses import ClipResult, Ranked, Segments, respond
 
 logger = logging.getLogger(__name__)
 
 AST_MODEL_TYPE = "audio-spectrogram-transformer"
-
-
-class ModelLoadError(RuntimeError):
-    """Nothing loadable at the configured location; the message says where we looked."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +120,7 @@ class ASTModel(Model):
         self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model.config))
         rate = self.filterbank.sampling_rate
         self.target = audio.Target(rate, self.max_audio_seconds, self.max_channels)
-        self.windowing = windows.Windowing(rate, self.filterbank.max_length * HOP_LENGTH, FRAME_LENGTH)
+        self.windowing = windows.Windowing.of(self.filterbank)
         self.num_labels = model.config.num_labels
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.default_function = self.requested_function or labels.default_function(
@@ -239,39 +234,3 @@ class ASTModel(Model):
 
     def get_output_types(self) -> list[dict]:
         return protocol.OUTPUT_TYPES
-
-
-def resolve_model_source(model_dir: str) -> str:
-    """A local directory (or the one model directory inside it), else the string as a hub id.
-
-    KServe's storage initializer copies a bucket prefix into /mnt/models as is, so a model saved
-    one level down (`gs://bucket/models/` holding `ast/config.json`) is found too.
-    """
-    path = Path(model_dir)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return str(path)
-        nested = [p for p in path.iterdir() if (p / "config.json").is_file()]
-        if len(nested) == 1:
-            return str(nested[0])
-        raise ModelLoadError(
-            f"'{model_dir}' is a directory but holds no config.json (nor one subdirectory with one); "
-            f"it contains: {sorted(p.name for p in path.iterdir())[:20]}"
-        )
-    if path.is_absolute() or model_dir.startswith(("./", "../", "~")) or os.sep * 2 in model_dir:
-        raise ModelLoadError(f"model directory '{model_dir}' does not exist")
-    return model_dir
-
-
-def load_feature_extractor(source: str, config: Any) -> ASTFeatureExtractor:
-    """The saved preprocessor config if there is one, else AST's defaults sized to the model."""
-    try:
-        extractor = ASTFeatureExtractor.from_pretrained(source)
-    except OSError:
-        extractor = ASTFeatureExtractor(num_mel_bins=config.num_mel_bins, max_length=config.max_length)
-    if (extractor.num_mel_bins, extractor.max_length) != (config.num_mel_bins, config.max_length):
-        raise ModelLoadError(
-            f"feature extractor makes {extractor.num_mel_bins} mel bins x {extractor.max_length} frames "
-            f"but the model expects {config.num_mel_bins} x {config.max_length}"
-        )
-    return extractor

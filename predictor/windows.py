@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ClientInputError, shown
+from .features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 
 AGGREGATES = ("max", "mean")
 
@@ -30,6 +31,11 @@ class Windowing:
     """Samples per window: the model's frames times the hop between frames (163,840 for AudioSet AST)."""
     min_samples: int
     """One analysis frame (400 samples): less than that holds nothing the filterbank computes."""
+
+    @classmethod
+    def of(cls, filterbank: LogMelFilterbank) -> "Windowing":
+        """The windows a filterbank reads whole: its `max_length` frames' worth of hops."""
+        return cls(filterbank.sampling_rate, filterbank.max_length * HOP_LENGTH, FRAME_LENGTH)
 
     @property
     def seconds(self) -> float:

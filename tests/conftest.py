@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
-from transformers import pipeline
+from transformers import ASTConfig, pipeline
 
 from tools.random_ast import save_random_ast
 
@@ -49,6 +49,16 @@ def onnx_cache(tmp_path_factory) -> Iterator[Path]:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Tiny, but with AudioSet's 1024 frames: its windows are AudioSet's 10.24 s, each costing milliseconds."""
     return save_random_ast(tmp_path_factory.mktemp("tiny-ast"), TINY_LABELS, tiny=True, max_length=1024)
+
+
+@pytest.fixture(scope="session")
+def full_size_dir(tmp_path_factory) -> Path:
+    """AST's real geometry, for the few checks that need it: each of its windows takes a second or two."""
+    directory = save_random_ast(tmp_path_factory.mktemp("ast-full"))
+    config = ASTConfig.from_pretrained(directory)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_mel_bins, config.max_length,
+            config.num_labels) == (768, 12, 128, 1024, 527)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 import jsonschema
+import numpy as np
 import pytest
 import requests
 import yaml
+from transformers import pipeline
 
-from .conftest import REPO, Server, encode, free_port, run_triton_grpc, save_random_ast, stop_server, tone
+from .conftest import (REPO, Server, assert_same_predictions, encode, expected, free_port, run_triton_grpc,
+                       stop_server, tone)
 
 CRD = REPO.parent / "shared" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 INFERENCE_SERVICES = [REPO / "inferenceservice.yaml", *sorted((REPO / "deploy").glob("inferenceservice-*.yaml"))]
@@ -168,8 +171,8 @@ def test_each_manifest_runs_and_its_probes_answer(manifest, tiny_model_dir, tmp_
 
 
 @pytest.fixture(scope="module")
-def full_size_server(tmp_path_factory):
-    model_dir = save_random_ast(tmp_path_factory.mktemp("ast-full"))
+def full_size_server(full_size_dir, tmp_path_factory):
+    model_dir = full_size_dir
     container = predictor_container(REPO / "inferenceservice.yaml", "ast")
     # A fresh container: nothing cached, so the ONNX export runs, as on every pod start without a volume.
     fresh_cache = {"ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("container-onnx-cache"))}
@@ -177,6 +180,20 @@ def full_size_server(tmp_path_factory):
                                       fresh_cache)
     yield server, ports, container
     stop_server(server)
+
+
+def test_full_size_model_matches_the_pipeline(full_size_server, full_size_dir, speech_16k):
+    """Parity at AST's real geometry, on the engine the deployed defaults pick (`auto`)."""
+    server, _, _ = full_size_server
+    rng = np.random.default_rng(3)
+    clip = np.concatenate([speech_16k, 0.05 * rng.standard_normal(16000 * 10 - len(speech_16k))]).astype(np.float32)
+    body = {"instances": [{"b64": base64.b64encode(encode(clip, 16000, "WAV", "FLOAT")).decode()}],
+            "parameters": {"top_k": 10}}
+    response = requests.post(server.predict_url, json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    # 527 labels and no function_to_apply: the server's default is sigmoid (AudioSet is multi-label).
+    reference = expected(pipeline("audio-classification", model=str(full_size_dir)), clip, 10, "sigmoid")
+    assert_same_predictions(response.json()["predictions"][0], reference)
 
 
 def ten_second_clip() -> bytes:
@@ -228,12 +245,14 @@ def test_probes_answer_in_time_with_four_clips_in_flight(full_size_server):
     assert max(durations) < min(1.0, container["livenessProbe"]["timeoutSeconds"]), sorted(durations)[-5:]
 
 
-def test_peak_memory_after_twenty_clips_fits_the_limit(full_size_server):
+def test_peak_memory_after_eight_clips_at_concurrency_four_fits_the_limit(full_size_server):
+    """Every buffer a pass needs is allocated by its first one; `make bench` and `make soak` watch
+    the peak over hundreds of requests."""
     server, _, container = full_size_server
     clip = ten_second_clip()
     with ThreadPoolExecutor(4) as pool:
-        statuses = list(pool.map(lambda _: requests.post(server.predict_url, data=clip, timeout=300).status_code, range(20)))
-    assert statuses == [200] * 20
+        statuses = list(pool.map(lambda _: requests.post(server.predict_url, data=clip, timeout=300).status_code, range(8)))
+    assert statuses == [200] * 8
     peak = peak_rss_bytes(server.process.pid)
     limit = memory_limit_bytes(container)
     # Issue 5's target: well inside the limit, under 1.5 GiB.
@@ -244,7 +263,7 @@ def test_the_export_and_the_server_fit_the_limit_together(full_size_server):
     """The pod holds the server and the export's child process at once: the sum of their peaks
     (an upper bound on the pod's) must fit the manifest's memory limit."""
     server, _, container = full_size_server
-    exported = re.search(r"export process peaked at ([\d.]+) GiB, the server's at ([\d.]+) GiB", server.log.read_text())
+    exported = re.search(r"child process peaked at ([\d.]+) GiB, the server's at ([\d.]+) GiB", server.log.read_text())
     assert exported, "the full-size server did not export its ONNX model"
     together = (float(exported[1]) + float(exported[2])) * 2**30
     assert together < 0.9 * memory_limit_bytes(container), exported[0]

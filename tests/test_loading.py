@@ -8,7 +8,8 @@ import sys
 import pytest
 import requests
 
-from predictor.model import ASTModel, ModelLoadError
+from predictor.checkpoint import ModelLoadError
+from predictor.model import ASTModel
 
 from .conftest import REPO, encode, start_server, stop_server, tone
 

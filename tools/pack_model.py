@@ -1,27 +1,42 @@
-"""Pack an AST checkpoint into the directory layout the server loads from /mnt/models.
+"""Pack an AST checkpoint into the directory the server loads from /mnt/models, engine files included.
 
-    python -m tools.pack_model SOURCE OUT [--tar]
+    python -m tools.pack_model SOURCE OUT [--precisions fp32,int8] [--no_engines] [--tar]
 
 SOURCE is anything `from_pretrained` reads: a directory saved by transformers (a fine-tune on
 ESC-50 or Speech Commands, say, with `.bin` or safetensors weights) or a hub id. OUT receives
 config.json, model.safetensors and preprocessor_config.json, checked by loading them back the
-way the server does; upload it (or the `--tar` archive) to the bucket or PVC that the
-InferenceService's storage URI names.
+way the server does, and (unless --no_engines) `engines/`: what the server would otherwise make
+at the first start of every new pod for each precision packed (the ONNX export, ONNX Runtime's
+int8 files for CPUs with and without VNNI, OpenVINO's int8 IR) and the engine choice timed here.
+The server takes a file from there when its name, which carries the key of the weights and the
+library versions, matches the one it would make; on a node of another CPU kind it times the
+engines once more, but exports nothing. The engine files add to what every pod downloads: the
+log prints the directory's size. Upload OUT (or the `--tar` archive) to the bucket or PVC that
+the InferenceService's storage URI names.
 """
 
 import argparse
 import logging
+import shutil
 import tarfile
 from pathlib import Path
+from typing import Optional
 
 from transformers import ASTForAudioClassification
 
-from predictor.model import ModelLoadError, load_feature_extractor, resolve_model_source
+from predictor.checkpoint import ModelLoadError, load_feature_extractor, resolve_model_source
+from predictor.cpu import configure_torch_threads
+from predictor.engines import PRECISIONS, EngineOptions, build_engine
+from predictor.engines.onnx_export import PACKED_DIR, cached_onnx
 
 logger = logging.getLogger(__name__)
 
+EXPORT_TIMEOUT_S = 1800.0  # no liveness probe waits on a pack: only a hung export should stop it
+INT8_WEIGHT_TYPES = ("s8", "u8")  # the node's CPU decides which ONNX Runtime runs (cpu.int8_weight_type)
 
-def pack(source: str, out: Path) -> Path:
+
+def pack(source: str, out: Path, precisions: list[str], engines: bool = True,
+         calibration_dir: Optional[Path] = None) -> Path:
     location = resolve_model_source(source)
     model = ASTForAudioClassification.from_pretrained(location)
     extractor = load_feature_extractor(location, model.config)
@@ -31,19 +46,57 @@ def pack(source: str, out: Path) -> Path:
     reloaded = ASTForAudioClassification.from_pretrained(out)
     if reloaded.config.id2label != model.config.id2label:
         raise ModelLoadError(f"{out} does not load back with the same labels")
+    if engines:
+        pack_engines(out, precisions, calibration_dir)
     return out
+
+
+def pack_engines(out: Path, precisions: list[str], calibration_dir: Optional[Path]) -> None:
+    """Each precision as `--backend auto` would start on it, with OUT/engines as its cache, so the
+    exports and the timed choice land there; then the int8 file for the other kind of CPU."""
+    directory = out / PACKED_DIR
+    threads = configure_torch_threads(None)
+    for precision in precisions:
+        options = EngineOptions("auto", precision, threads, directory, EXPORT_TIMEOUT_S, calibration_dir)
+        build_engine(fresh_model(out), str(out), options)
+        if precision == "int8":
+            for weights in INT8_WEIGHT_TYPES:
+                cached_onnx(fresh_model(out), str(out), f"int8-{weights}", directory, EXPORT_TIMEOUT_S)
+    shutil.rmtree(directory / "openvino", ignore_errors=True)  # compiled for this CPU: the node compiles its own
+
+
+def fresh_model(out: Path) -> ASTForAudioClassification:
+    """torch's bf16 and int8 engines convert a model in place: each build gets its own."""
+    return ASTForAudioClassification.from_pretrained(out, attn_implementation="sdpa").eval()
+
+
+def size_mb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 1e6
+
+
+def precision_list(text: str) -> list[str]:
+    chosen = text.split(",")
+    if set(chosen) - set(PRECISIONS):
+        raise argparse.ArgumentTypeError(f"choose from {','.join(PRECISIONS)}, comma-separated")
+    return chosen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source")
     parser.add_argument("out", type=Path)
+    parser.add_argument("--precisions", type=precision_list, default=["fp32"],
+                        help="the --precision values the server will run, comma-separated (default: fp32)")
+    parser.add_argument("--no_engines", action="store_true",
+                        help="weights and configs only: each new pod exports and times the engines itself")
+    parser.add_argument("--calibration_dir", type=Path, default=None,
+                        help="int8 on OpenVINO: audio to calibrate on (as the server's flag)")
     parser.add_argument("--tar", action="store_true", help="also write OUT.tar.gz with the files at its root")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = pack(args.source, args.out)
-    files = sorted(p.name for p in out.iterdir())
-    logger.info("packed %s into %s: %s", args.source, out, ", ".join(files))
+    out = pack(args.source, args.out, args.precisions, not args.no_engines, args.calibration_dir)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    logger.info("packed %s into %s (%.0f MB): %s", args.source, out, size_mb(out), ", ".join(files))
     if args.tar:
         archive = out.with_name(out.name + ".tar.gz")
         with tarfile.open(archive, "w:gz") as tar:

@@ -45,5 +45,8 @@ class OnnxEngine:
         try:
             return cls(path, options.threads)
         except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception itself
-            path.unlink(missing_ok=True)
-            raise ExportError(f"ONNX Runtime could not load {path} (removed from the cache): {exc}") from exc
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # packed in a read-only model directory
+                pass
+            raise ExportError(f"ONNX Runtime could not load {path} (removed, if it was in the cache): {exc}") from exc

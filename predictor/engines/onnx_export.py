@@ -15,12 +15,13 @@ import inspect
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from transformers import ASTForAudioClassification
@@ -37,8 +38,18 @@ ONNX_OPSET = 18
 # auto) well before the manifests' liveness probe would restart the container
 # (inferenceservice.yaml: 90 s + 3 x 10 s).
 EXPORT_TIMEOUT_S = 60.0
-TEMP_SUFFIX = ".onnx.tmp"
+TEMP_SUFFIX = ".tmp"
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where `-m predictor.engines.onnx_export` imports from
+
+
+PACKED_DIR = "engines"  # in a model directory: the engine files `make pack-model` put beside the weights
+
+
+def packed(source: str, name: str) -> Optional[Path]:
+    """The file of that name `make pack-model` put in the model directory, if it did: its name
+    carries the same key as the cache's, so a match is the very file an export would write."""
+    path = Path(source) / PACKED_DIR / name
+    return path if path.is_file() else None
 
 
 def default_cache_dir() -> Path:
@@ -56,24 +67,35 @@ def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, c
     key = model_key(model, source)
     precision = f"int8-{int8_weight_type()}" if precision == "int8" else precision
     path = cache_dir / f"ast-{key}-{precision}.onnx"
+    fp32 = cache_dir.resolve() / f"ast-{key}-fp32.onnx"
+    return made_in_child(path, __name__, [source, str(fp32), str(path.resolve()), precision], timeout_s,
+                         f"exporting the model to ONNX ({precision})")
+
+
+def made_in_child(path: Path, module: str, args: list[str], timeout_s: float, what: str) -> Path:
+    """`path` as packed in the model directory (`args[0]`) or cached, else made by
+    `python -m module args` (which writes it whole or not at all); `ExportError`, saying `what`
+    failed and why, if it cannot be."""
+    if (found := packed(args[0], path.name)) is not None:
+        logger.info("Using %s, packed with the model", found)
+        return found
     if path.is_file():
-        logger.info("Using cached ONNX model %s", path)
+        logger.info("Using cached %s", path)
         return path
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ExportError(f"cannot write the ONNX cache directory {cache_dir}: {exc}") from exc
-    _remove_abandoned_temp_files(cache_dir, timeout_s)
-    logger.info("Exporting the model to ONNX (%s; once per model version and cache directory) into %s", precision, path)
+        raise ExportError(f"cannot write the cache directory {path.parent}: {exc}") from exc
+    _remove_abandoned_temp_files(path.parent, timeout_s)
+    logger.info("%s (once per model version and cache directory) into %s", what[0].upper() + what[1:], path)
     try:
-        done = run_child(__name__, [source, str(cache_dir.resolve() / f"ast-{key}-fp32.onnx"), str(path.resolve()),
-                                    precision], timeout_s)
+        done = run_child(module, args, timeout_s)
     except subprocess.TimeoutExpired as exc:
-        raise ExportError(f"exporting the model to ONNX took over {timeout_s:g} s (--onnx_export_timeout_s)") from exc
+        raise ExportError(f"{what} took over {timeout_s:g} s (--onnx_export_timeout_s)") from exc
     if done.returncode != 0 or not path.is_file():
-        raise ExportError(f"exporting the model to ONNX failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise ExportError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     peaks = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF)]
-    logger.info("Exported %s (the export process peaked at %.1f GiB, the server's at %.1f GiB so far)", path, *peaks)
+    logger.info("Wrote %s (the child process peaked at %.1f GiB, the server's at %.1f GiB so far)", path, *peaks)
     return path
 
 
@@ -114,13 +136,13 @@ def export(source: str, fp32: Path, out: Path, precision: str) -> None:
 
 
 def _remove_abandoned_temp_files(cache_dir: Path, timeout_s: float) -> None:
-    """An export killed mid-way (timeout, out of memory) leaves its ~350 MB temp file behind, and
-    a volume would keep it forever. Older than two time limits, no export is still writing it
-    (servers sharing a cache directory are expected to share the limit)."""
+    """An export killed mid-way (timeout, out of memory) leaves its ~350 MB temp file (or
+    directory) behind, and a volume would keep it forever. Older than two time limits, no export
+    is still writing it (servers sharing a cache directory are expected to share the limit)."""
     for temp in cache_dir.glob(f"*{TEMP_SUFFIX}"):
         try:
             if time.time() - temp.stat().st_mtime > 2 * timeout_s:
-                temp.unlink()
+                shutil.rmtree(temp) if temp.is_dir() else temp.unlink()
                 logger.info("Removed %s, left by an export that did not finish", temp)
         except OSError:  # another server removed it first
             pass
@@ -139,6 +161,21 @@ def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
 
 
 def model_key(model: ASTForAudioClassification, source: str) -> str:
+    """`_model_key`, once per process for the same weight files: hashing ~350 MB takes seconds,
+    and a start asks for it once per engine."""
+    files = weight_files(source)
+    if not files:
+        return _model_key(model, source, files)
+    stamp = (source, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _KEYS:
+        _KEYS[stamp] = _model_key(model, source, files)
+    return _KEYS[stamp]
+
+
+_KEYS: dict[tuple, str] = {}
+
+
+def _model_key(model: ASTForAudioClassification, source: str, files: list[Path]) -> str:
     """A digest of what the exported file depends on: the config, the weights, the versions of
     the libraries that export and quantize it, and the source of our forward and of this export.
 
@@ -152,7 +189,6 @@ def model_key(model: ASTForAudioClassification, source: str) -> str:
     digest.update(repr(versions).encode())
     for module in (ast_forward, sys.modules[__name__]):
         digest.update(inspect.getsource(module).encode())
-    files = weight_files(source)
     for weights in files:
         with open(weights, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):

@@ -4,7 +4,8 @@ OpenVINO reads the ONNX file ONNX Runtime runs, so one export serves both, and i
 is cached (`CACHE_DIR`) beside it: a second start skips the compile. One clip at a time, like the
 ONNX Runtime engine, so a clip's logits never depend on its batch-mates. bf16 is OpenVINO's
 `INFERENCE_PRECISION_HINT` on CPUs that multiply bf16 natively (its `BF16` capability: AVX512-BF16
-or AMX); elsewhere bf16 is refused, since emulating it is slower than fp32.
+or AMX); elsewhere bf16 is refused, since emulating it is slower than fp32. int8 is the IR NNCF
+quantizes from that export (`openvino_int8`), with static activation scales from calibration.
 """
 
 from pathlib import Path
@@ -14,9 +15,10 @@ import torch
 from transformers import ASTForAudioClassification
 
 from .onnx_export import ExportError, cached_onnx, default_cache_dir
+from .openvino_int8 import cached_int8_ir
 from .options import EngineOptions
 
-PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the IR's own int8, the rest in fp32
 
 
 class OpenVinoEngine:
@@ -37,14 +39,17 @@ class OpenVinoEngine:
 
     @staticmethod
     def prepare(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Path:
-        """The fp32 ONNX file, exported if need be, once the precision is one this CPU runs fast."""
+        """The model file to compile (the fp32 ONNX export, or for int8 the IR quantized from it),
+        made if need be, once the precision is one this CPU runs fast."""
         check_precision(options.precision)
-        return cached_onnx(model, source, "fp32", options.cache_dir or default_cache_dir(), options.export_timeout_s)
+        cache_dir = options.cache_dir or default_cache_dir()
+        fp32 = cached_onnx(model, source, "fp32", cache_dir, options.export_timeout_s)
+        return cached_int8_ir(model, source, fp32, options, cache_dir) if options.precision == "int8" else fp32
 
     @classmethod
     def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OpenVinoEngine":
-        path = cls.prepare(model, source, options)
-        return cls(path, options.precision, options.threads, path.parent / "openvino")
+        path = cls.prepare(model, source, options)  # packed with the model (read-only) or in the cache
+        return cls(path, options.precision, options.threads, (options.cache_dir or default_cache_dir()) / "openvino")
 
 
 def cpu_multiplies_bf16() -> bool:
@@ -55,9 +60,6 @@ def cpu_multiplies_bf16() -> bool:
 
 
 def check_precision(precision: str) -> None:
-    if precision not in PRECISION_HINTS:
-        raise ExportError(f"--backend openvino runs fp32 and bf16, not {precision}: use --backend onnxruntime or "
-                          "torch for int8")
     if precision == "bf16" and not cpu_multiplies_bf16():
         raise ExportError("this CPU does not multiply bf16 natively (no AVX512-BF16 or AMX), so bf16 would be "
                           "slower than fp32 here: use --precision fp32 or int8")

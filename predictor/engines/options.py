@@ -19,6 +19,7 @@ class EngineOptions:
     threads: int = 1
     cache_dir: Optional[Path] = None  # None: $XDG_CACHE_HOME/ast-kserve
     export_timeout_s: float = EXPORT_TIMEOUT_S
+    calibration_dir: Optional[Path] = None  # int8 for OpenVINO: None calibrates on synthetic clips
 
 
 class Engine(Protocol):
