@@ -27,6 +27,8 @@ PEER_VENV ?= .peer-venv
 $(PEER_VENV)/.installed: benchmarks/requirements-peer.txt
 	$(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_VENV)/bin/python -m pip install -q -r benchmarks/requirements-peer.txt
+	# optimum pulls a torchvision built for another torch (its import fails); audio needs none of it.
+	$(PEER_VENV)/bin/python -m pip uninstall -q -y torchvision
 	touch $@
 peer-venv: $(PEER_VENV)/.installed
 

@@ -32,9 +32,9 @@ def main() -> None:
     parser.add_argument("clips", help=".npy file: (clips, samples) float32 at 16 kHz")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    from importlib.metadata import version
+
     from optimum.intel import OVModelForAudioClassification
-    import openvino
-    import optimum.intel
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,8 +50,7 @@ def main() -> None:
     print(json.dumps({
         "optimum_intel_clips_per_s": optimum_rate, "plain_pipeline_clips_per_s": plain_rate,
         "export_and_compile_s": ready_s, "inference_precision": str(model.request.get_property("INFERENCE_PRECISION_HINT")),
-        "versions": {"optimum-intel": optimum.intel.__version__, "openvino": openvino.__version__,
-                     "torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "versions": {name: version(name) for name in ("optimum-intel", "openvino", "nncf", "torch", "transformers")},
     }))
 
 

@@ -26,6 +26,7 @@ from .cpu import configure_torch_threads, cpu_model_name
 from .engines import EngineOptions, ExportError, build_engine
 from .engines.calibration import file_features
 from .engines.choice import CANDIDATES, seconds_per_window
+from .engines.onnx_export import OFFLINE_TIMEOUT_S
 from .errors import ClientInputError
 from .features import LogMelFilterbank
 from .checkpoint import ModelLoadError, load_feature_extractor, resolve_model_source
@@ -44,7 +45,8 @@ class Row:
     error: Optional[str] = None
 
 
-def compare(model_dir: str, files: list[Path], precisions: list[str], threads: int, cache_dir: Path) -> list[Row]:
+def compare(model_dir: str, files: list[Path], precisions: list[str], threads: int, cache_dir: Path,
+            calibration_dir: Optional[Path] = None) -> list[Row]:
     source = resolve_model_source(model_dir)
 
     def fresh_model() -> ASTForAudioClassification:  # torch's bf16 and int8 convert a model in place
@@ -60,7 +62,8 @@ def compare(model_dir: str, files: list[Path], precisions: list[str], threads: i
         for backend in CANDIDATES[precision]:
             row = Row(backend, precision)
             try:
-                engine = build_engine(fresh_model(), source, EngineOptions(backend, precision, threads, cache_dir))
+                engine = build_engine(fresh_model(), source, EngineOptions(backend, precision, threads, cache_dir,
+                                                                           OFFLINE_TIMEOUT_S, calibration_dir))
             except ExportError as exc:
                 row.error = str(exc).splitlines()[0]
                 rows.append(row)
@@ -102,13 +105,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="comma-separated, from fp32,bf16,int8 (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="default: the container's CPU limit")
     parser.add_argument("--onnx_cache_dir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--calibration_dir", type=Path, default=None,
+                        help="int8 on OpenVINO: audio to calibrate on, as the server's flag (default: synthetic clips)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     threads = configure_torch_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ast-compare-") as scratch:
         try:
-            rows = compare(args.model_dir, args.files, args.precisions, threads, args.onnx_cache_dir or Path(scratch))
+            rows = compare(args.model_dir, args.files, args.precisions, threads, args.onnx_cache_dir or Path(scratch),
+                           args.calibration_dir)
         except (ClientInputError, ModelLoadError, OSError) as exc:
             parser.error(str(exc))
     if args.json:

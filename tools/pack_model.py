@@ -27,11 +27,10 @@ from transformers import ASTForAudioClassification
 from predictor.checkpoint import ModelLoadError, load_feature_extractor, resolve_model_source
 from predictor.cpu import configure_torch_threads
 from predictor.engines import PRECISIONS, EngineOptions, build_engine
-from predictor.engines.onnx_export import PACKED_DIR, cached_onnx
+from predictor.engines.onnx_export import OFFLINE_TIMEOUT_S, PACKED_DIR, cached_onnx
 
 logger = logging.getLogger(__name__)
 
-EXPORT_TIMEOUT_S = 1800.0  # no liveness probe waits on a pack: only a hung export should stop it
 INT8_WEIGHT_TYPES = ("s8", "u8")  # the node's CPU decides which ONNX Runtime runs (cpu.int8_weight_type)
 
 
@@ -53,15 +52,17 @@ def pack(source: str, out: Path, precisions: list[str], engines: bool = True,
 
 def pack_engines(out: Path, precisions: list[str], calibration_dir: Optional[Path]) -> None:
     """Each precision as `--backend auto` would start on it, with OUT/engines as its cache, so the
-    exports and the timed choice land there; then the int8 file for the other kind of CPU."""
+    exports and the timed choice land there; then what a node of another CPU kind may run instead:
+    the fp32 export (OpenVINO's bf16 starts from it) and the int8 file for the other kind of CPU."""
     directory = out / PACKED_DIR
     threads = configure_torch_threads(None)
+    cached_onnx(fresh_model(out), str(out), "fp32", directory, OFFLINE_TIMEOUT_S)
     for precision in precisions:
-        options = EngineOptions("auto", precision, threads, directory, EXPORT_TIMEOUT_S, calibration_dir)
+        options = EngineOptions("auto", precision, threads, directory, OFFLINE_TIMEOUT_S, calibration_dir)
         build_engine(fresh_model(out), str(out), options)
         if precision == "int8":
             for weights in INT8_WEIGHT_TYPES:
-                cached_onnx(fresh_model(out), str(out), f"int8-{weights}", directory, EXPORT_TIMEOUT_S)
+                cached_onnx(fresh_model(out), str(out), f"int8-{weights}", directory, OFFLINE_TIMEOUT_S)
     shutil.rmtree(directory / "openvino", ignore_errors=True)  # compiled for this CPU: the node compiles its own
 
 

@@ -38,6 +38,7 @@ ONNX_OPSET = 18
 # auto) well before the manifests' liveness probe would restart the container
 # (inferenceservice.yaml: 90 s + 3 x 10 s).
 EXPORT_TIMEOUT_S = 60.0
+OFFLINE_TIMEOUT_S = 1800.0  # the same work ahead of serving (pack-model, compare): no probe waits, only a hang stops it
 TEMP_SUFFIX = ".tmp"
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where `-m predictor.engines.onnx_export` imports from
 
@@ -86,17 +87,24 @@ def made_in_child(path: Path, module: str, args: list[str], timeout_s: float, wh
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot write the cache directory {path.parent}: {exc}") from exc
+    if path in _FAILED:  # engines share files (OpenVINO's start from the fp32 export): fail once, not per engine
+        raise _FAILED[path]
     _remove_abandoned_temp_files(path.parent, timeout_s)
     logger.info("%s (once per model version and cache directory) into %s", what[0].upper() + what[1:], path)
     try:
         done = run_child(module, args, timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        raise ExportError(f"{what} took over {timeout_s:g} s (--onnx_export_timeout_s)") from exc
+    except subprocess.TimeoutExpired:
+        _FAILED[path] = ExportError(f"{what} took over {timeout_s:g} s (--onnx_export_timeout_s)")
+        raise _FAILED[path] from None
     if done.returncode != 0 or not path.is_file():
-        raise ExportError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        _FAILED[path] = ExportError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise _FAILED[path]
     peaks = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF)]
     logger.info("Wrote %s (the child process peaked at %.1f GiB, the server's at %.1f GiB so far)", path, *peaks)
     return path
+
+
+_FAILED: dict[Path, ExportError] = {}  # this process's failed attempts, by the file they were to write
 
 
 def run_child(module: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
