@@ -353,8 +353,9 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     alone: dict[str, float] = {}
     for name, engine in engines.items():
         for batch in (1, 4, 8):
-            if batch > len(features) or (batch > 1 and name.startswith(("onnxruntime", "openvino"))):
-                continue  # they run clip by clip, so batch n = n x batch 1
+            if batch > len(features) or (batch > 1 and name != "torch fp32"):
+                continue  # ONNX Runtime and OpenVINO run clip by clip; torch's bf16 and int8 (emulated, and
+                # very slow, without AVX512-BF16/VNNI) show their cost at batch 1
             seconds = best_of(args.repeats if batch == 1 else 1, lambda: engine(features[:batch]))
             alone[f"{name} b{batch}"] = batch / seconds
             rows.append(Row("model alone", f"{name}, batch {batch}", batch / seconds, "clips/s", base, "pipeline"))
