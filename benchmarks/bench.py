@@ -57,6 +57,7 @@ from predictor.engines.onnx_export import OFFLINE_TIMEOUT_S
 from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.windows import Windowing
+from tools.pack_model import size_mb
 from tools.random_ast import save_random_ast
 
 logger = logging.getLogger("bench")
@@ -534,8 +535,7 @@ def start_section(work: Path, model_dir: Path) -> list[Row]:
         server.terminate()
         server.wait(60)
     cold = "new pod, nothing packed or cached"
-    plain_mb = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file()) / 1e6
-    packed_mb = sum(p.stat().st_size for p in packed.rglob("*") if p.is_file()) / 1e6
+    plain_mb, packed_mb = size_mb(model_dir), size_mb(packed)
     return [
         Row("start", cold, seconds["new"], "s to ready"),
         Row("start", "restart, cache kept (a volume)", seconds["restart"], "s to ready", seconds["new"], cold),
