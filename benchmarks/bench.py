@@ -27,7 +27,6 @@ check behaviour, this measures speed.
 
 import argparse
 import base64
-import copy
 import io
 import json
 import logging
@@ -47,9 +46,10 @@ import numpy as np
 import requests
 import soundfile as sf
 import torch
-from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, pipeline
+from transformers import ASTConfig, ASTFeatureExtractor, pipeline
 
 from predictor.allocator import keep_freed_memory
+from predictor.checkpoint import Checkpoint
 from predictor.cpu import cpu_limit
 from predictor.engines import EngineOptions, build_engine
 from predictor.engines.choice import ISA_FLAGS
@@ -335,15 +335,16 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     # 2. the model alone, and the roofline (the GEMM peaks are measured again at the end: the higher count)
     peaks = gemm_peaks()
     flops = ast_gflops(config)
-    model = ASTForAudioClassification.from_pretrained(model_dir, attn_implementation="sdpa").eval()
-    def build(backend: str, precision: str, of: ASTForAudioClassification = model):
-        # ahead of serving, as make pack-model does: no probe limits the export or quantization
-        return build_engine(of, str(model_dir), EngineOptions(backend, precision, threads, work, OFFLINE_TIMEOUT_S))
+    def build(backend: str, precision: str):
+        # ahead of serving, as make pack-model does: no probe limits the export or quantization; a
+        # checkpoint of its own for each, since torch's bf16 and int8 convert its module in place
+        return build_engine(Checkpoint.open(str(model_dir)),
+                            EngineOptions(backend, precision, threads, work, OFFLINE_TIMEOUT_S))
 
     engines = {
         "torch fp32": build("torch", "fp32"),
-        "torch bf16": build("torch", "bf16", copy.deepcopy(model)),
-        "torch int8": build("torch", "int8", copy.deepcopy(model)),
+        "torch bf16": build("torch", "bf16"),
+        "torch int8": build("torch", "int8"),
         "onnxruntime fp32": build("onnxruntime", "fp32"),
         "onnxruntime int8": build("onnxruntime", "int8"),
         "openvino fp32": build("openvino", "fp32"),
@@ -373,7 +374,7 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
         rows.append(Row("precision", f"{name} vs torch fp32: min cosine of logits", float(cosine.min()), "",
                         extra={"max_abs_logit_diff": float((approximate - reference).abs().max()),
                                "mean_top5_overlap": float(np.mean(overlap)), "clips": len(features)}))
-    del engines, model
+    del engines
     peaks = {precision: max(rate, again) for (precision, rate), again in zip(peaks.items(), gemm_peaks().values())}
     roofline = peaks["fp32"] / flops
     for row in rows:

@@ -1,17 +1,78 @@
-"""Where a checkpoint is and what comes with it: the model directory KServe mounts (or a hub id), and
-the feature extractor saved beside the weights. Shared by the server, the export and calibration
-children, `compare` and `pack_model`, none of which needs the server's kserve.Model to find them.
+"""Where a checkpoint is and what comes with it: the model directory KServe mounts (or a hub id), its
+config, the feature extractor saved beside the weights, and the torch module only when something
+asks for it. Shared by the server, the export and calibration children, `compare` and
+`pack_model`, none of which needs the server's kserve.Model to find them.
+
+The torch module is loaded lazily because a server whose engine file is packed or cached never
+runs it: ONNX Runtime and OpenVINO read their own files. Not importing transformers' modeling code
+and not reading the weights into torch is a large part of the time to ready (`make bench`, section
+8), and keeps a second copy of the weights out of the server's memory.
 """
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
-from transformers import ASTFeatureExtractor
+from transformers import ASTFeatureExtractor, AutoConfig, PretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import ASTForAudioClassification
+
+logger = logging.getLogger(__name__)
+
+AST_MODEL_TYPE = "audio-spectrogram-transformer"
 
 
 class ModelLoadError(RuntimeError):
     """Nothing loadable at the configured location; the message says where we looked."""
+
+
+@dataclass
+class Checkpoint:
+    source: str
+    """A local model directory, or a hub id."""
+    config: PretrainedConfig
+    loaded: Optional["ASTForAudioClassification"] = None
+    """The torch module once `module()` has loaded it (or as a caller that has one hands it over)."""
+
+    @classmethod
+    def open(cls, model_dir: str) -> "Checkpoint":
+        """The checkpoint at `model_dir` (see `resolve_model_source`), its config read and checked.
+
+        A hub id's weights are fetched now: the export's child process runs offline."""
+        source = resolve_model_source(model_dir)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"could not load an AST model from '{model_dir}': it is not a local directory holding "
+                f"config.json and weights, and fetching it as a hub id failed ({exc}). Point --model_dir "
+                "(or MODEL_DIR) at a local directory, e.g. one written by save_pretrained."
+            ) from exc
+        if config.model_type != AST_MODEL_TYPE:
+            raise ModelLoadError(f"'{model_dir}' holds a {config.model_type} model, not AST")
+        checkpoint = cls(source, config)
+        if not Path(source).is_dir():
+            checkpoint.module()
+        return checkpoint
+
+    def module(self) -> "ASTForAudioClassification":
+        """The transformers model in eval mode, loaded on first use."""
+        if self.loaded is None:
+            self.loaded = self.fresh_module()
+        return self.loaded
+
+    def fresh_module(self) -> "ASTForAudioClassification":
+        """A copy of its own: torch's bf16 and int8 engines convert a module in place."""
+        from transformers import ASTForAudioClassification
+
+        logger.info("Loading the torch model from %s", self.source)
+        try:
+            return ASTForAudioClassification.from_pretrained(self.source, attn_implementation="sdpa").eval()
+        except OSError as exc:
+            raise ModelLoadError(f"could not load the weights of '{self.source}': {exc}") from exc
 
 
 def resolve_model_source(model_dir: str) -> str:

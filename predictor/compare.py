@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import ASTForAudioClassification
 
 from . import labels
 from .cpu import configure_torch_threads, cpu_model_name
@@ -29,7 +28,7 @@ from .engines.choice import CANDIDATES, seconds_per_window
 from .engines.onnx_export import OFFLINE_TIMEOUT_S
 from .errors import ClientInputError
 from .features import LogMelFilterbank
-from .checkpoint import ModelLoadError, load_feature_extractor, resolve_model_source
+from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +46,20 @@ class Row:
 
 def compare(model_dir: str, files: list[Path], precisions: list[str], threads: int, cache_dir: Path,
             calibration_dir: Optional[Path] = None) -> list[Row]:
-    source = resolve_model_source(model_dir)
-
-    def fresh_model() -> ASTForAudioClassification:  # torch's bf16 and int8 convert a model in place
-        return ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa").eval()
-
-    model = fresh_model()
-    function = labels.default_function(model.config.problem_type, model.config.num_labels)
-    features = file_features(files, LogMelFilterbank.from_extractor(load_feature_extractor(source, model.config)))
-    reference = build_engine(model, source, EngineOptions("torch", "fp32", threads, cache_dir))(features)
+    checkpoint = Checkpoint.open(model_dir)
+    config = checkpoint.config
+    function = labels.default_function(config.problem_type, config.num_labels)
+    features = file_features(files, LogMelFilterbank.from_extractor(load_feature_extractor(checkpoint.source, config)))
+    reference = build_engine(checkpoint, EngineOptions("torch", "fp32", threads, cache_dir))(features)
     expected = labels.scores(reference, function)
     rows = []
     for precision in precisions:
         for backend in CANDIDATES[precision]:
             row = Row(backend, precision)
             try:
-                engine = build_engine(fresh_model(), source, EngineOptions(backend, precision, threads, cache_dir,
-                                                                           OFFLINE_TIMEOUT_S, calibration_dir))
+                # a checkpoint of its own for each: torch's bf16 and int8 convert its module in place
+                engine = build_engine(Checkpoint(checkpoint.source, config),
+                                      EngineOptions(backend, precision, threads, cache_dir, OFFLINE_TIMEOUT_S, calibration_dir))
             except ExportError as exc:
                 row.error = str(exc).splitlines()[0]
                 rows.append(row)

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
-from transformers import ASTForAudioClassification
 
 from . import audio, labels, protocol, windows
 from .allocator import release_freed_memory
 from .batching import WindowQueue
-from .checkpoint import ModelLoadError, load_feature_extractor, resolve_model_source
+from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
 from .engines import Engine, EngineOptions, ExportError, build_engine
 from .errors import ClientInputError, shown
 from .features import LogMelFilterbank
@@ -32,8 +31,6 @@ from .protocol.requests import parse
 from .protocol.responses import ClipResult, Ranked, Segments, respond
 
 logger = logging.getLogger(__name__)
-
-AST_MODEL_TYPE = "audio-spectrogram-transformer"
 
 
 @dataclass(frozen=True)
@@ -106,33 +103,22 @@ class ASTModel(Model):
     # ---- loading ---------------------------------------------------------------------------
 
     def load(self) -> bool:
-        source = resolve_model_source(self.model_dir)
-        try:
-            model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa")
-        except OSError as exc:
-            raise ModelLoadError(
-                f"could not load an AST model from '{self.model_dir}': it is not a local directory holding "
-                f"config.json and weights, and fetching it as a hub id failed ({exc}). Point --model_dir "
-                "(or MODEL_DIR) at a local directory, e.g. one written by save_pretrained."
-            ) from exc
-        if model.config.model_type != AST_MODEL_TYPE:
-            raise ModelLoadError(f"'{self.model_dir}' holds a {model.config.model_type} model, not AST")
-        self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model.config))
+        checkpoint = Checkpoint.open(self.model_dir)
+        source, config = checkpoint.source, checkpoint.config
+        self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, config))
         rate = self.filterbank.sampling_rate
         self.target = audio.Target(rate, self.max_audio_seconds, self.max_channels)
         self.windowing = windows.Windowing.of(self.filterbank)
-        self.num_labels = model.config.num_labels
-        self.id2label = {int(k): v for k, v in model.config.id2label.items()}
-        self.default_function = self.requested_function or labels.default_function(
-            model.config.problem_type, self.num_labels
-        )
+        self.num_labels = config.num_labels
+        self.id2label = {int(k): v for k, v in config.id2label.items()}
+        self.default_function = self.requested_function or labels.default_function(config.problem_type, self.num_labels)
         self.default_top_k = min(self.default_top_k, self.num_labels)  # the pipeline clamps top_k too
         try:
-            self.engine = build_engine(model.eval(), source, self.engine_options)
+            self.engine = build_engine(checkpoint, self.engine_options)
         except ExportError as exc:
             raise ModelLoadError(f"{exc}\nPass --backend torch (or BACKEND=torch) to serve with eager PyTorch instead.") from exc
         self._compute([np.zeros(rate, dtype=np.float32)])  # warm-up
-        del model  # an ONNX Runtime engine has its own copy of the weights
+        del checkpoint  # and its torch module, if it was loaded and no torch engine holds it
         release_freed_memory()
         self.queue = WindowQueue(self._compute, self.max_batch_size, self.max_batch_wait_ms / 1000, self.max_queued_windows)
         logger.info(

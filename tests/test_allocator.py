@@ -11,7 +11,7 @@ FORWARD_FAULTS = """
 import resource, sys, threading, torch
 from transformers import ASTConfig, ASTForAudioClassification
 from predictor.allocator import keep_freed_memory
-from predictor.engines import TorchEngine
+from predictor.engines.torch_engine import TorchEngine
 
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

@@ -13,8 +13,9 @@ import requests
 import torch
 from transformers import ASTForAudioClassification
 
-from predictor.engines import EngineOptions, OnnxEngine, OpenVinoEngine, TorchEngine, build_engine
-from predictor.checkpoint import load_feature_extractor
+from predictor.engines import EngineOptions, OnnxEngine, OpenVinoEngine, build_engine
+from predictor.engines.torch_engine import TorchEngine
+from predictor.checkpoint import Checkpoint, load_feature_extractor
 from predictor.engines.calibration import file_features, synthetic_clips
 from predictor.engines.choice import cpu_key
 from predictor.engines.onnx_export import EXPORT_TIMEOUT_S, ExportError, weight_files
@@ -36,13 +37,18 @@ def features(tiny_model):
     return torch.randn(5, tiny_model.config.max_length, tiny_model.config.num_mel_bins)
 
 
+def checkpoint_of(model: ASTForAudioClassification, directory) -> Checkpoint:
+    """The checkpoint with its torch module already loaded, as a server that has exported it holds it."""
+    return Checkpoint(str(directory), model.config, model)
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_fp32_engines_equal_the_transformers_model(tiny_model, tiny_model_dir, features, onnx_cache, backend):
-    engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions(backend, "fp32", 2, onnx_cache))
+    engine = build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions(backend, "fp32", 2, onnx_cache))
     with torch.inference_mode():
         reference = tiny_model(input_values=features).logits
     torch.testing.assert_close(engine(features), reference, atol=1e-4, rtol=0)
@@ -52,22 +58,22 @@ def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(ti
                                                                                 tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("the cache directory cannot be made under a file")
-    engine = build_engine(tiny_model, str(tiny_model_dir), EngineOptions("auto", "fp32", 2, blocked / "cache"))
+    engine = build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("auto", "fp32", 2, blocked / "cache"))
     assert isinstance(engine, TorchEngine)
     with torch.inference_mode():
         reference = tiny_model(input_values=features).logits
     torch.testing.assert_close(engine(features), reference, atol=1e-4, rtol=0)
     with pytest.raises(ExportError, match="cannot write the cache directory"):
-        build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, blocked / "cache"))
+        build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, blocked / "cache"))
 
 
 def test_an_export_past_its_time_limit_falls_back_to_torch(tiny_model, tiny_model_dir, tmp_path):
     """The export's child process is killed at --onnx_export_timeout_s; nothing is cached."""
     hurried = EngineOptions("onnxruntime", "fp32", 1, tmp_path, export_timeout_s=0.05)
     with pytest.raises(ExportError, match=r"took over 0.05 s \(--onnx_export_timeout_s\)"):
-        build_engine(tiny_model, str(tiny_model_dir), hurried)
+        build_engine(checkpoint_of(tiny_model, tiny_model_dir), hurried)
     auto = EngineOptions("auto", "fp32", 1, tmp_path, export_timeout_s=0.05)
-    assert isinstance(build_engine(tiny_model, str(tiny_model_dir), auto), TorchEngine)
+    assert isinstance(build_engine(checkpoint_of(tiny_model, tiny_model_dir), auto), TorchEngine)
     assert not list(tmp_path.glob("*.onnx"))
 
 
@@ -80,18 +86,18 @@ def test_an_export_whose_child_fails_falls_back_to_torch(tiny_model, tiny_model_
         weights.unlink()
     cache = tmp_path / "cache"
     with pytest.raises(ExportError, match=r"(?s)exporting the model to ONNX \(fp32\) failed \(exit 1\).*OSError"):
-        build_engine(tiny_model, str(vanished), EngineOptions("onnxruntime", "fp32", 1, cache))
-    engine = build_engine(tiny_model, str(vanished), EngineOptions("auto", "fp32", 1, cache))
+        build_engine(checkpoint_of(tiny_model, vanished), EngineOptions("onnxruntime", "fp32", 1, cache))
+    engine = build_engine(checkpoint_of(tiny_model, vanished), EngineOptions("auto", "fp32", 1, cache))
     assert isinstance(engine, TorchEngine)
     assert not list(cache.glob("*.onnx"))
 
 
 def test_a_cached_file_onnxruntime_cannot_open_is_removed(tiny_model, tiny_model_dir, tmp_path):
-    build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+    build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
     (cached,) = tmp_path.glob("*.onnx")
     cached.write_bytes(b"not a protobuf")  # e.g. a disk that filled up under an earlier version
     with pytest.raises(ExportError, match="could not load"):
-        build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+        build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
     assert not cached.exists()
 
 
@@ -132,10 +138,10 @@ def test_openvino_runs_bf16_only_where_the_cpu_multiplies_bf16(tiny_model, tiny_
     if cpu_multiplies_bf16():
         with torch.inference_mode():
             reference = tiny_model(input_values=features).logits
-        assert cosine(build_engine(tiny_model, str(tiny_model_dir), options)(features), reference).min() >= 0.9999
+        assert cosine(build_engine(checkpoint_of(tiny_model, tiny_model_dir), options)(features), reference).min() >= 0.9999
     else:
         with pytest.raises(ExportError, match="does not multiply bf16 natively"):
-            build_engine(tiny_model, str(tiny_model_dir), options)
+            build_engine(checkpoint_of(tiny_model, tiny_model_dir), options)
         assert not list(tmp_path.glob("*.onnx"))
 
 
@@ -147,7 +153,7 @@ def test_int8_is_close_to_fp32_and_independent_of_batch_mates(tiny_model_dir, fe
     or at all (onnxruntime)."""
     fp32 = TorchEngine(ASTForAudioClassification.from_pretrained(tiny_model_dir))(features)
     model = ASTForAudioClassification.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
-    engine = build_engine(model, str(tiny_model_dir), EngineOptions(backend, "int8", 2, onnx_cache))
+    engine = build_engine(checkpoint_of(model, tiny_model_dir), EngineOptions(backend, "int8", 2, onnx_cache))
     loud = features.clone()
     loud[1:] *= 50  # batch-mates with far larger activations, which a shared scale would follow
     batched = engine(loud)
@@ -163,11 +169,11 @@ def test_export_is_cached_per_model_version_and_clears_what_killed_exports_left(
         temp.write_bytes(b"half a model")
     long_ago = time.time() - 2 * EXPORT_TIMEOUT_S - 60
     os.utime(abandoned, (long_ago, long_ago))
-    build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+    build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
     exported = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
     assert len(exported) == 1
     assert list(tmp_path.glob("*.tmp")) == [in_progress]
-    build_engine(tiny_model, str(tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
+    build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")} == exported
 
 
@@ -198,8 +204,7 @@ def test_int8_server_answers_a_clip_the_same_with_any_batch_mates(tiny_model_dir
 
 def test_bf16_is_close_to_fp32(tiny_model_dir, features):
     fp32 = TorchEngine(ASTForAudioClassification.from_pretrained(tiny_model_dir))(features)
-    bf16 = build_engine(ASTForAudioClassification.from_pretrained(tiny_model_dir), str(tiny_model_dir),
-                        EngineOptions("torch", "bf16", 2))(features)
+    bf16 = build_engine(Checkpoint.open(str(tiny_model_dir)), EngineOptions("torch", "bf16", 2))(features)
     assert bf16.dtype == torch.float32
     assert cosine(bf16, fp32).min() >= 0.9999  # what the README promises
 
@@ -209,11 +214,11 @@ def test_changed_weights_get_a_new_export(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, model_dir)
     cache = tmp_path / "cache"
     model = ASTForAudioClassification.from_pretrained(model_dir)
-    build_engine(model, str(model_dir), EngineOptions("onnxruntime", "fp32", 1, cache))
+    build_engine(checkpoint_of(model, model_dir), EngineOptions("onnxruntime", "fp32", 1, cache))
     with torch.no_grad():
         model.classifier.dense.bias += 1.0
     model.save_pretrained(model_dir)
-    engine = build_engine(model, str(model_dir), EngineOptions("onnxruntime", "fp32", 1, cache))
+    engine = build_engine(checkpoint_of(model, model_dir), EngineOptions("onnxruntime", "fp32", 1, cache))
     assert len(list(cache.glob("*.onnx"))) == 2
     features = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
     torch.testing.assert_close(engine(features), TorchEngine(model)(features), atol=1e-4, rtol=0)
@@ -224,9 +229,8 @@ ENGINE_TYPES = {"onnxruntime": OnnxEngine, "openvino": OpenVinoEngine, "torch": 
 
 def test_auto_times_every_engine_once_per_kind_of_cpu_and_keeps_the_fastest(tiny_model_dir, tmp_path, caplog):
     def auto():
-        model = ASTForAudioClassification.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
         with caplog.at_level(logging.INFO, logger="predictor.engines"):
-            return build_engine(model, str(tiny_model_dir), EngineOptions("auto", "fp32", 1, tmp_path))
+            return build_engine(Checkpoint.open(str(tiny_model_dir)), EngineOptions("auto", "fp32", 1, tmp_path))
 
     first = auto()
     assert any("Timing every engine" in r.getMessage() for r in caplog.records)
@@ -271,8 +275,8 @@ def test_openvino_int8_is_calibrated_once_per_calibration_set(tiny_model_dir, sp
     cache = tmp_path / "cache"
 
     def int8(directory=None):
-        return build_engine(model, str(tiny_model_dir), EngineOptions("openvino", "int8", 2, cache,
-                                                                      calibration_dir=directory))
+        return build_engine(checkpoint_of(model, tiny_model_dir),
+                            EngineOptions("openvino", "int8", 2, cache, calibration_dir=directory))
 
     synthetic = int8()
     (made,) = cache.glob("*-int8-ov-*.xml")

@@ -1,4 +1,5 @@
-"""`make pack-model`: weights, configs and the engine files in one directory, so a new pod exports nothing."""
+"""`make pack-model`: weights, configs and the engine files in one directory, so a new pod exports nothing
+(and does not even load the torch model)."""
 
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def test_a_packed_model_starts_without_exporting_or_timing_engines(tiny_model_di
     log = server.log.read_text()
     assert "packed with the model" in log and "kept from an earlier measurement" in log, log
     assert "Exporting" not in log and "Quantizing" not in log and "Timing every engine" not in log, log
+    assert "Loading the torch model" not in log, log  # ONNX Runtime and OpenVINO read their own files
     assert not [p for p in cache.rglob("*") if p.suffix in (".onnx", ".xml", ".json")]
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 from transformers import ASTForAudioClassification
 
-from predictor.checkpoint import ModelLoadError, load_feature_extractor, resolve_model_source
+from predictor.checkpoint import Checkpoint, ModelLoadError, load_feature_extractor, resolve_model_source
 from predictor.cpu import configure_torch_threads
 from predictor.engines import PRECISIONS, EngineOptions, build_engine
 from predictor.engines.onnx_export import OFFLINE_TIMEOUT_S, PACKED_DIR, cached_onnx
@@ -56,19 +56,14 @@ def pack_engines(out: Path, precisions: list[str], calibration_dir: Optional[Pat
     the fp32 export (OpenVINO's bf16 starts from it) and the int8 file for the other kind of CPU."""
     directory = out / PACKED_DIR
     threads = configure_torch_threads(None)
-    cached_onnx(fresh_model(out), str(out), "fp32", directory, OFFLINE_TIMEOUT_S)
+    cached_onnx(Checkpoint.open(str(out)), "fp32", directory, OFFLINE_TIMEOUT_S)
     for precision in precisions:
         options = EngineOptions("auto", precision, threads, directory, OFFLINE_TIMEOUT_S, calibration_dir)
-        build_engine(fresh_model(out), str(out), options)
+        build_engine(Checkpoint.open(str(out)), options)  # a checkpoint of its own for each: torch engines convert it
         if precision == "int8":
             for weights in INT8_WEIGHT_TYPES:
-                cached_onnx(fresh_model(out), str(out), f"int8-{weights}", directory, OFFLINE_TIMEOUT_S)
+                cached_onnx(Checkpoint.open(str(out)), f"int8-{weights}", directory, OFFLINE_TIMEOUT_S)
     shutil.rmtree(directory / "openvino", ignore_errors=True)  # compiled for this CPU: the node compiles its own
-
-
-def fresh_model(out: Path) -> ASTForAudioClassification:
-    """torch's bf16 and int8 engines convert a model in place: each build gets its own."""
-    return ASTForAudioClassification.from_pretrained(out, attn_implementation="sdpa").eval()
 
 
 def size_mb(directory: Path) -> float:

@@ -25,47 +25,49 @@ import logging
 from dataclasses import replace
 
 import torch
-from transformers import ASTForAudioClassification
 
+from ..checkpoint import Checkpoint
 from .choice import choose
 from .onnx_engine import OnnxEngine
 from .onnx_export import ExportError
 from .openvino_engine import OpenVinoEngine
 from .options import BACKENDS, PRECISIONS, Engine, EngineOptions
-from .torch_engine import TorchEngine, quantize_linears
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "PRECISIONS", "Engine", "EngineOptions", "ExportError", "OnnxEngine", "OpenVinoEngine",
-           "TorchEngine", "build_engine"]
+           "build_engine"]
 
 
-def build_engine(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Engine:
+def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     """The engine `options` ask for; with `auto`, the fastest for the precision on this node
-    (`choice`). An engine asked for by name that cannot be built here raises `ExportError`."""
+    (`choice`). An engine asked for by name that cannot be built here raises `ExportError`.
+    Only the torch engine (and an export not yet made) loads the checkpoint's torch module."""
     if options.backend == "auto":
-        backend, engine = choose(model, source, options,
-                                 prepare=lambda name: _prepare(model, source, replace(options, backend=name)),
-                                 build=lambda name: _build(model, source, replace(options, backend=name)))
+        backend, engine = choose(checkpoint, options,
+                                 prepare=lambda name: _prepare(checkpoint, replace(options, backend=name)),
+                                 build=lambda name: _build(checkpoint, replace(options, backend=name)))
     else:
-        backend, engine = options.backend, _build(model, source, options)
+        backend, engine = options.backend, _build(checkpoint, options)
     logger.info("Engine: %s, %s", backend, options.precision)
     return engine
 
 
-def _prepare(model: ASTForAudioClassification, source: str, options: EngineOptions) -> None:
+def _prepare(checkpoint: Checkpoint, options: EngineOptions) -> None:
     """What an engine needs on disk (an export), made now; `ExportError` if it cannot be."""
     if options.backend == "openvino":
-        OpenVinoEngine.prepare(model, source, options)
+        OpenVinoEngine.prepare(checkpoint, options)
     elif options.backend == "onnxruntime":
-        OnnxEngine.prepare(model, source, options)
+        OnnxEngine.prepare(checkpoint, options)
 
 
-def _build(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Engine:
+def _build(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     if options.backend == "openvino":
-        return OpenVinoEngine.build(model, source, options)
+        return OpenVinoEngine.build(checkpoint, options)
     if options.backend == "onnxruntime":
-        return OnnxEngine.build(model, source, options)
+        return OnnxEngine.build(checkpoint, options)
+    from .torch_engine import TorchEngine, quantize_linears  # imports transformers' modeling code: only when used
+
     if options.precision == "int8":
-        return TorchEngine(quantize_linears(model.eval()))
-    return TorchEngine(model, torch.bfloat16 if options.precision == "bf16" else torch.float32)
+        return TorchEngine(quantize_linears(checkpoint.module()))
+    return TorchEngine(checkpoint.module(), torch.bfloat16 if options.precision == "bf16" else torch.float32)

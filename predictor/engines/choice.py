@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from transformers import ASTForAudioClassification, AutoConfig
 
+from ..checkpoint import Checkpoint
 from ..cpu import configure_torch_threads, cpu_flags, cpu_model_name
 from .onnx_export import ExportError, default_cache_dir, model_key, packed, run_child
 from .options import Engine, EngineOptions
@@ -50,7 +50,7 @@ def cpu_key(threads: int, flags: Optional[set[str]] = None, name: Optional[str] 
     return hashlib.sha256(described.encode()).hexdigest()[:12]
 
 
-def choose(model: ASTForAudioClassification, source: str, options: EngineOptions, prepare: Callable[[str], None],
+def choose(checkpoint: Checkpoint, options: EngineOptions, prepare: Callable[[str], None],
            build: Callable[[str], Engine]) -> tuple[str, Engine]:
     """The backend that serves and its engine: the one this key chose before, else the winner of a
     race run now; should the race fail, the first candidate that builds. Exports happen here, in
@@ -63,11 +63,11 @@ def choose(model: ASTForAudioClassification, source: str, options: EngineOptions
             candidates.append(backend)
         except ExportError as exc:
             logger.warning("Engine %s cannot run %s here: %s", backend, options.precision, exc)
-    record = record_path(model, source, options)
-    kept = packed(source, record.name) or record
+    record = record_path(checkpoint, options)
+    kept = packed(checkpoint.source, record.name) or record
     outcome = _read(kept)
     if outcome is None and len(candidates) > 1:
-        outcome = _race_in_child(source, options, candidates, record)
+        outcome = _race_in_child(checkpoint.source, options, candidates, record)
     else:
         logger.info("Engine choice kept from an earlier measurement on this kind of CPU (%s)", kept)
     for backend, seconds in (outcome or {}).get("seconds_per_window", {}).items():
@@ -108,9 +108,9 @@ def seconds_per_window(engine: Engine, features: torch.Tensor) -> float:
     return min(runs)
 
 
-def record_path(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Path:
+def record_path(checkpoint: Checkpoint, options: EngineOptions) -> Path:
     cache_dir = options.cache_dir or default_cache_dir()
-    return cache_dir / f"choice-{model_key(model, source)}-{options.precision}-{cpu_key(options.threads)}.json"
+    return cache_dir / f"choice-{model_key(checkpoint)}-{options.precision}-{cpu_key(options.threads)}.json"
 
 
 def _race_in_child(source: str, options: EngineOptions, candidates: list[str], record: Path) -> Optional[dict]:
@@ -148,11 +148,10 @@ def main() -> None:
     options = EngineOptions("auto", precision, int(threads), Path(cache_dir),
                             calibration_dir=Path(calibration_dir) if calibration_dir else None)
 
-    def build(backend: str) -> Engine:  # a model of its own for each: torch's bf16 and int8 convert it
-        model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa").eval()
-        return build_engine(model, source, replace(options, backend=backend))
+    def build(backend: str) -> Engine:  # a checkpoint of its own for each: torch's bf16 and int8 convert the module
+        return build_engine(Checkpoint.open(source), replace(options, backend=backend))
 
-    outcome = race(AutoConfig.from_pretrained(source), candidates.split(","), options, build)
+    outcome = race(Checkpoint.open(source).config, candidates.split(","), options, build)
     Path(record).parent.mkdir(parents=True, exist_ok=True)
     Path(record).write_text(json.dumps(outcome, indent=1))
 

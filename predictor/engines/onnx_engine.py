@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import ASTForAudioClassification
 
+from ..checkpoint import Checkpoint
 from .onnx_export import ExportError, cached_onnx, default_cache_dir
 from .options import EngineOptions
 
@@ -28,20 +28,20 @@ class OnnxEngine:
         ))
 
     @staticmethod
-    def prepare(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Path:
+    def prepare(checkpoint: Checkpoint, options: EngineOptions) -> Path:
         """The ONNX file, exported if it is not cached yet; every failure is an `ExportError`."""
         if options.precision == "bf16":
             raise ExportError("--backend onnxruntime runs fp32 and int8, not bf16: use --backend openvino or torch")
         try:
-            return cached_onnx(model, source, options.precision, options.cache_dir or default_cache_dir(),
+            return cached_onnx(checkpoint, options.precision, options.cache_dir or default_cache_dir(),
                                options.export_timeout_s)
         except (OSError, ImportError) as exc:
             raise ExportError(f"could not prepare the ONNX model: {exc}") from exc
 
     @classmethod
-    def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OnnxEngine":
+    def build(cls, checkpoint: Checkpoint, options: EngineOptions) -> "OnnxEngine":
         """A cached file ONNX Runtime cannot open is removed, so the next start exports it afresh."""
-        path = cls.prepare(model, source, options)
+        path = cls.prepare(checkpoint, options)
         try:
             return cls(path, options.threads)
         except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception itself

@@ -11,7 +11,7 @@ server's resident set stayed ~0.4 GiB higher, measured); a child hands all of it
 
 import hashlib
 import importlib.metadata
-import inspect
+import importlib.util
 import logging
 import os
 import resource
@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from transformers import ASTForAudioClassification
 
-from .. import ast_forward
-from ..ast_forward import PooledLogits
+from ..checkpoint import Checkpoint
 from ..cpu import configure_torch_threads, int8_weight_type
 
 logger = logging.getLogger(__name__)
@@ -62,14 +60,13 @@ class ExportError(RuntimeError):
     """The ONNX file could not be made or kept: the message says why."""
 
 
-def cached_onnx(model: ASTForAudioClassification, source: str, precision: str, cache_dir: Path,
-                timeout_s: float = EXPORT_TIMEOUT_S) -> Path:
+def cached_onnx(checkpoint: Checkpoint, precision: str, cache_dir: Path, timeout_s: float = EXPORT_TIMEOUT_S) -> Path:
     """The cached file for this model version and precision, exported first if it is missing."""
-    key = model_key(model, source)
+    key = model_key(checkpoint)
     precision = f"int8-{int8_weight_type()}" if precision == "int8" else precision
     path = cache_dir / f"ast-{key}-{precision}.onnx"
     fp32 = cache_dir.resolve() / f"ast-{key}-fp32.onnx"
-    return made_in_child(path, __name__, [source, str(fp32), str(path.resolve()), precision], timeout_s,
+    return made_in_child(path, __name__, [checkpoint.source, str(fp32), str(path.resolve()), precision], timeout_s,
                          f"exporting the model to ONNX ({precision})")
 
 
@@ -124,7 +121,9 @@ def export(source: str, fp32: Path, out: Path, precision: str) -> None:
     if precision not in ("fp32", "int8-s8", "int8-u8"):
         raise ValueError(f"no ONNX export for precision {precision!r}")
     if not fp32.is_file():
-        model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa").eval()
+        from ..ast_forward import PooledLogits
+
+        model = Checkpoint.open(source).module()
         example = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
         _atomic_write(fp32, lambda tmp: torch.onnx.export(
             PooledLogits(model).eval(), (example,), tmp, input_names=["input_values"], output_names=["logits"],
@@ -168,22 +167,22 @@ def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
             os.unlink(tmp)
 
 
-def model_key(model: ASTForAudioClassification, source: str) -> str:
+def model_key(checkpoint: Checkpoint) -> str:
     """`_model_key`, once per process for the same weight files: hashing ~350 MB takes seconds,
     and a start asks for it once per engine."""
-    files = weight_files(source)
+    files = weight_files(checkpoint.source)
     if not files:
-        return _model_key(model, source, files)
-    stamp = (source, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+        return _model_key(checkpoint, files)
+    stamp = (checkpoint.source, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
     if stamp not in _KEYS:
-        _KEYS[stamp] = _model_key(model, source, files)
+        _KEYS[stamp] = _model_key(checkpoint, files)
     return _KEYS[stamp]
 
 
 _KEYS: dict[tuple, str] = {}
 
 
-def _model_key(model: ASTForAudioClassification, source: str, files: list[Path]) -> str:
+def _model_key(checkpoint: Checkpoint, files: list[Path]) -> str:
     """A digest of what the exported file depends on: the config, the weights, the versions of
     the libraries that export and quantize it, and the source of our forward and of this export.
 
@@ -192,21 +191,27 @@ def _model_key(model: ASTForAudioClassification, source: str, files: list[Path])
     loaded tensors instead would fault in every page of the memory-mapped weights, which ONNX
     Runtime never needs: +0.4 GiB resident (measured); that is only the fallback."""
     libraries = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")  # read, not imported: onnxscript alone is 58 MiB
-    digest = hashlib.sha256(model.config.to_json_string().encode())
+    digest = hashlib.sha256(checkpoint.config.to_json_string().encode())
     versions = tuple(importlib.metadata.version(name) for name in libraries) + (ONNX_OPSET,)
     digest.update(repr(versions).encode())
-    for module in (ast_forward, sys.modules[__name__]):
-        digest.update(inspect.getsource(module).encode())
+    for module in ("predictor.ast_forward", __spec__.name):  # __name__ is __main__ in the child
+        digest.update(module_source(module))
     for weights in files:
         with open(weights, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
     if not files:
-        logger.warning("No weight files found for %s: hashing the loaded weights instead", source)
-        for name, tensor in model.state_dict().items():
+        logger.warning("No weight files found for %s: hashing the loaded weights instead", checkpoint.source)
+        for name, tensor in checkpoint.module().state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().float().contiguous().numpy())
     return digest.hexdigest()[:16]
+
+
+def module_source(name: str) -> bytes:
+    """A module's source file, read without importing it (ast_forward imports transformers' modeling
+    code, which a start from an engine file never needs)."""
+    return Path(importlib.util.find_spec(name).origin).read_bytes()
 
 
 def weight_files(source: str) -> list[Path]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import ASTForAudioClassification
 
+from ..checkpoint import Checkpoint
 from .onnx_export import ExportError, cached_onnx, default_cache_dir
 from .openvino_int8 import cached_int8_ir
 from .options import EngineOptions
@@ -38,17 +38,17 @@ class OpenVinoEngine:
         ))
 
     @staticmethod
-    def prepare(model: ASTForAudioClassification, source: str, options: EngineOptions) -> Path:
+    def prepare(checkpoint: Checkpoint, options: EngineOptions) -> Path:
         """The model file to compile (the fp32 ONNX export, or for int8 the IR quantized from it),
         made if need be, once the precision is one this CPU runs fast."""
         check_precision(options.precision)
         cache_dir = options.cache_dir or default_cache_dir()
-        fp32 = cached_onnx(model, source, "fp32", cache_dir, options.export_timeout_s)
-        return cached_int8_ir(model, source, fp32, options, cache_dir) if options.precision == "int8" else fp32
+        fp32 = cached_onnx(checkpoint, "fp32", cache_dir, options.export_timeout_s)
+        return cached_int8_ir(checkpoint, fp32, options, cache_dir) if options.precision == "int8" else fp32
 
     @classmethod
-    def build(cls, model: ASTForAudioClassification, source: str, options: EngineOptions) -> "OpenVinoEngine":
-        path = cls.prepare(model, source, options)  # packed with the model (read-only) or in the cache
+    def build(cls, checkpoint: Checkpoint, options: EngineOptions) -> "OpenVinoEngine":
+        path = cls.prepare(checkpoint, options)  # packed with the model (read-only) or in the cache
         return cls(path, options.precision, options.threads, (options.cache_dir or default_cache_dir()) / "openvino")
 
 

@@ -15,7 +15,6 @@ statistics and the quantized copy at once, and the server's memory should stay w
 
 import hashlib
 import importlib.metadata
-import inspect
 import logging
 import os
 import shutil
@@ -24,26 +23,26 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from transformers import ASTForAudioClassification, AutoConfig
+from transformers import AutoConfig
 
+from ..checkpoint import Checkpoint
 from ..cpu import configure_torch_threads
 from . import calibration
-from .onnx_export import TEMP_SUFFIX, made_in_child, model_key
+from .onnx_export import TEMP_SUFFIX, made_in_child, model_key, module_source
 from .options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
 
-def cached_int8_ir(model: ASTForAudioClassification, source: str, fp32: Path, options: EngineOptions,
-                   cache_dir: Path) -> Path:
+def cached_int8_ir(checkpoint: Checkpoint, fp32: Path, options: EngineOptions, cache_dir: Path) -> Path:
     """The quantized IR for this model, calibration and versions, made first if it is missing."""
     directory = options.calibration_dir
     digest = hashlib.sha256(calibration.calibration_key(directory).encode())
     digest.update(repr(tuple(importlib.metadata.version(name) for name in ("openvino", "nncf"))).encode())
-    for module in (calibration, sys.modules[__name__]):
-        digest.update(inspect.getsource(module).encode())
-    path = cache_dir / f"ast-{model_key(model, source)}-int8-ov-{digest.hexdigest()[:12]}.xml"
-    args = [source, str(fp32.resolve()), str(path.resolve())] + ([str(directory.resolve())] if directory else [])
+    for module in (calibration.__name__, __spec__.name):
+        digest.update(module_source(module))
+    path = cache_dir / f"ast-{model_key(checkpoint)}-int8-ov-{digest.hexdigest()[:12]}.xml"
+    args = [checkpoint.source, str(fp32.resolve()), str(path.resolve())] + ([str(directory.resolve())] if directory else [])
     return made_in_child(path, __name__, args, options.export_timeout_s,
                          f"quantizing the model to int8 for OpenVINO (NNCF, calibrated on "
                          f"{directory or f'{calibration.CALIBRATION_WINDOWS} synthetic windows'})")
