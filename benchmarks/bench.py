@@ -19,8 +19,13 @@ ratio:
      on the same server; and a fresh server's peak RSS after a 10-minute 48 kHz stereo WAV against
      after a 10 s one, both sent as V1 raw audio bodies;
   8. time to ready: a new pod (exports and times the engines), a restart with the cache kept, and a
-     new pod from a model directory `make pack-model` packed with its engine files.
-`--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
+     new pod from a model directory `make pack-model` packed with its engine files;
+  9. the server's overhead: milliseconds per clip beyond its engine, on a model with AST's input
+     (128 mel bins x 1024 frames) and a tiny encoder, so that decoding, the filterbank, the queue and
+     the protocol are most of what is timed; with section 2, that overhead as a share of each
+     precision's fastest engine alone.
+`--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8, `--only overhead` runs 9
+(`--only main start`: both). Results go to benchmarks/results/<time>.json, and
 a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
 check behaviour, this measures speed.
 """
@@ -46,7 +51,7 @@ import numpy as np
 import requests
 import soundfile as sf
 import torch
-from transformers import ASTConfig, ASTFeatureExtractor, pipeline
+from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, pipeline
 
 from predictor.allocator import keep_freed_memory
 from predictor.checkpoint import Checkpoint
@@ -58,13 +63,13 @@ from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.windows import Windowing
 from tools.pack_model import size_mb
-from tools.random_ast import save_random_ast
+from tools.random_ast import TINY, save_random_ast
 
 logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 RATE = 16000
-SECTIONS = ("main", "long", "start")
+SECTIONS = ("main", "long", "start", "overhead")
 LONG_SECONDS = 600.0
 
 
@@ -304,6 +309,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += long_sections(args, work, model_dir, config)
     if args.only is None or "start" in args.only:
         rows += start_section(work, model_dir)
+    if args.only is None or "overhead" in args.only:
+        rows += overhead_section(work, threads, rows)
     return rows
 
 
@@ -545,6 +552,40 @@ def start_section(work: Path, model_dir: Path) -> list[Row]:
     ]
 
 
+def overhead_section(work: Path, threads: int, rows: list[Row], requests_: int = 40) -> list[Row]:
+    """Section 9: seconds per clip through the server (V2 binary, concurrency 1 and 4) less its engine's
+    alone (the mean over the same clips: the server's figure is a mean too), on a model whose forward
+    pass takes milliseconds; then, for each precision section 2 timed, that overhead over the fastest
+    engine's seconds per clip alone (the server's target: at most 10 %)."""
+    skinny = work / "skinny"
+    torch.manual_seed(0)
+    ASTForAudioClassification(ASTConfig(num_labels=527, **TINY)).save_pretrained(skinny)
+    ASTFeatureExtractor().save_pretrained(skinny)
+    clips = make_clips(8)
+    features = LogMelFilterbank.from_extractor(ASTFeatureExtractor())(clips)
+    engine = build_engine(Checkpoint.open(str(skinny)), EngineOptions("onnxruntime", "fp32", threads, work, OFFLINE_TIMEOUT_S))
+    engine_s = best_of(1, lambda: [engine(features[i % len(clips)][None]) for i in range(requests_)]) / requests_
+    del engine
+    out = []
+    server = start_server(skinny, 18180, 18181, "--onnx_cache_dir", str(work), "--backend", "onnxruntime")
+    try:
+        for concurrency in (1, 4):
+            result = load_test(lambda: v2_binary_call(18180), [wav(c) for c in clips], concurrency, requests_)
+            out.append(Row("server overhead", f"V2 binary (HTTP), concurrency {concurrency}",
+                           1000 * (1 / result["clips_per_s"] - engine_s), "ms per clip",
+                           extra={"server_s_per_clip": 1 / result["clips_per_s"], "engine_s_per_clip": engine_s}))
+    finally:
+        server.terminate()
+        server.wait(60)
+    worst_ms = max(row.value for row in out)
+    for precision in ("fp32", "bf16", "int8"):
+        alone = [row.value for row in rows if row.section == "model alone" and f" {precision}, batch 1" in row.name]
+        if alone:
+            out.append(Row("server overhead", f"share of the fastest {precision} engine's time per clip",
+                           100 * worst_ms / 1000 * max(alone), "%", extra={"engine_clips_per_s": max(alone)}))
+    return out
+
+
 def report(rows: list[Row]) -> str:
     lines = ["| section | measurement | value | baseline | ratio | details |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -580,7 +621,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--only", choices=SECTIONS, nargs="+", default=None,
                         help="main: sections 1-6 (10 s clips); long: section 7 (10-minute clips); start: section 8 "
-                        "(time to ready). Default: all. "
+                        "(time to ready); overhead: section 9 (the server's cost per clip). Default: all. "
                         "A partial run does not replace latest.json.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
