@@ -26,6 +26,7 @@ from .engines import EngineOptions, ExportError, build_engine
 from .engines.calibration import file_features
 from .engines.choice import CANDIDATES, seconds_per_window
 from .engines.onnx_export import OFFLINE_TIMEOUT_S
+from .engines.options import precision_list
 from .errors import ClientInputError
 from .features import LogMelFilterbank
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
@@ -83,13 +84,6 @@ def table(rows: list[Row]) -> str:
             lines.append(f"{r.backend:<12} {r.precision:<9} {r.seconds_per_window:9.3f} {r.min_cosine:11.6f} "
                          f"{r.max_score_diff:15.2e} {r.top5_kept:10.3f}")
     return "\n".join(lines)
-
-
-def precision_list(text: str) -> list[str]:
-    chosen = text.split(",")
-    if not chosen or set(chosen) - set(CANDIDATES):
-        raise argparse.ArgumentTypeError(f"choose from {','.join(CANDIDATES)}, comma-separated")
-    return chosen
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -26,8 +26,9 @@ from transformers import ASTForAudioClassification
 
 from predictor.checkpoint import Checkpoint, ModelLoadError, load_feature_extractor, resolve_model_source
 from predictor.cpu import configure_torch_threads
-from predictor.engines import PRECISIONS, EngineOptions, build_engine
+from predictor.engines import EngineOptions, build_engine
 from predictor.engines.onnx_export import OFFLINE_TIMEOUT_S, PACKED_DIR, cached_onnx
+from predictor.engines.options import precision_list
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +69,6 @@ def pack_engines(out: Path, precisions: list[str], calibration_dir: Optional[Pat
 
 def size_mb(directory: Path) -> float:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 1e6
-
-
-def precision_list(text: str) -> list[str]:
-    chosen = text.split(",")
-    if set(chosen) - set(PRECISIONS):
-        raise argparse.ArgumentTypeError(f"choose from {','.join(PRECISIONS)}, comma-separated")
-    return chosen
 
 
 def main() -> None:

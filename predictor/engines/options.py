@@ -1,5 +1,6 @@
 """What an engine is asked for, and what one is: shared by the engines and the code choosing one."""
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -10,6 +11,14 @@ from .onnx_export import EXPORT_TIMEOUT_S
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def precision_list(text: str) -> list[str]:
+    """An argparse type: `fp32,int8` → ["fp32", "int8"], for the tools that take several precisions."""
+    chosen = text.split(",")
+    if set(chosen) - set(PRECISIONS):
+        raise argparse.ArgumentTypeError(f"choose from {','.join(PRECISIONS)}, comma-separated")
+    return chosen
 
 
 @dataclass(frozen=True)
