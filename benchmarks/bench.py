@@ -369,18 +369,19 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
             alone[f"{name} b{batch}"] = batch / seconds
             rows.append(Row("model alone", f"{name}, batch {batch}", batch / seconds, "clips/s", base, "pipeline"))
 
-    # 5. bf16 and int8 against fp32
-    reference = engines["torch fp32"](features)
+    # 5. bf16 and int8 against fp32, on 4 clips: torch's emulated bf16 (no AVX512-BF16/AMX) takes minutes a clip
+    compared = features[:4]
+    reference = engines["torch fp32"](compared)
     for name in ("torch bf16", "openvino bf16", "torch int8", "onnxruntime int8", "openvino int8"):
         if name not in engines:
             continue
-        approximate = engines[name](features)
+        approximate = engines[name](compared)
         cosine = torch.nn.functional.cosine_similarity(approximate, reference, dim=-1)
         overlap = [len(set(q.topk(5).indices.tolist()) & set(r.topk(5).indices.tolist())) / 5
                    for q, r in zip(approximate, reference)]
         rows.append(Row("precision", f"{name} vs torch fp32: min cosine of logits", float(cosine.min()), "",
                         extra={"max_abs_logit_diff": float((approximate - reference).abs().max()),
-                               "mean_top5_overlap": float(np.mean(overlap)), "clips": len(features)}))
+                               "mean_top5_overlap": float(np.mean(overlap)), "clips": len(compared)}))
     del engines
     peaks = {precision: max(rate, again) for (precision, rate), again in zip(peaks.items(), gemm_peaks().values())}
     roofline = peaks["fp32"] / flops
@@ -431,7 +432,8 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     finally:
         server.terminate()
         server.wait(60)
-    for precision in ("bf16", "int8"):
+    # bf16 serves fast only where the CPU multiplies it natively; elsewhere torch emulates it, minutes a clip
+    for precision in ("bf16", "int8") if cpu_multiplies_bf16() else ("int8",):
         server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work), "--precision", precision)
         try:
             result = load_test(lambda: v2_binary_call(http_port), files, 4, 8)

@@ -43,6 +43,8 @@ class Checkpoint:
 
         A hub id's weights are fetched now: the export's child process runs offline."""
         source = resolve_model_source(model_dir)
+        if Path(source).is_dir():
+            check_readable(source)
         try:
             config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as exc:
@@ -95,6 +97,40 @@ def resolve_model_source(model_dir: str) -> str:
     if path.is_absolute() or model_dir.startswith(("./", "../", "~")) or os.sep * 2 in model_dir:
         raise ModelLoadError(f"model directory '{model_dir}' does not exist")
     return model_dir
+
+
+def weight_files(source: str) -> list[Path]:
+    """The weight files of a model directory, or of the local snapshot a hub id was loaded from."""
+    directory = Path(source)
+    if not directory.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(source, "config.json")
+        if not isinstance(config, str):  # not cached (None), or cached as missing
+            return []
+        directory = Path(config).parent
+    return sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin"))
+
+
+def check_readable(directory: str) -> None:
+    """Weights missing, or a file there that the server's user may not read (a root-owned file of
+    mode 600, as a copy from a root-owned volume leaves it), said as such: transformers would report
+    a failed download, or quietly use default features for an unreadable preprocessor config."""
+    files = weight_files(directory)
+    if not files:
+        raise ModelLoadError(f"'{directory}' holds config.json but no weights (*.safetensors or *.bin): "
+                             "copy the whole directory save_pretrained wrote")
+    configs = [Path(directory) / name for name in ("config.json", "preprocessor_config.json")]
+    for path in [p for p in configs if p.is_file()] + files:
+        try:
+            with open(path, "rb"):
+                pass
+        except PermissionError:
+            raise ModelLoadError(
+                f"{path} exists, but this server's user (uid {os.getuid()}, gid {os.getgid()}) may not read it. "
+                "Make it readable: set the pod's securityContext.fsGroup, or chmod a+r the file where the "
+                "model is stored"
+            ) from None
 
 
 def load_feature_extractor(source: str, config: Any) -> ASTFeatureExtractor:

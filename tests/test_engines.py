@@ -15,10 +15,10 @@ from transformers import ASTForAudioClassification
 
 from predictor.engines import EngineOptions, OnnxEngine, OpenVinoEngine, build_engine
 from predictor.engines.torch_engine import TorchEngine
-from predictor.checkpoint import Checkpoint, load_feature_extractor
+from predictor.checkpoint import Checkpoint, load_feature_extractor, weight_files
 from predictor.engines.calibration import file_features, synthetic_clips
 from predictor.engines.choice import cpu_key
-from predictor.engines.onnx_export import EXPORT_TIMEOUT_S, ExportError, weight_files
+from predictor.engines.onnx_export import EXPORT_TIMEOUT_S, ExportError
 from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import LogMelFilterbank
 from predictor.windows import Windowing
@@ -143,6 +143,20 @@ def test_openvino_runs_bf16_only_where_the_cpu_multiplies_bf16(tiny_model, tiny_
         with pytest.raises(ExportError, match="does not multiply bf16 natively"):
             build_engine(checkpoint_of(tiny_model, tiny_model_dir), options)
         assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_auto_serves_bf16_only_where_the_cpu_multiplies_bf16_and_fp32_elsewhere(tiny_model, tiny_model_dir, features,
+                                                                                onnx_cache, caplog):
+    with torch.inference_mode():
+        reference = tiny_model(input_values=features).logits
+    with caplog.at_level(logging.WARNING, logger="predictor.engines"):
+        engine = build_engine(Checkpoint.open(str(tiny_model_dir)), EngineOptions("auto", "bf16", 2, onnx_cache))
+    fell_back = any("serving fp32 instead" in r.getMessage() for r in caplog.records)
+    if cpu_multiplies_bf16():
+        assert not fell_back and cosine(engine(features), reference).min() >= 0.9999
+    else:
+        assert fell_back
+        torch.testing.assert_close(engine(features), reference, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("backend, tolerance", [("torch", 1e-5), ("onnxruntime", 0.0)])

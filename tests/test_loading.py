@@ -15,8 +15,8 @@ from predictor.model import ASTModel
 from .conftest import REPO, encode, start_server, stop_server, tone
 
 
-def run_server_expecting_failure(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "predictor", "--http_port", "0", "--grpc_port", "0", *args],
+def run_server_expecting_failure(*args: str, env: dict | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    result = subprocess.run([*prefix, sys.executable, "-m", "predictor", "--http_port", "0", "--grpc_port", "0", *args],
                             cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
     assert result.returncode == 1, result.stdout + result.stderr
     return result
@@ -41,6 +41,29 @@ def test_unreachable_hub_id_says_how_to_point_at_a_directory():
                                                "HF_HUB_OFFLINE": "1"})
     assert "could not load an AST model from 'MIT/ast-finetuned-audioset-10-10-0.4593'" in result.stderr
     assert "Point --model_dir (or MODEL_DIR) at a local directory" in result.stderr
+
+
+def test_a_directory_without_weights_says_so(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"holds config.json but no weights \(\*.safetensors or \*.bin\)"):
+        ASTModel("ast", str(tmp_path / "m")).load()
+
+
+def test_weights_the_servers_user_may_not_read_are_named_with_the_fix(tiny_model_dir, tmp_path):
+    """A root-owned model.safetensors of mode 600 under a server running as uid 1000, as a copy from
+    a root-owned volume leaves it. Run as root, the test drops the capability that lets root read
+    any file, and gives the file to another user."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        os.chown(weights, 1000, 1000)
+        prefix = ("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--")
+    weights.chmod(0o600 if prefix else 0o000)
+    result = run_server_expecting_failure("--model_dir", str(tmp_path / "m"), prefix=prefix)
+    assert f"{weights} exists, but this server's user (uid " in result.stderr, result.stderr
+    assert "securityContext.fsGroup" in result.stderr and "hub id" not in result.stderr
 
 
 def test_storage_initializer_layout_one_level_down(tiny_model_dir, tmp_path):

@@ -30,7 +30,7 @@ from ..checkpoint import Checkpoint
 from .choice import choose
 from .onnx_engine import OnnxEngine
 from .onnx_export import ExportError
-from .openvino_engine import OpenVinoEngine
+from .openvino_engine import OpenVinoEngine, cpu_multiplies_bf16
 from .options import BACKENDS, PRECISIONS, Engine, EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,16 @@ __all__ = ["BACKENDS", "PRECISIONS", "Engine", "EngineOptions", "ExportError", "
 def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     """The engine `options` ask for; with `auto`, the fastest for the precision on this node
     (`choice`). An engine asked for by name that cannot be built here raises `ExportError`.
-    Only the torch engine (and an export not yet made) loads the checkpoint's torch module."""
+    Only the torch engine (and an export not yet made) loads the checkpoint's torch module.
+
+    `auto` with bf16 on a CPU that does not multiply bf16 natively serves fp32 instead, with a
+    warning: torch's emulated bf16 ran at a sixth of fp32's speed on an AVX2 EPYC (`make bench`), and
+    a pod rescheduled from an AMX node onto such a node should keep serving, not crash or crawl.
+    A named `--backend torch` still emulates it; `--backend openvino` refuses."""
+    if options.backend == "auto" and options.precision == "bf16" and not cpu_multiplies_bf16():
+        logger.warning("--precision bf16: this CPU does not multiply bf16 natively (no AVX512-BF16 or AMX), where "
+                       "bf16 runs several times slower than fp32; serving fp32 instead (exact, and faster here)")
+        options = replace(options, precision="fp32")
     if options.backend == "auto":
         backend, engine = choose(checkpoint, options,
                                  prepare=lambda name: _prepare(checkpoint, replace(options, backend=name)),

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, weight_files
 from ..cpu import configure_torch_threads, int8_weight_type
 
 logger = logging.getLogger(__name__)
@@ -212,19 +212,6 @@ def module_source(name: str) -> bytes:
     """A module's source file, read without importing it (ast_forward imports transformers' modeling
     code, which a start from an engine file never needs)."""
     return Path(importlib.util.find_spec(name).origin).read_bytes()
-
-
-def weight_files(source: str) -> list[Path]:
-    """The weight files of a model directory, or of the local snapshot a hub id was loaded from."""
-    directory = Path(source)
-    if not directory.is_dir():
-        from huggingface_hub import try_to_load_from_cache
-
-        config = try_to_load_from_cache(source, "config.json")
-        if not isinstance(config, str):  # not cached (None), or cached as missing
-            return []
-        directory = Path(config).parent
-    return sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin"))
 
 
 def main() -> None:
