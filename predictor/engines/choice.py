@@ -33,8 +33,10 @@ from .options import Engine, EngineOptions
 
 logger = logging.getLogger(__name__)
 
-# Raced for each precision. torch was never fastest for fp32 or int8 on any CPU we have numbers
-# for (README, by CPU), so it is not timed there, only built when nothing else can be; for bf16 it
+# Raced for each precision. torch was never clearly fastest for fp32 or int8 on any CPU we have
+# numbers for (README, by CPU: slower, or within run-to-run spread of ONNX Runtime, and its int8
+# has no fast kernel without VNNI), so it is not timed there, only built when nothing else can be;
+# for bf16 it
 # stays (no OpenVINO figure yet from a CPU with AVX512-BF16 but no AMX). Torch last: its bf16
 # engine converts the loaded model in place.
 CANDIDATES = {"fp32": ("onnxruntime", "openvino"), "bf16": ("openvino", "torch"), "int8": ("onnxruntime", "openvino")}
