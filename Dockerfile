@@ -5,9 +5,16 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt /tmp/requirements.txt
-# torch first, from the CPU-only wheel index: PyPI's torch==2.13.0 is the multi-GB CUDA build.
-# The rest then finds torch==2.13.0 satisfied (2.13.0+cpu) and leaves it be.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+# Where the CPU-only torch comes from: PyPI's torch==2.13.0 is the multi-GB CUDA build. A mirror:
+# --build-arg TORCH_SOURCE="--index-url https://mirror.example/whl/cpu"; a directory of wheels
+# mounted into the build: --build-arg TORCH_SOURCE="--find-links /wheels". pip also reads PIP_*
+# build arguments (PIP_INDEX_URL for a PyPI mirror, PIP_CERT for a proxy's CA bundle).
+ARG TORCH_SOURCE="--index-url https://download.pytorch.org/whl/cpu"
+ARG PIP_INDEX_URL
+ARG PIP_CERT
+# torch first; the rest then finds torch==2.13.0 satisfied (2.13.0+cpu) and leaves it be.
+# hadolint ignore=SC2086,DL3013
+RUN pip install $TORCH_SOURCE torch==2.13.0 \
     && pip install -r /tmp/requirements.txt
 
 FROM python:3.11-slim

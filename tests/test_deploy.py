@@ -91,7 +91,9 @@ def dockerfile_entrypoint() -> list[str]:
 def test_dockerfile_runs_as_uid_1000_with_a_cpu_torch():
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^USER 1000", dockerfile, re.M)
-    assert "download.pytorch.org/whl/cpu torch==2.13.0" in dockerfile
+    # the CPU-only index by default, any other source by build argument
+    assert 'ARG TORCH_SOURCE="--index-url https://download.pytorch.org/whl/cpu"' in dockerfile
+    assert "pip install $TORCH_SOURCE torch==2.13.0" in dockerfile
     assert dockerfile_entrypoint() == ["python", "-m", "predictor"]
 
 
