@@ -51,7 +51,7 @@ import numpy as np
 import requests
 import soundfile as sf
 import torch
-from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, pipeline
+from transformers import ASTConfig, ASTFeatureExtractor, pipeline
 
 from predictor.allocator import keep_freed_memory
 from predictor.checkpoint import Checkpoint
@@ -63,7 +63,7 @@ from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.windows import Windowing
 from tools.pack_model import size_mb
-from tools.random_ast import TINY, save_random_ast
+from tools.random_ast import save_random_ast
 
 logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
@@ -342,10 +342,12 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     # 2. the model alone, and the roofline (the GEMM peaks are measured again at the end: the higher count)
     peaks = gemm_peaks()
     flops = ast_gflops(config)
+    checkpoint = Checkpoint.open(str(model_dir))
+
     def build(backend: str, precision: str):
         # ahead of serving, as make pack-model does: no probe limits the export or quantization; a
         # checkpoint of its own for each, since torch's bf16 and int8 convert its module in place
-        return build_engine(Checkpoint.open(str(model_dir)),
+        return build_engine(checkpoint.unloaded(),
                             EngineOptions(backend, precision, threads, work, OFFLINE_TIMEOUT_S))
 
     engines = {
@@ -559,10 +561,7 @@ def overhead_section(work: Path, threads: int, rows: list[Row], requests_: int =
     alone (the mean over the same clips: the server's figure is a mean too), on a model whose forward
     pass takes milliseconds; then, for each precision section 2 timed, that overhead over the fastest
     engine's seconds per clip alone (the server's target: at most 10 %)."""
-    skinny = work / "skinny"
-    torch.manual_seed(0)
-    ASTForAudioClassification(ASTConfig(num_labels=527, **TINY)).save_pretrained(skinny)
-    ASTFeatureExtractor().save_pretrained(skinny)
+    skinny = save_random_ast(work / "skinny", tiny=True, max_length=1024, num_mel_bins=128)
     clips = make_clips(8)
     features = LogMelFilterbank.from_extractor(ASTFeatureExtractor())(clips)
     engine = build_engine(Checkpoint.open(str(skinny)), EngineOptions("onnxruntime", "fp32", threads, work, OFFLINE_TIMEOUT_S))

@@ -11,7 +11,7 @@ and not reading the weights into torch is a large part of the time to ready (`ma
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -63,18 +63,19 @@ class Checkpoint:
     def module(self) -> "ASTForAudioClassification":
         """The transformers model in eval mode, loaded on first use."""
         if self.loaded is None:
-            self.loaded = self.fresh_module()
+            from transformers import ASTForAudioClassification
+
+            logger.info("Loading the torch model from %s", self.source)
+            try:
+                self.loaded = ASTForAudioClassification.from_pretrained(self.source, attn_implementation="sdpa").eval()
+            except OSError as exc:
+                raise ModelLoadError(f"could not load the weights of '{self.source}': {exc}") from exc
         return self.loaded
 
-    def fresh_module(self) -> "ASTForAudioClassification":
-        """A copy of its own: torch's bf16 and int8 engines convert a module in place."""
-        from transformers import ASTForAudioClassification
-
-        logger.info("Loading the torch model from %s", self.source)
-        try:
-            return ASTForAudioClassification.from_pretrained(self.source, attn_implementation="sdpa").eval()
-        except OSError as exc:
-            raise ModelLoadError(f"could not load the weights of '{self.source}': {exc}") from exc
+    def unloaded(self) -> "Checkpoint":
+        """The same checkpoint, whose module will be loaded afresh: torch's bf16 and int8 engines
+        convert a module in place, so each engine built in turn needs its own."""
+        return replace(self, loaded=None)
 
 
 def resolve_model_source(model_dir: str) -> str:

@@ -58,8 +58,7 @@ def compare(model_dir: str, files: list[Path], precisions: list[str], threads: i
         for backend in CANDIDATES[precision]:
             row = Row(backend, precision)
             try:
-                # a checkpoint of its own for each: torch's bf16 and int8 convert its module in place
-                engine = build_engine(Checkpoint(checkpoint.source, config),
+                engine = build_engine(checkpoint.unloaded(),
                                       EngineOptions(backend, precision, threads, cache_dir, OFFLINE_TIMEOUT_S, calibration_dir))
             except ExportError as exc:
                 row.error = str(exc).splitlines()[0]

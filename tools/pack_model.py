@@ -57,13 +57,14 @@ def pack_engines(out: Path, precisions: list[str], calibration_dir: Optional[Pat
     the fp32 export (OpenVINO's bf16 starts from it) and the int8 file for the other kind of CPU."""
     directory = out / PACKED_DIR
     threads = configure_torch_threads(None)
-    cached_onnx(Checkpoint.open(str(out)), "fp32", directory, OFFLINE_TIMEOUT_S)
+    checkpoint = Checkpoint.open(str(out))
+    cached_onnx(checkpoint, "fp32", directory, OFFLINE_TIMEOUT_S)
     for precision in precisions:
         options = EngineOptions("auto", precision, threads, directory, OFFLINE_TIMEOUT_S, calibration_dir)
-        build_engine(Checkpoint.open(str(out)), options)  # a checkpoint of its own for each: torch engines convert it
+        build_engine(checkpoint.unloaded(), options)
         if precision == "int8":
             for weights in INT8_WEIGHT_TYPES:
-                cached_onnx(Checkpoint.open(str(out)), f"int8-{weights}", directory, OFFLINE_TIMEOUT_S)
+                cached_onnx(checkpoint, f"int8-{weights}", directory, OFFLINE_TIMEOUT_S)
     shutil.rmtree(directory / "openvino", ignore_errors=True)  # compiled for this CPU: the node compiles its own
 
 

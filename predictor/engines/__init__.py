@@ -45,7 +45,7 @@ def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     Only the torch engine (and an export not yet made) loads the checkpoint's torch module.
 
     `auto` with bf16 on a CPU that does not multiply bf16 natively serves fp32 instead, with a
-    warning: torch's emulated bf16 ran at a sixth of fp32's speed on an AVX2 EPYC (`make bench`), and
+    warning: torch's emulated bf16 is several times slower than fp32 there (README, Performance), and
     a pod rescheduled from an AMX node onto such a node should keep serving, not crash or crawl.
     A named `--backend torch` still emulates it; `--backend openvino` refuses."""
     if options.backend == "auto" and options.precision == "bf16" and not cpu_multiplies_bf16():

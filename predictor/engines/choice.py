@@ -36,9 +36,8 @@ logger = logging.getLogger(__name__)
 # Raced for each precision. torch was never clearly fastest for fp32 or int8 on any CPU we have
 # numbers for (README, by CPU: slower, or within run-to-run spread of ONNX Runtime, and its int8
 # has no fast kernel without VNNI), so it is not timed there, only built when nothing else can be;
-# for bf16 it
-# stays (no OpenVINO figure yet from a CPU with AVX512-BF16 but no AMX). Torch last: its bf16
-# engine converts the loaded model in place.
+# for bf16 it stays (no OpenVINO figure yet from a CPU with AVX512-BF16 but no AMX). Torch last:
+# its bf16 engine converts the loaded model in place.
 CANDIDATES = {"fp32": ("onnxruntime", "openvino"), "bf16": ("openvino", "torch"), "int8": ("onnxruntime", "openvino")}
 FALLBACK = "torch"  # eager PyTorch builds wherever the model loaded
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
@@ -150,10 +149,9 @@ def main() -> None:
     options = EngineOptions("auto", precision, int(threads), Path(cache_dir),
                             calibration_dir=Path(calibration_dir) if calibration_dir else None)
 
-    def build(backend: str) -> Engine:  # a checkpoint of its own for each: torch's bf16 and int8 convert the module
-        return build_engine(Checkpoint.open(source), replace(options, backend=backend))
-
-    outcome = race(Checkpoint.open(source).config, candidates.split(","), options, build)
+    checkpoint = Checkpoint.open(source)
+    outcome = race(checkpoint.config, candidates.split(","), options,
+                   lambda backend: build_engine(checkpoint.unloaded(), replace(options, backend=backend)))
     Path(record).parent.mkdir(parents=True, exist_ok=True)
     Path(record).write_text(json.dumps(outcome, indent=1))
 
