@@ -16,6 +16,13 @@ ARG PIP_CERT
 # hadolint ignore=SC2086,DL3013
 RUN pip install $TORCH_SOURCE torch==2.13.0 \
     && pip install -r /tmp/requirements.txt
+# What serving never runs: the packages' test suites (torch's C++ test binaries among them), torch's C++
+# headers (for compiling extensions; nothing here compiles), OpenVINO's GPU and NPU plugins, pip itself.
+RUN site=/opt/venv/lib/python3.11/site-packages \
+    && find "$site" -name '*.dist-info' -prune -o -type d \( -name tests -o -name test \) -prune -exec rm -rf {} + \
+    && rm -rf "$site/torch/include" "$site"/torch/bin/test_* "$site"/torch/bin/*Test \
+        "$site"/openvino/libs/libopenvino_intel_gpu_plugin.so "$site"/openvino/libs/libopenvino_intel_npu_plugin.so \
+    && pip uninstall -q -y pip
 
 FROM python:3.11-slim
 # libsndfile (with FLAC, Ogg Vorbis/Opus and MP3) comes inside soundfile's wheel, FFmpeg's libraries (M4A,

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev peer-venv run test random-model bench timeline pack-model load soak fuzz fuzz-api
+.PHONY: install install-dev peer-venv run test random-model bench timeline pack-model load soak fuzz fuzz-api image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +67,11 @@ fuzz-api: install-dev
 # make pack-model SRC=path/or/hub-id OUT=dir [PACK_ARGS="--precisions fp32,int8"]: a model directory, engine files included, ready for a bucket or PVC.
 pack-model: install
 	$(BIN)/python -m tools.pack_model $(SRC) $(OUT) --tar $(PACK_ARGS)
+
+# The serving image (Docker if an engine answers, else buildah), then the image itself served and stopped as a pod would be.
+IMAGE ?= ast-kserve:dev
+image:
+	IMAGE=$(IMAGE) $(PYTHON) -m tools.image
+
+image-test: install-dev image
+	IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image tests/image
