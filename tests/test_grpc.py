@@ -95,8 +95,9 @@ def test_tritonclient_grpc_bad_input_is_invalid_argument(server):
         (InferInput("audio", [1], "BYTES", data=[b"x"]), {"top_k": 0}, "top_k must be"),
         (InferInput("audio", [1], "BYTES", data=[b"x"]), {"function_to_apply": "relu"}, "function_to_apply"),
         (InferInput("audio", [1], "BYTES", data=[b"x"]), {"temperature": "1"}, "unknown parameter"),
+        (InferInput("audio", [1], "BYTES", data=[b"x"]), {"hop_seconds": "soon"}, "hop_seconds must be a number"),
     ],
-    ids=["not-audio", "shape", "dtype", "input-name", "top_k", "function", "parameter"],
+    ids=["not-audio", "shape", "dtype", "input-name", "top_k", "function", "parameter", "hop-text"],
 )
 def test_kserve_grpc_bad_input(server, tensor, parameters, message):
     with pytest.raises(grpc.RpcError) as error:

@@ -77,6 +77,8 @@ def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
         raise ClientInputError(f"unknown parameter(s) {shown(sorted(unknown))} on input '{tensor.name}'")
     request_parameters = to_http_parameters(request.parameters or {})
     parameters = _model_parameters(request_parameters, PROTOCOL_PARAMETERS + (RATE_PARAMETER,))
+    if request.from_grpc:
+        parameters = _grpc_numbers(parameters)
     if tensor.name == AUDIO_INPUT:
         if RATE_PARAMETER in request_parameters:
             raise ClientInputError("sampling_rate applies to the 'waveform' input; an encoded file states its own")
@@ -89,6 +91,18 @@ def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
         if parameters.setdefault("return_segments", True) is False:
             raise ClientInputError(f"output(s) {shown(sorted(requested))} need segments, but return_segments is false")
     return AudioRequest(clips=clips, parameters=parameters, v2=request)
+
+
+def _grpc_numbers(parameters: dict) -> dict:
+    """kserve's gRPC InferParameter holds bool, int64 or string, no double: there a fractional
+    hop_seconds can only come as text ("2.5"), so it is read as a number."""
+    hop = parameters.get("hop_seconds")
+    if isinstance(hop, str):
+        try:
+            return {**parameters, "hop_seconds": float(hop)}
+        except ValueError:
+            pass  # refused with the usual message
+    return parameters
 
 
 def _requested_outputs(request: InferRequest) -> set[str]:

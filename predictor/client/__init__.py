@@ -1,0 +1,96 @@
+"""The client: classify audio files with a running server, from Python or the command line.
+
+    from predictor.client import Client
+    client = Client("http://localhost:8080")                        # V2 REST; protocol="v1" or "grpc"
+    result = client.classify("clip.wav", top_k=3)
+    result.prediction.labels                                        # [{"label": ..., "score": ...}, ...]
+    result.answer                                                   # the server's answer, unchanged
+
+`python -m predictor.client --help` (also installed as `ast-classify`) runs the same over many files.
+It imports neither torch nor kserve (gRPC aside), so it starts in a fraction of a second.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from .protocols import PROTOCOLS, Endpoint, Prediction, RequestFailed
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URLS = {"v1": "http://localhost:8080", "v2": "http://localhost:8080", "grpc": "localhost:8081"}
+# The server's --max_request_mb default; a larger file is re-encoded before it is sent.
+DEFAULT_MAX_REQUEST_MB = 32.0
+# Room for the request around the file: JSON, headers, gRPC framing.
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+OVERLOAD_RETRIES = 5
+
+
+@dataclass
+class Result:
+    """One file's outcome: the server's answer and its labels, and what the client did on the way."""
+
+    answer: object
+    prediction: Prediction
+    reencoded_bytes: Optional[int] = None  # the FLAC's size, when the file was over the limit
+
+
+class Client:
+    def __init__(self, url: Optional[str] = None, protocol: str = "v2", model_name: str = "ast",
+                 timeout_s: float = 300.0, host: Optional[str] = None,
+                 max_request_mb: float = DEFAULT_MAX_REQUEST_MB):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+        endpoint = Endpoint(url or DEFAULT_URLS[protocol], model_name, timeout_s, host)
+        self.protocol = PROTOCOLS[protocol](endpoint)
+        self.max_request_bytes = int(max_request_mb * 2**20)
+
+    def classify(self, audio: Union[str, Path, bytes], top_k: Optional[int] = None,
+                 function_to_apply: Optional[str] = None, hop_seconds: Optional[float] = None,
+                 aggregate: Optional[str] = None, return_segments: bool = False) -> Result:
+        """One file (a path or its bytes); raises `RequestFailed` with the server's message."""
+        data = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
+        parameters = {name: value for name, value in (("top_k", top_k), ("function_to_apply", function_to_apply),
+                                                       ("hop_seconds", hop_seconds), ("aggregate", aggregate))
+                      if value is not None}
+        if return_segments:
+            parameters["return_segments"] = True
+        reencoded = None
+        if self.request_bytes(data, parameters) > self.max_request_bytes:
+            from .reencode import as_model_flac  # decoding needs the server's audio libraries
+
+            try:
+                data = as_model_flac(data)
+            except ValueError as error:  # the server's own ClientInputError: what it would have answered
+                raise RequestFailed(f"over the {self.max_request_bytes / 2**20:g} MB limit, and not readable "
+                                    f"as audio to re-encode: {error}", 400) from None
+            reencoded = len(data)
+            if self.request_bytes(data, parameters) > self.max_request_bytes:
+                raise RequestFailed(f"still {len(data) / 2**20:.1f} MB as 16 kHz mono FLAC: over the server's "
+                                    f"{self.max_request_bytes / 2**20:g} MB limit (--max_request_mb)", 413)
+        answer = self.send(data, parameters)
+        return Result(answer, self.protocol.prediction(answer), reencoded)
+
+    def request_bytes(self, data: bytes, parameters: dict) -> float:
+        expansion = self.protocol.base64_expansion if parameters else 1.0
+        return len(data) * expansion + REQUEST_OVERHEAD_BYTES
+
+    def send(self, data: bytes, parameters: dict) -> object:
+        """Overloaded (503, gRPC UNAVAILABLE) is retried after the server's Retry-After: an autoscaled
+        service sheds load while it adds pods."""
+        attempt = 0
+        while True:
+            try:
+                return self.protocol.send(data, parameters)
+            except RequestFailed as error:
+                attempt += 1
+                if error.status != 503 or attempt > OVERLOAD_RETRIES:
+                    raise
+                wait = min(error.retry_after_s or 1.0, 30.0) * attempt
+                log.info("server busy (%s); retrying in %.0f s", error, wait)
+                time.sleep(wait)
+
+
+__all__ = ["Client", "Prediction", "RequestFailed", "Result"]

@@ -1,0 +1,108 @@
+"""ast-classify FILE... : classify audio files (or folders of them) with a running server.
+
+    ast-classify clip.wav                                     # V2 REST on localhost:8080, a table
+    ast-classify --protocol grpc --url localhost:8081 clip.m4a --json
+    ast-classify recordings/ --concurrency 4 --output results.jsonl   # resumable: rerun to finish
+    ast-classify long.flac --hop 5 --segments                 # each window's labels too
+    ast-classify --url http://$INGRESS --host ast-audio.default.example.com clip.wav   # through an ingress
+
+Exit status: 0 when every file was answered, 1 when any failed (each failure is reported, the
+rest carry on), 2 for a wrong command line.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import DEFAULT_MAX_REQUEST_MB, DEFAULT_URLS, Client
+from .batch import Outcome, answered, audio_files, run
+from .protocols import PROTOCOLS, Prediction
+
+BAR_WIDTH = 30
+BLOCKS = " ▏▎▍▌▋▊▉█"
+
+
+def bar(score: float) -> str:
+    """A score in [0, 1] as a bar of eighth blocks (raw logits are clamped)."""
+    eighths = round(max(0.0, min(1.0, score)) * BAR_WIDTH * 8)
+    return "█" * (eighths // 8) + (BLOCKS[eighths % 8] if eighths % 8 else "")
+
+
+def table(name: str, prediction: Prediction) -> str:
+    width = max((len(p["label"]) for p in prediction.labels), default=0)
+    lines = [name] + [f"  {p['label']:<{width}}  {p['score']:7.4f}  {bar(p['score'])}" for p in prediction.labels]
+    for segment in prediction.segments or []:
+        best = ", ".join(f"{p['label']} {p['score']:.2f}" for p in segment["labels"][:3])
+        lines.append(f"  {segment['start']:8.2f} - {segment['end']:8.2f} s  {best}")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ast-classify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files, or folders searched recursively")
+    parser.add_argument("--url", help=f"http://host:port for v1/v2 (default {DEFAULT_URLS['v2']}), host:port for "
+                                      f"grpc (default {DEFAULT_URLS['grpc']})")
+    parser.add_argument("--model-name", default="ast", help="the model's name on the server (default: ast)")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="v2",
+                        help="v1 (raw body), v2 (REST, binary data) or grpc (default: v2)")
+    parser.add_argument("--host", help="the Host header (REST) or authority (gRPC) an ingress routes by")
+    parser.add_argument("--top-k", type=int, help="labels per file (default: the server's)")
+    parser.add_argument("--function", choices=["sigmoid", "softmax", "none"], help="scores from logits "
+                        "(default: the server's)")
+    parser.add_argument("--hop", type=float, metavar="SECONDS", help="a long file's windows start this far apart "
+                        "(default: the server's, one window)")
+    parser.add_argument("--aggregate", choices=["max", "mean"], help="a long file's windows → its labels")
+    parser.add_argument("--segments", action="store_true", help="each window's labels and times too")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file (the server's answer) "
+                                                             "instead of a table")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: 300)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1)")
+    parser.add_argument("--output", type=Path, help="write results to this JSON Lines file; a rerun skips "
+                                                    "the files it already answered")
+    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
+                        help="the server's body limit: larger files are re-encoded to 16 kHz mono FLAC first "
+                             f"(default: {DEFAULT_MAX_REQUEST_MB:g}, the server's default)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    client = Client(args.url, args.protocol, args.model_name, args.timeout, args.host, args.max_request_mb)
+    parameters = {"top_k": args.top_k, "function_to_apply": args.function, "hop_seconds": args.hop,
+                  "aggregate": args.aggregate, "return_segments": args.segments}
+    names = list(audio_files(args.files))
+    done = answered(args.output) if args.output else set()
+    todo = [name for name in names if name not in done]
+
+    def report(outcome: Outcome) -> None:
+        if outcome.result is None:
+            print(f"{outcome.file}: {outcome.error}", file=sys.stderr)
+            return
+        if outcome.result.reencoded_bytes is not None:
+            print(f"{outcome.file}: over the {args.max_request_mb:g} MB limit; sent as 16 kHz mono FLAC "
+                  f"({outcome.result.reencoded_bytes / 2**20:.1f} MB), the samples the server would have classified",
+                  file=sys.stderr)
+        if args.output is None:
+            print(json.dumps({"file": outcome.file, "answer": outcome.result.answer}) if args.json
+                  else table(outcome.file, outcome.result.prediction), flush=True)
+
+    output = args.output.open("a") if args.output else None
+    try:
+        summary = run(client, todo, parameters, args.concurrency, report, output,
+                      progress=len(todo) > 1 and sys.stderr.isatty())
+    finally:
+        if output is not None:
+            output.close()
+    summary.skipped = len(names) - len(todo)
+    if len(names) > 1 or args.output:
+        print(summary.text(), file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Many files: found in folders, sent N at a time, one JSON line each, resumable.
+
+A results file (`--output`, JSON Lines) holds one object per file: `{"file", "answer"}` or
+`{"file", "error", "status"}`. A rerun with the same file skips every file that already has an
+answer there (so nothing is classified twice) and tries the failed ones again, appending; the
+last line for a file is its outcome.
+"""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, TextIO
+
+from . import Client, Result
+from .protocols import RequestFailed
+
+# What a directory is searched for (files named on the command line are always sent).
+AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
+                  ".mka", ".aif", ".aiff", ".caf", ".w64", ".au", ".snd"}
+
+
+@dataclass
+class Outcome:
+    file: str
+    result: Optional[Result] = None
+    error: Optional[str] = None
+    status: Optional[int] = None
+
+    def line(self) -> dict:
+        if self.result is not None:
+            return {"file": self.file, "answer": self.result.answer}
+        return {"file": self.file, "error": self.error, "status": self.status}
+
+
+@dataclass
+class Summary:
+    classified: int = 0
+    failed: int = 0
+    skipped: int = 0
+    reencoded: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def text(self) -> str:
+        seconds = time.monotonic() - self.started
+        parts = [f"{self.classified} classified", f"{self.failed} failed"]
+        if self.skipped:
+            parts.append(f"{self.skipped} skipped (already answered)")
+        if self.reencoded:
+            parts.append(f"{self.reencoded} re-encoded to fit the size limit")
+        rate = f", {self.classified / seconds:.2f} files/s" if seconds > 0 and self.classified else ""
+        return f"{', '.join(parts)} in {seconds:.1f} s{rate}"
+
+
+def audio_files(paths: Iterable[str]) -> Iterator[str]:
+    """Named files as they are; directories searched recursively for audio files, in name order."""
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            yield from (str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        else:
+            yield name
+
+
+def answered(output: Path) -> set[str]:
+    """Files that already have an answer in a results file (its last line for each file counts)."""
+    if not output.exists():
+        return set()
+    last: dict[str, bool] = {}
+    for line in output.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short when an earlier run was stopped
+        if isinstance(entry, dict) and "file" in entry:
+            last[entry["file"]] = "answer" in entry
+    return {name for name, ok in last.items() if ok}
+
+
+def classify_one(client: Client, name: str, parameters: dict) -> Outcome:
+    try:
+        return Outcome(name, result=client.classify(name, **parameters))
+    except RequestFailed as error:
+        return Outcome(name, error=str(error), status=error.status)
+    except OSError as error:
+        return Outcome(name, error=f"cannot read {name}: {error.strerror or error}")
+    except Exception as error:  # one file's surprise is that file's failure: the rest of a batch carries on
+        return Outcome(name, error=f"{type(error).__name__}: {error}")
+
+
+def run(client: Client, names: list[str], parameters: dict, concurrency: int, report: Callable[[Outcome], None],
+        output: Optional[TextIO] = None, progress: bool = False) -> Summary:
+    """Every file through `client`, `concurrency` requests in flight; `report` sees each outcome as it lands."""
+    from tqdm import tqdm
+
+    summary = Summary()
+    with ThreadPoolExecutor(max(1, concurrency)) as pool, \
+            tqdm(total=len(names), unit="file", disable=not progress, leave=False) as bar:
+        futures = [pool.submit(classify_one, client, name, parameters) for name in names]
+        for future in as_completed(futures):
+            outcome = future.result()
+            if outcome.result is not None:
+                summary.classified += 1
+                summary.reencoded += outcome.result.reencoded_bytes is not None
+            else:
+                summary.failed += 1
+            if output is not None:
+                output.write(json.dumps(outcome.line()) + "\n")
+                output.flush()
+            bar.update()
+            report(outcome)
+    return summary

@@ -1,0 +1,175 @@
+"""The client (`python -m predictor.client`, the `ast-classify` script) against the real server, every protocol."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from predictor.client import Client
+from predictor.client.protocols import PROTOCOLS
+
+from .conftest import REPO, TINY_LABELS, assert_same_predictions, encode, expected, tone
+
+RATE = 16000
+
+
+def url_of(server, protocol: str) -> str:
+    return server.grpc_url if protocol == "grpc" else server.url
+
+
+def classify(server, protocol: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "predictor.client", "--url", url_of(server, protocol),
+                           "--protocol", protocol, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def predictions(protocol: str, answer) -> list[dict]:
+    return PROTOCOLS[protocol].prediction(answer).labels
+
+
+@pytest.fixture(scope="module")
+def speech_file(tmp_path_factory, speech_16k):
+    path = tmp_path_factory.mktemp("client") / "speech.flac"
+    sf.write(path, speech_16k, RATE, subtype="PCM_16")  # speech_16k came from a 16-bit file: exact
+    return path
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2", "grpc"])
+def test_json_is_the_servers_answer_and_matches_the_pipeline(server, tiny_pipeline, speech_16k, speech_file, protocol):
+    done = classify(server, protocol, speech_file, "--json", "--top-k", 3, "--function", "sigmoid")
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    result = json.loads(line)
+    assert result["file"] == str(speech_file)
+    assert_same_predictions(predictions(protocol, result["answer"]), expected(tiny_pipeline, speech_16k, 3, "sigmoid"))
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2", "grpc"])
+def test_table_lists_labels_best_first_with_bars(server, tiny_pipeline, speech_16k, speech_file, protocol):
+    done = classify(server, protocol, speech_file, "--top-k", len(TINY_LABELS))
+    assert done.returncode == 0, done.stderr
+    name, *rows = done.stdout.splitlines()
+    assert name == str(speech_file)
+    reference = expected(tiny_pipeline, speech_16k, len(TINY_LABELS), "softmax")
+    assert [row.split()[0] for row in rows] == [p["label"] for p in reference]
+    np.testing.assert_allclose([float(row.split()[1]) for row in rows], [p["score"] for p in reference], atol=1e-4)
+    # a bar as long as the score: the best label's is the longest
+    bars = [len(row.split()[2]) if len(row.split()) > 2 else 0 for row in rows]
+    assert bars == sorted(bars, reverse=True) and bars[0] > 0
+
+
+def test_long_audio_parameters_reach_the_server_alike_on_every_protocol(server, tmp_path):
+    """--hop 2.5 --segments: over gRPC the fraction travels as text (kserve's InferParameter has no double)."""
+    path = tmp_path / "long.wav"
+    sf.write(path, np.concatenate([tone(300, 6.0, RATE), tone(2000, 8.0, RATE)]), RATE, subtype="FLOAT")
+    answers = {}
+    for protocol in ("v1", "v2", "grpc"):
+        done = classify(server, protocol, path, "--json", "--hop", 2.5, "--segments", "--aggregate", "mean")
+        assert done.returncode == 0, done.stderr
+        answers[protocol] = PROTOCOLS[protocol].prediction(json.loads(done.stdout)["answer"])
+    for prediction in answers.values():
+        assert [s["start"] for s in prediction.segments] == [0.0, 2.5, 5.0, 7.5, 10.0, 12.5]
+        assert_same_predictions(prediction.labels, answers["v1"].labels)
+        for segment, reference in zip(prediction.segments, answers["v1"].segments):
+            assert_same_predictions(segment["labels"], reference["labels"])
+
+
+def test_a_bad_file_exits_non_zero_with_the_servers_message(server, tmp_path):
+    path = tmp_path / "broken.wav"
+    path.write_bytes(b"RIFF\x00\x00\x00\x00WAVE")
+    for protocol in ("v1", "v2", "grpc"):
+        done = classify(server, protocol, path)
+        assert done.returncode == 1
+        assert "could not decode audio" in done.stderr, done.stderr
+        assert done.stdout == ""
+
+
+@pytest.fixture()
+def bucket(tmp_path, speech_16k):
+    """Two clips in nested folders, a broken one, and a file that is not audio by its name."""
+    root = tmp_path / "bucket"
+    (root / "day1").mkdir(parents=True)
+    sf.write(root / "day1" / "speech.flac", speech_16k, RATE, subtype="PCM_16")
+    sf.write(root / "tone.wav", tone(440, 2.0, RATE), RATE, subtype="FLOAT")
+    (root / "day1" / "cut.wav").write_bytes(encode(tone(440, 2.0, RATE), RATE, "WAV", "PCM_16")[:30])
+    (root / "notes.txt").write_text("not audio")
+    return root
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_folder_in_batch_with_a_broken_file_then_resumed(server, tiny_pipeline, speech_16k, bucket, tmp_path):
+    output = tmp_path / "results.jsonl"
+    done = classify(server, "v2", bucket, "--concurrency", 3, "--output", output, "--top-k", 2)
+    assert done.returncode == 1, done.stderr
+    assert "2 classified, 1 failed" in done.stderr
+    lines = {line["file"]: line for line in read_lines(output)}
+    assert set(lines) == {str(bucket / "day1" / "speech.flac"), str(bucket / "tone.wav"), str(bucket / "day1" / "cut.wav")}
+    broken = lines[str(bucket / "day1" / "cut.wav")]
+    assert broken["status"] == 400 and broken["error"].startswith("HTTP 400: "), broken
+    assert_same_predictions(predictions("v2", lines[str(bucket / "day1" / "speech.flac")]["answer"]),
+                            expected(tiny_pipeline, speech_16k, 2, "softmax"))
+    assert_same_predictions(predictions("v2", lines[str(bucket / "tone.wav")]["answer"]),
+                            expected(tiny_pipeline, tone(440, 2.0, RATE), 2, "softmax"))
+
+    # The rerun classifies nothing twice: the answered files are skipped, the failed one is tried again.
+    again = classify(server, "v2", bucket, "--concurrency", 3, "--output", output, "--top-k", 2)
+    assert again.returncode == 1
+    assert "0 classified, 1 failed, 2 skipped (already answered)" in again.stderr, again.stderr
+    answers = [line["file"] for line in read_lines(output) if "answer" in line]
+    assert sorted(answers) == sorted(set(answers)) and len(answers) == 2
+
+
+def test_a_file_over_the_limit_is_reencoded_and_answered_the_same(server, tmp_path):
+    """48 kHz stereo float (1.5 MB) against a 1 MB limit: sent as 16 kHz mono FLAC, same answer."""
+    rng = np.random.default_rng(0)
+    stereo = np.stack([tone(440, 4.0, 48000), 0.3 * rng.standard_normal(4 * 48000).astype(np.float32)], axis=1)
+    path = tmp_path / "big.wav"
+    sf.write(path, stereo, 48000, subtype="FLOAT")
+    assert path.stat().st_size > 2**20
+    for protocol in ("v1", "v2", "grpc"):
+        whole = classify(server, protocol, path, "--json", "--top-k", len(TINY_LABELS))
+        reencoded = classify(server, protocol, path, "--json", "--top-k", len(TINY_LABELS), "--max-request-mb", 1)
+        assert whole.returncode == reencoded.returncode == 0, whole.stderr + reencoded.stderr
+        assert "sent as 16 kHz mono FLAC" in reencoded.stderr and "sent as" not in whole.stderr
+        assert_same_predictions(predictions(protocol, json.loads(reencoded.stdout)["answer"]),
+                                predictions(protocol, json.loads(whole.stdout)["answer"]))
+
+
+def test_the_python_api(server, tiny_pipeline, speech_16k):
+    data = encode(speech_16k, RATE, "WAV", "PCM_16")
+    for protocol in ("v1", "v2", "grpc"):
+        result = Client(url_of(server, protocol), protocol=protocol).classify(data, top_k=4)
+        assert_same_predictions(result.prediction.labels, expected(tiny_pipeline, speech_16k, 4, "softmax"))
+        assert result.reencoded_bytes is None
+
+
+def test_the_console_script_is_installed_by_pyproject(tmp_path):
+    """Built from a copy: setuptools leaves build/ and *.egg-info beside the pyproject.toml it builds."""
+    source, target = tmp_path / "source", tmp_path / "site"
+    shutil.copytree(REPO / "predictor", source / "predictor", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(source)], check=True, capture_output=True, timeout=300)
+    done = subprocess.run([str(target / "bin" / "ast-classify"), "--help"], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--concurrency" in done.stdout and "--protocol" in done.stdout
+
+
+def requirement_pins(lines) -> set[str]:
+    return {line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()}
+
+
+def test_pyproject_and_requirements_pin_the_same_packages():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert set(project["dependencies"]) == requirement_pins((REPO / "requirements.txt").read_text().splitlines())
