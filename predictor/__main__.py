@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from kserve import logging as kserve_logging
 from kserve import model_server
 
+from . import logs
 from .allocator import keep_freed_memory
 from .cpu import configure_torch_threads
 from .engines import BACKENDS, PRECISIONS, EngineOptions
@@ -25,7 +25,6 @@ from .labels import FUNCTIONS
 from .checkpoint import ModelLoadError
 from .model import ASTModel
 from .protocol.kserve import AudioModelServer
-from .protocol.request_ids import RequestLog
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 # After SIGTERM, in-flight requests get this long to finish: inside Kubernetes' default 30 s
@@ -78,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_channels", type=positive(int), default=64,
                         help="Most channels in one audio file (checked from its header); every channel is averaged "
                         "into mono, block by block, so memory does not grow with them.")
+    parser.add_argument("--log_format", choices=logs.LOG_FORMATS, default="text",
+                        help="text: kserve's log lines; json: one JSON object per line (time, level, logger, message, "
+                        "and request_id while a request is handled). A --log_config_file wins over it.")
     parser.add_argument("--max_request_mb", type=positive(float), default=32.0,
                         help="Largest request: an HTTP body (413 past it, before it is read) or a gRPC message "
                         "(kserve's own default is 8 MiB), in MiB. A 10-minute 16 kHz 16-bit WAV is 19 MB.")
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="int8 on OpenVINO (static scales, NNCF): audio files like the ones you serve, to "
                         "calibrate on. Default: clips the server synthesises (no data needed).")
     parser.set_defaults(model_name="ast")
-    apply_environment(parser, ("model_name", "max_request_mb") + MODEL_FLAGS + ENGINE_FLAGS)
+    apply_environment(parser, ("model_name", "max_request_mb", "log_format") + MODEL_FLAGS + ENGINE_FLAGS)
     return parser
 
 
@@ -156,13 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.precision == "bf16" and args.backend == "onnxruntime":
         parser.error("--precision bf16 needs --backend openvino, torch or auto")
     if args.configure_logging:
-        kserve_logging.configure_logging(args.log_config_file)
-        ours = logging.getLogger(__package__)
-        ours.handlers = kserve_logging.logger.handlers
-        ours.setLevel(kserve_logging.logger.level)
-        ours.propagate = False
-        for handler in kserve_logging.logger.handlers:
-            handler.addFilter(RequestLog())
+        logs.configure(args.log_format, args.log_config_file, __package__)
     keep_freed_memory()
     threads = configure_torch_threads(args.threads)
     engine = EngineOptions(backend=args.backend, precision=args.precision, threads=threads, cache_dir=args.onnx_cache_dir,

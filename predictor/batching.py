@@ -122,6 +122,7 @@ class WindowQueue:
                 if len(logits) != len(batch):
                     raise RuntimeError(f"the engine returned {len(logits)} rows of logits for {len(batch)} windows")
                 metrics.WINDOWS.inc(len(batch))
+                metrics.BATCH_WINDOWS.observe(len(batch))
                 for (job, _), row in zip(batch, logits):
                     job.logits.append(row)
                     if len(job.logits) == len(job.windows) and not job.result.done():

@@ -1,11 +1,24 @@
-"""The model queue's Prometheus metrics, on kserve's `/metrics` (prometheus_client's default registry).
+"""The server's Prometheus metrics beyond kserve's own, on its `/metrics` (prometheus_client's default registry).
 
-Windows, not requests, are the unit of work (see `batching`), so these count windows: a client
-or a dashboard reads how much work is waiting, and tests read the order work was done in.
+Windows, not requests, are the model's unit of work (see `batching`), so the queue counts windows:
+a client or a dashboard reads how much work is waiting, and tests read the order work was done in.
+The rest say what the service did (clips, seconds of audio), where its time went (decoding, the
+filterbank, the model), how it batched, how requests ended, and which engine serves.
 """
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 SUBMITTED = Counter("ast_windows_submitted", "Windows of admitted requests handed to the model's queue")
 WINDOWS = Counter("ast_windows", "Windows (one model input each, 10.24 s for AudioSet AST) classified")
 QUEUED_WINDOWS = Gauge("ast_queued_windows", "Windows of admitted requests not yet handed to a forward pass")
+
+CLIPS = Counter("ast_clips", "Clips (audio files or waveforms) classified")
+AUDIO_SECONDS = Counter("ast_audio_seconds", "Seconds of audio classified")
+STAGE_SECONDS = Histogram(
+    "ast_stage_seconds", "Time per step: decode (a request's clips to 16 kHz mono), features (the filterbank "
+    "of a forward pass's windows), model (the engine's forward pass)", ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+BATCH_WINDOWS = Histogram("ast_batch_windows", "Windows per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64))
+REQUESTS = Counter("ast_requests", "Inference requests by how they ended: the HTTP status, or the gRPC status name",
+                   ["protocol", "code"])
+ENGINE = Info("ast_engine", "The engine serving the model and its precision")

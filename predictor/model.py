@@ -20,7 +20,7 @@ import torch
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from . import audio, labels, protocol, windows
+from . import audio, labels, metrics, protocol, windows
 from .allocator import release_freed_memory
 from .batching import WindowQueue
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
@@ -138,7 +138,8 @@ class ASTModel(Model):
     async def preprocess(self, payload: Union[dict, bytes, InferRequest], headers: Optional[dict] = None) -> Work:
         request = parse(payload, self.max_clips_per_request)
         options = self._options(request.parameters)
-        waveforms = await asyncio.to_thread(self._decode, request.clips, options.hop_seconds)
+        with metrics.STAGE_SECONDS.labels("decode").time():
+            waveforms = await asyncio.to_thread(self._decode, request.clips, options.hop_seconds)
         self._check_windows([len(w) for w in waveforms], options.hop_seconds)
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
         return Work(
@@ -158,6 +159,8 @@ class ASTModel(Model):
             for clip, logits, starts, length in zip(results, result.per_clip, work.starts, work.lengths):
                 start, end = self.windowing.times(starts, length)
                 clip.segments = Segments(start=start, end=end, ranked=self._rank(logits, options))
+        metrics.CLIPS.inc(len(work.lengths))
+        metrics.AUDIO_SECONDS.inc(sum(work.lengths) / self.target.rate)
         return respond(work.request, self.name, results)
 
     # ---- steps -------------------------------------------------------------------------------
@@ -209,7 +212,10 @@ class ASTModel(Model):
 
     def _compute(self, window_samples: list[np.ndarray]) -> torch.Tensor:
         """On the model's thread: windows → features → logits."""
-        return self.engine(self.filterbank(window_samples))
+        with metrics.STAGE_SECONDS.labels("features").time():
+            features = self.filterbank(window_samples)
+        with metrics.STAGE_SECONDS.labels("model").time():
+            return self.engine(features)
 
     def _rank(self, logits: torch.Tensor, options: Options) -> list[Ranked]:
         names, values = labels.top_k(labels.scores(logits, options.function), options.top_k, self.id2label)

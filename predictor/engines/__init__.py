@@ -26,6 +26,7 @@ from dataclasses import replace
 
 import torch
 
+from .. import metrics
 from ..checkpoint import Checkpoint
 from .choice import choose
 from .onnx_engine import OnnxEngine
@@ -59,6 +60,7 @@ def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     else:
         backend, engine = options.backend, _build(checkpoint, options)
     logger.info("Engine: %s, %s", backend, options.precision)
+    metrics.ENGINE.info({"backend": backend, "precision": options.precision})
     return engine
 
 

@@ -7,6 +7,8 @@
   clip would then keep the model busy for nobody; a disconnect before the answer starts cancels
   the handler, whose windows waiting for the model are then dropped. (gRPC cancels the handler of
   a cancelled call by itself.)
+- `Outcomes`: counts how inference requests ended, by HTTP status (`metrics.REQUESTS`), the 413s
+  and 400s refused on the way included, which kserve's own metrics (the steps' times) never see.
 - `RequestIds`: gives each request its id (`request_ids`) and returns it as the `x-request-id`
   header. A client that hangs up mid-upload is logged (info) and forgotten; any other exception
   no handler took is answered here, a 500 naming the request id only, and
@@ -21,6 +23,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
+from .. import metrics
 from . import request_ids
 
 logger = logging.getLogger(__name__)
@@ -147,3 +150,28 @@ class RequestIds:
                 raise
             logger.exception("500: %s %s failed", scope.get("method"), scope.get("path"))
             await _send_error(identified_send, 500, f"internal server error (request id {request_id.value})")
+
+
+class Outcomes:
+    """ASGI middleware: every V1 predict and V2 infer request counted by its response's status, or as
+    `disconnected` when its client left before one was sent."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.endswith(":predict") or path.endswith("/infer")):
+            return await self.app(scope, receive, send)
+        status = "disconnected"
+
+        async def counted_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            metrics.REQUESTS.labels("http", status).inc()

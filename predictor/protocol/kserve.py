@@ -10,26 +10,29 @@ request through), each workaround tested end to end:
 - our `ClientInputError` becomes kserve's `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT).
 `AudioModelServer` routes through it, sets the gRPC receive limit (which kserve reads only from
 its own command line), and adds our ASGI middlewares (`asgi`) to kserve's FastAPI app: the same
-size limit for HTTP bodies, cancellation for clients that disconnect, and request ids. A request's
-id (`request_ids`) is settled in `AudioDataPlane.infer`, the one place both HTTP and gRPC requests
-pass with their headers and V2 `id`.
+size limit for HTTP bodies, cancellation for clients that disconnect, request ids, and the count of
+HTTP outcomes. A request's id (`request_ids`) is settled in `AudioDataPlane.infer`, the one place
+both HTTP and gRPC requests pass with their headers and V2 `id`; gRPC outcomes are counted there too
+(kserve's gRPC server takes no interceptor of ours).
 """
 
+import asyncio
 import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from kserve import model_server
 from kserve.constants.constants import PredictorProtocol
-from kserve.errors import InvalidInput, ServerNotReady
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ServerNotReady
 from kserve.model_server import ModelServer
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
 from starlette.responses import JSONResponse
 
+from .. import metrics
 from ..errors import ClientInputError, Overloaded
 from . import cloudevents, request_ids
-from .asgi import BodyLimit, CancelOnDisconnect, RequestIds
+from .asgi import BodyLimit, CancelOnDisconnect, Outcomes, RequestIds
 from .requests import load_json, parse_binary_extension
 
 logger = logging.getLogger(__name__)
@@ -66,8 +69,17 @@ class AudioDataPlane(DataPlane):
         headers[request_ids.HEADER] = request_id  # for kserve's latency log line
         if v2 is not None and not v2.id:
             v2.id = request_id
-        with _as_kserve_errors():
-            return await super().infer(model_name, request, headers)
+        if v2 is None or not v2.from_grpc:  # REST outcomes are counted by `Outcomes`, whatever path they took
+            with _as_kserve_errors():
+                return await super().infer(model_name, request, headers)
+        try:
+            with _as_kserve_errors():
+                response = await super().infer(model_name, request, headers)
+        except BaseException as exc:
+            metrics.REQUESTS.labels("grpc", _grpc_status(exc)).inc()
+            raise
+        metrics.REQUESTS.labels("grpc", "OK").inc()
+        return response
 
     async def explain(self, model_name: str, request, headers=None):
         """No explainer: kserve answers 501, once our preprocess has taken the request (or 400)."""
@@ -86,6 +98,7 @@ class AudioModelServer(ModelServer):
         model_server.app.add_middleware(CancelOnDisconnect)
         model_server.app.add_middleware(BodyLimit, max_bytes=max_message_bytes)
         model_server.app.add_middleware(RequestIds)
+        model_server.app.add_middleware(Outcomes)  # outermost: it sees every answer, a last-resort 500 too
         model_server.app.add_exception_handler(Busy, busy_handler)
 
 
@@ -99,6 +112,19 @@ def _as_kserve_errors() -> Iterator[None]:
         raise InvalidInput(str(exc)) from exc
     except Overloaded as exc:
         raise Busy(str(exc), exc.retry_after_s) from exc
+
+
+def _grpc_status(exc: BaseException) -> str:
+    """The status kserve's gRPC interceptor answers an exception with."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    if isinstance(exc, (InvalidInput, InferenceError)):
+        return "INVALID_ARGUMENT"
+    if isinstance(exc, ServerNotReady):
+        return "UNAVAILABLE"
+    if isinstance(exc, ModelNotFound):
+        return "NOT_FOUND"
+    return "INTERNAL"
 
 
 class Busy(ServerNotReady):
