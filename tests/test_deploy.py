@@ -292,3 +292,21 @@ def test_sigterm_finishes_inflight_requests_then_exits_zero(full_size_server):
         responses = [f.result() for f in inflight]
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     assert server.process.wait(timeout=KUBERNETES_GRACE_S - (time.monotonic() - signalled)) == 0
+
+
+# ---- scaling ------------------------------------------------------------------------------
+
+
+def test_scaling_variants_say_what_kserve_needs():
+    """Knative: a soft target below the hard cap, on concurrency. RawDeployment: an HPA on CPU, no
+    scale to zero (an HPA cannot). Both from one replica up."""
+    knative = yaml.safe_load((REPO / "deploy" / "inferenceservice-autoscale.yaml").read_text())["spec"]["predictor"]
+    assert knative["scaleMetric"] == "concurrency" and 0 < knative["scaleTarget"] <= knative["containerConcurrency"]
+    assert 1 <= knative["minReplicas"] < knative["maxReplicas"]
+    raw = yaml.safe_load((REPO / "deploy" / "inferenceservice-raw-hpa.yaml").read_text())
+    assert raw["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "RawDeployment",
+                                              "serving.kserve.io/autoscalerClass": "hpa"}
+    predictor = raw["spec"]["predictor"]
+    assert predictor["scaleMetric"] == "cpu" and 0 < predictor["scaleTarget"] < 100
+    assert 1 <= predictor["minReplicas"] < predictor["maxReplicas"]
+    assert "containerConcurrency" not in predictor  # Knative's; a Deployment has no queue-proxy to enforce it
