@@ -1,0 +1,78 @@
+"""The documentation says what the code does: every flag `--help` lists is in the docs' tables with
+its default, nothing else is, and every link between the pages leads somewhere."""
+
+import re
+from pathlib import Path
+
+import pytest
+from kserve import model_server
+
+from predictor.__main__ import build_parser
+from predictor.client.__main__ import parser as client_parser
+
+from .conftest import REPO
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def table_flags(page: Path, header: str) -> dict[str, str]:
+    """The first table under `header` in a page: its flags, each with its default column."""
+    text = page.read_text().split(header, 1)[1]
+    table = text[text.index("| flag |"):]
+    table = table[:table.index("\n\n")]
+    return {flag: default.strip() for flag, default in re.findall(r"^\| `(--[a-z_-]+)` \| ([^|]*) \|", table, re.M)}
+
+
+def own_options(parser, inherited=()) -> dict[str, object]:
+    skip = {option for action in inherited for option in action.option_strings} | {"-h", "--help"}
+    return {action.option_strings[-1]: action.default for action in parser._actions
+            if action.option_strings and action.option_strings[-1] not in skip}
+
+
+def documented_default_matches(documented: str, default: object) -> bool:
+    """A number or a `literal` in the docs is held to the parser's default; words ("the server's") are not."""
+    literal = documented.split(" ")[0].strip("`")
+    if isinstance(default, bool) or default is None:
+        return True
+    if isinstance(default, (int, float)) and re.fullmatch(r"[\d.]+", literal):
+        return float(literal) == float(default)
+    if isinstance(default, str) and documented.startswith("`"):
+        return literal == default
+    return True
+
+
+def test_every_server_flag_is_documented_with_its_default():
+    # ours, and the one kserve flag the table lists because this server also reads it from the environment
+    options = {**own_options(build_parser(), model_server.parser._actions), "--model_name": "ast"}
+    documented = table_flags(REPO / "docs" / "configuration.md", "## Configuration")
+    assert set(options) == set(documented), (set(options) ^ set(documented))
+    wrong = {flag: (documented[flag], options[flag]) for flag in options
+             if not documented_default_matches(documented[flag], options[flag])}
+    assert not wrong, wrong
+
+
+def test_every_client_flag_is_documented_with_its_default():
+    options = own_options(client_parser())
+    documented = table_flags(REPO / "docs" / "api.md", "### The client")
+    assert set(options) == set(documented), (set(options) ^ set(documented))
+    wrong = {flag: (documented[flag], options[flag]) for flag in options
+             if not documented_default_matches(documented[flag], options[flag])}
+    assert not wrong, wrong
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_links_lead_somewhere(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: {target}"
+        if anchor and linked.suffix == ".md":
+            headings = {slug(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(), re.M)}
+            assert anchor in headings, f"{page.name}: {target}"
