@@ -30,12 +30,13 @@ def json_config() -> dict:
 
 
 def configure(log_format: str, log_config_file: Optional[str], package: str) -> None:
-    """kserve's logging (a --log_config_file of the user's wins over --log_format), our package's
-    loggers and Python's warnings on kserve's handlers, and the request ids on the lines written
-    through them."""
+    """kserve's logging (a --log_config_file of the user's wins over --log_format); our package's
+    loggers, the libraries' that bring their own handlers, and Python's warnings on kserve's handlers;
+    the request ids on the lines written through them."""
     kserve_logging.configure_logging(log_config_file or (json_config() if log_format == "json" else None))
     logging.captureWarnings(True)  # a library's warning is a log record too, not a bare line on stderr
-    for name in (package, "py.warnings"):
+    # transformers and nncf bring handlers of their own, in formats of their own: theirs too go through kserve's.
+    for name in (package, "py.warnings", "transformers", "nncf"):
         ours = logging.getLogger(name)
         ours.handlers = kserve_logging.logger.handlers
         ours.setLevel(kserve_logging.logger.level)

@@ -1,6 +1,7 @@
 """The client (`python -m predictor.client`, the `ast-classify` script) against the real server, every protocol."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -118,12 +119,26 @@ def test_a_folder_in_batch_with_a_broken_file_then_resumed(server, tiny_pipeline
     assert_same_predictions(predictions("v2", lines[str(bucket / "tone.wav")]["answer"]),
                             expected(tiny_pipeline, tone(440, 2.0, RATE), 2, "softmax"))
 
-    # The rerun classifies nothing twice: the answered files are skipped, the failed one is tried again.
-    again = classify(server, "v2", bucket, "--concurrency", 3, "--output", output, "--top-k", 2)
+    # A run stopped mid-line leaves half a record; the rerun, started elsewhere with a relative path,
+    # classifies nothing twice: the answered files are skipped, the failed one is tried again.
+    with output.open("a") as results:
+        results.write('{"file": "' + str(bucket / "tone.wav")[:10])
+    again = subprocess.run([sys.executable, "-m", "predictor.client", "--url", server.url, bucket.name,
+                            "--output", output, "--top-k", "2"], cwd=bucket.parent, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert again.returncode == 1
     assert "0 classified, 1 failed, 2 skipped (already answered)" in again.stderr, again.stderr
-    answers = [line["file"] for line in read_lines(output) if "answer" in line]
+    *whole, cut, retried = output.read_text().splitlines()
+    assert [json.loads(line)["file"] for line in whole] and cut.endswith(str(bucket / "tone.wav")[:10])
+    assert json.loads(retried)["file"] == str(bucket / "day1" / "cut.wav") and json.loads(retried)["status"] == 400
+    answers = [json.loads(line)["file"] for line in whole if "answer" in json.loads(line)]
     assert sorted(answers) == sorted(set(answers)) and len(answers) == 2
+
+
+def test_a_folder_without_audio_is_an_error(server, tmp_path):
+    (tmp_path / "notes.txt").write_text("not audio")
+    done = classify(server, "v2", tmp_path)
+    assert done.returncode == 2 and "no audio files in" in done.stderr, done.stderr
 
 
 def test_a_file_over_the_limit_is_reencoded_and_answered_the_same(server, tmp_path):

@@ -7,12 +7,14 @@ answers, buildah (Debian's package; no daemon) everywhere else.
 Our own code because nothing covers both: the Docker SDK needs a running daemon and buildah has no
 Python API. It is a thin layer over the two command lines plus what neither does:
 - a stand-in for the base image where no registry answers (debootstrap of the Debian release the
-  base is built on, with its Python 3.11), made only after a pull failed, and said so;
+  base is built on, with its Python 3.11), made only after a pull failed, labelled, and said so at
+  every build that uses it;
 - pip's own settings on this machine (its CA bundle, a directory of wheels holding the CPU torch)
   passed into a buildah build, so it installs what `pip install` here would.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, Iterator, Optional, Sequence
 
 log = logging.getLogger("tools.image")
 
@@ -37,6 +39,7 @@ TORCH_WHEEL = re.compile(r"torch-2\.13\.0\+cpu-.*\.whl")
 STANDIN_SUITE = "bookworm"
 STANDIN_PACKAGES = "python3.11,python3.11-venv,python3-distutils,python3-pip-whl,python3-setuptools-whl,ca-certificates"
 STANDIN_MIRROR = "http://deb.debian.org/debian"
+STANDIN_LABEL = "io.ast-kserve.stand-in-base"
 
 
 class ImageError(RuntimeError):
@@ -96,21 +99,27 @@ class Running:
     process: subprocess.Popen
     log: Path
     runtime: "Runtime"
+    output: IO[bytes]
     container: Optional[str] = None  # buildah's working container, removed once the server has exited
 
     def wait(self, timeout: float) -> int:
+        """The server's exit code; past `timeout` it is killed (the server itself, not only the tool's
+        process: under chroot isolation it would outlive buildah and keep its ports)."""
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self.runtime.signal(self, signal.SIGKILL)
             self.process.kill()
+            self.process.wait()
             raise
         finally:
-            if self.container is not None and self.process.poll() is not None:
+            self.output.close()
+            if self.container is not None:
                 self.runtime.run(["rm", self.container])
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM to the server, as the kubelet sends it to the container's first process; its exit code."""
-        self.runtime.terminate(self)
+        self.runtime.signal(self, signal.SIGTERM)
         return self.wait(timeout)
 
 
@@ -132,6 +141,11 @@ class Runtime:
             return None
         found = json.loads(result.stdout)
         return found[0] if isinstance(found, list) else found
+
+    def labels(self, image: str) -> dict[str, str]:
+        configuration = self.inspect(image) or {}
+        config = configuration.get("Config") if self.name == "docker" else configuration.get("OCIv1", {}).get("config")
+        return (config or {}).get("Labels") or {}
 
     def has_image(self, image: str) -> bool:
         return self.inspect(image) is not None
@@ -167,18 +181,19 @@ class Runtime:
         """A directory tree as an image, with the base's PATH and command."""
         path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         if self.name == "docker":
-            tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-            subprocess.run(["docker", "import", "--change", f"ENV PATH={path}", "--change", 'CMD ["python3"]', "-",
-                            image], stdin=tar.stdout, check=True, capture_output=True)
-            tar.wait()
+            with tarred(root) as tar:
+                subprocess.run(["docker", "import", "--change", f"ENV PATH={path}", "--change", 'CMD ["python3"]',
+                                "--change", f"LABEL {STANDIN_LABEL}=true", "-", image], stdin=tar, check=True,
+                               capture_output=True)
             return
         # buildah has no `import`: fill an empty container and commit it.
         container = self.run(["from", "scratch"], check=True).stdout.strip()
         try:
             mount = self.run(["mount", container], check=True).stdout.strip()
-            subprocess.run(f"tar -C {root} -c . | tar -C {mount} -x", shell=True, check=True)
+            copy_tree(root, Path(mount))
             self.run(["umount", container], check=True)
-            self.run(["config", "--env", f"PATH={path}", "--cmd", "python3", container], check=True)
+            self.run(["config", "--env", f"PATH={path}", "--cmd", "python3", "--label", f"{STANDIN_LABEL}=true",
+                      container], check=True)
             self.run(["commit", "--quiet", container, image], check=True)
         finally:
             self.run(["rm", container])
@@ -201,19 +216,37 @@ class Runtime:
                        "-v", f"{model_dir}:/mnt/models:ro", *environment, container, "--",
                        *self.entrypoint(image), *server, "--http_port", str(http_port), "--grpc_port", str(grpc_port)]
         handle = open(log_path, "wb")
-        return Running(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT), log_path, self, container)
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        return Running(process, log_path, self, handle, container)
 
-    def terminate(self, running: Running) -> None:
-        if self.name == "docker":
-            running.process.send_signal(signal.SIGTERM)
+    def signal(self, running: Running, number: int) -> None:
+        if self.name == "docker":  # docker run passes it on to the container's first process
+            running.process.send_signal(number)
             return
         # buildah run answers SIGTERM by killing its child, so the server itself is signalled: with chroot
         # isolation it is a process of this machine, the first one under buildah's that runs the entrypoint.
         server = server_process(running.process.pid)
         if server is None:
-            running.process.send_signal(signal.SIGTERM)
+            running.process.send_signal(number)
         else:
-            os.kill(server, signal.SIGTERM)
+            os.kill(server, number)
+
+
+@contextlib.contextmanager
+def tarred(root: Path) -> Iterator[IO[bytes]]:
+    """A directory tree as a tar stream, with its owners and modes (what an image layer holds)."""
+    tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+    try:
+        yield tar.stdout
+    finally:
+        tar.stdout.close()
+        if tar.wait() != 0:
+            raise ImageError(f"tar of {root} failed (exit {tar.returncode})")
+
+
+def copy_tree(root: Path, destination: Path) -> None:
+    with tarred(root) as tar:
+        subprocess.run(["tar", "-C", str(destination), "-x"], stdin=tar, check=True)
 
 
 def children(pid: int) -> list[int]:
@@ -283,6 +316,9 @@ def make_standin(runtime: Runtime, image: str) -> None:
 
 def ensure_base(runtime: Runtime, image: str) -> None:
     if runtime.has_image(image):
+        if runtime.labels(image).get(STANDIN_LABEL) == "true":
+            log.warning("%s here is the stand-in made with debootstrap (no registry was reachable when it was "
+                        "made): fine for testing, build the image you ship where the real one can be pulled", image)
         return
     reason = runtime.pull(image)
     if reason is None:

@@ -11,6 +11,7 @@ It imports neither torch nor kserve (gRPC aside), so it starts in a fraction of 
 """
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ DEFAULT_MAX_REQUEST_MB = 32.0
 # Room for the request around the file: JSON, headers, gRPC framing.
 REQUEST_OVERHEAD_BYTES = 64 * 1024
 OVERLOAD_RETRIES = 5
+MAX_RETRY_AFTER_S = 120.0
 
 
 @dataclass
@@ -78,18 +80,19 @@ class Client:
         return len(data) * expansion + REQUEST_OVERHEAD_BYTES
 
     def send(self, data: bytes, parameters: dict) -> object:
-        """Overloaded (503, gRPC UNAVAILABLE) is retried after the server's Retry-After: an autoscaled
-        service sheds load while it adds pods."""
+        """A full queue (503 with Retry-After; gRPC UNAVAILABLE saying when) is retried after the time
+        the server asked for, with a little jitter so a batch's requests do not all return at once:
+        an autoscaled service sheds load while it adds pods."""
         attempt = 0
         while True:
             try:
                 return self.protocol.send(data, parameters)
             except RequestFailed as error:
                 attempt += 1
-                if error.status != 503 or attempt > OVERLOAD_RETRIES:
+                if error.retry_after_s is None or attempt > OVERLOAD_RETRIES:
                     raise
-                wait = min(error.retry_after_s or 1.0, 30.0) * attempt
-                log.info("server busy (%s); retrying in %.0f s", error, wait)
+                wait = min(error.retry_after_s, MAX_RETRY_AFTER_S) * random.uniform(1.0, 1.2)
+                log.warning("server busy (%s); retry %d of %d in %.0f s", error, attempt, OVERLOAD_RETRIES, wait)
                 time.sleep(wait)
 
 

@@ -7,7 +7,7 @@
     ast-classify --url http://$INGRESS --host ast-audio.default.example.com clip.wav   # through an ingress
 
 Exit status: 0 when every file was answered, 1 when any failed (each failure is reported, the
-rest carry on), 2 for a wrong command line.
+rest carry on), 2 for a wrong command line or no audio files, 130 when stopped (Ctrl-C).
 """
 
 import argparse
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import DEFAULT_MAX_REQUEST_MB, DEFAULT_URLS, Client
-from .batch import Outcome, answered, audio_files, run
+from .batch import AUDIO_SUFFIXES, Outcome, answered, audio_files, open_results, run
 from .protocols import PROTOCOLS, Prediction
 
 BAR_WIDTH = 30
@@ -71,11 +71,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # retries after a 503 are warnings
     client = Client(args.url, args.protocol, args.model_name, args.timeout, args.host, args.max_request_mb)
     parameters = {"top_k": args.top_k, "function_to_apply": args.function, "hop_seconds": args.hop,
                   "aggregate": args.aggregate, "return_segments": args.segments}
     names = list(audio_files(args.files))
+    if not names:
+        print(f"no audio files in {', '.join(args.files)} (looked for {', '.join(sorted(AUDIO_SUFFIXES))})",
+              file=sys.stderr)
+        return 2
     done = answered(args.output) if args.output else set()
     todo = [name for name in names if name not in done]
 
@@ -91,10 +95,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps({"file": outcome.file, "answer": outcome.result.answer}) if args.json
                   else table(outcome.file, outcome.result.prediction), flush=True)
 
-    output = args.output.open("a") if args.output else None
+    output = open_results(args.output) if args.output else None
     try:
         summary = run(client, todo, parameters, args.concurrency, report, output,
                       progress=len(todo) > 1 and sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print("stopped: rerun with the same --output to carry on where this run stopped", file=sys.stderr)
+        return 130
     finally:
         if output is not None:
             output.close()

@@ -54,13 +54,14 @@ class Summary:
 
 
 def audio_files(paths: Iterable[str]) -> Iterator[str]:
-    """Named files as they are; directories searched recursively for audio files, in name order."""
+    """Named files, and directories searched recursively for audio files in name order; each as an
+    absolute path, so that a rerun from another directory finds the same names in its results."""
     for name in paths:
-        path = Path(name)
+        path = Path(name).absolute()
         if path.is_dir():
             yield from (str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
         else:
-            yield name
+            yield str(path)
 
 
 def answered(output: Path) -> set[str]:
@@ -95,19 +96,34 @@ def run(client: Client, names: list[str], parameters: dict, concurrency: int, re
     from tqdm import tqdm
 
     summary = Summary()
-    with ThreadPoolExecutor(max(1, concurrency)) as pool, \
-            tqdm(total=len(names), unit="file", disable=not progress, leave=False) as bar:
-        futures = [pool.submit(classify_one, client, name, parameters) for name in names]
-        for future in as_completed(futures):
-            outcome = future.result()
-            if outcome.result is not None:
-                summary.classified += 1
-                summary.reencoded += outcome.result.reencoded_bytes is not None
-            else:
-                summary.failed += 1
-            if output is not None:
-                output.write(json.dumps(outcome.line()) + "\n")
-                output.flush()
-            bar.update()
-            report(outcome)
+    pool = ThreadPoolExecutor(max(1, concurrency))
+    try:
+        with tqdm(total=len(names), unit="file", disable=not progress, leave=False) as bar:
+            futures = [pool.submit(classify_one, client, name, parameters) for name in names]
+            for future in as_completed(futures):
+                outcome = future.result()
+                if outcome.result is not None:
+                    summary.classified += 1
+                    summary.reencoded += outcome.result.reencoded_bytes is not None
+                else:
+                    summary.failed += 1
+                if output is not None:
+                    output.write(json.dumps(outcome.line()) + "\n")
+                    output.flush()
+                bar.update()
+                report(outcome)
+    finally:
+        # On Ctrl-C the files not yet sent are dropped (a rerun picks them up), not waited for.
+        pool.shutdown(wait=False, cancel_futures=True)
     return summary
+
+
+def open_results(output: Path) -> TextIO:
+    """The results file for appending; a last line cut short by a stopped run is ended first, so the
+    next record starts on a line of its own."""
+    handle = output.open("a+")
+    if handle.tell() > 0:
+        handle.seek(handle.tell() - 1)
+        if handle.read(1) != "\n":
+            handle.write("\n")
+    return handle

@@ -12,8 +12,10 @@ base64-encodes BYTES, and importing kserve parses the command line as a server's
 """
 
 import base64
+import functools
 import importlib.util
 import json
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -23,8 +25,11 @@ from typing import Any, Optional
 import requests
 
 AUDIO_INPUT = "audio"
+MAX_CONNECTIONS = 64
 # The V2 binary data extension's header (tritonclient and kserve send and read the same).
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# The server's full-queue message ends "retry in about N s" (gRPC has no Retry-After header).
+RETRY_IN = re.compile(r"retry in about (\d+(?:\.\d+)?) s")
 
 
 class RequestFailed(Exception):
@@ -60,6 +65,9 @@ class Rest:
     def __init__(self, endpoint: Endpoint):
         self.endpoint = endpoint
         self.session = requests.Session()
+        # One connection per request in flight: a batch's threads share this session.
+        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=MAX_CONNECTIONS))
+        self.session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=MAX_CONNECTIONS))
         self.headers = {"Host": endpoint.host} if endpoint.host else {}
 
 
@@ -134,9 +142,11 @@ class Grpc:
         try:
             response = self.infer(request, timeout=self.endpoint.timeout_s)
         except self.grpc.RpcError as error:
-            status = error.code()
-            raise RequestFailed(f"{status.name}: {error.details()}", grpc_http_status(status.name),
-                                1.0 if status.name == "UNAVAILABLE" else None) from None
+            status, details = error.code(), error.details() or ""
+            # Only a full queue says when to come back; UNAVAILABLE from a refused connection does not.
+            retry = RETRY_IN.search(details) if status.name == "UNAVAILABLE" else None
+            raise RequestFailed(f"{status.name}: {details}", grpc_http_status(status.name),
+                                float(retry[1]) if retry else None) from None
         return grpc_answer(response)
 
     prediction = staticmethod(V2.prediction)
@@ -146,6 +156,7 @@ PROTOCOLS = {"v1": V1, "v2": V2, "grpc": Grpc}
 PB2 = "kserve.protocol.grpc.grpc_predict_v2_pb2"
 
 
+@functools.cache
 def v2_messages() -> Any:
     """The V2 protocol's protobuf messages, as kserve ships them generated, without importing kserve: its
     import parses sys.argv as a server's command line (and takes a second)."""
@@ -166,7 +177,8 @@ def post(session: requests.Session, url: str, body: bytes, headers: dict, timeou
         raise RequestFailed(f"could not reach {url}: {error}") from None
     if response.status_code != 200:
         try:
-            message = response.json().get("error", response.text)
+            answer = response.json()
+            message = answer.get("error", response.text) if isinstance(answer, dict) else response.text
         except ValueError:
             message = response.text.strip() or response.reason
         retry_after = response.headers.get("Retry-After")
@@ -181,27 +193,21 @@ def grpc_http_status(code: str) -> Optional[int]:
 
 
 def grpc_answer(response: Any) -> dict:
-    """A ModelInferResponse as the V2 REST JSON answer it stands for."""
+    """A ModelInferResponse as the V2 REST JSON answer it stands for. This server sends every output
+    in `raw_output_contents` (as tritonclient expects), one entry per output, in order."""
     import numpy as np
 
     outputs = []
-    for index, output in enumerate(response.outputs):
-        shape = list(output.shape)
-        if response.raw_output_contents:
-            raw = response.raw_output_contents[index]
-            if output.datatype == "BYTES":
-                data, offset = [], 0
-                while offset < len(raw):
-                    (length,), offset = struct.unpack_from("<I", raw, offset), offset + 4
-                    data.append(raw[offset:offset + length].decode())
-                    offset += length
-            else:
-                data = np.frombuffer(raw, dtype={"FP32": "<f4", "INT64": "<i8"}[output.datatype]).tolist()
-        elif output.datatype == "BYTES":
-            data = [b.decode() for b in output.contents.bytes_contents]
+    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if output.datatype == "BYTES":
+            data, offset = [], 0
+            while offset < len(raw):
+                (length,), offset = struct.unpack_from("<I", raw, offset), offset + 4
+                data.append(raw[offset:offset + length].decode())
+                offset += length
         else:
-            data = list(output.contents.fp32_contents)
-        outputs.append({"name": output.name, "datatype": output.datatype, "shape": shape, "data": data})
+            data = np.frombuffer(raw, dtype={"FP32": "<f4", "INT64": "<i8"}[output.datatype]).tolist()
+        outputs.append({"name": output.name, "datatype": output.datatype, "shape": list(output.shape), "data": data})
     return {"model_name": response.model_name, "id": response.id, "outputs": outputs}
 
 

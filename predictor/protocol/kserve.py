@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 from kserve import model_server
 from kserve.constants.constants import PredictorProtocol
-from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ServerNotReady
+from kserve.errors import (InferenceError, InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady,
+                           UnsupportedProtocol)
 from kserve.model_server import ModelServer
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
@@ -69,16 +70,16 @@ class AudioDataPlane(DataPlane):
         headers[request_ids.HEADER] = request_id  # for kserve's latency log line
         if v2 is not None and not v2.id:
             v2.id = request_id
-        if v2 is None or not v2.from_grpc:  # REST outcomes are counted by `Outcomes`, whatever path they took
-            with _as_kserve_errors():
-                return await super().infer(model_name, request, headers)
+        grpc = v2 is not None and v2.from_grpc  # REST outcomes are counted by `Outcomes`, whatever path they took
         try:
             with _as_kserve_errors():
                 response = await super().infer(model_name, request, headers)
         except BaseException as exc:
-            metrics.REQUESTS.labels("grpc", _grpc_status(exc)).inc()
+            if grpc:
+                metrics.REQUESTS.labels("grpc", _grpc_status(exc)).inc()
             raise
-        metrics.REQUESTS.labels("grpc", "OK").inc()
+        if grpc:
+            metrics.REQUESTS.labels("grpc", "OK").inc()
         return response
 
     async def explain(self, model_name: str, request, headers=None):
@@ -118,12 +119,14 @@ def _grpc_status(exc: BaseException) -> str:
     """The status kserve's gRPC interceptor answers an exception with."""
     if isinstance(exc, asyncio.CancelledError):
         return "CANCELLED"
-    if isinstance(exc, (InvalidInput, InferenceError)):
+    if isinstance(exc, (InvalidInput, InferenceError, UnsupportedProtocol)):
         return "INVALID_ARGUMENT"
-    if isinstance(exc, ServerNotReady):
+    if isinstance(exc, (ServerNotReady, ModelNotReady)):
         return "UNAVAILABLE"
     if isinstance(exc, ModelNotFound):
         return "NOT_FOUND"
+    if isinstance(exc, NotImplementedError):
+        return "UNIMPLEMENTED"
     return "INTERNAL"
 
 

@@ -58,7 +58,7 @@ def container(runtime, tiny_model_dir, tmp_path_factory):
     server = Server(running.process, http_port, grpc_port, running.log)
     try:
         wait_ready(server, running)
-    except AssertionError:
+    except BaseException:
         running.stop()
         raise
     yield server, running
@@ -111,6 +111,7 @@ def test_sigterm_ends_it_with_exit_zero(container):
     assert not server.is_ready()
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="a root-owned file needs a test run as root (CI's is)")
 def test_weights_uid_1000_cannot_read_are_named(runtime, tiny_model_dir, tmp_path):
     """A weights file left root-owned with mode 600 (a copy from a root-owned volume): the server says so and exits."""
     model = readable_copy(tiny_model_dir, tmp_path / "model")
