@@ -61,13 +61,16 @@ class Job:
 
 
 class WindowQueue:
-    def __init__(self, compute: Compute, max_batch_size: int, max_wait_s: float, max_queued: int = 1 << 30):
+    def __init__(self, compute: Compute, max_batch_size: int, max_wait_s: float, max_queued: int = 1 << 30,
+                 seconds_per_window: float = 1.0):
         self.compute = compute
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queued = max_queued
         self._waiting = 0  # windows of admitted requests not yet handed to a pass
-        self._seconds_per_window = 1.0  # a running average of the passes, for Retry-After
+        # A running average of the passes, for Retry-After; it starts from the model's warm-up pass, so
+        # the first refusal already says how long the queue will take.
+        self._seconds_per_window = seconds_per_window
         self._fresh: deque[Job] = deque()  # no window taken yet: first in line
         self._jobs: deque[Job] = deque()  # the round robin of jobs that have had a window
         # Made on first use: the event, the task and the thread belong to the server's event loop,

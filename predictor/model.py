@@ -11,6 +11,7 @@ keeps answering health probes during inference.
 
 import asyncio
 import logging
+import time
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -117,10 +118,12 @@ class ASTModel(Model):
             self.engine = build_engine(checkpoint, self.engine_options)
         except ExportError as exc:
             raise ModelLoadError(f"{exc}\nPass --backend torch (or BACKEND=torch) to serve with eager PyTorch instead.") from exc
-        self._compute([np.zeros(rate, dtype=np.float32)])  # warm-up
+        started = time.monotonic()
+        self._compute([np.zeros(rate, dtype=np.float32)])  # warm-up, timed: the queue's first estimate of a window
         del checkpoint  # and its torch module, if it was loaded and no torch engine holds it
         release_freed_memory()
-        self.queue = WindowQueue(self._compute, self.max_batch_size, self.max_batch_wait_ms / 1000, self.max_queued_windows)
+        self.queue = WindowQueue(self._compute, self.max_batch_size, self.max_batch_wait_ms / 1000, self.max_queued_windows,
+                                 seconds_per_window=time.monotonic() - started)
         logger.info(
             "Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d, %s",
             source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,

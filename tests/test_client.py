@@ -1,19 +1,24 @@
 """The client (`python -m predictor.client`, the `ast-classify` script) against the real server, every protocol."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 import soundfile as sf
 
 from predictor.client import Client
 from predictor.client.protocols import PROTOCOLS
 
-from .conftest import REPO, TINY_LABELS, assert_same_predictions, encode, expected, tone
+from .conftest import (REPO, TINY_LABELS, assert_same_predictions, encode, expected, start_server, stop_server,
+                       tone)
 
 RATE = 16000
 
@@ -188,3 +193,38 @@ def test_pyproject_and_requirements_pin_the_same_packages():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert set(project["dependencies"]) == requirement_pins((REPO / "requirements.txt").read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def busy_server(tiny_model_dir, tmp_path_factory):
+    """A queue of one window: while a long request is being classified, any other is refused with 503."""
+    running = start_server(tiny_model_dir, tmp_path_factory.mktemp("busy") / "server.log",
+                           env={"BACKEND": "onnxruntime", "MAX_QUEUED_WINDOWS": "1"})
+    yield running
+    stop_server(running)
+
+
+def queued_windows(server) -> float:
+    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("ast_queued_windows "):
+            return float(line.split()[1])
+    raise AssertionError("no ast_queued_windows on /metrics")
+
+
+@pytest.mark.parametrize("protocol", ["v2", "grpc"])
+def test_a_full_queue_is_retried_after_the_time_the_server_asks(busy_server, tiny_pipeline, protocol, caplog):
+    """Two minutes at a hop of 0.5 s (239 windows) hold the queue; a short clip sent meanwhile gets 503
+    (gRPC UNAVAILABLE), waits as told, and is answered."""
+    long_clip = encode(tone(220, 120.0, RATE, 0.1), RATE, "WAV", "PCM_16")
+    with ThreadPoolExecutor(1) as pool:
+        holding = pool.submit(Client(busy_server.url).classify, long_clip, hop_seconds=0.5)
+        deadline = time.monotonic() + 60
+        while queued_windows(busy_server) < 50:
+            assert time.monotonic() < deadline and not holding.done(), "the long request never queued"
+            time.sleep(0.05)
+        short = tone(440, 2.0, RATE)
+        with caplog.at_level(logging.WARNING, logger="predictor.client"):
+            result = Client(url_of(busy_server, protocol), protocol=protocol).classify(encode(short, RATE, "WAV", "FLOAT"))
+        assert holding.result().prediction.labels
+    assert any("server busy" in r.getMessage() and "retry 1 of 5" in r.getMessage() for r in caplog.records), caplog.text
+    assert_same_predictions(result.prediction.labels, expected(tiny_pipeline, short, 5, "softmax"))
