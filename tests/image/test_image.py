@@ -9,7 +9,9 @@ import base64
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -49,21 +51,27 @@ def wait_ready(server: Server, running: Running, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def container(runtime, tiny_model_dir, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("image")
-    model = readable_copy(tiny_model_dir, directory / "model")
+@contextmanager
+def served(runtime, model: Path, log: Path, args: tuple[str, ...] = ()) -> Iterator[tuple[Server, Running]]:
+    """The image serving `model` until the block ends (or stopped in it), ready when the block begins."""
     http_port, grpc_port = free_port(), free_port()
-    running = runtime.start(IMAGE, model, http_port, grpc_port, directory / "container.log")
+    running = runtime.start(IMAGE, model, http_port, grpc_port, log, args)
     server = Server(running.process, http_port, grpc_port, running.log)
     try:
         wait_ready(server, running)
-    except BaseException:
-        running.stop()
-        raise
-    yield server, running
-    if running.process.poll() is None:
-        running.stop()
+        yield server, running
+    finally:
+        if running.process.poll() is None:
+            running.stop()
+        else:  # stopped in the block, or exited by itself: its working container goes too
+            running.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def container(runtime, tiny_model_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("image")
+    with served(runtime, readable_copy(tiny_model_dir, directory / "model"), directory / "container.log") as running:
+        yield running
 
 
 def test_v1_raw_audio_matches_the_pipeline(container, tiny_pipeline, speech_16k):
@@ -119,3 +127,12 @@ def test_weights_uid_1000_cannot_read_are_named(runtime, tiny_model_dir, tmp_pat
     running = runtime.start(IMAGE, model, free_port(), free_port(), tmp_path / "container.log")
     assert running.wait(timeout=120) != 0
     assert "model.safetensors exists, but this server's user (uid 1000, gid 1000) may not read it" in running.log.read_text()
+
+
+def test_openvino_int8_quantizes_in_the_image(runtime, tiny_model_dir, tmp_path, speech_wav):
+    """NNCF's int8 (a child process quantizing the export) runs in the trimmed image too."""
+    model = readable_copy(tiny_model_dir, tmp_path / "model")
+    with served(runtime, model, tmp_path / "container.log", ("--precision", "int8", "--backend", "openvino")) as (server, running):
+        response = requests.post(server.predict_url, data=speech_wav, timeout=60)
+        assert response.status_code == 200 and len(response.json()["predictions"][0]) == 5, response.text
+        assert "Engine: openvino, int8" in running.log.read_text()
