@@ -142,10 +142,14 @@ class Runtime:
         found = json.loads(result.stdout)
         return found[0] if isinstance(found, list) else found
 
+    def image_config(self, image: str) -> dict:
+        """The image's OCI config (entrypoint, labels, ...), where each tool's inspect puts it."""
+        found = self.inspect(image) or {}
+        config = found.get("Config") if self.name == "docker" else found.get("OCIv1", {}).get("config")
+        return config or {}
+
     def labels(self, image: str) -> dict[str, str]:
-        configuration = self.inspect(image) or {}
-        config = configuration.get("Config") if self.name == "docker" else configuration.get("OCIv1", {}).get("config")
-        return (config or {}).get("Labels") or {}
+        return self.image_config(image).get("Labels") or {}
 
     def has_image(self, image: str) -> bool:
         return self.inspect(image) is not None
@@ -163,10 +167,7 @@ class Runtime:
 
     def entrypoint(self, image: str) -> list[str]:
         """buildah run takes a command, not the image's entrypoint: read it from the image."""
-        configuration = self.inspect(image) or {}
-        if self.name == "docker":
-            return configuration["Config"]["Entrypoint"]
-        return configuration["OCIv1"]["config"]["Entrypoint"]
+        return self.image_config(image)["Entrypoint"]
 
     def build_command(self, tag: str, build_args: dict[str, str]) -> list[str]:
         arguments = [arg for name, value in build_args.items() for arg in ("--build-arg", f"{name}={value}")]

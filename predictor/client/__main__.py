@@ -92,8 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"({outcome.result.reencoded_bytes / 2**20:.1f} MB), the samples the server would have classified",
                   file=sys.stderr)
         if args.output is None:
-            print(json.dumps({"file": outcome.file, "answer": outcome.result.answer}) if args.json
-                  else table(outcome.file, outcome.result.prediction), flush=True)
+            print(json.dumps(outcome.line()) if args.json else table(outcome.file, outcome.result.prediction),
+                  flush=True)
 
     output = open_results(args.output) if args.output else None
     try:
