@@ -181,6 +181,14 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
     assert still_alive, f"the server died during the tests:\n{running.log.read_text()[-4000:]}"
 
 
+def metric(server, name: str) -> float:
+    """One of the server's own series with no labels (Prometheus, on kserve's /metrics)."""
+    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} on /metrics")
+
+
 def raw_http(server, head: bytes, chunks=()) -> bytes:
     """A request written by hand on a socket (what requests cannot do: stop sending midway), and
     the server's answer as it arrives."""

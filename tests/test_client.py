@@ -11,14 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import requests
 import soundfile as sf
 
 from predictor.client import Client
 from predictor.client.protocols import PROTOCOLS
 
-from .conftest import (REPO, TINY_LABELS, assert_same_predictions, encode, expected, start_server, stop_server,
-                       tone)
+from .conftest import (REPO, TINY_LABELS, assert_same_predictions, encode, expected, metric, start_server,
+                       stop_server, tone)
 
 RATE = 16000
 
@@ -204,13 +203,6 @@ def busy_server(tiny_model_dir, tmp_path_factory):
     stop_server(running)
 
 
-def queued_windows(server) -> float:
-    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("ast_queued_windows "):
-            return float(line.split()[1])
-    raise AssertionError("no ast_queued_windows on /metrics")
-
-
 @pytest.mark.parametrize("protocol", ["v2", "grpc"])
 def test_a_full_queue_is_retried_after_the_time_the_server_asks(busy_server, tiny_pipeline, protocol, caplog):
     """Two minutes at a hop of 0.5 s (239 windows) hold the queue; a short clip sent meanwhile gets 503
@@ -219,7 +211,7 @@ def test_a_full_queue_is_retried_after_the_time_the_server_asks(busy_server, tin
     with ThreadPoolExecutor(1) as pool:
         holding = pool.submit(Client(busy_server.url).classify, long_clip, hop_seconds=0.5)
         deadline = time.monotonic() + 60
-        while queued_windows(busy_server) < 50:
+        while metric(busy_server, "ast_queued_windows") < 50:
             assert time.monotonic() < deadline and not holding.done(), "the long request never queued"
             time.sleep(0.05)
         short = tone(440, 2.0, RATE)

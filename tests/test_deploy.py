@@ -23,7 +23,7 @@ import yaml
 from transformers import pipeline
 
 from .conftest import (REPO, Server, assert_same_predictions, encode, expected, free_port, run_triton_grpc,
-                       stop_server, tone)
+                       metric, stop_server, tone)
 
 CRD = REPO.parent / "shared" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 INFERENCE_SERVICES = [REPO / "inferenceservice.yaml", *sorted((REPO / "deploy").glob("inferenceservice-*.yaml"))]
@@ -215,10 +215,7 @@ def memory_limit_bytes(container: dict) -> int:
 
 def submitted_windows(server: Server) -> float:
     """Windows the server has admitted to its model queue so far (its /metrics)."""
-    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("ast_windows_submitted_total "):
-            return float(line.split()[1])
-    raise AssertionError("no ast_windows_submitted_total on /metrics")
+    return metric(server, "ast_windows_submitted_total")
 
 
 def in_flight(pool: ThreadPoolExecutor, server: Server, count: int) -> list:

@@ -14,17 +14,9 @@ import orjson
 import pytest
 import requests
 
-from .conftest import encode, run_triton_grpc, start_server, stop_server
+from .conftest import encode, metric, run_triton_grpc, start_server, stop_server
 
 RATE = 16000
-
-
-def metric(server, name: str) -> float:
-    """One of the server's own counts (Prometheus, on kserve's /metrics)."""
-    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name} on /metrics")
 
 
 def windows_done(server) -> float:
