@@ -37,7 +37,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     HF_HOME=/tmp/huggingface \
-    ONNX_CACHE_DIR=/tmp/ast-onnx
+    AST_ONNX_CACHE_DIR=/tmp/ast-onnx
 USER 1000:1000
 EXPOSE 8080 8081
 ENTRYPOINT ["python", "-m", "predictor"]

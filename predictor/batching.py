@@ -8,10 +8,9 @@ request waits for the pass in flight and for the requests that arrived just befo
 anyone's long clip. A job whose caller has gone away (a cancelled gRPC call, a client that
 disconnected) is dropped before its next window: what it had not started costs nothing.
 
-The queue is bounded: past `max_queued` windows waiting, a new request is refused at once with
-`Overloaded` (a 503 with `Retry-After`, from the windows waiting and the time a window has been
-taking), while the requests already admitted finish; an empty queue admits any request, so one
-request up to the per-request window limit always runs.
+What may enter is decided before a request is decoded (`admission`), from the windows waiting
+here and the time a window has been taking (`seconds_per_window`, a running average of the
+passes, per window, so batches count at their real cost).
 
 One asyncio task owns the schedule and runs each pass on a single thread of its own, so the event
 loop keeps answering health probes while AST computes. The filterbank runs there too, between
@@ -22,7 +21,6 @@ is 1.
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,6 @@ import numpy as np
 import torch
 
 from . import metrics
-from .errors import Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +58,15 @@ class Job:
 
 
 class WindowQueue:
-    def __init__(self, compute: Compute, max_batch_size: int, max_wait_s: float, max_queued: int = 1 << 30,
-                 seconds_per_window: float = 1.0):
+    def __init__(self, compute: Compute, max_batch_size: int, max_wait_s: float, seconds_per_window: float = 1.0):
         self.compute = compute
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.max_queued = max_queued
-        self._waiting = 0  # windows of admitted requests not yet handed to a pass
-        # A running average of the passes, for Retry-After; it starts from the model's warm-up pass, so
-        # the first refusal already says how long the queue will take.
-        self._seconds_per_window = seconds_per_window
+        self.waiting = 0
+        """Windows of admitted requests not yet handed to a pass."""
+        self.seconds_per_window = seconds_per_window
+        """A running average of the passes; it starts from the model's warm-up pass, so the first
+        request already has an estimate of the wait."""
         self._fresh: deque[Job] = deque()  # no window taken yet: first in line
         self._jobs: deque[Job] = deque()  # the round robin of jobs that have had a window
         # Made on first use: the event, the task and the thread belong to the server's event loop,
@@ -79,20 +75,20 @@ class WindowQueue:
         self._worker: Optional[asyncio.Task] = None
         self._thread: Optional[ThreadPoolExecutor] = None
 
-    async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
-        """(windows, labels) logits, computed in turn with every other request's windows."""
+    def submit(self, windows: Sequence[np.ndarray]) -> "asyncio.Future[torch.Tensor]":
+        """Queued now; the future is the (windows, labels) logits, computed in turn with every other
+        request's windows. A caller cancelled while awaiting it cancels it too: the job is dropped at
+        its next turn."""
         self._start()
-        if self._waiting and self._waiting + len(windows) > self.max_queued:
-            retry_after = max(1, math.ceil(self._waiting * self._seconds_per_window))
-            raise Overloaded(
-                f"the model's queue is full ({self._waiting} windows waiting, at most {self.max_queued}); "
-                f"retry in about {retry_after} s", retry_after)
         job = Job(windows, asyncio.get_running_loop().create_future())
         self._fresh.append(job)
         metrics.SUBMITTED.inc(len(windows))
         self._count_waiting(len(windows))
         self._arrived.set()
-        return await job.result  # a cancelled caller cancels the future too: dropped at its next turn
+        return job.result
+
+    async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+        return await self.submit(windows)
 
     def _start(self) -> None:
         if self._worker is None:
@@ -121,7 +117,7 @@ class WindowQueue:
                 logits = await asyncio.get_running_loop().run_in_executor(
                     self._thread, self.compute, [job.windows[index] for job, index in batch]
                 )
-                self._seconds_per_window += 0.2 * ((time.monotonic() - started) / len(batch) - self._seconds_per_window)
+                self.seconds_per_window += 0.2 * ((time.monotonic() - started) / len(batch) - self.seconds_per_window)
                 if len(logits) != len(batch):
                     raise RuntimeError(f"the engine returned {len(logits)} rows of logits for {len(batch)} windows")
                 metrics.WINDOWS.inc(len(batch))
@@ -180,5 +176,5 @@ class WindowQueue:
         return taken
 
     def _count_waiting(self, change: int) -> None:
-        self._waiting += change
+        self.waiting += change
         metrics.QUEUED_WINDOWS.inc(change)

@@ -11,6 +11,7 @@ and not reading the weights into torch is a large part of the time to ready (`ma
 
 import logging
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -51,7 +52,7 @@ class Checkpoint:
             raise ModelLoadError(
                 f"could not load an AST model from '{model_dir}': it is not a local directory holding "
                 f"config.json and weights, and fetching it as a hub id failed ({exc}). Point --model_dir "
-                "(or MODEL_DIR) at a local directory, e.g. one written by save_pretrained."
+                "(or AST_MODEL_DIR) at a local directory, e.g. one written by save_pretrained."
             ) from exc
         if config.model_type != AST_MODEL_TYPE:
             raise ModelLoadError(f"'{model_dir}' holds a {config.model_type} model, not AST")
@@ -84,6 +85,13 @@ def resolve_model_source(model_dir: str) -> str:
     KServe's storage initializer copies a bucket prefix into /mnt/models as is, so a model saved
     one level down (`gs://bucket/models/` holding `ast/config.json`) is found too.
     """
+    scheme = re.match(r"([a-z][a-z0-9+.-]*)://", model_dir)
+    if scheme:
+        raise ModelLoadError(
+            f"--model_dir '{model_dir}' is a {scheme.group(1)}:// URI, which this server does not fetch: set it as the "
+            "InferenceService's storageUri (KServe's storage initializer copies it into /mnt/models before the "
+            "server starts) and pass --model_dir=/mnt/models"
+        )
     path = Path(model_dir)
     if path.is_dir():
         if (path / "config.json").is_file():

@@ -1,7 +1,7 @@
 """The exception types a request can end with, other than a server fault.
 
 Raised without importing kserve; `protocol.kserve` turns them into kserve's: `ClientInputError`
-into `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT), `Overloaded` into a 503 with
+into `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT; 415 for `UnsupportedAudio`), `Overloaded` into a 503 with
 `Retry-After` (gRPC UNAVAILABLE). `shown` is how a message quotes what the client sent.
 """
 
@@ -21,6 +21,10 @@ def shown(value: Any) -> str:
 
 class ClientInputError(ValueError):
     """The request cannot be served as sent; the message tells the client what to fix."""
+
+
+class UnsupportedAudio(ClientInputError):
+    """The audio is in a container or encoding this server does not decode (HTTP 415)."""
 
 
 class Overloaded(RuntimeError):

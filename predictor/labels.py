@@ -35,9 +35,12 @@ def check_function(name: object) -> str:
 
 
 def check_top_k(top_k: object, num_labels: int) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_labels:
-        raise ClientInputError(f"top_k must be an integer from 1 to {num_labels}; got {shown(top_k)}")
-    return top_k
+    """A positive integer; above the model's label count it means every label, as the pipeline
+    clamps it."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ClientInputError(f"top_k must be a positive integer (more than the model's {num_labels} labels means "
+                               f"all of them); got {shown(top_k)}")
+    return min(top_k, num_labels)
 
 
 def scores(logits: torch.Tensor, function: str) -> torch.Tensor:

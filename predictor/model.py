@@ -12,6 +12,7 @@ keeps answering health probes during inference.
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -23,8 +24,10 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from . import audio, labels, metrics, protocol, windows
 from .allocator import release_freed_memory
+from .admission import Admission, Ticket
 from .batching import WindowQueue
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
+from .config import Config
 from .engines import Engine, EngineOptions, ExportError, build_engine
 from .errors import ClientInputError, shown
 from .features import LogMelFilterbank
@@ -51,6 +54,7 @@ class Work:
 
     request: protocol.AudioRequest
     options: Options
+    ticket: Ticket  # the windows reserved at admission, until the queue has them
     starts: list[np.ndarray]  # each clip's window starts, in samples
     lengths: list[int]  # each clip's samples at the model's rate
     windows: list[np.ndarray]  # every clip's windows, in order: views into the waveforms
@@ -63,71 +67,57 @@ class Logits:
 
 
 class ASTModel(Model):
-    def __init__(
-        self,
-        name: str,
-        model_dir: str,
-        top_k: int = 5,
-        function_to_apply: Optional[str] = None,
-        max_audio_seconds: float = 600.0,
-        max_request_audio_seconds: float = 600.0,
-        max_clips_per_request: int = 64,
-        max_windows_per_request: int = 240,
-        max_batch_size: int = 1,
-        max_batch_wait_ms: float = 0.0,
-        max_queued_windows: int = 240,
-        max_channels: int = 64,
-        engine: EngineOptions = EngineOptions(),
-    ):
-        super().__init__(name)
-        self.model_dir = model_dir
-        self.default_top_k = top_k
-        self.requested_function = function_to_apply
-        self.max_audio_seconds = max_audio_seconds
-        self.max_request_audio_seconds = max_request_audio_seconds
-        self.max_clips_per_request = max_clips_per_request
-        self.max_windows_per_request = max_windows_per_request
-        self.max_batch_size = max_batch_size
-        self.max_batch_wait_ms = max_batch_wait_ms
-        self.max_queued_windows = max_queued_windows
-        self.max_channels = max_channels
-        self.engine_options = engine
+    def __init__(self, config: Config, threads: int = 1):
+        super().__init__(config.model_name)
+        self.config = config
+        self.threads = threads
         self.queue: Optional[WindowQueue] = None
+        self.admission: Optional[Admission] = None
+        self.decoding: Optional[ThreadPoolExecutor] = None
         self.engine: Optional[Engine] = None
         self.filterbank: Optional[LogMelFilterbank] = None
         self.target: Optional[audio.Target] = None
         self.windowing: Optional[windows.Windowing] = None
         self.num_labels = 0
         self.id2label: dict[int, str] = {}
+        self.default_top_k = config.top_k
         self.default_function = "softmax"
 
     # ---- loading ---------------------------------------------------------------------------
 
     def load(self) -> bool:
-        checkpoint = Checkpoint.open(self.model_dir)
-        source, config = checkpoint.source, checkpoint.config
-        self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, config))
+        config = self.config
+        checkpoint = Checkpoint.open(config.model_dir)
+        source, model_config = checkpoint.source, checkpoint.config
+        self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model_config))
         rate = self.filterbank.sampling_rate
-        self.target = audio.Target(rate, self.max_audio_seconds, self.max_channels)
+        self.target = audio.Target(rate, config.max_audio_seconds, config.max_channels)
         self.windowing = windows.Windowing.of(self.filterbank)
-        self.num_labels = config.num_labels
-        self.id2label = {int(k): v for k, v in config.id2label.items()}
-        self.default_function = self.requested_function or labels.default_function(config.problem_type, self.num_labels)
-        self.default_top_k = min(self.default_top_k, self.num_labels)  # the pipeline clamps top_k too
+        self.num_labels = model_config.num_labels
+        self.id2label = {int(k): v for k, v in model_config.id2label.items()}
+        self.default_function = config.function_to_apply or labels.default_function(model_config.problem_type,
+                                                                                    self.num_labels)
+        self.default_top_k = min(config.top_k, self.num_labels)  # the pipeline clamps top_k too
+        engine_options = EngineOptions(backend=config.backend, precision=config.precision, threads=self.threads,
+                                       cache_dir=config.onnx_cache_dir, start_timeout_s=config.start_timeout_s,
+                                       calibration_dir=config.calibration_dir)
         try:
-            self.engine = build_engine(checkpoint, self.engine_options)
+            self.engine = build_engine(checkpoint, engine_options)
         except ExportError as exc:
-            raise ModelLoadError(f"{exc}\nPass --backend torch (or BACKEND=torch) to serve with eager PyTorch instead.") from exc
+            raise ModelLoadError(f"{exc}\nPass --backend torch (or AST_BACKEND=torch) to serve with eager PyTorch "
+                                 "instead.") from exc
         started = time.monotonic()
-        self._compute([np.zeros(rate, dtype=np.float32)])  # warm-up, timed: the queue's first estimate of a window
+        self._compute([np.zeros(rate, dtype=np.float32)])  # warm-up, timed: the first estimate of a window's cost
         del checkpoint  # and its torch module, if it was loaded and no torch engine holds it
         release_freed_memory()
-        self.queue = WindowQueue(self._compute, self.max_batch_size, self.max_batch_wait_ms / 1000, self.max_queued_windows,
+        self.queue = WindowQueue(self._compute, config.max_batch_size, config.max_batch_wait_ms / 1000,
                                  seconds_per_window=time.monotonic() - started)
+        self.admission = Admission(self.queue, config.max_queue_seconds, config.max_queued_windows)
+        self.decoding = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ast-decode")
         logger.info(
             "Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d, %s",
             source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
-            self.windowing.seconds, self.default_function, self.default_top_k, self.engine_options,
+            self.windowing.seconds, self.default_function, self.default_top_k, engine_options,
         )
         self.ready = True
         return self.ready
@@ -139,20 +129,35 @@ class ASTModel(Model):
         return payload
 
     async def preprocess(self, payload: Union[dict, bytes, InferRequest], headers: Optional[dict] = None) -> Work:
-        request = parse(payload, self.max_clips_per_request)
+        """Parse; refuse a busy server's request before opening anything; read the headers (in the
+        decoding pool) and refuse what the limits or the wait forbid; then decode."""
+        request = parse(payload, self.config.max_clips_per_request)
         options = self._options(request.parameters)
-        with metrics.STAGE_SECONDS.labels("decode").time():
-            waveforms = await asyncio.to_thread(self._decode, request.clips, options.hop_seconds)
-        self._check_windows([len(w) for w in waveforms], options.hop_seconds)
+        self.admission.check()
+        loop = asyncio.get_running_loop()
+        sources = await loop.run_in_executor(self.decoding, self._open, request.clips, options.hop_seconds)
+        try:
+            ticket = self.admission.admit(self._windows([self._declared(s) for s in sources], options.hop_seconds))
+        except BaseException:
+            _close(sources)
+            raise
+        try:
+            with metrics.STAGE_SECONDS.labels("decode").time():
+                waveforms = await loop.run_in_executor(self.decoding, self._decode, sources)
+            self._check_windows([len(w) for w in waveforms], options.hop_seconds)
+        except BaseException:
+            ticket.release()
+            raise
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
         return Work(
-            request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
+            request=request, options=options, ticket=ticket, starts=starts, lengths=[len(w) for w in waveforms],
             windows=[window for w, s in zip(waveforms, starts) for window in self.windowing.slices(w, s)],
         )
 
     async def predict(self, payload: Work, headers: Optional[dict] = None) -> Logits:
-        logits = await self.queue(payload.windows)
-        return Logits(per_clip=list(logits.split([len(s) for s in payload.starts])), work=payload)
+        logits = self.queue.submit(payload.windows)
+        payload.ticket.release()  # the queue counts them now
+        return Logits(per_clip=list((await logits).split([len(s) for s in payload.starts])), work=payload)
 
     async def postprocess(self, result: Logits, headers: Optional[dict] = None, response_headers=None) -> Union[dict, InferResponse]:
         work, options = result.work, result.work.options
@@ -180,37 +185,50 @@ class ASTModel(Model):
             return_segments=segments,
         )
 
-    def _decode(self, clips: list[audio.Clip], hop_seconds: float) -> list[np.ndarray]:
-        """Every clip's header first, so that the request's audio and window budgets are checked
-        before a sample is decoded; then each clip in turn, the audio budget charged with the frames
-        decoding finds (a header may not say, or may understate)."""
-        with ExitStack() as stack:
-            sources = []
+    def _open(self, clips: list[audio.Clip], hop_seconds: float) -> list[audio.Source]:
+        """Every clip's header, checked against the clip limits, the request's sample budget and its
+        window limit, before a sample is decoded."""
+        sources: list[audio.Source] = []
+        try:
             for clip in clips:
                 sources.append(audio.open_clip(clip, self.target))
-                stack.enter_context(closing(sources[-1].blocks))
-            budget = self.max_request_audio_seconds
-            limit = f"this server accepts at most {budget:g} s of audio per request"
-            declared = [s.frames / s.rate for s in sources if s.frames is not None]
-            if sum(declared) > budget:
-                raise ClientInputError(f"the request's clips hold {sum(declared):.1f} s of audio; {limit}")
-            self._check_windows([round(seconds * self.target.rate) for seconds in declared], hop_seconds)
+            audio.SampleBudget(self.config.max_request_samples).check_declared(sources)
+            self._check_windows([self._declared(s) for s in sources], hop_seconds)
+        except BaseException:
+            _close(sources)
+            raise
+        return sources
+
+    def _decode(self, sources: list[audio.Source]) -> list[np.ndarray]:
+        """Each clip in turn, the request's budget charged with the samples decoding finds (a header
+        may not say, or may understate)."""
+        with ExitStack() as stack:
+            for source in sources:
+                stack.enter_context(closing(source.blocks))
+            budget = audio.SampleBudget(self.config.max_request_samples)
             waveforms = []
             for source in sources:
-                waveforms.append(self.target.waveform(source, budget, limit))
-                budget -= source.decoded / source.rate
+                waveforms.append(self.target.waveform(source, budget))
                 logger.debug("decoded %d frames at %d Hz (%d channels) with %s", source.decoded, source.rate,
                              source.channels, source.reader)
             return waveforms
 
+    def _declared(self, source: audio.Source) -> int:
+        """The samples at the model's rate a header declares; a clip that does not say counts as
+        one window until decoded."""
+        return 0 if source.frames is None else round(source.frames / source.rate * self.target.rate)
+
+    def _windows(self, lengths: list[int], hop_seconds: float) -> int:
+        return sum(max(1, self.windowing.count(length, hop_seconds)) for length in lengths)
+
     def _check_windows(self, lengths: list[int], hop_seconds: float) -> None:
         """Refuse a request whose windows would cost more than the limit, before making them."""
-        count = sum(self.windowing.count(length, hop_seconds) for length in lengths)
-        if count > self.max_windows_per_request:
+        count = self._windows(lengths, hop_seconds)
+        if count > self.config.max_windows_per_request:
             raise ClientInputError(
                 f"this request needs {count} windows of {self.windowing.seconds:g} s at hop_seconds "
-                f"{hop_seconds:g}; this server computes at most {self.max_windows_per_request} per request: "
-                "raise hop_seconds or send fewer seconds of audio"
+                f"{hop_seconds:g}; this server computes at most {self.config.max_windows_per_request} per request "
+                "(--max_windows_per_request): raise hop_seconds or send fewer seconds of audio"
             )
 
     def _compute(self, window_samples: list[np.ndarray]) -> torch.Tensor:
@@ -224,8 +242,18 @@ class ASTModel(Model):
         names, values = labels.top_k(labels.scores(logits, options.function), options.top_k, self.id2label)
         return [Ranked(row_names, row_values) for row_names, row_values in zip(names, values.numpy())]
 
+    def stop(self) -> None:
+        if self.decoding is not None:
+            self.decoding.shutdown(wait=False, cancel_futures=True)
+        super().stop()
+
     def get_input_types(self) -> list[dict]:
         return protocol.INPUT_TYPES
 
     def get_output_types(self) -> list[dict]:
         return protocol.OUTPUT_TYPES
+
+
+def _close(sources: list[audio.Source]) -> None:
+    for source in sources:
+        source.blocks.close()

@@ -29,20 +29,20 @@ TINY_LABELS = ["Speech", "Music", "Dog", "Siren", "Silence", "Engine", "Bird", "
 # The test server's limits, set through the environment to exercise that path too.
 # The session's server runs ONNX Runtime by name (auto would pick by timings, so the parity tests
 # would test whichever engine won); the other engines have parity tests of their own.
-TEST_SERVER_ENV = {"MAX_AUDIO_SECONDS": "30", "MAX_CLIPS_PER_REQUEST": "6", "MAX_BATCH_SIZE": "4", "BACKEND": "onnxruntime"}
+TEST_SERVER_ENV = {"AST_MAX_AUDIO_SECONDS": "30", "AST_MAX_CLIPS_PER_REQUEST": "6", "AST_MAX_BATCH_SIZE": "4", "AST_BACKEND": "onnxruntime"}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def onnx_cache(tmp_path_factory) -> Iterator[Path]:
     """Every server the tests start exports its ONNX model into a cache of this session's own."""
     directory = tmp_path_factory.mktemp("onnx-cache")
-    previous = os.environ.get("ONNX_CACHE_DIR")
-    os.environ["ONNX_CACHE_DIR"] = str(directory)
+    previous = os.environ.get("AST_ONNX_CACHE_DIR")
+    os.environ["AST_ONNX_CACHE_DIR"] = str(directory)
     yield directory
     if previous is None:
-        del os.environ["ONNX_CACHE_DIR"]
+        del os.environ["AST_ONNX_CACHE_DIR"]
     else:
-        os.environ["ONNX_CACHE_DIR"] = previous
+        os.environ["AST_ONNX_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from predictor.batching import WindowQueue
+from predictor.admission import Admission
 from predictor.errors import Overloaded
 
 
@@ -197,24 +198,37 @@ def test_a_worker_that_dies_is_replaced_and_later_requests_are_served():
     torch.testing.assert_close(run(main()), logits_of(later))
 
 
-def test_a_full_queue_refuses_at_once_and_admitted_requests_finish():
-    """At most 3 windows waiting: a request that would pass that is refused with a retry time,
-    while an empty queue admits even a request bigger than the bound."""
+def test_admission_refuses_past_the_wait_or_the_windows_and_admitted_requests_finish():
+    """Past the wait bound, or past 3 windows waiting, a new request is refused with a retry time,
+    the windows reserved for requests still decoding counted as ahead of it; an empty queue admits
+    even a request bigger than the window bound, and once the queue drains requests come in again."""
     compute = Recording(hold_first=True)
-    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0, max_queued=3)
+    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0, seconds_per_window=1.0)
+    by_time, by_windows = Admission(queue, max_wait_s=4.5, max_windows=100), Admission(queue, max_wait_s=100, max_windows=3)
     big, second = job(1, 5), job(2, 2)
 
     async def main():
-        first = asyncio.create_task(queue(big))  # 5 windows > 3, but the queue is empty
+        by_windows.admit(5).release()  # 5 windows > 3, but nothing is ahead
+        first = asyncio.create_task(queue(big))
         await asyncio.to_thread(compute.started.wait, 30)  # 1 window in the pass, 4 waiting
-        with pytest.raises(Overloaded, match=r"queue is full \(4 windows waiting, at most 3\)") as refused:
-            await queue(job(3, 1))
+        with pytest.raises(Overloaded, match=r"would make 5 waiting for the model, and this server holds at most 3 "
+                                             r"\(--max_queued_windows\)") as refused:
+            by_windows.admit(1)
         assert refused.value.retry_after_s >= 1
+        decoding = by_time.admit(1)  # 4 windows at 1 s: within 4.5 s; reserved while it decodes
+        with pytest.raises(Overloaded, match=r"wait about 5.0 s for the 5 windows ahead of it, and this server admits "
+                                             r"requests while that wait is at most 4.5 s \(--max_queue_seconds\); "
+                                             r"retry in about 1 s") as refused:
+            by_time.check()
+        assert refused.value.retry_after_s == 1
+        decoding.release()
+        decoding.release()  # idempotent: a request whose windows reached the queue and then failed
+        assert by_time.windows_ahead == 4
         compute.release.set()
         await first
-        return first.result(), await queue(second)  # room again once the queue has drained
+        by_windows.admit(2).release()  # room again once the queue has drained
+        return first.result(), await queue(second)
 
     big_logits, second_logits = run(main())
     torch.testing.assert_close(big_logits, logits_of(big))
     torch.testing.assert_close(second_logits, logits_of(second))
-    assert 3 not in [p[0] for p in compute.passes]

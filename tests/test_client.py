@@ -198,7 +198,7 @@ def test_pyproject_and_requirements_pin_the_same_packages():
 def busy_server(tiny_model_dir, tmp_path_factory):
     """A queue of one window: while a long request is being classified, any other is refused with 503."""
     running = start_server(tiny_model_dir, tmp_path_factory.mktemp("busy") / "server.log",
-                           env={"BACKEND": "onnxruntime", "MAX_QUEUED_WINDOWS": "1"})
+                           env={"AST_BACKEND": "onnxruntime", "AST_MAX_QUEUED_WINDOWS": "1"})
     yield running
     stop_server(running)
 

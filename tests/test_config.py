@@ -11,9 +11,9 @@ from .conftest import assert_same_predictions, encode, expected, start_server, s
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"TOP_K": "five"}, "environment variable TOP_K='five'"),
-        ({"FUNCTION_TO_APPLY": "relu"}, "environment variable FUNCTION_TO_APPLY='relu': choose from"),
-        ({"MAX_BATCH_SIZE": "0"}, "environment variable MAX_BATCH_SIZE='0': must be positive"),
+        ({"AST_TOP_K": "five"}, "environment variable AST_TOP_K='five'"),
+        ({"AST_FUNCTION_TO_APPLY": "relu"}, "environment variable AST_FUNCTION_TO_APPLY='relu': choose from"),
+        ({"AST_MAX_BATCH_SIZE": "0"}, "environment variable AST_MAX_BATCH_SIZE='0': must be positive"),
     ],
 )
 def test_a_bad_environment_variable_is_named_at_start(env, message, monkeypatch, capsys):
@@ -45,10 +45,12 @@ def exit_code(argv: list[str]) -> int:
     return stopped.value.code
 
 
-def test_kubernetes_service_variables_do_not_touch_kserve_flags(tiny_model_dir, tmp_path):
-    """A Service named "http" puts HTTP_PORT=tcp://... into every pod; the server must not care."""
-    server = start_server(tiny_model_dir, tmp_path / "server.log", env={"HTTP_PORT": "tcp://10.0.0.1:80",
-                                                                        "GRPC_PORT": "tcp://10.0.0.2:81"})
+def test_only_prefixed_environment_variables_configure_the_server(tiny_model_dir, tmp_path):
+    """A Service named "http" puts HTTP_PORT=tcp://... into every pod, and a cluster may set BACKEND,
+    THREADS or TOP_K for reasons of its own: without the AST_ prefix, the server does not read them."""
+    server = start_server(tiny_model_dir, tmp_path / "server.log", env={
+        "HTTP_PORT": "tcp://10.0.0.1:80", "GRPC_PORT": "tcp://10.0.0.2:81", "BACKEND": "tensorrt", "THREADS": "many",
+        "TOP_K": "five", "MAX_BATCH_SIZE": "0", "MODEL_DIR": "/nowhere"})
     try:
         assert server.is_ready()
     finally:
@@ -57,11 +59,11 @@ def test_kubernetes_service_variables_do_not_touch_kserve_flags(tiny_model_dir, 
 
 def test_flags_win_over_the_environment(tiny_model_dir, tiny_pipeline, tmp_path):
     server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--top_k", "2"),
-                          env={"TOP_K": "7", "FUNCTION_TO_APPLY": "none"})
+                          env={"AST_TOP_K": "7", "AST_FUNCTION_TO_APPLY": "none"})
     try:
         response = requests.post(server.predict_url, data=encode(tone(440, 1.0, 16000), 16000, "WAV", "FLOAT"))
         predictions = response.json()["predictions"][0]
     finally:
         stop_server(server)
-    # --top_k 2 beat TOP_K=7; FUNCTION_TO_APPLY=none (raw logits) was taken from the environment.
+    # --top_k 2 beat AST_TOP_K=7; AST_FUNCTION_TO_APPLY=none (raw logits) was taken from the environment.
     assert_same_predictions(predictions, expected(tiny_pipeline, tone(440, 1.0, 16000), 2, "none"))

@@ -177,7 +177,7 @@ def full_size_server(full_size_dir, tmp_path_factory):
     model_dir = full_size_dir
     container = predictor_container(REPO / "inferenceservice.yaml", "ast")
     # A fresh container: nothing cached, so the ONNX export runs, as on every pod start without a volume.
-    fresh_cache = {"ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("container-onnx-cache"))}
+    fresh_cache = {"AST_ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("container-onnx-cache"))}
     server, ports = start_as_deployed(container, model_dir, tmp_path_factory.mktemp("full-server") / "server.log",
                                       fresh_cache)
     yield server, ports, container

@@ -18,7 +18,7 @@ from predictor.engines.torch_engine import TorchEngine
 from predictor.checkpoint import Checkpoint, load_feature_extractor, weight_files
 from predictor.engines.calibration import file_features, synthetic_clips
 from predictor.engines.choice import cpu_key
-from predictor.engines.onnx_export import EXPORT_TIMEOUT_S, ExportError
+from predictor.engines.onnx_export import OFFLINE_TIMEOUT_S, ExportError
 from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import LogMelFilterbank
 from predictor.windows import Windowing
@@ -68,11 +68,11 @@ def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(ti
 
 
 def test_an_export_past_its_time_limit_falls_back_to_torch(tiny_model, tiny_model_dir, tmp_path):
-    """The export's child process is killed at --onnx_export_timeout_s; nothing is cached."""
-    hurried = EngineOptions("onnxruntime", "fp32", 1, tmp_path, export_timeout_s=0.05)
-    with pytest.raises(ExportError, match=r"took over 0.05 s \(--onnx_export_timeout_s\)"):
+    """The export's child process is killed when the start's budget runs out; nothing is cached."""
+    hurried = EngineOptions("onnxruntime", "fp32", 1, tmp_path, start_timeout_s=0.05)
+    with pytest.raises(ExportError, match=r"took over [\d.]+ s, what was left of the start's budget \(--start_timeout_s\)"):
         build_engine(checkpoint_of(tiny_model, tiny_model_dir), hurried)
-    auto = EngineOptions("auto", "fp32", 1, tmp_path, export_timeout_s=0.05)
+    auto = EngineOptions("auto", "fp32", 1, tmp_path, start_timeout_s=0.05)
     assert isinstance(build_engine(checkpoint_of(tiny_model, tiny_model_dir), auto), TorchEngine)
     assert not list(tmp_path.glob("*.onnx"))
 
@@ -176,12 +176,12 @@ def test_int8_is_close_to_fp32_and_independent_of_batch_mates(tiny_model_dir, fe
 
 
 def test_export_is_cached_per_model_version_and_clears_what_killed_exports_left(tiny_model, tiny_model_dir, tmp_path):
-    """A temp file older than two export time limits was left by an export that was killed (its
+    """A temp file older than twice the longest export's time limit was left by an export that was killed (its
     writer would have finished by then): an export removes it, and leaves a younger one alone."""
     abandoned, in_progress = tmp_path / "ast-old.onnx.tmp", tmp_path / "ast-now.onnx.tmp"
     for temp in (abandoned, in_progress):
         temp.write_bytes(b"half a model")
-    long_ago = time.time() - 2 * EXPORT_TIMEOUT_S - 60
+    long_ago = time.time() - 2 * OFFLINE_TIMEOUT_S - 60
     os.utime(abandoned, (long_ago, long_ago))
     build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
     exported = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
@@ -268,9 +268,12 @@ def test_the_choice_is_kept_per_cpu_model_vector_extensions_and_threads():
                 cpu_key(2, {"avx2", "fma"}, "Intel Xeon")}) == 4
 
 
-# A 32-wide random model: static int8's error is relatively larger than on AST's 768 width, where
-# `make bench` and `python -m predictor.compare` measure it.
-STATIC_INT8_MIN_COSINE = 0.95
+# A 32-wide random model is no subject for int8's accuracy: its error is relatively larger than at
+# AST's 768 width, and it moves with the CPU's int8 kernels (VNNI or not, AMX or not) by more than a
+# tight bound allows. Accuracy is measured at full size by `make bench` and `python -m
+# predictor.compare`; here the bound only says the quantized model is still the model (a wrong
+# scale or a broken graph lands far below it), with room for every CPU kind we have run on.
+STATIC_INT8_MIN_COSINE = 0.85
 
 
 def test_openvino_int8_is_calibrated_once_per_calibration_set(tiny_model_dir, speech_wav, tmp_path):

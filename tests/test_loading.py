@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from predictor.checkpoint import ModelLoadError
-from predictor.engines import EngineOptions
+from predictor.config import Config
 from predictor.model import ASTModel
 
 from .conftest import REPO, encode, start_server, stop_server, tone
@@ -26,28 +26,28 @@ def test_missing_directory_names_the_path(tmp_path):
     """The same `ModelLoadError` the server logs before it exits 1 (see the hub id test below)."""
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelLoadError, match=f"model directory '{missing}' does not exist"):
-        ASTModel("ast", str(missing)).load()
+        ASTModel(Config(model_dir=str(missing))).load()
 
 
 def test_directory_without_a_model_says_what_it_holds(tmp_path):
     (tmp_path / "README.txt").write_text("weights go here")
     with pytest.raises(ModelLoadError, match=r"holds no config.json .*README.txt"):
-        ASTModel("ast", str(tmp_path)).load()
+        ASTModel(Config(model_dir=str(tmp_path))).load()
 
 
 def test_unreachable_hub_id_says_how_to_point_at_a_directory():
     # MODEL_DIR from the environment, and the hub offline as it is here (HF_HUB_OFFLINE makes it fail fast).
-    result = run_server_expecting_failure(env={"MODEL_DIR": "MIT/ast-finetuned-audioset-10-10-0.4593",
+    result = run_server_expecting_failure(env={"AST_MODEL_DIR": "MIT/ast-finetuned-audioset-10-10-0.4593",
                                                "HF_HUB_OFFLINE": "1"})
     assert "could not load an AST model from 'MIT/ast-finetuned-audioset-10-10-0.4593'" in result.stderr
-    assert "Point --model_dir (or MODEL_DIR) at a local directory" in result.stderr
+    assert "Point --model_dir (or AST_MODEL_DIR) at a local directory" in result.stderr
 
 
 def test_a_directory_without_weights_says_so(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match=r"holds config.json but no weights \(\*.safetensors or \*.bin\)"):
-        ASTModel("ast", str(tmp_path / "m")).load()
+        ASTModel(Config(model_dir=str(tmp_path / "m"))).load()
 
 
 def test_weights_the_servers_user_may_not_read_are_named_with_the_fix(tiny_model_dir, tmp_path):
@@ -83,7 +83,7 @@ def test_storage_initializer_layout_one_level_down(tiny_model_dir, tmp_path):
 def test_without_preprocessor_config_features_follow_the_model(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     (tmp_path / "m" / "preprocessor_config.json").unlink()
-    model = ASTModel("ast", str(tmp_path / "m"), engine=EngineOptions("torch"))  # the features are under test
+    model = ASTModel(Config(model_dir=str(tmp_path / "m"), backend="torch"))  # the features are under test
     assert model.load() and model.ready
     assert (model.filterbank.num_mel_bins, model.filterbank.max_length) == (64, 1024)
 
@@ -93,4 +93,4 @@ def test_mismatched_preprocessor_config_is_refused(tiny_model_dir, tmp_path):
     config = tmp_path / "m" / "preprocessor_config.json"
     config.write_text(config.read_text().replace('"num_mel_bins": 64', '"num_mel_bins": 128'))
     with pytest.raises(ModelLoadError, match="128 mel bins x 1024 frames but the model expects 64 x 1024"):
-        ASTModel("ast", str(tmp_path / "m")).load()
+        ASTModel(Config(model_dir=str(tmp_path / "m"))).load()

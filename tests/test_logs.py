@@ -11,7 +11,7 @@ from .conftest import TEST_SERVER_ENV, encode, start_server, stop_server, tone
 @pytest.fixture(scope="module")
 def json_server(tiny_model_dir, tmp_path_factory):
     running = start_server(tiny_model_dir, tmp_path_factory.mktemp("json-log") / "server.log",
-                           env={**TEST_SERVER_ENV, "LOG_FORMAT": "json"})
+                           env={**TEST_SERVER_ENV, "AST_LOG_FORMAT": "json"})
     yield running
     stop_server(running)
 

@@ -28,7 +28,7 @@ ALL = len(TINY_LABELS)
 @pytest.fixture(scope="module")
 def long_server(tiny_model_dir, tmp_path_factory):
     running = start_server(tiny_model_dir, tmp_path_factory.mktemp("long-server") / "server.log",
-                           env={"MAX_WINDOWS_PER_REQUEST": "100"})
+                           env={"AST_MAX_WINDOWS_PER_REQUEST": "100"})
     yield running
     stop_server(running)
 

@@ -28,7 +28,7 @@ def test_a_packed_model_starts_without_exporting_or_timing_engines(tiny_model_di
         assert {f"engines/{name}" for name in engines} < set(archive.getnames())
 
     cache = tmp_path / "fresh-cache"  # a new pod: nothing cached
-    server = start_server(out, tmp_path / "server.log", ("--precision", "int8"), env={"ONNX_CACHE_DIR": str(cache)})
+    server = start_server(out, tmp_path / "server.log", ("--precision", "int8"), env={"AST_ONNX_CACHE_DIR": str(cache)})
     try:
         response = requests.post(server.predict_url, data=encode(speech_16k, 16000, "WAV", "FLOAT"), timeout=60)
     finally:

@@ -208,7 +208,7 @@ def decode_or_refuse(clip: Any, limit: Any = None, on_open: Optional[Callable[[A
             if on_open is not None:
                 on_open(source)
             source.blocks = _checked_blocks(source.blocks, source.channels, source.reader)
-            waveform = limit.waveform(source, limit.max_seconds, limit.clip_limit)
+            waveform = limit.waveform(source)
     except ClientInputError as exc:
         check_refusal(exc)
         return None
@@ -364,9 +364,10 @@ def _options_model():
     """A real `ASTModel` with what `load` sets for its parameter checks (AudioSet's 10.24 s window, the
     test model's 10 labels), so that `_options` is the server's own; no weights are loaded."""
     from predictor import windows
+    from predictor.config import Config
     from predictor.model import ASTModel
 
-    model = ASTModel(MODEL_NAME, "unused")
+    model = ASTModel(Config(model_name=MODEL_NAME, model_dir="unused"))
     model.windowing = windows.Windowing(16000, 163840, 400)
     model.num_labels, model.default_top_k, model.default_function = 10, 5, "sigmoid"
     return model

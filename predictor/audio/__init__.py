@@ -2,7 +2,8 @@
 
 Two steps, so that a request's limits are checked before anything is decoded: `open_clip` reads
 a file's header (or takes a waveform as it is) into a `Source`; `Target.waveform` decodes it,
-block by block, to mono at the model's rate (`stream`). Files are read by libsndfile (`sndfile`)
+block by block, to mono at the model's rate (`stream`), within the clip's limit and what is left
+of the request's `SampleBudget` (`budget`). Files are read by libsndfile (`sndfile`)
 when it can, which keeps every answer it gave before; what it cannot open (AAC in MP4/M4A, Opus in
 WebM, ADTS) goes to FFmpeg's libraries in process (`ffmpeg`), limited to audio containers.
 
@@ -11,13 +12,14 @@ Problems the client can fix raise `ClientInputError` with a message that names t
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import ClientInputError, shown
+from ..errors import ClientInputError, UnsupportedAudio, shown
+from .budget import SampleBudget
 from .ffmpeg import open_ffmpeg
-from .sndfile import NotReadable, open_sndfile
+from .sndfile import ACCEPTED, NotReadable, open_sndfile
 from .source import Source
 from .stream import to_mono
 
@@ -34,12 +36,12 @@ class Target:
 
     rate: int
     max_seconds: float
-    max_channels: int = 64
+    max_channels: Optional[int] = None  # None: any number (offline tools); the server sets --max_channels
 
     def check_header(self, source: Source) -> None:
         """Refuse from the header alone, before a sample is decoded."""
         _check_rate_range(source.rate, "audio is sampled at")
-        if source.channels > self.max_channels:
+        if self.max_channels is not None and source.channels > self.max_channels:
             raise ClientInputError(f"audio has {source.channels} channels; this server accepts at most "
                                    f"{self.max_channels} (--max_channels)")
         if source.frames is not None and source.frames / source.rate > self.max_seconds:
@@ -49,13 +51,19 @@ class Target:
 
     @property
     def clip_limit(self) -> str:
-        return f"this server accepts at most {self.max_seconds:g} s per clip"
+        return f"this server accepts at most {self.max_seconds:g} s per clip (--max_audio_seconds)"
 
-    def waveform(self, source: Source, max_seconds: float = math.inf, limit: str = "") -> np.ndarray:
-        """Decode and resample; past the clip limit or `max_seconds` (named by `limit`) decoding stops."""
-        if max_seconds < self.max_seconds:
-            return to_mono(source, self.rate, max_seconds, limit)
-        return to_mono(source, self.rate, self.max_seconds, self.clip_limit)
+    def waveform(self, source: Source, budget: Optional[SampleBudget] = None) -> np.ndarray:
+        """Decode and resample; decoding stops past the clip limit or what is left of `budget`."""
+        max_frames = math.floor(self.max_seconds * source.rate)
+        refusal = f"audio is longer than {self.max_seconds:g} s; {self.clip_limit}"
+        if budget is not None and budget.frames_left(source.channels) < max_frames:
+            max_frames, refusal = budget.frames_left(source.channels), budget.refusal(source)
+        try:
+            return to_mono(source, self.rate, max_frames, refusal)
+        finally:
+            if budget is not None:
+                budget.charge(source)
 
 
 def open_clip(clip: Clip, target: Target) -> Source:
@@ -74,10 +82,10 @@ def open_file(data: bytes) -> Source:
         try:
             source = open_ffmpeg(data)
         except ClientInputError as ffmpeg_reason:
-            raise ClientInputError(
+            refusal = UnsupportedAudio if isinstance(ffmpeg_reason, UnsupportedAudio) else ClientInputError
+            raise refusal(
                 f"could not decode audio ({len(data)} bytes): not a complete file in a format this server reads "
-                f"(WAV, FLAC, OGG Vorbis/Opus, MP3, M4A/MP4 AAC or ALAC, WebM/Matroska Opus, AAC, ...): "
-                f"libsndfile: {sndfile_reason}; ffmpeg: {ffmpeg_reason}"
+                f"({ACCEPTED}): libsndfile: {sndfile_reason}; ffmpeg: {ffmpeg_reason}"
             ) from None
     if source.frames == 0:
         raise ClientInputError("audio has no samples (zero-length clip)")
@@ -115,4 +123,4 @@ def _check_rate_range(rate: int, what: str) -> None:
         raise ClientInputError(f"{what} {rate} Hz, outside {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz")
 
 
-__all__ = ["Clip", "Source", "Target", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]
+__all__ = ["Clip", "SampleBudget", "Source", "Target", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]

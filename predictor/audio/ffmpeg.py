@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import av
 import numpy as np
 
-from ..errors import ClientInputError
+from ..errors import ClientInputError, UnsupportedAudio
 from .source import Source
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def open_ffmpeg(data: bytes) -> Source:
     except ClientInputError:
         raise
     except av.ArgumentError:  # EINVAL: FFmpeg recognised the data as a container not on format_whitelist
-        raise ClientInputError(f"not in an audio container this server decodes ({ALLOWED})") from None
+        raise UnsupportedAudio(f"not in an audio container this server decodes ({ALLOWED})") from None
     except AV_ERRORS as exc:
         raise ClientInputError(f"not a complete audio file in a format FFmpeg recognises: {_reason(exc)}") from None
     try:
@@ -81,7 +81,7 @@ def open_ffmpeg(data: bytes) -> Source:
 def _open_stream(container: av.container.InputContainer) -> Source:
     name = container.format.name
     if name not in FORMATS:
-        raise ClientInputError(f"container {name!r} is not one this server decodes ({ALLOWED})")
+        raise UnsupportedAudio(f"container {name!r} is not one this server decodes ({ALLOWED})")
     if not container.streams.audio:
         raise ClientInputError(f"the file (FFmpeg's {name} container) has no audio stream")
     stream = container.streams.audio[0]
@@ -90,7 +90,7 @@ def _open_stream(container: av.container.InputContainer) -> Source:
             other.discard = av.stream.Discard.all  # demuxed past, never decoded
     codec = stream.codec_context
     if codec is None or codec.name not in DECODERS:
-        raise ClientInputError(f"audio codec {codec.name if codec else 'unknown'!r} (in FFmpeg's {name} "
+        raise UnsupportedAudio(f"audio codec {codec.name if codec else 'unknown'!r} (in FFmpeg's {name} "
                                f"container) is not one this server decodes")
     codec.options = {"codec_whitelist": OPTIONS["codec_whitelist"]}
     codec.open(strict=False)

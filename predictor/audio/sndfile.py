@@ -1,7 +1,7 @@
 """libsndfile's reader (through soundfile): WAV, FLAC, OGG Vorbis/Opus, MP3, AIFF and the rest.
 
 The first reader tried: it is the one the pipeline-parity tests pin down, and it reads the
-formats most clients send without FFmpeg. What it cannot open goes to `ffmpeg`, and so do two
+formats most clients send without FFmpeg; of what it can parse, only `ALLOWED` is decoded. What it cannot open goes to `ffmpeg`, and so do two
 kinds of file it opens but whose length it only guesses, since soundfile never reads past that
 guess: MP3 (a VBR file without a Xing header would be cut short, or refused as too long) and
 files whose header leaves the length open (a FLAC written to a pipe).
@@ -14,9 +14,19 @@ from typing import Iterator, Optional
 import numpy as np
 import soundfile as sf
 
-from ..errors import ClientInputError
+from ..errors import ClientInputError, UnsupportedAudio
 from .source import Source
 
+_PCM = ("PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE")
+_WAV = _PCM + ("ULAW", "ALAW", "IMA_ADPCM", "MS_ADPCM")
+ALLOWED = {"WAV": _WAV, "WAVEX": _WAV, "RF64": _WAV, "W64": _WAV, "AIFF": _PCM + ("ULAW", "ALAW"),
+           "FLAC": _PCM, "OGG": ("VORBIS", "OPUS"), "CAF": _PCM}
+"""libsndfile's formats and sample encodings this server reads: what recorders, browsers, DAWs and
+telephony write (IMA/MS ADPCM: dictation recorders' WAVs). libsndfile parses some forty more
+(PAF, VOC, NIST, IRCAM, HTK, SVX, XI, G.721 WAV, ...), few clients send them, and their parsers are
+the least exercised, so they are refused (415) before a sample is read."""
+ACCEPTED = ("WAV/WAVEX/RF64/W64 (PCM, float, mu-law, A-law, IMA/MS ADPCM), AIFF/AIFC, FLAC, Ogg Vorbis/Opus, "
+            "CAF (PCM), MP3, M4A/MP4 (AAC, ALAC), WebM/Matroska (Opus, Vorbis), ADTS AAC, AMR")
 BLOCK_SAMPLES = 131_072  # per block, all channels together: a block's memory does not grow with the channels
 TRUNCATED_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
 UNKNOWN_CHUNK_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
@@ -35,6 +45,9 @@ def open_sndfile(data: bytes) -> Source:
     try:
         if file.format == "MP3" or file.frames >= UNKNOWN_FRAMES:
             raise NotReadable(f"libsndfile only estimates the length of this {file.format} file")
+        if file.subtype not in ALLOWED.get(file.format, ()):
+            raise UnsupportedAudio(f"audio in {file.format_info} with {file.subtype_info} samples is not a format this "
+                                   f"server decodes; it takes {ACCEPTED}")
         _check_truncation(file)
     except (NotReadable, ClientInputError):
         file.close()

@@ -7,7 +7,6 @@ AST looks at). The duration limit is enforced on the frames actually decoded, so
 understates a file's length (streamed and VBR files) cannot get more audio through.
 """
 
-import math
 from contextlib import closing
 
 import numpy as np
@@ -19,16 +18,16 @@ from .source import Source
 MAX_AMPLITUDE = 1e14
 
 
-def to_mono(source: Source, rate: int, max_seconds: float, limit: str) -> np.ndarray:
-    """The source's samples as float32 mono at `rate`; more than `max_seconds` raises, naming `limit`."""
-    max_frames = math.floor(max_seconds * source.rate)
+def to_mono(source: Source, rate: int, max_frames: int, refusal: str) -> np.ndarray:
+    """The source's samples as float32 mono at `rate`; past `max_frames` frames decoding stops and
+    raises `refusal`, the message that names the limit."""
     resampler = None if source.rate == rate else soxr.ResampleStream(source.rate, rate, 1, dtype="float32", quality="HQ")
     pieces: list[np.ndarray] = []
     with closing(source.blocks):
         for block in source.blocks:
             source.decoded += len(block)
             if source.decoded > max_frames:
-                raise ClientInputError(f"audio is longer than {max_seconds:g} s; {limit}")
+                raise ClientInputError(refusal)
             mono = downmix(block)
             check_samples(mono)
             pieces.append(mono if resampler is None else resampler.resample_chunk(mono))

@@ -67,10 +67,10 @@ def choose(checkpoint: Checkpoint, options: EngineOptions, prepare: Callable[[st
     record = record_path(checkpoint, options)
     kept = packed(checkpoint.source, record.name) or record
     outcome = _read(kept)
-    if outcome is None and len(candidates) > 1:
-        outcome = _race_in_child(checkpoint.source, options, candidates, record)
-    else:
+    if outcome is not None:
         logger.info("Engine choice kept from an earlier measurement on this kind of CPU (%s)", kept)
+    elif len(candidates) > 1:
+        outcome = _race_in_child(checkpoint.source, options, candidates, record)
     for backend, seconds in (outcome or {}).get("seconds_per_window", {}).items():
         logger.info("Engine %s, %s: %.3f s per window", backend, options.precision, seconds)
     fastest = (outcome or {}).get("backend")
@@ -116,13 +116,14 @@ def record_path(checkpoint: Checkpoint, options: EngineOptions) -> Path:
 
 def _race_in_child(source: str, options: EngineOptions, candidates: list[str], record: Path) -> Optional[dict]:
     logger.info("Timing every engine for %s on this kind of CPU (once; kept in %s)", options.precision, record)
-    timeout_s = 60 * len(candidates) + 60  # loading and compiling each, and three passes
+    timeout_s = options.time_left()
     try:
         done = run_child(__name__, [source, options.precision, str(options.threads), str(record.parent.resolve()),
                                     ",".join(candidates), str(record.resolve()),
                                     str(options.calibration_dir.resolve()) if options.calibration_dir else ""], timeout_s)
     except subprocess.TimeoutExpired:
-        logger.warning("Timing the engines took over %.0f s: serving with the first that builds", timeout_s)
+        logger.warning("Timing the engines took over %.0f s, what was left of --start_timeout_s: serving with the first "
+                       "that builds", timeout_s)
         return None
     if done.returncode != 0:
         logger.warning("Timing the engines failed (exit %d): serving with the first that builds\n%s",

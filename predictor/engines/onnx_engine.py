@@ -34,7 +34,7 @@ class OnnxEngine:
             raise ExportError("--backend onnxruntime runs fp32 and int8, not bf16: use --backend openvino or torch")
         try:
             return cached_onnx(checkpoint, options.precision, options.cache_dir or default_cache_dir(),
-                               options.export_timeout_s)
+                               options.time_left())
         except (OSError, ImportError) as exc:
             raise ExportError(f"could not prepare the ONNX model: {exc}") from exc
 

@@ -31,11 +31,6 @@ from ..cpu import configure_torch_threads, int8_weight_type
 logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 18
-# The HTTP server (and so the liveness probe) starts only after loading: an export that takes
-# longer than this (--onnx_export_timeout_s) is abandoned for the torch engine (under --backend
-# auto) well before the manifests' liveness probe would restart the container
-# (inferenceservice.yaml: 90 s + 3 x 10 s).
-EXPORT_TIMEOUT_S = 60.0
 OFFLINE_TIMEOUT_S = 1800.0  # the same work ahead of serving (pack-model, compare): no probe waits, only a hang stops it
 TEMP_SUFFIX = ".tmp"
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # where `-m predictor.engines.onnx_export` imports from
@@ -60,7 +55,7 @@ class ExportError(RuntimeError):
     """The ONNX file could not be made or kept: the message says why."""
 
 
-def cached_onnx(checkpoint: Checkpoint, precision: str, cache_dir: Path, timeout_s: float = EXPORT_TIMEOUT_S) -> Path:
+def cached_onnx(checkpoint: Checkpoint, precision: str, cache_dir: Path, timeout_s: float) -> Path:
     """The cached file for this model version and precision, exported first if it is missing."""
     key = model_key(checkpoint)
     precision = f"int8-{int8_weight_type()}" if precision == "int8" else precision
@@ -86,12 +81,12 @@ def made_in_child(path: Path, module: str, args: list[str], timeout_s: float, wh
         raise ExportError(f"cannot write the cache directory {path.parent}: {exc}") from exc
     if path in _FAILED:  # engines share files (OpenVINO's start from the fp32 export): fail once, not per engine
         raise _FAILED[path]
-    _remove_abandoned_temp_files(path.parent, timeout_s)
+    _remove_abandoned_temp_files(path.parent)
     logger.info("%s (once per model version and cache directory) into %s", what[0].upper() + what[1:], path)
     try:
         done = run_child(module, args, timeout_s)
     except subprocess.TimeoutExpired:
-        _FAILED[path] = ExportError(f"{what} took over {timeout_s:g} s (--onnx_export_timeout_s)")
+        _FAILED[path] = ExportError(f"{what} took over {timeout_s:.3g} s, what was left of the start's budget (--start_timeout_s)")
         raise _FAILED[path] from None
     if done.returncode != 0 or not path.is_file():
         _FAILED[path] = ExportError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -142,13 +137,14 @@ def export(source: str, fp32: Path, out: Path, precision: str) -> None:
         _atomic_write(out, lambda tmp: quantize_dynamic(graph, tmp, per_channel=True, weight_type=weights))
 
 
-def _remove_abandoned_temp_files(cache_dir: Path, timeout_s: float) -> None:
+def _remove_abandoned_temp_files(cache_dir: Path) -> None:
     """An export killed mid-way (timeout, out of memory) leaves its ~350 MB temp file (or
-    directory) behind, and a volume would keep it forever. Older than two time limits, no export
-    is still writing it (servers sharing a cache directory are expected to share the limit)."""
+    directory) behind, and a volume would keep it forever. Older than twice the offline tools'
+    limit, the longest any export runs, no export is still writing it, whatever start budget the
+    servers sharing the cache directory were given."""
     for temp in cache_dir.glob(f"*{TEMP_SUFFIX}"):
         try:
-            if time.time() - temp.stat().st_mtime > 2 * timeout_s:
+            if time.time() - temp.stat().st_mtime > 2 * OFFLINE_TIMEOUT_S:
                 shutil.rmtree(temp) if temp.is_dir() else temp.unlink()
                 logger.info("Removed %s, left by an export that did not finish", temp)
         except OSError:  # another server removed it first

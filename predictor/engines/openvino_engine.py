@@ -43,7 +43,7 @@ class OpenVinoEngine:
         made if need be, once the precision is one this CPU runs fast."""
         check_precision(options.precision)
         cache_dir = options.cache_dir or default_cache_dir()
-        fp32 = cached_onnx(checkpoint, "fp32", cache_dir, options.export_timeout_s)
+        fp32 = cached_onnx(checkpoint, "fp32", cache_dir, options.time_left())
         return cached_int8_ir(checkpoint, fp32, options, cache_dir) if options.precision == "int8" else fp32
 
     @classmethod

@@ -43,7 +43,7 @@ def cached_int8_ir(checkpoint: Checkpoint, fp32: Path, options: EngineOptions, c
         digest.update(module_source(module))
     path = cache_dir / f"ast-{model_key(checkpoint)}-int8-ov-{digest.hexdigest()[:12]}.xml"
     args = [checkpoint.source, str(fp32.resolve()), str(path.resolve())] + ([str(directory.resolve())] if directory else [])
-    return made_in_child(path, __name__, args, options.export_timeout_s,
+    return made_in_child(path, __name__, args, options.time_left(),
                          f"quantizing the model to int8 for OpenVINO (NNCF, calibrated on "
                          f"{directory or f'{calibration.CALIBRATION_WINDOWS} synthetic windows'})")
 

@@ -1,13 +1,14 @@
 """What an engine is asked for, and what one is: shared by the engines and the code choosing one."""
 
 import argparse
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
 
-from .onnx_export import EXPORT_TIMEOUT_S
+from .onnx_export import OFFLINE_TIMEOUT_S
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -27,8 +28,14 @@ class EngineOptions:
     precision: str = "fp32"
     threads: int = 1
     cache_dir: Optional[Path] = None  # None: $XDG_CACHE_HOME/ast-kserve
-    export_timeout_s: float = EXPORT_TIMEOUT_S
+    start_timeout_s: float = OFFLINE_TIMEOUT_S
+    """One budget for the engine files made and the race run while the server starts (no probe
+    answers until it is loaded): each child process gets what is left of it."""
     calibration_dir: Optional[Path] = None  # int8 for OpenVINO: None calibrates on synthetic clips
+    started: float = field(default_factory=time.monotonic, compare=False)
+
+    def time_left(self) -> float:
+        return max(0.0, self.start_timeout_s - (time.monotonic() - self.started))
 
 
 class Engine(Protocol):

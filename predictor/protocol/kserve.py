@@ -31,7 +31,7 @@ from kserve.protocol.infer_type import InferRequest
 from starlette.responses import JSONResponse
 
 from .. import metrics
-from ..errors import ClientInputError, Overloaded
+from ..errors import ClientInputError, Overloaded, UnsupportedAudio
 from . import cloudevents, request_ids
 from .asgi import BodyLimit, CancelOnDisconnect, Outcomes, RequestIds
 from .requests import load_json, parse_binary_extension
@@ -101,14 +101,17 @@ class AudioModelServer(ModelServer):
         model_server.app.add_middleware(RequestIds)
         model_server.app.add_middleware(Outcomes)  # outermost: it sees every answer, a last-resort 500 too
         model_server.app.add_exception_handler(Busy, busy_handler)
+        model_server.app.add_exception_handler(UnsupportedMediaType, unsupported_media_handler)
 
 
 @contextmanager
 def _as_kserve_errors() -> Iterator[None]:
-    """Our client errors become kserve's InvalidInput (HTTP 400, gRPC INVALID_ARGUMENT); a full
-    queue becomes `Busy` (HTTP 503 with Retry-After, gRPC UNAVAILABLE)."""
+    """Our client errors become kserve's InvalidInput (HTTP 400, gRPC INVALID_ARGUMENT), audio in a
+    format we do not decode its `UnsupportedMediaType` (HTTP 415); a busy server becomes `Busy` (HTTP 503 with Retry-After, gRPC UNAVAILABLE)."""
     try:
         yield
+    except UnsupportedAudio as exc:
+        raise UnsupportedMediaType(str(exc)) from exc
     except ClientInputError as exc:
         raise InvalidInput(str(exc)) from exc
     except Overloaded as exc:
@@ -143,6 +146,15 @@ async def busy_handler(_: Any, exc: Busy) -> JSONResponse:
     """HTTP 503 with Retry-After, logged once as a warning (kserve's handler would log a trace)."""
     logger.warning("%s", exc)
     return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": str(exc.retry_after_s)})
+
+
+class UnsupportedMediaType(InvalidInput):
+    """InvalidInput to kserve's gRPC server (INVALID_ARGUMENT); HTTP answers it 415."""
+
+
+async def unsupported_media_handler(_: Any, exc: UnsupportedMediaType) -> JSONResponse:
+    logger.info("415: %s", exc)
+    return JSONResponse(status_code=415, content={"error": str(exc)})
 
 
 def _is_raw_audio(body: bytes, headers: dict) -> bool:

@@ -1,0 +1,85 @@
+"""Whether a new request may come in, decided before any of its audio is decoded.
+
+A request's cost is its windows, and what a client feels is the wait before its windows run: the
+windows admitted ahead of it (those still decoding and those queued for the model) times the time
+a window has been taking on this node and engine (`WindowQueue.seconds_per_window`, which starts
+from the warm-up pass). A bound in seconds means the same on a 2-core pod and on a GPU, where a
+bound in windows would be minutes on one and milliseconds on the other. So a request is refused
+with `Overloaded` (503 and `Retry-After`, gRPC UNAVAILABLE) when that wait passes
+`--max_queue_seconds`, or when its windows would take the windows waiting past
+`--max_queued_windows`, a memory bound (each waiting window holds its samples). Nothing is
+refused while nothing is ahead, so one request up to the per-request limits always runs.
+
+The check is made twice, both times without decoding: `check` as soon as the request is parsed
+(nothing opened yet), and `admit` once the files' headers say how many windows the request will
+cost; `admit` also reserves those windows, so requests arriving together see each other before
+any of them is decoded. A reservation ends (`Ticket.release`) when the windows reach the queue,
+which counts them from then on, or when the request fails.
+
+The estimate counts every waiting window at the recent time per window. Round robin lets a short
+request's first window pass ahead of longer requests' later windows, so for short requests it is
+an upper bound; for requests of a clip or more it is what they wait.
+"""
+
+import math
+from dataclasses import dataclass
+
+from .batching import WindowQueue
+from .errors import Overloaded
+
+
+class Admission:
+    def __init__(self, queue: WindowQueue, max_wait_s: float, max_windows: int):
+        self.queue = queue
+        self.max_wait_s = max_wait_s
+        self.max_windows = max_windows
+        self.reserved = 0
+        """Windows of admitted requests not yet in the queue: opening or decoding their files."""
+
+    @property
+    def windows_ahead(self) -> int:
+        return self.queue.waiting + self.reserved
+
+    def check(self, windows: int = 0) -> None:
+        """Refuse now if the wait a new request faces passes the bound, or if its `windows` would
+        take the windows waiting past their bound."""
+        ahead = self.windows_ahead
+        if not ahead:
+            return
+        per_window = self.queue.seconds_per_window
+        wait = ahead * per_window
+        if wait > self.max_wait_s:
+            retry = _seconds(wait - self.max_wait_s)
+            raise Overloaded(
+                f"the server is busy: a new request would wait about {wait:.1f} s for the {ahead} windows ahead of "
+                f"it, and this server admits requests while that wait is at most {self.max_wait_s:g} s "
+                f"(--max_queue_seconds); retry in about {retry} s", retry)
+        if ahead + windows > self.max_windows:
+            retry = _seconds((ahead + windows - self.max_windows) * per_window)
+            raise Overloaded(
+                f"the server is busy: this request's {windows} windows would make {ahead + windows} waiting for the "
+                f"model, and this server holds at most {self.max_windows} (--max_queued_windows); retry in about "
+                f"{retry} s", retry)
+
+    def admit(self, windows: int) -> "Ticket":
+        """Check again, now that the request's cost is known, and count its windows as ahead of
+        every later request until they reach the queue."""
+        self.check(windows)
+        self.reserved += windows
+        return Ticket(self, windows)
+
+
+@dataclass
+class Ticket:
+    admission: Admission
+    windows: int
+
+    def release(self) -> None:
+        """The windows have reached the queue (or will never): no longer reserved. Idempotent."""
+        self.admission.reserved -= self.windows
+        self.windows = 0
+
+
+def _seconds(wait: float) -> int:
+    """Retry-After is whole seconds, and at least one."""
+    return max(1, math.ceil(wait))

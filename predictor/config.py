@@ -1,0 +1,152 @@
+"""Every setting of the server, written once: name, default, how it is parsed, and what it means.
+
+`Config`'s fields are the one place a default lives. `add_arguments` makes each field a flag
+(`--top_k`) whose default can come from the environment variable `AST_TOP_K`; the prefix keeps
+names a cluster sets for its own reasons (`BACKEND`, `THREADS`, `PRECISION`, the `<SERVICE>_PORT`
+variables Kubernetes injects) from reconfiguring the server. KServe's own flags are left to
+`args:`. `from_arguments` turns the parsed flags back into a `Config`, which the model, the
+engines and the decoder's limits read; the docs test reads `fields(Config)` against the docs.
+
+A dataclass with argparse rather than pydantic-settings: kserve's flags are argparse already, and
+one parser gives one `--help` and one error format for both.
+"""
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .engines.options import BACKENDS, PRECISIONS
+from .labels import FUNCTIONS
+from .logs import LOG_FORMATS
+
+ENV_PREFIX = "AST_"
+DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    return _bounded(kind, lambda value: value > 0, "positive")
+
+
+def non_negative(kind: type) -> Callable[[str], Any]:
+    return _bounded(kind, lambda value: value >= 0, "zero or more")
+
+
+def _bounded(kind: type, accept: Callable[[Any], bool], wanted: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not (math.isfinite(value) and accept(value)):
+            raise ValueError(f"must be {wanted}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def setting(default: Any, help: str, parse: Callable[[str], Any] = str, choices: Optional[tuple] = None) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    model_name: str = setting("ast", "The name in the URL paths (/v1/models/NAME:predict).")
+    model_dir: str = setting(DEFAULT_MODEL, "Local directory with config.json and weights (KServe mounts storage at "
+                             "/mnt/models), or a hub id.")
+    top_k: int = setting(5, "Labels returned per clip unless a request says otherwise (at most the model's labels).",
+                         positive(int))
+    function_to_apply: Optional[str] = setting(
+        None, "Logits to scores. Default: as the transformers pipeline decides from config.problem_type, but sigmoid "
+        "for AudioSet's 527 labels (multi-label).", choices=FUNCTIONS)
+    max_audio_seconds: float = setting(600.0, "Longest clip accepted, in seconds; every clip is classified whole, "
+                                       "window by window.", positive(float))
+    max_request_samples: int = setting(
+        57_600_000, "Most samples one request may decode, counted at each file's own rate and over all its channels "
+        "(samples x channels), all clips together: what decoding costs. Checked from the headers before decoding, "
+        "and while decoding. The default lets 10 minutes of 48 kHz stereo through.", positive(int))
+    max_clips_per_request: int = setting(64, "Most clips accepted in one request.", positive(int))
+    max_windows_per_request: int = setting(
+        240, "Most model windows one request may cost (a smaller hop_seconds costs more): four times the 59 windows "
+        "of 10 minutes at the default hop.", positive(int))
+    max_queue_seconds: float = setting(
+        30.0, "Longest wait a new request may face: the windows admitted ahead of it (decoding or queued) times the "
+        "time a window has been taking on this node. Past it the request gets 503 with Retry-After (gRPC "
+        "UNAVAILABLE) before anything is decoded. 30 s leaves half of common client timeouts (tritonclient's 60 s) "
+        "for the request's own windows.", positive(float))
+    max_queued_windows: int = setting(
+        240, "Most windows admitted and waiting for the model (a memory bound: each waiting window holds its "
+        "samples); past it a new request gets 503 with Retry-After at once.", positive(int))
+    max_channels: int = setting(64, "Most channels in one audio file (checked from its header); every channel is "
+                                "averaged into mono, block by block, so memory does not grow with them.", positive(int))
+    max_request_mb: float = setting(32.0, "Largest request: an HTTP body (413 past it) or a gRPC message (kserve's own "
+                                    "default is 8 MiB), in MiB. A 10-minute 16 kHz 16-bit WAV is 19 MB.",
+                                    positive(float))
+    max_batch_size: int = setting(1, "Most windows (10.24 s each for AudioSet AST) in one forward pass; raise it on "
+                                  "machines where batches pay (make bench measures it).", positive(int))
+    max_batch_wait_ms: float = setting(0.0, "How long a request waits for others to share its forward pass "
+                                       "(0: only those already queued).", non_negative(float))
+    backend: str = setting(
+        "auto", "auto: the fastest engine for the precision, timed on this kind of CPU at the first start (kept in "
+        "--onnx_cache_dir, or packed with the model by make pack-model). onnxruntime: the model exported to ONNX "
+        "once (cached); openvino: that ONNX file compiled by OpenVINO for this CPU (int8 quantized by NNCF); "
+        "torch: eager PyTorch with SDPA, the reference.", choices=BACKENDS)
+    precision: str = setting(
+        "fp32", "fp32: equal to the transformers pipeline. bf16 (openvino, torch): for CPUs that multiply bf16 "
+        "natively (AVX512-BF16, AMX). int8: onnxruntime's dynamic int8 or openvino's static int8, whichever is "
+        "faster here; check its accuracy on your clips with python -m predictor.compare.", choices=PRECISIONS)
+    threads: Optional[int] = setting(None, "Intra-op threads, and the decoding pool's size. Default: the container's "
+                                     "CPU limit (cgroup), not the node's core count.", positive(int))
+    onnx_cache_dir: Optional[Path] = setting(None, "Where engine files and engine choices are kept. Default: "
+                                             "$XDG_CACHE_HOME/ast-kserve (~/.cache/ast-kserve).", Path)
+    start_timeout_s: float = setting(
+        240.0, "The start's budget for making engine files (ONNX export, OpenVINO's int8) and timing the engines: "
+        "each gets what is left of it. Past it, under --backend auto that engine drops out; a named backend fails "
+        "the start. Size the startupProbe above it.", positive(float))
+    calibration_dir: Optional[Path] = setting(None, "int8 on OpenVINO (static scales, NNCF): audio files like the "
+                                              "ones you serve, to calibrate on. Default: clips the server synthesises.",
+                                              Path)
+    log_format: str = setting("text", "text: kserve's log lines; json: one JSON object per line (time, level, logger, "
+                              "message, and request_id while a request is handled). A --log_config_file wins over it.",
+                              choices=LOG_FORMATS)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, environ: Optional[dict] = None) -> None:
+        """Each setting as a flag, its default taken from `AST_<NAME>` where set. `--model_name` is
+        kserve's own flag already: only its default is ours."""
+        environ = os.environ if environ is None else environ
+        for setting_ in fields(cls):
+            default = _from_environment(parser, setting_, environ)
+            if setting_.name == "model_name":
+                parser.set_defaults(model_name=default)
+                continue
+            meta = setting_.metadata
+            parser.add_argument(f"--{setting_.name}", type=meta["parse"], choices=meta["choices"], default=default,
+                                help=f"{meta['help']} Environment: {env_name(setting_.name)}.")
+
+    @classmethod
+    def from_arguments(cls, arguments: argparse.Namespace) -> "Config":
+        return cls(**{setting_.name: getattr(arguments, setting_.name) for setting_ in fields(cls)})
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _from_environment(parser: argparse.ArgumentParser, setting_: Any, environ: dict) -> Any:
+    name = env_name(setting_.name)
+    value = environ.get(name)
+    if value is None:
+        return setting_.default
+    meta = setting_.metadata
+    try:
+        parsed = meta["parse"](value)
+    except ValueError as exc:
+        parser.error(f"environment variable {name}={value!r}: {exc}")
+    if meta["choices"] is not None and parsed not in meta["choices"]:
+        parser.error(f"environment variable {name}={value!r}: choose from {list(meta['choices'])}")
+    return parsed
