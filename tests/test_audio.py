@@ -8,6 +8,7 @@ import soundfile as sf
 import soxr
 
 from predictor import audio
+from predictor.config import Config
 from predictor.errors import ClientInputError
 
 from .conftest import encode, tone
@@ -176,3 +177,13 @@ def test_many_channels_downmix_block_by_block():
     channels = (0.1 * rng.standard_normal((RATE * 3, 64))).astype(np.float32)
     decoded = audio.decode(encode(channels, RATE, "WAV", "FLOAT"), TARGET)
     np.testing.assert_allclose(decoded, channels.mean(axis=1, dtype=np.float32), atol=1e-7)
+
+
+def test_the_default_sample_budget_takes_ten_minutes_of_48k_stereo_and_not_a_frame_more():
+    budget = audio.SampleBudget(Config().max_request_samples)
+    stereo = [audio.Source(rate=48000, channels=2, frames=600 * 48000, blocks=iter(()), reader="test")]
+    budget.check_declared(stereo)
+    stereo[0].frames += 1
+    with pytest.raises(ClientInputError, match=r"holds 57,600,002 samples \(600.0 s x 2 channel\(s\) at 48000 Hz\): "
+                                               r"2 more than this server decodes per request"):
+        budget.check_declared(stereo)

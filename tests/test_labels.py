@@ -33,10 +33,17 @@ def test_scores_and_top_k_rank_like_the_pipeline():
     torch.testing.assert_close(raw[:, 0], logits.max(-1).values)
 
 
-@pytest.mark.parametrize("top_k", [0, -1, 11, 2.5, "3", True, None])
-def test_top_k_outside_the_label_range_is_refused(top_k):
-    with pytest.raises(ClientInputError, match="top_k must be an integer from 1 to 10"):
+@pytest.mark.parametrize("top_k", [0, -1, 2.5, "3", True, None])
+def test_top_k_that_is_not_a_positive_integer_is_refused(top_k):
+    with pytest.raises(ClientInputError, match=r"top_k must be a positive integer \(more than the model's 10 labels "
+                                               r"means all of them\)"):
         labels.check_top_k(top_k, 10)
+
+
+@pytest.mark.parametrize("top_k, kept", [(1, 1), (10, 10), (11, 10), (10**6, 10)])
+def test_top_k_above_the_label_count_means_every_label(top_k, kept):
+    """As the transformers pipeline clamps it."""
+    assert labels.check_top_k(top_k, 10) == kept
 
 
 @pytest.mark.parametrize("name", ["relu", "", None, 1, "SOFTMAX"])

@@ -7,6 +7,7 @@ clip and per request), with a lower window limit to test it.
 """
 
 import base64
+import re
 import subprocess
 
 import numpy as np
@@ -23,12 +24,13 @@ from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, r
 RATE = 16000
 WINDOW = 163_840
 ALL = len(TINY_LABELS)
+BUDGET = 600 * RATE  # the long server's samples per request: 10 minutes of 16 kHz mono
 
 
 @pytest.fixture(scope="module")
 def long_server(tiny_model_dir, tmp_path_factory):
     running = start_server(tiny_model_dir, tmp_path_factory.mktemp("long-server") / "server.log",
-                           env={"AST_MAX_WINDOWS_PER_REQUEST": "100"})
+                           env={"AST_MAX_WINDOWS_PER_REQUEST": "100", "AST_MAX_REQUEST_SAMPLES": str(BUDGET)})
     yield running
     stop_server(running)
 
@@ -213,15 +215,22 @@ def test_bad_long_audio_parameters(long_server, three_parts, parameters, message
     assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
-def test_the_request_audio_budget_refuses_before_decoding(long_server):
-    """64 ten-minute clips would be 640 minutes: the headers alone say so (silence compresses to
-    almost nothing in FLAC, so the request itself is small)."""
-    silence = encode(np.zeros(RATE * 590, np.float32), RATE, "FLAC", "PCM_16")
-    body = {"instances": [{"b64": b64(silence)}] * 2}
-    response = requests.post(long_server.predict_url, json=body, timeout=60)
+def decodes_begun(server) -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    return float(re.search(r'^ast_stage_seconds_count\{stage="decode"\} (\S+)$', text, re.M).group(1))
+
+
+def test_the_request_sample_budget_refuses_before_decoding(long_server):
+    """8 channels at 96 kHz: 20 s of it is 15.36 million samples to decode, over the budget of 9.6
+    million, though it is a short clip; its header alone says so (silence compresses to almost
+    nothing in FLAC, so the request itself is small), and nothing is decoded."""
+    silence = encode(np.zeros((96_000 * 20, 8), np.float32), 96_000, "FLAC", "PCM_16")
+    before = decodes_begun(long_server)
+    response = requests.post(long_server.predict_url, json={"instances": [{"b64": b64(silence)}]}, timeout=60)
     assert response.status_code == 400
-    assert "the request's clips hold 1180.0 s of audio; this server accepts at most 600 s of audio per request" \
-        in response.json()["error"]
+    assert ("the request's audio holds 15,360,000 samples (20.0 s x 8 channel(s) at 96000 Hz): 5,760,000 more than "
+            "this server decodes per request (9,600,000 samples, --max_request_samples)") in response.json()["error"]
+    assert decodes_begun(long_server) == before
 
 
 def streamed_flac(tmp_path, seconds: float) -> bytes:
@@ -234,13 +243,14 @@ def streamed_flac(tmp_path, seconds: float) -> bytes:
     return out
 
 
-def test_the_request_audio_budget_is_enforced_while_decoding(long_server, tmp_path):
-    """Two clips of 400 s whose headers say nothing: the second passes the 600 s budget while it
-    is being decoded, and decoding stops there."""
+def test_the_request_sample_budget_is_enforced_while_decoding(long_server, tmp_path):
+    """Two clips of 400 s whose headers say nothing: the second passes the budget while it is being
+    decoded, and decoding stops there."""
     clip = streamed_flac(tmp_path, 400)
     response = requests.post(long_server.predict_url, json={"instances": [{"b64": b64(clip)}] * 2}, timeout=60)
     assert response.status_code == 400
-    assert "longer than 200 s; this server accepts at most 600 s of audio per request" in response.json()["error"]
+    assert ("the request's audio decodes to more than 9,600,000 samples (1 channel(s) at 16000 Hz in this clip, after "
+            "6,400,000 samples before it)") in response.json()["error"], response.text
 
 
 def test_asking_for_segment_outputs_with_return_segments_false_is_refused(long_server, three_parts):

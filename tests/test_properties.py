@@ -550,7 +550,7 @@ def test_ffmpeg_audio_of_8_or_more_channels_decodes_to_its_mono_mix(tmp_path, de
     ("infer", to_json({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1], "data": [10**400]}]}),
      {"content-type": fz.JSON_TYPE}, "does not fit"),
     ("predict", to_json(fz.v1_body([WAV], top_k=nested(1000, 1))), {"content-type": fz.JSON_TYPE},
-     "top_k must be an integer"),
+     "top_k must be a positive integer"),
     ("predict", b"\x80", {"content-type": fz.STRUCTURED}, "not a valid CloudEvent"),
     ("predict", b"3", {**fz.CLOUDEVENT, "content-type": fz.STRUCTURED}, "not a valid CloudEvent"),
     ("predict", b"x", {**fz.CLOUDEVENT, "content-type": fz.STRUCTURED}, "not a valid CloudEvent"),

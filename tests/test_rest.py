@@ -43,6 +43,14 @@ def test_v1_base64_instances_match_the_pipeline(server, tiny_pipeline, speech_16
         assert_same_predictions(actual, expected(tiny_pipeline, clip, 3, "sigmoid"))
 
 
+def test_top_k_above_the_label_count_is_clamped_as_the_pipeline_does(server, tiny_pipeline, speech_16k):
+    body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, RATE, "WAV", "FLOAT")).decode()}],
+            "parameters": {"top_k": 50, "function_to_apply": "sigmoid"}}
+    response = requests.post(server.predict_url, json=body)
+    assert response.status_code == 200, response.text
+    assert_same_predictions(response.json()["predictions"][0], expected(tiny_pipeline, speech_16k, 50, "sigmoid"))
+
+
 def test_v1_defaults_are_the_servers(server, tiny_pipeline, speech_16k):
     """No parameters: top 5, and the pipeline's own choice of function for a 10-label model (softmax)."""
     body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, RATE, "FLAC", "PCM_24")).decode()}]}
