@@ -33,7 +33,7 @@ $(PEER_VENV)/.installed: benchmarks/requirements-peer.txt
 peer-venv: $(PEER_VENV)/.installed
 
 run: install
-	MODEL_DIR=$(MODEL_DIR) MODEL_NAME=$(MODEL_NAME) $(BIN)/python -m predictor
+	AST_MODEL_DIR=$(MODEL_DIR) AST_MODEL_NAME=$(MODEL_NAME) $(BIN)/python -m predictor
 
 test: install-dev
 	$(BIN)/python -m pytest

@@ -53,13 +53,12 @@ class Admission:
             raise Overloaded(
                 f"the server is busy: a new request would wait about {wait:.1f} s for the {ahead} windows ahead of "
                 f"it, and this server admits requests while that wait is at most {self.max_wait_s:g} s "
-                f"(--max_queue_seconds); retry in about {retry} s", retry)
+                "(--max_queue_seconds)", retry)
         if ahead + windows > self.max_windows:
             retry = _seconds((ahead + windows - self.max_windows) * per_window)
             raise Overloaded(
                 f"the server is busy: this request's {windows} windows would make {ahead + windows} waiting for the "
-                f"model, and this server holds at most {self.max_windows} (--max_queued_windows); retry in about "
-                f"{retry} s", retry)
+                f"model, and this server holds at most {self.max_windows} (--max_queued_windows)", retry)
 
     def admit(self, windows: int) -> "Ticket":
         """Check again, now that the request's cost is known, and count its windows as ahead of

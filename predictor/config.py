@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from . import names
 from .engines.options import BACKENDS, PRECISIONS
 from .labels import FUNCTIONS
 from .logs import LOG_FORMATS
@@ -51,7 +52,7 @@ def setting(default: Any, help: str, parse: Callable[[str], Any] = str, choices:
 
 @dataclass(frozen=True)
 class Config:
-    model_name: str = setting("ast", "The name in the URL paths (/v1/models/NAME:predict).")
+    model_name: str = setting(names.MODEL_NAME, "The name in the URL paths (/v1/models/NAME:predict).")
     model_dir: str = setting(DEFAULT_MODEL, "Local directory with config.json and weights (KServe mounts storage at "
                              "/mnt/models), or a hub id.")
     top_k: int = setting(5, "Labels returned per clip unless a request says otherwise (at most the model's labels).",
@@ -79,7 +80,7 @@ class Config:
         "samples); past it a new request gets 503 with Retry-After at once.", positive(int))
     max_channels: int = setting(64, "Most channels in one audio file (checked from its header); every channel is "
                                 "averaged into mono, block by block, so memory does not grow with them.", positive(int))
-    max_request_mb: float = setting(32.0, "Largest request: an HTTP body (413 past it) or a gRPC message (kserve's own "
+    max_request_mb: float = setting(names.MAX_REQUEST_MB, "Largest request: an HTTP body (413 past it) or a gRPC message (kserve's own "
                                     "default is 8 MiB), in MiB. A 10-minute 16 kHz 16-bit WAV is 19 MB.",
                                     positive(float))
     max_batch_size: int = setting(1, "Most windows (10.24 s each for AudioSet AST) in one forward pass; raise it on "

@@ -8,6 +8,8 @@ into `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT; 415 for `UnsupportedAudio`
 import reprlib
 from typing import Any
 
+from .names import retry_after_token
+
 # Short, however long or deep the value: a message (and the log line that records it) never
 # repeats a client's megabyte string, and a list nested a thousand deep is not recursed into.
 _SHOWN = reprlib.Repr()  # Python 3.11's takes no arguments
@@ -28,8 +30,9 @@ class UnsupportedAudio(ClientInputError):
 
 
 class Overloaded(RuntimeError):
-    """The model's queue is full: come back later (after about `retry_after_s` seconds)."""
+    """The server is too busy for the request: come back after about `retry_after_s` seconds. The
+    message ends with the time in words and as `names.retry_after_token`."""
 
     def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message)
+        super().__init__(f"{message}; retry in about {retry_after_s} s ({retry_after_token(retry_after_s)})")
         self.retry_after_s = retry_after_s

@@ -182,7 +182,8 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
 
 
 def metric(server, name: str) -> float:
-    """One of the server's own series with no labels (Prometheus, on kserve's /metrics)."""
+    """One of the server's own series (Prometheus, on kserve's /metrics), by its name and labels as
+    the exposition writes them: `ast_queued_windows`, `ast_stage_seconds_count{stage="decode"}`."""
     for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[1])
@@ -190,15 +191,16 @@ def metric(server, name: str) -> float:
 
 
 def raw_http(server, head: bytes, chunks=()) -> bytes:
-    """A request written by hand on a socket (what requests cannot do: stop sending midway), and
-    the server's answer as it arrives."""
+    """A request written by hand on a socket (what requests cannot do: stop sending midway, or
+    never send the body its headers announce), and the server's answer as it arrives."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as connection:
         connection.sendall(head)
         try:
             for chunk in chunks:
                 connection.sendall(chunk)
+            connection.shutdown(socket.SHUT_WR)  # done writing: a server reading the rest of a body stops
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before the body was over: what the limit is for
+            pass  # the server answered and closed before the body was over
         answer = b""
         while (data := connection.recv(65536)):
             answer += data

@@ -22,6 +22,8 @@ import requests
 import yaml
 from transformers import pipeline
 
+from predictor.config import Config
+
 from .conftest import (REPO, Server, assert_same_predictions, encode, expected, free_port, run_triton_grpc,
                        metric, stop_server, tone)
 
@@ -109,7 +111,7 @@ def predictor_container(manifest: Path, model_name: str) -> dict:
     assert predictor["model"]["modelFormat"]["name"] in [f["name"] for f in runtime["supportedModelFormats"]]
     container = copy.deepcopy(runtime["containers"][0])
     container["args"] = [a.replace("{{.Name}}", model_name) for a in container["args"]]
-    container.update({k: predictor["model"][k] for k in ("readinessProbe", "livenessProbe") if k in predictor["model"]})
+    container.update({k: predictor["model"][k] for k in PROBES if k in predictor["model"]})
     return container
 
 
@@ -147,13 +149,28 @@ def probe(probe_spec: dict, ports: dict) -> float:
     return time.perf_counter() - start
 
 
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+@pytest.mark.parametrize("manifest", INFERENCE_SERVICES, ids=lambda p: p.name)
+def test_the_startup_probe_waits_out_the_start_budget_and_liveness_stays_tight(manifest):
+    """A first start may spend --start_timeout_s on engine work after loading; a restart in the
+    middle would start it over. The startup probe allows that with a minute to spare for loading
+    and warm-up; liveness, which Kubernetes runs only after it, needs no initial delay."""
+    container = predictor_container(manifest, "ast")
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    allowed = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+    assert allowed >= Config().start_timeout_s + 60, allowed
+    assert liveness.get("initialDelaySeconds", 0) == 0 and liveness["periodSeconds"] * liveness.get("failureThreshold", 3) <= 60
+
+
 @pytest.mark.parametrize("manifest", INFERENCE_SERVICES, ids=lambda p: p.name)
 def test_each_manifest_runs_and_its_probes_answer(manifest, tiny_model_dir, tmp_path):
     name = yaml.safe_load(manifest.read_text())["metadata"]["name"]
     container = predictor_container(manifest, name)
     server, ports = start_as_deployed(container, tiny_model_dir, tmp_path / "server.log")
     try:
-        for kind in ("readinessProbe", "livenessProbe"):
+        for kind in PROBES:
             probe(container[kind], ports)
         clip = encode(tone(440, 1.0, 16000), 16000, "WAV", "PCM_16")
         served = {p["containerPort"] for p in container.get("ports", [])} or {8080}

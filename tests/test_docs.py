@@ -2,12 +2,14 @@
 its default, nothing else is, and every link between the pages leads somewhere."""
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from kserve import model_server
 
 from predictor.__main__ import build_parser
+from predictor.config import Config, env_name
 from predictor.client.__main__ import parser as client_parser
 
 from .conftest import REPO
@@ -23,10 +25,16 @@ def table_flags(page: Path, header: str) -> dict[str, str]:
     return {flag: default.strip() for flag, default in re.findall(r"^\| `(--[a-z_-]+)` \| ([^|]*) \|", table, re.M)}
 
 
-def own_options(parser, inherited=()) -> dict[str, object]:
-    skip = {option for action in inherited for option in action.option_strings} | {"-h", "--help"}
-    return {action.option_strings[-1]: action.default for action in parser._actions
-            if action.option_strings and action.option_strings[-1] not in skip}
+def flags(parser) -> set[str]:
+    """The flags a parser's --help lists."""
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", parser.format_help())) - {"--help"}
+
+
+def own_options(parser, inherited=None, positional=()) -> dict[str, object]:
+    """Each of the parser's own flags (those `inherited` has not) with its default, as parsing finds it."""
+    defaults = vars(parser.parse_args(list(positional)))
+    own = flags(parser) - (flags(inherited) if inherited is not None else set())
+    return {flag: defaults[flag[2:].replace("-", "_")] for flag in own}
 
 
 def documented_default_matches(documented: str, default: object) -> bool:
@@ -43,7 +51,8 @@ def documented_default_matches(documented: str, default: object) -> bool:
 
 def test_every_server_flag_is_documented_with_its_default():
     # ours, and the one kserve flag the table lists because this server also reads it from the environment
-    options = {**own_options(build_parser(), model_server.parser._actions), "--model_name": "ast"}
+    options = {**own_options(build_parser(environ={}), model_server.parser), "--model_name": "ast"}
+    assert options == {f"--{setting.name}": setting.default for setting in fields(Config)}
     documented = table_flags(REPO / "docs" / "configuration.md", "## Configuration")
     assert set(options) == set(documented), (set(options) ^ set(documented))
     wrong = {flag: (documented[flag], options[flag]) for flag in options
@@ -52,12 +61,19 @@ def test_every_server_flag_is_documented_with_its_default():
 
 
 def test_every_client_flag_is_documented_with_its_default():
-    options = own_options(client_parser())
+    options = own_options(client_parser(), positional=["clip.wav"])
     documented = table_flags(REPO / "docs" / "api.md", "### The client")
     assert set(options) == set(documented), (set(options) ^ set(documented))
     wrong = {flag: (documented[flag], options[flag]) for flag in options
              if not documented_default_matches(documented[flag], options[flag])}
     assert not wrong, wrong
+
+
+def test_every_server_flag_names_its_environment_variable_in_help():
+    shown = re.sub(r"\s+", " ", build_parser(environ={}).format_help())
+    missing = [setting.name for setting in fields(Config) if setting.name != "model_name"
+               and f"--{setting.name}" in shown and f"Environment: {env_name(setting.name)}." not in shown]
+    assert not missing, missing
 
 
 def slug(heading: str) -> str:

@@ -14,6 +14,9 @@ import orjson
 import pytest
 import requests
 
+from predictor.config import Config
+from predictor.names import retry_after
+
 from .conftest import encode, metric, run_triton_grpc, start_server, stop_server
 
 RATE = 16000
@@ -25,9 +28,9 @@ def windows_done(server) -> float:
 
 @pytest.fixture(scope="module")
 def torch_server(full_size_dir, tmp_path_factory):
-    """The full-size model on the torch engine (no ONNX export to wait for), at most 10 windows waiting."""
+    """The full-size model on the torch engine (no ONNX export to wait for), on the default limits."""
     server = start_server(full_size_dir, tmp_path_factory.mktemp("full-torch") / "server.log",
-                          extra_args=("--backend", "torch", "--max_queued_windows", "10"))
+                          extra_args=("--backend", "torch"))
     yield server
     stop_server(server)
 
@@ -84,24 +87,46 @@ def test_a_client_that_goes_away_stops_using_the_model(torch_server):
     assert server.is_ready()
 
 
-def test_overload_is_refused_at_once_while_admitted_work_finishes(torch_server):
-    """A 12-window request is admitted into an empty queue; a second one, which would make 20
-    windows wait where the server takes 10, is refused with 503 and Retry-After (gRPC: UNAVAILABLE)
-    while the first is still being classified; the probes answer and the first request succeeds."""
-    server, begun = torch_server, windows_done(torch_server)
-    body = {"instances": [{"b64": base64.b64encode(noise_wav(30, 9)).decode()}], "parameters": {"hop_seconds": 2.5}}
-    with ThreadPoolExecutor(1) as pool:
-        admitted = pool.submit(requests.post, server.predict_url, json=body, timeout=600)
-        while windows_done(server) < begun + 1:
-            assert not admitted.done(), admitted.result().text
+CONTAINER_CONCURRENCY = 4  # inferenceservice.yaml's
+MAX_QUEUE_SECONDS = Config().max_queue_seconds
+
+
+def decodes(server) -> float:
+    return metric(server, 'ast_stage_seconds_count{stage="decode"}')
+
+
+def test_a_flood_is_refused_before_decoding_and_admitted_requests_answer_within_the_bound(torch_server):
+    """12x containerConcurrency of 10 s clips at once, on the default flags: requests come in while
+    the wait ahead of them is within --max_queue_seconds; the rest get 503 with Retry-After within
+    a second, decided before their audio is decoded (gRPC: UNAVAILABLE, the retry time as a token);
+    every admitted request answers within the bound plus its own window, and the probes answer."""
+    server, clip, decoded_before = torch_server, noise_wav(10, 9), decodes(torch_server)
+
+    def post(_: int) -> tuple[requests.Response, float]:
+        started = time.monotonic()
+        response = requests.post(server.predict_url, data=clip, headers={"Content-Type": "audio/wav"}, timeout=600)
+        return response, time.monotonic() - started
+
+    flood = 12 * CONTAINER_CONCURRENCY
+    with ThreadPoolExecutor(flood) as pool:
+        answers = pool.map(post, range(flood))
+        while queued_windows(server) < 2:
             time.sleep(0.05)
-        refused = requests.post(server.predict_url, json=body, timeout=60)
-        over_grpc = run_triton_grpc({"url": server.grpc_url, "model": "ast", "clips": [body["instances"][0]["b64"]], "parameters": {"hop_seconds": 2.5}})
+        over_grpc = run_triton_grpc({"url": server.grpc_url, "model": "ast", "clips": [base64.b64encode(clip).decode()]})
         live = requests.get(f"{server.url}/v2/health/live", timeout=5)
-        assert not admitted.done(), "the admitted request finished before the overload could be tested"
-        assert admitted.result().status_code == 200, admitted.result().text
-    assert refused.status_code == 503, refused.text
-    assert int(refused.headers["Retry-After"]) >= 1
-    assert "the model's queue is full" in refused.json()["error"]
-    assert over_grpc["error_code"] == "StatusCode.UNAVAILABLE" and "queue is full" in over_grpc["error"], over_grpc
+        answers = list(answers)
+    per_window = metric(server, 'ast_stage_seconds_sum{stage="model"}') / metric(server, 'ast_stage_seconds_count{stage="model"}')
+    admitted = [seconds for response, seconds in answers if response.status_code == 200]
+    refused = [(response, seconds) for response, seconds in answers if response.status_code == 503]
+    assert len(admitted) + len(refused) == flood, [r.text for r, _ in answers if r.status_code not in (200, 503)]
+    assert admitted and refused, (len(admitted), len(refused))
+    assert decodes(server) - decoded_before == len(admitted)  # nothing refused was decoded
+    for response, seconds in refused:
+        assert seconds <= 1.0, (seconds, response.text)
+        retry = int(response.headers["Retry-After"])
+        assert retry >= 1 and f"(retry_after_s={retry})" in response.json()["error"], response.text
+        assert "(--max_queue_seconds)" in response.json()["error"], response.text
+    assert max(admitted) <= MAX_QUEUE_SECONDS + 2 * per_window + 2.0, (sorted(admitted), per_window)
+    assert over_grpc["error_code"] == "StatusCode.UNAVAILABLE", over_grpc
+    assert retry_after(over_grpc["error"]) >= 1, over_grpc
     assert live.status_code == 200

@@ -2,24 +2,27 @@
 
 The tests' tiny random AST has AudioSet's 1024 frames, so its windows are AudioSet's 10.24 s
 (163,840 samples) while a window costs milliseconds. Every window is held to the transformers
-pipeline on that window's sample slice alone. This server keeps the default limits (600 s per
-clip and per request), with a lower window limit to test it.
+pipeline on that window's sample slice alone. This server keeps the default limit of 600 s per
+clip, with lower window and sample limits to test them.
 """
 
 import base64
-import re
+import json
 import subprocess
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 import requests
 import soundfile as sf
 import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 
 from predictor import audio
 
-from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, raw_http, run_triton_grpc, start_server,
-                       stop_server, tone)
+from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, metric, raw_http, run_triton_grpc,
+                       start_server, stop_server, tone)
 
 RATE = 16000
 WINDOW = 163_840
@@ -216,8 +219,7 @@ def test_bad_long_audio_parameters(long_server, three_parts, parameters, message
 
 
 def decodes_begun(server) -> float:
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    return float(re.search(r'^ast_stage_seconds_count\{stage="decode"\} (\S+)$', text, re.M).group(1))
+    return metric(server, 'ast_stage_seconds_count{stage="decode"}')
 
 
 def test_the_request_sample_budget_refuses_before_decoding(long_server):
@@ -318,11 +320,51 @@ def test_a_body_past_the_limit_is_refused_before_it_is_read(long_server):
 
 
 def test_a_chunked_body_is_refused_once_it_passes_the_limit(long_server):
-    """No length stated: the server counts what it reads and answers 413 past 32 MiB; the client
-    is cut off long before its 64 MiB are sent."""
+    """No length stated: the server counts what it reads and answers 413 past 32 MiB; the rest is
+    read and thrown away, so that the client sees the answer once it has written its body."""
     chunk = b"%x\r\n%s\r\n" % (2**20, bytes(2**20))
     answer = raw_http(long_server, b"POST /v1/models/ast:predict HTTP/1.1\r\nHost: test\r\nContent-Type: audio/wav\r\n"
                                    b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 64 + [b"0\r\n\r\n"])
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
-    assert b"request body is more than 33554432 bytes" in answer
+    assert b"request body is more than 33554432 bytes" in answer and b"\r\nconnection: close\r\n" in answer.lower()
     assert long_server.is_ready()
+
+
+TOO_LARGE = 40 * 2**20
+TOO_LARGE_MESSAGE = f"request body is {TOO_LARGE} bytes; this server accepts at most 33554432 bytes (32 MiB"
+
+
+def test_a_body_past_the_limit_gets_its_413_in_every_client(long_server, tmp_path):
+    """The 413 is sent at once, then the body read and discarded before the connection closes, so
+    clients that write the whole body before reading (urllib on http.client) read the answer too."""
+    body = bytes(TOO_LARGE)
+    request = urllib.request.Request(long_server.predict_url, data=body, headers={"Content-Type": "audio/wav"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413 and TOO_LARGE_MESSAGE in json.loads(refused.value.read())["error"]
+
+    response = requests.post(long_server.predict_url, data=body, headers={"Content-Type": "audio/wav"}, timeout=60)
+    assert response.status_code == 413 and TOO_LARGE_MESSAGE in response.json()["error"]
+
+    client = triton_http.InferenceServerClient(long_server.url.removeprefix("http://"), network_timeout=60)
+    tensor = triton_http.InferInput("audio", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([body], dtype=object), binary_data=True)
+    with pytest.raises(InferenceServerException, match="this server accepts at most 33554432 bytes"):
+        client.infer("ast", [tensor])
+
+    (tmp_path / "big.wav").write_bytes(body)
+    curl = subprocess.run(["curl", "-sS", "-o", str(tmp_path / "answer"), "-w", "%{http_code}", "--data-binary",
+                           f"@{tmp_path / 'big.wav'}", "-H", "Content-Type: audio/wav", long_server.predict_url],
+                          capture_output=True, text=True, timeout=60)
+    assert curl.stdout == "413", (curl.stdout, curl.stderr)
+    assert TOO_LARGE_MESSAGE in json.loads((tmp_path / "answer").read_text())["error"]
+    assert long_server.is_ready()
+
+
+def test_an_answer_sent_before_the_body_was_read_lingers_too(long_server):
+    """A 404 for a model that is not there, its body unread: written, then the body drained."""
+    request = urllib.request.Request(f"{long_server.url}/v1/models/nope:predict", data=bytes(8 * 2**20),
+                                     headers={"Content-Type": "audio/wav"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 404, refused.value.read()

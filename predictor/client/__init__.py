@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from ..names import GRPC_PORT, HTTP_PORT, MAX_REQUEST_MB, MODEL_NAME
 from .protocols import PROTOCOLS, Endpoint, Prediction, RequestFailed
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URLS = {"v1": "http://localhost:8080", "v2": "http://localhost:8080", "grpc": "localhost:8081"}
-# The server's --max_request_mb default; a larger file is re-encoded before it is sent.
-DEFAULT_MAX_REQUEST_MB = 32.0
+DEFAULT_URLS = {"v1": f"http://localhost:{HTTP_PORT}", "v2": f"http://localhost:{HTTP_PORT}", "grpc": f"localhost:{GRPC_PORT}"}
 # Room for the request around the file: JSON, headers, gRPC framing.
 REQUEST_OVERHEAD_BYTES = 64 * 1024
 OVERLOAD_RETRIES = 5
@@ -40,9 +39,9 @@ class Result:
 
 
 class Client:
-    def __init__(self, url: Optional[str] = None, protocol: str = "v2", model_name: str = "ast",
+    def __init__(self, url: Optional[str] = None, protocol: str = "v2", model_name: str = MODEL_NAME,
                  timeout_s: float = 300.0, host: Optional[str] = None,
-                 max_request_mb: float = DEFAULT_MAX_REQUEST_MB):
+                 max_request_mb: float = MAX_REQUEST_MB):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
         endpoint = Endpoint(url or DEFAULT_URLS[protocol], model_name, timeout_s, host)

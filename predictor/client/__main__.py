@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import DEFAULT_MAX_REQUEST_MB, DEFAULT_URLS, Client
-from .batch import AUDIO_SUFFIXES, Outcome, answered, audio_files, open_results, run
+from ..names import MAX_REQUEST_MB, MODEL_NAME
+from . import DEFAULT_URLS, Client
+from .batch import AUDIO_SUFFIXES, Outcome, audio_files, run, settle_results
 from .protocols import PROTOCOLS, Prediction
 
 BAR_WIDTH = 30
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("files", nargs="+", metavar="FILE", help="audio files, or folders searched recursively")
     parser.add_argument("--url", help=f"http://host:port for v1/v2 (default {DEFAULT_URLS['v2']}), host:port for "
                                       f"grpc (default {DEFAULT_URLS['grpc']})")
-    parser.add_argument("--model-name", default="ast", help="the model's name on the server (default: ast)")
+    parser.add_argument("--model-name", default=MODEL_NAME, help=f"the model's name on the server (default: {MODEL_NAME})")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default="v2",
                         help="v1 (raw body), v2 (REST, binary data) or grpc (default: v2)")
     parser.add_argument("--host", help="the Host header (REST) or authority (gRPC) an ingress routes by")
@@ -61,11 +62,12 @@ def parser() -> argparse.ArgumentParser:
                                                              "instead of a table")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1)")
-    parser.add_argument("--output", type=Path, help="write results to this JSON Lines file; a rerun skips "
-                                                    "the files it already answered")
-    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
+    parser.add_argument("--output", type=Path, help="write results to this JSON Lines file, one record per "
+                                                    "file; a rerun skips files answered or refused (4xx) and tries "
+                                                    "the rest again")
+    parser.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_MB,
                         help="the server's body limit: larger files are re-encoded to 16 kHz mono FLAC first "
-                             f"(default: {DEFAULT_MAX_REQUEST_MB:g}, the server's default)")
+                             f"(default: {MAX_REQUEST_MB:g}, the server's default)")
     return parser
 
 
@@ -80,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"no audio files in {', '.join(args.files)} (looked for {', '.join(sorted(AUDIO_SUFFIXES))})",
               file=sys.stderr)
         return 2
-    done = answered(args.output) if args.output else set()
+    output, done = settle_results(args.output) if args.output else (None, set())
     todo = [name for name in names if name not in done]
 
     def report(outcome: Outcome) -> None:
@@ -95,7 +97,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(outcome.line()) if args.json else table(outcome.file, outcome.result.prediction),
                   flush=True)
 
-    output = open_results(args.output) if args.output else None
     try:
         summary = run(client, todo, parameters, args.concurrency, report, output,
                       progress=len(todo) > 1 and sys.stderr.isatty())

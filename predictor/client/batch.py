@@ -1,12 +1,14 @@
 """Many files: found in folders, sent N at a time, one JSON line each, resumable.
 
 A results file (`--output`, JSON Lines) holds one object per file: `{"file", "answer"}` or
-`{"file", "error", "status"}`. A rerun with the same file skips every file that already has an
-answer there (so nothing is classified twice) and tries the failed ones again, appending; the
-last line for a file is its outcome.
+`{"file", "error", "status"}`. A rerun with the same file skips every file whose record is final:
+an answer, or a 4xx (the request as sent was refused, and would be again). Every other failure (a
+busy or unreachable server, a timeout) is tried again, its old record removed first, so the file
+keeps one record per audio file however many runs it took.
 """
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional, TextIO
 from . import Client, Result
 from .protocols import RequestFailed
 
+RETRIED_STATUSES = {408, 429}  # the 4xx that may pass when sent again
 # What a directory is searched for (files named on the command line are always sent).
 AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
                   ".mka", ".aif", ".aiff", ".caf", ".w64", ".au", ".snd"}
@@ -46,7 +49,7 @@ class Summary:
         seconds = time.monotonic() - self.started
         parts = [f"{self.classified} classified", f"{self.failed} failed"]
         if self.skipped:
-            parts.append(f"{self.skipped} skipped (already answered)")
+            parts.append(f"{self.skipped} skipped (already in the results)")
         if self.reencoded:
             parts.append(f"{self.reencoded} re-encoded to fit the size limit")
         rate = f", {self.classified / seconds:.2f} files/s" if seconds > 0 and self.classified else ""
@@ -64,19 +67,31 @@ def audio_files(paths: Iterable[str]) -> Iterator[str]:
             yield str(path)
 
 
-def answered(output: Path) -> set[str]:
-    """Files that already have an answer in a results file (its last line for each file counts)."""
-    if not output.exists():
-        return set()
-    last: dict[str, bool] = {}
-    for line in output.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut short when an earlier run was stopped
-        if isinstance(entry, dict) and "file" in entry:
-            last[entry["file"]] = "answer" in entry
-    return {name for name, ok in last.items() if ok}
+def final(record: dict) -> bool:
+    """An answer, or a refusal of the request as sent: sending it again would get the same."""
+    status = record.get("status")
+    return "answer" in record or (isinstance(status, int) and 400 <= status < 500 and status not in RETRIED_STATUSES)
+
+
+def settle_results(output: Path) -> tuple[TextIO, set[str]]:
+    """The results file rewritten to each file's final record, and opened to append to: records of
+    files to try again, and a line cut short by a stopped run, are dropped. Returns the files whose
+    record is final, which a rerun skips."""
+    kept: dict[str, str] = {}
+    if output.exists():
+        for line in output.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short when an earlier run was stopped
+            if isinstance(record, dict) and "file" in record:
+                kept.pop(record["file"], None)
+                if final(record):
+                    kept[record["file"]] = line
+    temporary = output.with_name(output.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept.values()))
+    os.replace(temporary, output)
+    return output.open("a"), set(kept)
 
 
 def classify_one(client: Client, name: str, parameters: dict) -> Outcome:
@@ -116,14 +131,3 @@ def run(client: Client, names: list[str], parameters: dict, concurrency: int, re
         # On Ctrl-C the files not yet sent are dropped (a rerun picks them up), not waited for.
         pool.shutdown(wait=False, cancel_futures=True)
     return summary
-
-
-def open_results(output: Path) -> TextIO:
-    """The results file for appending; a last line cut short by a stopped run is ended first, so the
-    next record starts on a line of its own."""
-    handle = output.open("a+")
-    if handle.tell() > 0:
-        handle.seek(handle.tell() - 1)
-        if handle.read(1) != "\n":
-            handle.write("\n")
-    return handle

@@ -15,7 +15,6 @@ import base64
 import functools
 import importlib.util
 import json
-import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -24,12 +23,11 @@ from typing import Any, Optional
 
 import requests
 
-AUDIO_INPUT = "audio"
+from ..names import AUDIO_INPUT, LABEL_OUTPUT, MODEL_NAME, SCORE_OUTPUT, retry_after
+
 MAX_CONNECTIONS = 64
 # The V2 binary data extension's header (tritonclient and kserve send and read the same).
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# The server's full-queue message ends "retry in about N s" (gRPC has no Retry-After header).
-RETRY_IN = re.compile(r"retry in about (\d+(?:\.\d+)?) s")
 
 
 class RequestFailed(Exception):
@@ -52,7 +50,7 @@ class Prediction:
 @dataclass
 class Endpoint:
     url: str
-    model_name: str = "ast"
+    model_name: str = MODEL_NAME
     timeout_s: float = 300.0
     host: Optional[str] = None  # the ingress's Host header, or the gRPC authority
 
@@ -144,9 +142,8 @@ class Grpc:
         except self.grpc.RpcError as error:
             status, details = error.code(), error.details() or ""
             # Only a full queue says when to come back; UNAVAILABLE from a refused connection does not.
-            retry = RETRY_IN.search(details) if status.name == "UNAVAILABLE" else None
-            raise RequestFailed(f"{status.name}: {details}", grpc_http_status(status.name),
-                                float(retry[1]) if retry else None) from None
+            retry = retry_after(details) if status.name == "UNAVAILABLE" else None
+            raise RequestFailed(f"{status.name}: {details}", grpc_http_status(status.name), retry) from None
         return grpc_answer(response)
 
     prediction = staticmethod(V2.prediction)
@@ -158,11 +155,19 @@ PB2 = "kserve.protocol.grpc.grpc_predict_v2_pb2"
 
 @functools.cache
 def v2_messages() -> Any:
-    """The V2 protocol's protobuf messages, as kserve ships them generated, without importing kserve: its
-    import parses sys.argv as a server's command line (and takes a second)."""
+    """The V2 protocol's protobuf messages: kserve's generated module, loaded without importing kserve
+    (its import parses sys.argv as a server's command line, and takes a second), or where kserve is
+    not installed (`pip install ./client[grpc]`), tritonclient's, generated from the same proto. One
+    process cannot register both, so kserve's are taken wherever kserve is there."""
     if PB2 in sys.modules:  # kserve already imported here: its messages are registered once
         return sys.modules[PB2]
     spec = importlib.util.find_spec("kserve")
+    if spec is None:
+        try:
+            from tritonclient.grpc import service_pb2
+        except ImportError:
+            raise RequestFailed("--protocol grpc needs the V2 protocol's messages: pip install './client[grpc]'") from None
+        return service_pb2
     path = Path(spec.submodule_search_locations[0]) / "protocol" / "grpc" / "grpc_predict_v2_pb2.py"
     module_spec = importlib.util.spec_from_file_location(PB2, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -214,7 +219,7 @@ def grpc_answer(response: Any) -> dict:
 def v2_prediction(outputs: dict[str, dict]) -> Prediction:
     """V2 outputs (flattened row-major, one file) → labels, and segments when they were sent."""
     labels = [{"label": label, "score": float(score)}
-              for label, score in zip(outputs["label"]["data"], outputs["score"]["data"])]
+              for label, score in zip(outputs[LABEL_OUTPUT]["data"], outputs[SCORE_OUTPUT]["data"])]
     if "segment_start" not in outputs:
         return Prediction(labels)
     starts, ends = outputs["segment_start"]["data"], outputs["segment_end"]["data"]

@@ -12,15 +12,8 @@ from typing import Any, Optional
 from kserve.protocol.infer_type import InferRequest
 
 from ..audio import Clip
-
-AUDIO_INPUT = "audio"
-WAVEFORM_INPUT = "waveform"
-LABEL_OUTPUT = "label"
-SCORE_OUTPUT = "score"
-SEGMENT_START_OUTPUT = "segment_start"
-SEGMENT_END_OUTPUT = "segment_end"
-SEGMENT_LABEL_OUTPUT = "segment_label"
-SEGMENT_SCORE_OUTPUT = "segment_score"
+from ..names import (AUDIO_INPUT, LABEL_OUTPUT, SCORE_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT,
+                     SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT, WAVEFORM_INPUT)
 SEGMENT_OUTPUTS = (SEGMENT_START_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT)
 MODEL_PARAMETERS = ("top_k", "function_to_apply", "hop_seconds", "aggregate", "return_segments")
 

@@ -2,7 +2,12 @@
 
 - `BodyLimit`: kserve's endpoints read a request body whole, however large; uvicorn sets no limit.
   A body past the limit is answered 413 as soon as its `Content-Length` says so, before a byte of
-  it is read, or (chunked, no length) as soon as the bytes read pass it; the rest is never read.
+  it is read, or (chunked, no length) as soon as the bytes read pass it. Any answer sent before the
+  body was read whole (the 413, a 404, ...) then lingers, as nginx's "lingering close" does: the
+  answer is written, the rest of the body read and discarded for up to `LINGER_SECONDS` (at most
+  `LINGER_IDLE_SECONDS` between reads, `LINGER_BYTES` in all), and only then is the connection
+  closed. A client that writes its whole body before reading (Python's `http.client` and `urllib`)
+  would otherwise get a broken pipe or a reset instead of the answer.
 - `CancelOnDisconnect`: uvicorn lets a handler run on after its client has gone, and a ten-minute
   clip would then keep the model busy for nobody; a disconnect before the answer starts cancels
   the handler, whose windows waiting for the model are then dropped. (gRPC cancels the handler of
@@ -33,6 +38,11 @@ class BodyTooLarge(Exception):
     """Raised into the app when a chunked body passes the limit: it stops reading there."""
 
 
+LINGER_SECONDS = 30.0  # nginx's lingering_time
+LINGER_IDLE_SECONDS = 5.0  # nginx's lingering_timeout: a client that stops writing this long is done
+LINGER_BYTES = 256 * 2**20  # the most of an unwanted body read and discarded for one answer
+
+
 class BodyLimit:
     def __init__(self, app: Any, max_bytes: int):
         self.app = app
@@ -41,43 +51,68 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send, f"{int(declared)} bytes")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        unread = (declared not in (None, b"0")) or b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         read, started = 0, False
 
         async def counted_receive() -> dict:
-            nonlocal read
+            nonlocal read, unread
             message = await receive()
             read += len(message.get("body", b""))
+            unread = message["type"] == "http.request" and message.get("more_body", False)
             if read > self.max_bytes:
                 raise BodyTooLarge()
             return message
 
-        async def tracked_send(message: dict) -> None:
+        async def lingering_send(message: dict) -> None:
+            """An answer to a request whose body is still coming: closed, and only once the body is in."""
             nonlocal started
-            started = True
+            if message["type"] == "http.response.start":
+                started = True
+                if unread:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and unread:
+                await send({**message, "more_body": True})
+                await _discard_body(receive)
+                message = {"type": "http.response.body", "body": b""}
             await send(message)
 
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(lingering_send, f"{int(declared)} bytes")
         try:
-            await self.app(scope, counted_receive, tracked_send)
+            await self.app(scope, counted_receive, lingering_send)
         except BodyTooLarge:
+            unread = True
             if not started:
-                await self._refuse(send, f"more than {self.max_bytes} bytes")
+                await self._refuse(lingering_send, f"more than {self.max_bytes} bytes")
 
     async def _refuse(self, send: Any, size: str) -> None:
         logger.warning("413: request body is %s (limit %d bytes)", size, self.max_bytes)
         message = (f"request body is {size}; this server accepts at most {self.max_bytes} bytes "
                    f"({self.max_bytes / 2**20:g} MiB, --max_request_mb): send compressed audio (FLAC, M4A, Opus) "
                    "or fewer clips per request")
-        await _send_error(send, 413, message, close=True)
+        await _send_error(send, 413, message)
 
 
-async def _send_error(send: Any, status: int, message: str, close: bool = False) -> None:
+async def _discard_body(receive: Any) -> None:
+    """Read what is left of a request body and drop it, within the linger's bounds."""
+    loop = asyncio.get_running_loop()
+    deadline, discarded = loop.time() + LINGER_SECONDS, 0
+    while discarded < LINGER_BYTES and (left := deadline - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), min(left, LINGER_IDLE_SECONDS))
+        except asyncio.TimeoutError:
+            return
+        discarded += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def _send_error(send: Any, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status,
-                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
