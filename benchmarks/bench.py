@@ -58,7 +58,7 @@ from predictor.checkpoint import Checkpoint
 from predictor.cpu import cpu_limit
 from predictor.engines import EngineOptions, build_engine
 from predictor.engines.choice import ISA_FLAGS
-from predictor.engines.onnx_export import OFFLINE_TIMEOUT_S
+from predictor.engines.artifacts import OFFLINE_TIMEOUT_S
 from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.windows import Windowing
@@ -155,7 +155,7 @@ def gemm_peaks() -> dict[str, float]:
 
 def ast_gflops(config: ASTConfig, pooled_last_layer: bool = False) -> float:
     """Multiply-adds x 2 of one clip through AST: patch embedding, 12 encoder layers, classifier.
-    With `pooled_last_layer`, as `predictor.ast_forward` computes it: the last layer's keys and
+    With `pooled_last_layer`, as `predictor.engines.ast_forward` computes it: the last layer's keys and
     values for every token, the rest of it for the 2 pooled tokens only."""
     freq = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
     time_ = (config.max_length - config.patch_size) // config.time_stride + 1

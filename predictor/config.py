@@ -95,7 +95,7 @@ class Config:
     precision: str = setting(
         "fp32", "fp32: equal to the transformers pipeline. bf16 (openvino, torch): for CPUs that multiply bf16 "
         "natively (AVX512-BF16, AMX). int8: onnxruntime's dynamic int8 or openvino's static int8, whichever is "
-        "faster here; check its accuracy on your clips with python -m predictor.compare.", choices=PRECISIONS)
+        "faster here; check its accuracy on your clips with python -m tools.compare.", choices=PRECISIONS)
     threads: Optional[int] = setting(None, "Intra-op threads, and the decoding pool's size. Default: the container's "
                                      "CPU limit (cgroup), not the node's core count.", positive(int))
     onnx_cache_dir: Optional[Path] = setting(None, "Where engine files and engine choices are kept. Default: "

@@ -78,7 +78,6 @@ def configure_torch_threads(requested: Optional[int]) -> int:
     return threads
 
 
-VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -95,15 +94,3 @@ def _cpuinfo_values(field: str, cpuinfo: Path) -> list[str]:
     except OSError:
         return []
     return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":", 1)[0].strip() == field]
-
-
-def int8_weight_type(flags: Optional[set[str]] = None) -> str:
-    """The int8 weight type ONNX Runtime's dynamic quantization should use on this CPU.
-
-    ONNX Runtime multiplies u8 activations by int8 weights. With VNNI (AVX512-VNNI, AVX-VNNI, AMX)
-    s8 weights are exact; without it (AVX2 only) the u8 x s8 path sums pairs into int16 and
-    saturates, as ONNX Runtime's quantization guide warns, and the logits drift far from fp32
-    (`tests/test_engines.py` holds every backend to a cosine bound, on whatever CPU runs it).
-    So: s8 with VNNI, u8 without.
-    """
-    return "s8" if (cpu_flags() if flags is None else flags) & VNNI_FLAGS else "u8"

@@ -1,10 +1,10 @@
-"""`predictor.ast_forward`: the pruned last layer gives transformers' logits."""
+"""`predictor.engines.ast_forward`: the pruned last layer gives transformers' logits."""
 
 import pytest
 import torch
 from transformers import ASTConfig, ASTForAudioClassification
 
-from predictor.ast_forward import PooledLogits
+from predictor.engines.ast_forward import PooledLogits
 from tools.random_ast import TINY, TINY_FEATURES
 
 

@@ -1,4 +1,4 @@
-"""`python -m predictor.compare`: every engine and precision on a checkpoint and clips, against fp32."""
+"""`python -m tools.compare`: each raced engine and precision on a checkpoint and clips, against fp32."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ RATE = 16000
 
 
 def run_compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "predictor.compare", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.compare", *args], capture_output=True, text=True,
                           timeout=600)
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from predictor.cpu import cpu_flags, cpu_limit, int8_weight_type
+from predictor.cpu import cpu_flags, cpu_limit
+from predictor.engines.onnx_export import int8_weight_type
 
 USABLE = len(os.sched_getaffinity(0))
 

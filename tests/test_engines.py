@@ -18,7 +18,7 @@ from predictor.engines.torch_engine import TorchEngine
 from predictor.checkpoint import Checkpoint, load_feature_extractor, weight_files
 from predictor.engines.calibration import file_features, synthetic_clips
 from predictor.engines.choice import cpu_key
-from predictor.engines.onnx_export import OFFLINE_TIMEOUT_S, ExportError
+from predictor.engines.artifacts import OFFLINE_TIMEOUT_S, ExportError
 from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import LogMelFilterbank
 from predictor.windows import Windowing
@@ -162,7 +162,7 @@ def test_auto_serves_bf16_only_where_the_cpu_multiplies_bf16_and_fp32_elsewhere(
 @pytest.mark.parametrize("backend, tolerance", [("torch", 1e-5), ("onnxruntime", 0.0)])
 def test_int8_is_close_to_fp32_and_independent_of_batch_mates(tiny_model_dir, features, onnx_cache, backend, tolerance):
     """The cosine the README promises, on whatever CPU runs this (ONNX Runtime's int8 weights
-    follow its VNNI, see cpu.int8_weight_type). Per-token scales (torch) or one clip per run
+    follow its VNNI, see onnx_export.int8_weight_type). Per-token scales (torch) or one clip per run
     (onnxruntime): batch-mates cannot move a clip's logits beyond float summation order (torch)
     or at all (onnxruntime)."""
     fp32 = TorchEngine(ASTForAudioClassification.from_pretrained(tiny_model_dir))(features)
@@ -261,6 +261,21 @@ def test_auto_times_every_engine_once_per_kind_of_cpu_and_keeps_the_fastest(tiny
     assert isinstance(second, ENGINE_TYPES[kept["backend"]])
 
 
+def test_a_lone_candidate_serves_without_a_race_or_a_claim_of_one(tiny_model_dir, tmp_path, caplog):
+    """OpenVINO's int8 cannot be made from a calibration set that is not audio: ONNX Runtime is the
+    only int8 engine left, so nothing is timed, and nothing is said to be kept from a timing."""
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    (calibration / "notes.txt").write_text("not audio")
+    with caplog.at_level(logging.INFO, logger="predictor.engines"):
+        engine = build_engine(Checkpoint.open(str(tiny_model_dir)),
+                              EngineOptions("auto", "int8", 1, tmp_path / "cache", calibration_dir=calibration))
+    assert isinstance(engine, OnnxEngine)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Engine openvino cannot run int8 here" in m for m in messages), messages
+    assert not any("Timing every engine" in m or "kept from an earlier measurement" in m for m in messages), messages
+
+
 def test_the_choice_is_kept_per_cpu_model_vector_extensions_and_threads():
     epyc = cpu_key(2, {"avx2", "fma", "sse4_2"}, "AMD EPYC")
     assert epyc == cpu_key(2, {"avx2", "fma"}, "AMD EPYC")  # flags no engine's speed depends on do not count
@@ -271,7 +286,7 @@ def test_the_choice_is_kept_per_cpu_model_vector_extensions_and_threads():
 # A 32-wide random model is no subject for int8's accuracy: its error is relatively larger than at
 # AST's 768 width, and it moves with the CPU's int8 kernels (VNNI or not, AMX or not) by more than a
 # tight bound allows. Accuracy is measured at full size by `make bench` and `python -m
-# predictor.compare`; here the bound only says the quantized model is still the model (a wrong
+# tools.compare`; here the bound only says the quantized model is still the model (a wrong
 # scale or a broken graph lands far below it), with room for every CPU kind we have run on.
 STATIC_INT8_MIN_COSINE = 0.85
 

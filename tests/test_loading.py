@@ -29,6 +29,13 @@ def test_missing_directory_names_the_path(tmp_path):
         ASTModel(Config(model_dir=str(missing))).load()
 
 
+@pytest.mark.parametrize("uri", ["gs://bucket/models/ast", "s3://bucket/ast", "pvc://models/ast"])
+def test_a_storage_uri_as_model_dir_is_named_as_one(uri):
+    with pytest.raises(ModelLoadError, match=f"--model_dir '{uri}' is a {uri.split(':')[0]}:// URI, which this server "
+                                             "does not fetch: set it as the InferenceService's storageUri"):
+        ASTModel(Config(model_dir=uri)).load()
+
+
 def test_directory_without_a_model_says_what_it_holds(tmp_path):
     (tmp_path / "README.txt").write_text("weights go here")
     with pytest.raises(ModelLoadError, match=r"holds no config.json .*README.txt"):

@@ -1,7 +1,6 @@
 """examples/kubeflow.ipynb, run top to bottom by a real kernel against the real server, as a user would."""
 
 import json
-import os
 
 import nbformat
 from nbclient import NotebookClient

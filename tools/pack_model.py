@@ -27,12 +27,13 @@ from transformers import ASTForAudioClassification
 from predictor.checkpoint import Checkpoint, ModelLoadError, load_feature_extractor, resolve_model_source
 from predictor.cpu import configure_torch_threads
 from predictor.engines import EngineOptions, build_engine
-from predictor.engines.onnx_export import OFFLINE_TIMEOUT_S, PACKED_DIR, cached_onnx
+from predictor.engines.artifacts import OFFLINE_TIMEOUT_S, PACKED_DIR
+from predictor.engines.onnx_export import cached_onnx
 from predictor.engines.options import precision_list
 
 logger = logging.getLogger(__name__)
 
-INT8_WEIGHT_TYPES = ("s8", "u8")  # the node's CPU decides which ONNX Runtime runs (cpu.int8_weight_type)
+INT8_WEIGHT_TYPES = ("s8", "u8")  # the node's CPU decides which ONNX Runtime runs (engines.onnx_export.int8_weight_type)
 
 
 def pack(source: str, out: Path, precisions: list[str], engines: bool = True,

@@ -30,7 +30,7 @@ from .. import metrics
 from ..checkpoint import Checkpoint
 from .choice import choose
 from .onnx_engine import OnnxEngine
-from .onnx_export import ExportError
+from .artifacts import ExportError
 from .openvino_engine import OpenVinoEngine, cpu_multiplies_bf16
 from .options import BACKENDS, PRECISIONS, Engine, EngineOptions
 

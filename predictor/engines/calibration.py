@@ -6,7 +6,7 @@ of recordings like the served ones does that best (`--calibration_dir`). Without
 makes its own clips, so that no dataset has to ship with the image or be reachable from the pod:
 harmonic tones with vibrato, chirps, coloured noise and bursts over silence, at levels from quiet
 to loud, which covers the filterbank's range. Both go through the server's own steps (decode,
-windows, filterbank); `python -m predictor.compare` measures what either costs in accuracy.
+windows, filterbank); `python -m tools.compare` measures what either costs in accuracy.
 """
 
 import hashlib

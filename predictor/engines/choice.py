@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..cpu import configure_torch_threads, cpu_flags, cpu_model_name
-from .onnx_export import ExportError, default_cache_dir, model_key, packed, run_child
+from .artifacts import ExportError, default_cache_dir, model_key, packed, run_child
 from .options import Engine, EngineOptions
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from .onnx_export import ExportError, cached_onnx, default_cache_dir
+from .artifacts import ExportError, default_cache_dir
+from .onnx_export import cached_onnx
 from .options import EngineOptions
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from .onnx_export import ExportError, cached_onnx, default_cache_dir
+from .artifacts import ExportError, default_cache_dir
+from .onnx_export import cached_onnx
 from .openvino_int8 import cached_int8_ir
 from .options import EngineOptions
 

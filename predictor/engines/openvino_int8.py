@@ -28,7 +28,7 @@ from transformers import AutoConfig
 from ..checkpoint import Checkpoint
 from ..cpu import configure_torch_threads
 from . import calibration
-from .onnx_export import TEMP_SUFFIX, made_in_child, model_key, module_source
+from .artifacts import TEMP_SUFFIX, made_in_child, model_key, module_source
 from .options import EngineOptions
 
 logger = logging.getLogger(__name__)

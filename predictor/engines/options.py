@@ -8,7 +8,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from .onnx_export import OFFLINE_TIMEOUT_S
+from .artifacts import OFFLINE_TIMEOUT_S
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")

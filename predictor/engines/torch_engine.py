@@ -3,7 +3,7 @@
 import torch
 from transformers import ASTForAudioClassification
 
-from ..ast_forward import PooledLogits
+from .ast_forward import PooledLogits
 
 
 class TorchEngine:

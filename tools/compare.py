@@ -1,5 +1,6 @@
-"""`python -m predictor.compare --model_dir DIR FILE...`: every engine and precision this CPU runs,
-on your checkpoint and your clips, against fp32.
+"""`python -m tools.compare --model_dir DIR FILE...`: each engine that `--backend auto` would time for a
+precision (`engines.choice.CANDIDATES`, which leaves torch out for fp32 and int8), on your
+checkpoint and your clips, against eager-torch fp32.
 
 int8 and bf16 cost accuracy that depends on the checkpoint (a real model's activation outliers)
 and the audio, which the random-init models of our tests cannot tell; this measures it where it
@@ -20,16 +21,16 @@ from typing import Optional
 
 import torch
 
-from . import labels
-from .cpu import configure_torch_threads, cpu_model_name
-from .engines import EngineOptions, ExportError, build_engine
-from .engines.calibration import file_features
-from .engines.choice import CANDIDATES, seconds_per_window
-from .engines.onnx_export import OFFLINE_TIMEOUT_S
-from .engines.options import precision_list
-from .errors import ClientInputError
-from .features import LogMelFilterbank
-from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
+from predictor import labels
+from predictor.checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
+from predictor.cpu import configure_torch_threads, cpu_model_name
+from predictor.engines import EngineOptions, ExportError, build_engine
+from predictor.engines.calibration import file_features
+from predictor.engines.choice import CANDIDATES, seconds_per_window
+from predictor.engines.artifacts import OFFLINE_TIMEOUT_S
+from predictor.engines.options import precision_list
+from predictor.errors import ClientInputError
+from predictor.features import LogMelFilterbank
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m predictor.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="the checkpoint: a local directory or hub id")
     parser.add_argument("files", nargs="+", type=Path, help="audio files, any format the server reads")
