@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev peer-venv run test random-model bench timeline pack-model load soak fuzz fuzz-api image image-test
+.PHONY: install install-dev peer-venv run test random-model bench docs-tables timeline pack-model load soak fuzz fuzz-api image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ random-model: install
 
 bench: install-dev peer-venv
 	PEER_PYTHON=$(PEER_VENV)/bin/python $(BIN)/python -m benchmarks.bench
+
+# The docs' tables of measurements, rewritten from the benchmarks/results/ files their markers name.
+docs-tables:
+	$(PYTHON) -m tools.docs_tables
 
 timeline: install-dev
 	$(BIN)/python -m tools.timeline

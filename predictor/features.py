@@ -1,8 +1,8 @@
 """Waveforms → the normalised log-mel filterbank AST was trained on.
 
 `ASTFeatureExtractor` computes the same numbers, but without torchaudio (which has no build for
-torch 2.13) it falls back to a numpy path in float64, one clip at a time (about 20 ms per 10 s
-clip here). This module is that numeric pipeline in torch, vectorised over frames, with two
+torch 2.13) it falls back to a numpy path in float64, one clip at a time (several times slower:
+`make bench` measures both). This module is that numeric pipeline in torch, vectorised over frames, with two
 per-frame steps rewritten as whole-signal ones (see `_clip`). The mel filter bank and the
 window come from `transformers.audio_utils`, built once with the extractor's own settings; the
 frame geometry and Kaldi constants below are the ones `ASTFeatureExtractor` passes to

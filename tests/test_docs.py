@@ -10,6 +10,7 @@ from kserve import model_server
 
 from predictor.__main__ import build_parser
 from predictor.config import Config, env_name
+from tools import docs_tables
 from predictor.client.__main__ import parser as client_parser
 
 from .conftest import REPO
@@ -74,6 +75,13 @@ def test_every_server_flag_names_its_environment_variable_in_help():
     missing = [setting.name for setting in fields(Config) if setting.name != "model_name"
                and f"--{setting.name}" in shown and f"Environment: {env_name(setting.name)}." not in shown]
     assert not missing, missing
+
+
+def test_the_measurement_tables_are_the_results_files():
+    """Every table of measurements in the docs is what `python -m tools.docs_tables` makes from the
+    results file its marker names: none copied by hand, none out of date."""
+    assert "<!-- results " in (REPO / "docs" / "performance.md").read_text()
+    assert docs_tables.main(["--check"]) == 0, "run python -m tools.docs_tables (make docs-tables)"
 
 
 def slug(heading: str) -> str:

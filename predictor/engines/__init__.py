@@ -17,8 +17,9 @@ README, by CPU.
   becomes `Int8Linear`, int8 weights per output channel and int8 activations per token through
   `torch._int_mm` (torchao's eager path measured far slower, and `torch.ao.quantization` is
   deprecated); attention stays fp32.
-int8 logits reach a cosine ≥ 0.999 to fp32 on the random-init model; real checkpoints' activation
-outliers may cost more, so check the cosine on your clips before relying on it.
+int8 costs accuracy that depends on the checkpoint (real checkpoints' activation outliers) and the
+CPU's int8 kernels: `python -m tools.compare` measures the cosine on your clips, and the docs list
+what was measured where, before you rely on it.
 """
 
 import logging

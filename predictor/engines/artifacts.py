@@ -99,8 +99,8 @@ def run_child(module: str, args: list[str], timeout_s: float) -> subprocess.Comp
 
 
 def _remove_abandoned_temp_files(cache_dir: Path) -> None:
-    """An export killed mid-way (timeout, out of memory) leaves its ~350 MB temp file (or
-    directory) behind, and a volume would keep it forever. Older than twice the offline tools'
+    """An export killed mid-way (timeout, out of memory) leaves its temp file (or directory,
+    the size of the weights) behind, and a volume would keep it forever. Older than twice the offline tools'
     limit, the longest any export runs, no export is still writing it, whatever start budget the
     servers sharing the cache directory were given."""
     for temp in cache_dir.glob(f"*{TEMP_SUFFIX}"):
@@ -125,8 +125,8 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
 
 
 def model_key(checkpoint: Checkpoint) -> str:
-    """`_model_key`, once per process for the same weight files: hashing ~350 MB takes seconds,
-    and a start asks for it once per engine."""
+    """`_model_key`, once per process for the same weight files: hashing the weights is slow next to
+    the rest of a start, and a start asks for it once per engine."""
     files = weight_files(checkpoint.source)
     if not files:
         return _model_key(checkpoint, files)
@@ -146,8 +146,8 @@ def _model_key(checkpoint: Checkpoint, files: list[Path]) -> str:
     The weights are hashed from their files (KServe's storage initializer rewrites them on every
     start, so dates say nothing; for a hub id, the snapshot the hub client resolved). Hashing the
     loaded tensors instead would fault in every page of the memory-mapped weights, which ONNX
-    Runtime never needs: +0.4 GiB resident (measured); that is only the fallback."""
-    libraries = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")  # read, not imported: onnxscript alone is 58 MiB
+    Runtime never needs (docs/performance.md has the resident cost); that is only the fallback."""
+    libraries = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")  # read, not imported: importing them costs memory
     digest = hashlib.sha256(checkpoint.config.to_json_string().encode())
     versions = tuple(importlib.metadata.version(name) for name in libraries)  # the opset is in the export's source
     digest.update(repr(versions).encode())

@@ -2,9 +2,10 @@
 
 The file is cached on disk (`artifacts`: keyed by the model's config and weights, this export code
 and the libraries' versions); in a pod, mount a volume at the cache directory to keep it across
-container restarts. The export runs in a child process because it peaks at 2.4 GiB for the full-size
-model and leaves its garbage fragmented through the heap of the process that ran it (that
-server's resident set stayed ~0.4 GiB higher, measured); a child hands all of it back on exit.
+container restarts. The export runs in a child process because it peaks at several times the
+model's size and leaves its garbage fragmented through the heap of the process that ran it (the
+server's resident set stayed higher ever after; docs/performance.md has the figures); a child
+hands all of it back on exit.
 
     python -m predictor.engines.onnx_export SOURCE FP32_FILE OUT_FILE PRECISION    # fp32, int8-s8 or int8-u8
 """
