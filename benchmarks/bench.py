@@ -62,6 +62,8 @@ from predictor.engines.artifacts import OFFLINE_TIMEOUT_S
 from predictor.engines.openvino_engine import cpu_multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.windows import Windowing
+from tools import local_server
+from tools.local_server import Server
 from tools.pack_model import size_mb
 from tools.random_ast import save_random_ast
 
@@ -174,25 +176,11 @@ def ast_gflops(config: ASTConfig, pooled_last_layer: bool = False) -> float:
 # ---- the server ---------------------------------------------------------------------------
 
 
-def start_server(model_dir: Path, http_port: int, grpc_port: int, *flags: str) -> subprocess.Popen:
-    log = open(RESULTS / f"server-{http_port}.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--http_port", str(http_port),
-         "--grpc_port", str(grpc_port), "--enable_latency_logging", "false", *flags],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}; see {log.name}")
-        try:
-            if requests.get(f"http://127.0.0.1:{http_port}/v2/models/ast/ready", timeout=2).status_code == 200:
-                return process
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server not ready after 600 s")
+def start_server(model_dir: Path, http_port: int, grpc_port: int, *flags: str) -> Server:
+    """The server on the given ports, its log in results/, latency logging off (it costs per request)."""
+    return local_server.start_server(model_dir, RESULTS / f"server-{http_port}.log",
+                                     ("--enable_latency_logging", "false", *flags), timeout=600,
+                                     http_port=http_port, grpc_port=grpc_port)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -430,10 +418,9 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
             seen = sorted(probes.result())
         rows.append(Row("server fp32", "health probes with 4 clips in flight, slowest", seen[-1], "s",
                         extra={"probes": len(seen), "median_s": statistics.median(seen)}))
-        rows.append(Row("server fp32", "peak RSS after load and all requests", peak_rss_mib(server.pid), "MiB"))
+        rows.append(Row("server fp32", "peak RSS after load and all requests", peak_rss_mib(server.process.pid), "MiB"))
     finally:
-        server.terminate()
-        server.wait(60)
+        local_server.stop_server(server)
     # bf16 serves fast only where the CPU multiplies it natively; elsewhere torch emulates it, minutes a clip
     for precision in ("bf16", "int8") if cpu_multiplies_bf16() else ("int8",):
         server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work), "--precision", precision)
@@ -441,10 +428,9 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
             result = load_test(lambda: v2_binary_call(http_port), files, 4, 8)
             rows.append(Row(f"server {precision}", "V2 binary (HTTP), concurrency 4", result["clips_per_s"], "clips/s",
                             base, "pipeline", against(result, precision)))
-            rows.append(Row(f"server {precision}", "peak RSS", peak_rss_mib(server.pid), "MiB"))
+            rows.append(Row(f"server {precision}", "peak RSS", peak_rss_mib(server.process.pid), "MiB"))
         finally:
-            server.terminate()
-            server.wait(60)
+            local_server.stop_server(server)
     return rows
 
 
@@ -475,11 +461,11 @@ def long_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
             if precision == "fp32":
                 raw = v1_raw_call(http_port)
                 raw(stereo_short)
-                before = peak_rss_mib(server.pid)
+                before = peak_rss_mib(server.process.pid)
                 start = time.perf_counter()
                 raw(stereo_long)
                 seconds = time.perf_counter() - start
-                after = peak_rss_mib(server.pid)
+                after = peak_rss_mib(server.process.pid)
                 sizes = {"body_mb": len(stereo_long) / 1e6,
                          "source_as_float32_mib": LONG_SECONDS * stereo_rate * 2 * 4 / 2**20,
                          "mono_16k_float32_mib": LONG_SECONDS * RATE * 4 / 2**20,
@@ -494,8 +480,7 @@ def long_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
             call(long_)
             seconds = time.perf_counter() - start
         finally:
-            server.terminate()
-            server.wait(60)
+            local_server.stop_server(server)
         speed[precision] = LONG_SECONDS / seconds
         section, baseline_name = f"long clip {precision}", f"one {window_s:g} s clip"
         extra = {"request_s": seconds, "one_window_request_s": one_window, "windows": windows,
@@ -544,8 +529,7 @@ def start_section(work: Path, model_dir: Path) -> list[Row]:
         start = time.perf_counter()
         server = start_server(directory, 18180, 18181, "--onnx_cache_dir", str(work / f"{cache}-cache"))
         seconds[name] = time.perf_counter() - start
-        server.terminate()
-        server.wait(60)
+        local_server.stop_server(server)
     cold = "new pod, nothing packed or cached"
     plain_mb, packed_mb = size_mb(model_dir), size_mb(packed)
     return [
@@ -576,8 +560,7 @@ def overhead_section(work: Path, threads: int, rows: list[Row], requests_: int =
                            1000 * (1 / result["clips_per_s"] - engine_s), "ms per clip",
                            extra={"server_s_per_clip": 1 / result["clips_per_s"], "engine_s_per_clip": engine_s}))
     finally:
-        server.terminate()
-        server.wait(60)
+        local_server.stop_server(server)
     worst_ms = max(row.value for row in out)
     for precision in ("fp32", "bf16", "int8"):
         alone = [row.value for row in rows if row.section == "model alone" and f" {precision}, batch 1" in row.name]

@@ -33,8 +33,9 @@ import requests
 from benchmarks.loadgen import (FULL_MODEL_CACHE, LIVENESS_BAR_S, CpuShare, Criterion, Limits, LivenessPoller, Server,
                                 answer_criteria, closed_loop, criterion, environment, failed, fetch_references,
                                 format_cpu_share, format_latency, full_model, latency_stats, mixed_kinds, open_loop,
-                                print_criteria, send, server_health, serving, summarize, ten_second_kinds, tiny_model,
+                                print_criteria, send, server_health, summarize, ten_second_kinds, tiny_model,
                                 write_results)
+from tools.local_server import serving
 
 REFUSAL_BAR_S = LIVENESS_BAR_S  # a 503 must come as fast as a probe: it is refused before any work
 LAG_BAR_S = 1.0  # open loop: a request leaving later than this after its time means the generator fell behind
@@ -132,12 +133,13 @@ def main() -> int:
     result: dict = {"environment": environment(), "parameters": vars(args), "server_logs": str(work)}
     if args.only in (None, "mixed"):
         limits = Limits()
-        with serving(tiny_model(work / "tiny"), work / "mixed-server.log", limits.flags()) as server:
+        with serving(tiny_model(work / "tiny"), work / "mixed-server.log", limits.flags(), timeout=600) as server:
             result["mixed"] = mixed_load(server, args.users, args.duration, limits)
         print_mixed(result["mixed"])
     if args.only in (None, "overload"):
         model = full_model(args.full_model_dir)
-        with serving(model, work / "overload-server.log", ("--max_queued_windows", str(args.max_queued_windows))) as server:
+        with serving(model, work / "overload-server.log", ("--max_queued_windows", str(args.max_queued_windows)),
+                     timeout=600) as server:
             result["overload"] = overload(server, args.max_queued_windows, args.overload_factor, args.overload_duration,
                                           args.capacity_requests)
         print_overload(result["overload"])

@@ -26,18 +26,18 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import requests
 
 from benchmarks.bench import cpu_model
 from predictor.cpu import cpu_limit
-from tests.conftest import TINY_LABELS, Server, encode, start_server, stop_server, tone
-from tools.random_ast import save_random_ast
+from tools.local_server import Server
+from tools.random_ast import TINY_LABELS, save_random_ast
+from tools.signals import encode, tone
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -82,16 +82,6 @@ class Limits:
     def flags(self) -> tuple[str, ...]:
         return ("--max_request_mb", f"{self.max_request_mb:g}", "--max_clips_per_request", str(self.max_clips_per_request),
                 "--max_audio_seconds", f"{self.max_audio_seconds:g}")
-
-
-@contextmanager
-def serving(model_dir: Path, log: Path, flags: Sequence[str] = ()) -> Iterator[Server]:
-    """The real server (tests/conftest.py's start_server) on free ports, stopped afterwards."""
-    server = start_server(model_dir, log, tuple(flags), timeout=600)
-    try:
-        yield server
-    finally:
-        stop_server(server)
 
 
 def server_health(server: Server) -> list[Criterion]:

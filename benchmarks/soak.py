@@ -32,7 +32,8 @@ from pathlib import Path
 
 from benchmarks.loadgen import (CpuShare, Limits, Sample, Server, answer_criteria, closed_loop, criterion, environment,
                                 failed, fetch_references, format_cpu_share, format_latency, mixed_kinds, print_criteria,
-                                server_health, serving, settled_usage, summarize, tiny_model, write_results)
+                                server_health, settled_usage, summarize, tiny_model, write_results)
+from tools.local_server import serving
 
 RSS_TOLERANCE = 0.05
 THREAD_TOLERANCE = 2
@@ -94,7 +95,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ast-soak-"))
     limits = Limits()
     before = environment()
-    with serving(tiny_model(work / "tiny"), work / "soak-server.log", limits.flags()) as server:
+    with serving(tiny_model(work / "tiny"), work / "soak-server.log", limits.flags(), timeout=600) as server:
         result = soak(server, args.requests, args.clients, args.warmup, args.sample_every, limits)
     result.update(environment=before, parameters={**result["parameters"], **vars(args)}, server_log=str(work),
                   load_average_after=os.getloadavg())

@@ -11,10 +11,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,10 +20,11 @@ import requests
 import soundfile as sf
 from transformers import ASTConfig, pipeline
 
-from tools.random_ast import save_random_ast
+from tools.local_server import Server, free_port, start_server, stop_server  # noqa: F401 (for the tests)
+from tools.random_ast import TINY_LABELS, save_random_ast
+from tools.signals import encode, tone  # noqa: F401 (for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_LABELS = ["Speech", "Music", "Dog", "Siren", "Silence", "Engine", "Bird", "Rain", "Wind", "Applause"]
 # The test server's limits, set through the environment to exercise that path too.
 # The session's server runs ONNX Runtime by name (auto would pick by timings, so the parity tests
 # would test whichever engine won); the other engines have parity tests of their own.
@@ -69,19 +68,6 @@ def tiny_pipeline(tiny_model_dir):
 # ---- audio --------------------------------------------------------------------------------
 
 
-def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
-def encode(samples: np.ndarray, rate: int, fmt: str, subtype: Optional[str] = None) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="session")
 def speech_16k(tmp_path_factory) -> np.ndarray:
     """About 3 s of espeak-ng speech, resampled to 16 kHz by sox (not by our resampler)."""
@@ -105,71 +91,6 @@ def speech_wav(speech_16k) -> bytes:
 
 
 # ---- the server ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    http_port: int
-    grpc_port: int
-    log: Path
-    model_name: str = "ast"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def predict_url(self) -> str:
-        return f"{self.url}/v1/models/{self.model_name}:predict"
-
-    @property
-    def infer_url(self) -> str:
-        return f"{self.url}/v2/models/{self.model_name}/infer"
-
-    def is_ready(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/v2/models/{self.model_name}/ready", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-
-def start_server(model_dir: Path, log: Path, extra_args: tuple[str, ...] = (), env: Optional[dict] = None,
-                 model_name: str = "ast", timeout: float = 180) -> Server:
-    http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--model_name", model_name,
-               "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra_args]
-    handle = open(log, "wb")
-    process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                               env={**os.environ, **(env or {})})
-    server = Server(process, http_port, grpc_port, log, model_name)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        if server.is_ready():
-            return server
-        time.sleep(0.3)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
 
 
 @pytest.fixture(scope="session")

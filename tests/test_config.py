@@ -1,11 +1,13 @@
 """Configuration from flags and environment variables, as an InferenceService would set them."""
 
+import argparse
+from pathlib import Path
+
 import pytest
-import requests
 
-from predictor.__main__ import main
+from predictor.__main__ import build_parser, main
+from predictor.config import Config
 
-from .conftest import assert_same_predictions, encode, expected, start_server, stop_server, tone
 
 
 @pytest.mark.parametrize(
@@ -45,25 +47,23 @@ def exit_code(argv: list[str]) -> int:
     return stopped.value.code
 
 
-def test_only_prefixed_environment_variables_configure_the_server(tiny_model_dir, tmp_path):
+def configured(argv: list[str], environ: dict) -> tuple[argparse.Namespace, Config]:
+    """What the server would run with: parsed as `python -m predictor` parses (the environment path
+    end to end is the session server's, whose limits come from AST_ variables: see conftest)."""
+    arguments = build_parser(environ).parse_args(argv)
+    return arguments, Config.from_arguments(arguments)
+
+
+def test_only_prefixed_environment_variables_configure_the_server():
     """A Service named "http" puts HTTP_PORT=tcp://... into every pod, and a cluster may set BACKEND,
     THREADS or TOP_K for reasons of its own: without the AST_ prefix, the server does not read them."""
-    server = start_server(tiny_model_dir, tmp_path / "server.log", env={
+    arguments, config = configured([], {
         "HTTP_PORT": "tcp://10.0.0.1:80", "GRPC_PORT": "tcp://10.0.0.2:81", "BACKEND": "tensorrt", "THREADS": "many",
-        "TOP_K": "five", "MAX_BATCH_SIZE": "0", "MODEL_DIR": "/nowhere"})
-    try:
-        assert server.is_ready()
-    finally:
-        stop_server(server)
+        "TOP_K": "five", "MAX_BATCH_SIZE": "0", "MODEL_DIR": "/nowhere", "MODEL_NAME": "other"})
+    assert config == Config() and (arguments.http_port, arguments.grpc_port) == (8080, 8081)
 
 
-def test_flags_win_over_the_environment(tiny_model_dir, tiny_pipeline, tmp_path):
-    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--top_k", "2"),
-                          env={"AST_TOP_K": "7", "AST_FUNCTION_TO_APPLY": "none"})
-    try:
-        response = requests.post(server.predict_url, data=encode(tone(440, 1.0, 16000), 16000, "WAV", "FLOAT"))
-        predictions = response.json()["predictions"][0]
-    finally:
-        stop_server(server)
-    # --top_k 2 beat AST_TOP_K=7; AST_FUNCTION_TO_APPLY=none (raw logits) was taken from the environment.
-    assert_same_predictions(predictions, expected(tiny_pipeline, tone(440, 1.0, 16000), 2, "none"))
+def test_flags_win_over_the_environment():
+    _, config = configured(["--top_k", "2"], {"AST_TOP_K": "7", "AST_FUNCTION_TO_APPLY": "none",
+                                              "AST_MODEL_NAME": "birds", "AST_ONNX_CACHE_DIR": "/cache"})
+    assert config == Config(top_k=2, function_to_apply="none", model_name="birds", onnx_cache_dir=Path("/cache"))

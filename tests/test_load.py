@@ -14,8 +14,9 @@ from typing import Iterator
 import pytest
 
 from benchmarks.load import mixed_load
-from benchmarks.loadgen import TOLERANCE, Limits, Server, different, fetch_references, mixed_kinds, serving
+from benchmarks.loadgen import TOLERANCE, Limits, Server, different, fetch_references, mixed_kinds
 from benchmarks.soak import soak
+from tools.local_server import serving
 
 LIMITS = Limits()
 

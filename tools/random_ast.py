@@ -24,6 +24,10 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "in
 TINY_FEATURES = {"num_mel_bins": 64, "max_length": 300}
 
 
+TINY_LABELS = ["Speech", "Music", "Dog", "Siren", "Silence", "Engine", "Bird", "Rain", "Wind", "Applause"]
+"""The tiny test model's labels (any ten names will do; these read well in the tests' output)."""
+
+
 def save_random_ast(directory: Path, labels: Optional[Sequence[str]] = None, tiny: bool = False, seed: int = 0,
                     max_length: Optional[int] = None, num_mel_bins: Optional[int] = None) -> Path:
     """Save a random AST with the given labels (default: 527 placeholder AudioSet classes); `max_length`

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ import numpy as np
 import requests
 import soundfile as sf
 import soxr
+
+from tools.local_server import serving
 
 logger = logging.getLogger(__name__)
 
@@ -131,66 +132,6 @@ def wav_bytes(samples: np.ndarray) -> bytes:
 
 
 # ---- the server -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def is_ready(url: str, model_name: str) -> bool:
-    try:
-        return requests.get(f"{url}/v2/models/{model_name}/ready", timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
-
-
-class LocalServer:
-    """`python -m predictor` on free loopback ports, for the length of a `with` block."""
-
-    def __init__(self, model_dir: Path, log: Path, model_name: str, timeout_s: float = 300.0):
-        self.model_dir, self.log, self.model_name, self.timeout_s = model_dir, log, model_name, timeout_s
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.process: Optional[subprocess.Popen] = None
-
-    def __enter__(self) -> "LocalServer":
-        command = [sys.executable, "-m", "predictor", "--model_dir", str(self.model_dir), "--model_name",
-                   self.model_name, "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port),
-                   "--backend", "torch"]
-        logger.info("starting the server: %s", " ".join(command))
-        with open(self.log, "wb") as handle:
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
-        try:
-            self._wait_until_ready()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self._tail()}")
-            if is_ready(self.url, self.model_name):
-                return
-            time.sleep(0.3)
-        raise RuntimeError(f"the server was not ready after {self.timeout_s:g} s:\n{self._tail()}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def _tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 def classify(url: str, model_name: str, clip: bytes, parameters: dict[str, Any]) -> dict:
@@ -384,7 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "scores high means nothing): only the timeline's shape is meaningful.")
             top_k = args.top_k or label_count(model_dir) or 10
             parameters = request_parameters(args.hop_seconds, top_k)
-            with LocalServer(model_dir, workdir / "server.log", args.model_name) as server:
+            with serving(model_dir, workdir / "server.log", ("--backend", "torch"), model_name=args.model_name,
+                         timeout=300) as server:
                 logger.info("server ready at %s after %.1f s", server.url, time.monotonic() - began)
                 response, taken = timed_classify(server.url, args.model_name, clip, parameters)
             server_note = f"`python -m predictor --backend torch`, started by this tool on {os.cpu_count()} CPU cores"

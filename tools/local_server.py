@@ -1,0 +1,99 @@
+"""`python -m predictor` on loopback ports, waited for until ready: the one way the tests, the
+benchmarks and the tools start the real server, so that each goes through the same command line,
+the same readiness check (`/v2/models/NAME/ready`) and the same stop (SIGTERM, as the kubelet sends).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import requests
+
+from predictor.names import MODEL_NAME
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    log: Path
+    model_name: str = MODEL_NAME
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/v1/models/{self.model_name}:predict"
+
+    @property
+    def infer_url(self) -> str:
+        return f"{self.url}/v2/models/{self.model_name}/infer"
+
+    def is_ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/v2/models/{self.model_name}/ready", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+
+def start_server(model_dir: Path, log: Path, extra_args: Sequence[str] = (), env: Optional[dict] = None,
+                 model_name: str = MODEL_NAME, timeout: float = 180, http_port: Optional[int] = None,
+                 grpc_port: Optional[int] = None) -> Server:
+    """The server on free ports (or those given), its output in `log`, once it answers ready;
+    `RuntimeError` with the log's end if it exits or is not ready in time."""
+    http_port, grpc_port = http_port or free_port(), grpc_port or free_port()
+    command = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--model_name", model_name,
+               "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra_args]
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    server = Server(process, http_port, grpc_port, log, model_name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        if server.is_ready():
+            return server
+        time.sleep(0.1)  # time to ready is measured through this (benchmarks/bench.py)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@contextmanager
+def serving(model_dir: Path, log: Path, extra_args: Sequence[str] = (), **options) -> Iterator[Server]:
+    """`start_server` for the length of a `with` block."""
+    server = start_server(model_dir, log, extra_args, **options)
+    try:
+        yield server
+    finally:
+        stop_server(server)
