@@ -234,5 +234,5 @@ def test_a_full_queue_is_retried_after_the_time_the_server_asks(busy_server, tin
         with caplog.at_level(logging.WARNING, logger="predictor.client"):
             result = Client(url_of(busy_server, protocol), protocol=protocol).classify(encode(short, RATE, "WAV", "FLOAT"))
         assert holding.result().prediction.labels
-    assert any("server busy" in r.getMessage() and "retry 1 of 5" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("server busy" in r.getMessage() and "retry 1 in" in r.getMessage() for r in caplog.records), caplog.text
     assert_same_predictions(result.prediction.labels, expected(tiny_pipeline, short, 5, "softmax"))

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 DEFAULT_URLS = {"v1": f"http://localhost:{HTTP_PORT}", "v2": f"http://localhost:{HTTP_PORT}", "grpc": f"localhost:{GRPC_PORT}"}
 # Room for the request around the file: JSON, headers, gRPC framing.
 REQUEST_OVERHEAD_BYTES = 64 * 1024
-OVERLOAD_RETRIES = 5
 MAX_RETRY_AFTER_S = 120.0
 
 
@@ -46,6 +45,7 @@ class Client:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
         endpoint = Endpoint(url or DEFAULT_URLS[protocol], model_name, timeout_s, host)
         self.protocol = PROTOCOLS[protocol](endpoint)
+        self.timeout_s = timeout_s
         self.max_request_bytes = int(max_request_mb * 2**20)
 
     def classify(self, audio: Union[str, Path, bytes], top_k: Optional[int] = None,
@@ -79,19 +79,23 @@ class Client:
         return len(data) * expansion + REQUEST_OVERHEAD_BYTES
 
     def send(self, data: bytes, parameters: dict) -> object:
-        """A full queue (503 with Retry-After; gRPC UNAVAILABLE saying when) is retried after the time
-        the server asked for, with a little jitter so a batch's requests do not all return at once:
-        an autoscaled service sheds load while it adds pods."""
-        attempt = 0
+        """A busy server's refusal (503 with Retry-After; gRPC UNAVAILABLE with its retry_after_s
+        token) is retried after the time the server asked for, with a little jitter so a batch's
+        requests do not all return at once, for as long as the timeout allows: the server asks for
+        the earliest moment it could admit the request, which under a crowd may come round several
+        times, and an autoscaled service sheds load while it adds pods."""
+        deadline, attempt = time.monotonic() + self.timeout_s, 0
         while True:
             try:
                 return self.protocol.send(data, parameters)
             except RequestFailed as error:
-                attempt += 1
-                if error.retry_after_s is None or attempt > OVERLOAD_RETRIES:
+                if error.retry_after_s is None:
                     raise
                 wait = min(error.retry_after_s, MAX_RETRY_AFTER_S) * random.uniform(1.0, 1.2)
-                log.warning("server busy (%s); retry %d of %d in %.0f s", error, attempt, OVERLOAD_RETRIES, wait)
+                if time.monotonic() + wait > deadline:
+                    raise
+                attempt += 1
+                log.warning("server busy (%s); retry %d in %.1f s", error, attempt, wait)
                 time.sleep(wait)
 
 
