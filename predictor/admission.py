@@ -24,6 +24,7 @@ an upper bound; for requests of a clip or more it is what they wait.
 import math
 from dataclasses import dataclass
 
+from . import metrics
 from .batching import WindowQueue
 from .errors import Overloaded
 
@@ -35,10 +36,15 @@ class Admission:
         self.max_windows = max_windows
         self.reserved = 0
         """Windows of admitted requests not yet in the queue: opening or decoding their files."""
+        metrics.QUEUE_WAIT_SECONDS.set_function(lambda: self.wait_s)
 
     @property
     def windows_ahead(self) -> int:
         return self.queue.waiting + self.reserved
+
+    @property
+    def wait_s(self) -> float:
+        return self.windows_ahead * self.queue.seconds_per_window
 
     def check(self, windows: int = 0) -> None:
         """Refuse now if the wait a new request faces passes the bound, or if its `windows` would
@@ -46,8 +52,7 @@ class Admission:
         ahead = self.windows_ahead
         if not ahead:
             return
-        per_window = self.queue.seconds_per_window
-        wait = ahead * per_window
+        per_window, wait = self.queue.seconds_per_window, self.wait_s
         if wait > self.max_wait_s:
             retry = _seconds(wait - self.max_wait_s)
             raise Overloaded(

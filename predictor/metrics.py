@@ -11,6 +11,9 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 SUBMITTED = Counter("ast_windows_submitted", "Windows of admitted requests handed to the model's queue")
 WINDOWS = Counter("ast_windows", "Windows (one model input each, 10.24 s for AudioSet AST) classified")
 QUEUED_WINDOWS = Gauge("ast_queued_windows", "Windows of admitted requests not yet handed to a forward pass")
+QUEUE_WAIT_SECONDS = Gauge("ast_queue_wait_seconds", "The wait a new request would face: the windows admitted ahead "
+                           "of it (decoding or queued) times the recent time per window; past --max_queue_seconds, "
+                           "new requests get 503")
 
 CLIPS = Counter("ast_clips", "Clips (audio files or waveforms) classified")
 AUDIO_SECONDS = Counter("ast_audio_seconds", "Seconds of audio classified")

@@ -112,6 +112,7 @@ def test_a_flood_is_refused_before_decoding_and_admitted_requests_answer_within_
         answers = pool.map(post, range(flood))
         while queued_windows(server) < 2:
             time.sleep(0.05)
+        waiting = metric(server, "ast_queue_wait_seconds")
         over_grpc = run_triton_grpc({"url": server.grpc_url, "model": "ast", "clips": [base64.b64encode(clip).decode()]})
         live = requests.get(f"{server.url}/v2/health/live", timeout=5)
         answers = list(answers)
@@ -130,3 +131,4 @@ def test_a_flood_is_refused_before_decoding_and_admitted_requests_answer_within_
     assert over_grpc["error_code"] == "StatusCode.UNAVAILABLE", over_grpc
     assert retry_after(over_grpc["error"]) >= 1, over_grpc
     assert live.status_code == 200
+    assert waiting > 0
