@@ -10,11 +10,14 @@ with `Overloaded` (503 and `Retry-After`, gRPC UNAVAILABLE) when that wait passe
 `--max_queued_windows`, a memory bound (each waiting window holds its samples). Nothing is
 refused while nothing is ahead, so one request up to the per-request limits always runs.
 
-The check is made twice, both times without decoding: `check` as soon as the request is parsed
-(nothing opened yet), and `admit` once the files' headers say how many windows the request will
-cost; `admit` also reserves those windows, so requests arriving together see each other before
-any of them is decoded. A reservation ends (`Ticket.release`) when the windows reach the queue,
-which counts them from then on, or when the request fails.
+The check is made twice, both times without decoding: as soon as the request is parsed (nothing
+opened yet), and once the files' headers say how many windows the request will cost. Then
+`counted` counts those windows as ahead of every later request while the request decodes, so
+requests arriving together see each other before any of them is decoded. When it
+ends (decoded, or failed), the caller hands the windows to the queue without yielding to the event
+loop in between (kserve calls `predict` straight after `preprocess`), and the queue counts them
+from then on; a request that never reaches the queue (an `:explain`, a failure) leaves nothing
+counted behind.
 
 The estimate counts every waiting window at the recent time per window. Round robin lets a short
 request's first window pass ahead of longer requests' later windows, so for short requests it is
@@ -22,7 +25,8 @@ an upper bound; for requests of a clip or more it is what they wait.
 """
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from typing import Iterator
 
 from . import metrics
 from .batching import WindowQueue
@@ -65,23 +69,15 @@ class Admission:
                 f"the server is busy: this request's {windows} windows would make {ahead + windows} waiting for the "
                 f"model, and this server holds at most {self.max_windows} (--max_queued_windows)", retry)
 
-    def admit(self, windows: int) -> "Ticket":
-        """Check again, now that the request's cost is known, and count its windows as ahead of
-        every later request until they reach the queue."""
-        self.check(windows)
+    @contextmanager
+    def counted(self, windows: int) -> Iterator[None]:
+        """An admitted request's windows, ahead of every later request while the block (its
+        decoding) runs."""
         self.reserved += windows
-        return Ticket(self, windows)
-
-
-@dataclass
-class Ticket:
-    admission: Admission
-    windows: int
-
-    def release(self) -> None:
-        """The windows have reached the queue (or will never): no longer reserved. Idempotent."""
-        self.admission.reserved -= self.windows
-        self.windows = 0
+        try:
+            yield
+        finally:
+            self.reserved -= windows
 
 
 def _seconds(wait: float) -> int:

@@ -75,20 +75,16 @@ class WindowQueue:
         self._worker: Optional[asyncio.Task] = None
         self._thread: Optional[ThreadPoolExecutor] = None
 
-    def submit(self, windows: Sequence[np.ndarray]) -> "asyncio.Future[torch.Tensor]":
-        """Queued now; the future is the (windows, labels) logits, computed in turn with every other
-        request's windows. A caller cancelled while awaiting it cancels it too: the job is dropped at
-        its next turn."""
+    async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+        """(windows, labels) logits, computed in turn with every other request's windows. The job is
+        queued before this first awaits (`admission` counts on that)."""
         self._start()
         job = Job(windows, asyncio.get_running_loop().create_future())
         self._fresh.append(job)
         metrics.SUBMITTED.inc(len(windows))
         self._count_waiting(len(windows))
         self._arrived.set()
-        return job.result
-
-    async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
-        return await self.submit(windows)
+        return await job.result  # a cancelled caller cancels the future too: dropped at its next turn
 
     def _start(self) -> None:
         if self._worker is None:

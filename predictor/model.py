@@ -24,12 +24,12 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from . import audio, labels, metrics, protocol, windows
 from .allocator import release_freed_memory
-from .admission import Admission, Ticket
+from .admission import Admission
 from .batching import WindowQueue
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
 from .config import Config
 from .engines import Engine, EngineOptions, ExportError, build_engine
-from .errors import ClientInputError, shown
+from .errors import ClientInputError, Overloaded, shown
 from .features import LogMelFilterbank
 from .protocol.requests import parse
 from .protocol.responses import ClipResult, Ranked, Segments, respond
@@ -54,7 +54,6 @@ class Work:
 
     request: protocol.AudioRequest
     options: Options
-    ticket: Ticket  # the windows reserved at admission, until the queue has them
     starts: list[np.ndarray]  # each clip's window starts, in samples
     lengths: list[int]  # each clip's samples at the model's rate
     windows: list[np.ndarray]  # every clip's windows, in order: views into the waveforms
@@ -136,28 +135,24 @@ class ASTModel(Model):
         self.admission.check()
         loop = asyncio.get_running_loop()
         sources = await loop.run_in_executor(self.decoding, self._open, request.clips, options.hop_seconds)
+        cost = self._windows([self._declared(s) for s in sources], options.hop_seconds)
         try:
-            ticket = self.admission.admit(self._windows([self._declared(s) for s in sources], options.hop_seconds))
-        except BaseException:
+            self.admission.check(cost)
+        except Overloaded:
             _close(sources)
             raise
-        try:
-            with metrics.STAGE_SECONDS.labels("decode").time():
-                waveforms = await loop.run_in_executor(self.decoding, self._decode, sources)
-            self._check_windows([len(w) for w in waveforms], options.hop_seconds)
-        except BaseException:
-            ticket.release()
-            raise
+        with self.admission.counted(cost), metrics.STAGE_SECONDS.labels("decode").time():
+            waveforms = await loop.run_in_executor(self.decoding, self._decode, sources)  # it closes them
+        self._check_windows([len(w) for w in waveforms], options.hop_seconds)
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
         return Work(
-            request=request, options=options, ticket=ticket, starts=starts, lengths=[len(w) for w in waveforms],
+            request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
             windows=[window for w, s in zip(waveforms, starts) for window in self.windowing.slices(w, s)],
         )
 
     async def predict(self, payload: Work, headers: Optional[dict] = None) -> Logits:
-        logits = self.queue.submit(payload.windows)
-        payload.ticket.release()  # the queue counts them now
-        return Logits(per_clip=list((await logits).split([len(s) for s in payload.starts])), work=payload)
+        logits = await self.queue(payload.windows)  # queued before this first awaits: see `admission`
+        return Logits(per_clip=list(logits.split([len(s) for s in payload.starts])), work=payload)
 
     async def postprocess(self, result: Logits, headers: Optional[dict] = None, response_headers=None) -> Union[dict, InferResponse]:
         work, options = result.work, result.work.options

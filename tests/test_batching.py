@@ -208,25 +208,24 @@ def test_admission_refuses_past_the_wait_or_the_windows_and_admitted_requests_fi
     big, second = job(1, 5), job(2, 2)
 
     async def main():
-        by_windows.admit(5).release()  # 5 windows > 3, but nothing is ahead
+        by_windows.check(5)  # 5 windows > 3, but nothing is ahead
         first = asyncio.create_task(queue(big))
         await asyncio.to_thread(compute.started.wait, 30)  # 1 window in the pass, 4 waiting
         with pytest.raises(Overloaded, match=r"would make 5 waiting for the model, and this server holds at most 3 "
                                              r"\(--max_queued_windows\)") as refused:
-            by_windows.admit(1)
+            by_windows.check(1)
         assert refused.value.retry_after_s >= 1
-        decoding = by_time.admit(1)  # 4 windows at 1 s: within 4.5 s; reserved while it decodes
-        with pytest.raises(Overloaded, match=r"wait about 5.0 s for the 5 windows ahead of it, and this server admits "
-                                             r"requests while that wait is at most 4.5 s \(--max_queue_seconds\); "
-                                             r"retry in about 1 s") as refused:
-            by_time.check()
+        by_time.check(1)  # 4 windows at 1 s: within 4.5 s
+        with by_time.counted(1):  # while it decodes, it is ahead of the next request
+            with pytest.raises(Overloaded, match=r"wait about 5.0 s for the 5 windows ahead of it, and this server "
+                                                 r"admits requests while that wait is at most 4.5 s "
+                                                 r"\(--max_queue_seconds\); retry in about 1 s") as refused:
+                by_time.check()
         assert refused.value.retry_after_s == 1
-        decoding.release()
-        decoding.release()  # idempotent: a request whose windows reached the queue and then failed
         assert by_time.windows_ahead == 4
         compute.release.set()
         await first
-        by_windows.admit(2).release()  # room again once the queue has drained
+        by_windows.check(2)  # room again once the queue has drained
         return first.result(), await queue(second)
 
     big_logits, second_logits = run(main())

@@ -11,7 +11,7 @@ import requests
 from kserve import InferInput
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import REPO, encode, raw_http, tone
+from .conftest import REPO, encode, metric, raw_http, tone
 from .test_grpc import kserve_grpc_infer
 
 RATE = 16000
@@ -69,6 +69,16 @@ def test_a_few_requests_are_counted(server):
     assert after[("ast_queued_windows", ())] == after[("ast_queue_wait_seconds", ())] == 0
     # the test server runs ONNX Runtime by name (conftest), in fp32
     assert after[("ast_engine_info", (("backend", "onnxruntime"), ("precision", "fp32")))] == 1
+
+
+def test_requests_that_never_reach_the_queue_leave_no_wait_behind(server):
+    """An :explain is admitted and decoded like a predict, then answered 501 (no explainer): its
+    windows must not stay counted as ahead of later requests."""
+    clip = encode(tone(440, 12.0, RATE), RATE, "WAV", "PCM_16")
+    for _ in range(3):
+        assert requests.post(f"{server.url}/v1/models/ast:explain", data=clip, timeout=60).status_code == 501
+    assert metric(server, "ast_queue_wait_seconds") == metric(server, "ast_queued_windows") == 0
+    assert requests.post(server.predict_url, data=clip, timeout=60).status_code == 200
 
 
 def test_the_dashboard_reads_series_the_server_has(server):
