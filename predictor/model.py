@@ -2,20 +2,23 @@
 
 Thin by design: protocol parsing lives in `protocol`, decoding in `audio`, cutting clips into
 windows and pooling them in `windows`, the filterbank in `features`, the model's queue in
-`batching`, the inference engine in `engines`, ranking in `labels`. What lives here is the order
-of the steps, the request's limits, and where each step runs: decoding in a worker thread; the
-filterbank and the model, both torch, on the model's own thread behind the window queue (beside
-each other they fought over the same 2 cores); the event loop only parses and answers, so it
-keeps answering health probes during inference.
+`batching`, the inference engine in `engines`, ranking in `labels`, whether a request may come in
+in `admission`. What lives here is the order of the steps, the request's limits, and where each
+step runs: reading headers and decoding in a pool of as many threads as the container has cores
+(concurrent requests decode in parallel, and a flood waits there, counted, rather than piling up
+threads); the filterbank and the model, both torch, on the model's own thread behind the window
+queue (beside each other they fought over the same 2 cores); the event loop only parses and
+answers, so it keeps answering health probes during inference.
 """
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -133,8 +136,8 @@ class ASTModel(Model):
         request = parse(payload, self.config.max_clips_per_request)
         options = self._options(request.parameters)
         self.admission.check()
-        loop = asyncio.get_running_loop()
-        sources = await loop.run_in_executor(self.decoding, self._open, request.clips, options.hop_seconds)
+        sources = await self._pooled(self._open, request.clips, options.hop_seconds,
+                                     abandoned=lambda done: done.cancelled() or done.exception() or _close(done.result()))
         cost = self._windows([self._declared(s) for s in sources], options.hop_seconds)
         try:
             self.admission.check(cost)
@@ -142,7 +145,8 @@ class ASTModel(Model):
             _close(sources)
             raise
         with self.admission.counted(cost), metrics.STAGE_SECONDS.labels("decode").time():
-            waveforms = await loop.run_in_executor(self.decoding, self._decode, sources)  # it closes them
+            waveforms = await self._pooled(self._decode, sources,  # which closes them, once it runs
+                                           abandoned=lambda done: done.cancelled() and _close(sources))
         self._check_windows([len(w) for w in waveforms], options.hop_seconds)
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
         return Work(
@@ -179,6 +183,18 @@ class ASTModel(Model):
             aggregate=windows.check_aggregate(parameters.get("aggregate", "max")),
             return_segments=segments,
         )
+
+    async def _pooled(self, function: Callable[..., Any], *args: Any,
+                      abandoned: Callable[[concurrent.futures.Future], object]) -> Any:
+        """`function(*args)` in the decoding pool. If the request is cancelled first (its client
+        left), `abandoned` gets the pool's future once it is done, or cancelled before it ran, to
+        release what the call opened or would have closed."""
+        future = self.decoding.submit(function, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(abandoned)
+            raise
 
     def _open(self, clips: list[audio.Clip], hop_seconds: float) -> list[audio.Source]:
         """Every clip's header, checked against the clip limits, the request's sample budget and its
@@ -236,11 +252,6 @@ class ASTModel(Model):
     def _rank(self, logits: torch.Tensor, options: Options) -> list[Ranked]:
         names, values = labels.top_k(labels.scores(logits, options.function), options.top_k, self.id2label)
         return [Ranked(row_names, row_values) for row_names, row_values in zip(names, values.numpy())]
-
-    def stop(self) -> None:
-        if self.decoding is not None:
-            self.decoding.shutdown(wait=False, cancel_futures=True)
-        super().stop()
 
     def get_input_types(self) -> list[dict]:
         return protocol.INPUT_TYPES

@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from predictor.client import Client
+from predictor.client.batch import final
 from predictor.client.protocols import PROTOCOLS
 
 from .conftest import (REPO, TINY_LABELS, assert_same_predictions, encode, expected, metric, start_server,
@@ -142,6 +143,16 @@ def test_a_folder_in_batch_with_a_broken_file_then_resumed(server, tiny_pipeline
         assert_same_predictions(predictions("v2", rerun[tone_file]["answer"]),
                                 expected(tiny_pipeline, tone(440, 2.0, RATE), 2, "softmax"))
     assert "0 classified, 0 failed, 3 skipped (already in the results)" in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize("record, kept", [
+    ({"answer": {}}, True), ({"error": "not audio", "status": 400}, True), ({"error": "too large", "status": 413}, True),
+    ({"error": "AU", "status": 415}, True), ({"error": "busy", "status": 503}, False),
+    ({"error": "no model 'typo'", "status": 404}, False), ({"error": "unauthorized", "status": 401}, False),
+    ({"error": "connection refused", "status": None}, False)])
+def test_a_rerun_keeps_only_what_says_something_about_the_file(record, kept):
+    """A mistyped model name or URL, or a busy server, fails every file alike: a corrected rerun tries them again."""
+    assert final({"file": "/data/clip.wav", **record}) is kept
 
 
 def test_a_folder_without_audio_is_an_error(server, tmp_path):

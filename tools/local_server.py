@@ -53,7 +53,7 @@ class Server:
     def is_ready(self) -> bool:
         try:
             return requests.get(f"{self.url}/v2/models/{self.model_name}/ready", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy loading to answer in time
             return False
 
 

@@ -69,7 +69,11 @@ class Target:
 def open_clip(clip: Clip, target: Target) -> Source:
     """An encoded file's header or a waveform, checked against the clip limit; nothing decoded yet."""
     source = open_file(clip) if isinstance(clip, bytes) else from_waveform(*clip)
-    target.check_header(source)
+    try:
+        target.check_header(source)
+    except ClientInputError:
+        source.blocks.close()
+        raise
     return source
 
 
@@ -88,6 +92,7 @@ def open_file(data: bytes) -> Source:
                 f"({ACCEPTED}): libsndfile: {sndfile_reason}; ffmpeg: {ffmpeg_reason}"
             ) from None
     if source.frames == 0:
+        source.blocks.close()
         raise ClientInputError("audio has no samples (zero-length clip)")
     return source
 

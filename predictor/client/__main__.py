@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1)")
     parser.add_argument("--output", type=Path, help="write results to this JSON Lines file, one record per "
-                                                    "file; a rerun skips files answered or refused (4xx) and tries "
-                                                    "the rest again")
+                                                    "file; a rerun skips files answered or refused for what they "
+                                                    "are (400, 413, 415, 422) and tries the rest again")
     parser.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_MB,
                         help="the server's body limit: larger files are re-encoded to 16 kHz mono FLAC first "
                              f"(default: {MAX_REQUEST_MB:g}, the server's default)")

@@ -2,8 +2,8 @@
 
 A results file (`--output`, JSON Lines) holds one object per file: `{"file", "answer"}` or
 `{"file", "error", "status"}`. A rerun with the same file skips every file whose record is final:
-an answer, or a 4xx (the request as sent was refused, and would be again). Every other failure (a
-busy or unreachable server, a timeout) is tried again, its old record removed first, so the file
+an answer, or a refusal of the file itself (`final`). Every other failure (a busy or unreachable
+server, a timeout, a wrong model name) is tried again, its old record removed first, so the file
 keeps one record per audio file however many runs it took.
 """
 
@@ -18,10 +18,10 @@ from typing import Callable, Iterable, Iterator, Optional, TextIO
 from . import Client, Result
 from .protocols import RequestFailed
 
-RETRIED_STATUSES = {408, 429}  # the 4xx that may pass when sent again
+FILE_REFUSALS = {400, 413, 415, 422}
 # What a directory is searched for (files named on the command line are always sent).
 AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
-                  ".mka", ".aif", ".aiff", ".caf", ".w64", ".au", ".snd"}
+                  ".mka", ".aif", ".aiff", ".aifc", ".caf", ".w64", ".rf64", ".amr", ".3gp"}
 
 
 @dataclass
@@ -68,9 +68,10 @@ def audio_files(paths: Iterable[str]) -> Iterator[str]:
 
 
 def final(record: dict) -> bool:
-    """An answer, or a refusal of the request as sent: sending it again would get the same."""
-    status = record.get("status")
-    return "answer" in record or (isinstance(status, int) and 400 <= status < 500 and status not in RETRIED_STATUSES)
+    """An answer, or a refusal of the file itself (not audio, too long, a format the server does not
+    decode): sending it again would get the same. A 404, 401 or 403 says more about the command
+    line (a model name, a URL, credentials) than about the file, so a corrected rerun tries again."""
+    return "answer" in record or record.get("status") in FILE_REFUSALS
 
 
 def settle_results(output: Path) -> tuple[TextIO, set[str]]:

@@ -68,6 +68,8 @@ def made_in_child(path: Path, module: str, args: list[str], timeout_s: float, wh
         raise ExportError(f"cannot write the cache directory {path.parent}: {exc}") from exc
     if path in _FAILED:  # engines share files (OpenVINO's start from the fp32 export): fail once, not per engine
         raise _FAILED[path]
+    if timeout_s <= 0:
+        raise ExportError(f"{what}: no time is left of the start's budget (--start_timeout_s)")
     _remove_abandoned_temp_files(path.parent)
     logger.info("%s (once per model version and cache directory) into %s", what[0].upper() + what[1:], path)
     try:

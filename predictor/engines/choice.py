@@ -115,8 +115,11 @@ def record_path(checkpoint: Checkpoint, options: EngineOptions) -> Path:
 
 
 def _race_in_child(source: str, options: EngineOptions, candidates: list[str], record: Path) -> Optional[dict]:
-    logger.info("Timing every engine for %s on this kind of CPU (once; kept in %s)", options.precision, record)
     timeout_s = options.time_left()
+    if timeout_s <= 0:
+        logger.warning("No time is left of --start_timeout_s to time the engines: serving with the first that builds")
+        return None
+    logger.info("Timing every engine for %s on this kind of CPU (once; kept in %s)", options.precision, record)
     try:
         done = run_child(__name__, [source, options.precision, str(options.threads), str(record.parent.resolve()),
                                     ",".join(candidates), str(record.resolve()),
