@@ -21,7 +21,10 @@ counted behind.
 
 The estimate counts every waiting window at the recent time per window. Round robin lets a short
 request's first window pass ahead of longer requests' later windows, so for short requests it is
-an upper bound; for requests of a clip or more it is what they wait.
+an upper bound; for requests of a clip or more it is what they wait. The time per window is what
+passes took before: a burst that slows the passes it was admitted into (its own parsing and
+decoding compete for the same cores) stretches their wait in proportion, until the running
+average has caught up.
 """
 
 import math

@@ -91,6 +91,11 @@ CONTAINER_CONCURRENCY = 4  # inferenceservice.yaml's
 MAX_QUEUE_SECONDS = Config().max_queue_seconds
 
 
+def model_seconds(server) -> tuple[float, float]:
+    """The engine's passes so far: (seconds in all, count)."""
+    return (metric(server, 'ast_stage_seconds_sum{stage="model"}'), metric(server, 'ast_stage_seconds_count{stage="model"}'))
+
+
 def decodes(server) -> float:
     return metric(server, 'ast_stage_seconds_count{stage="decode"}')
 
@@ -99,8 +104,13 @@ def test_a_flood_is_refused_before_decoding_and_admitted_requests_answer_within_
     """12x containerConcurrency of 10 s clips at once, on the default flags: requests come in while
     the wait ahead of them is within --max_queue_seconds; the rest get 503 with Retry-After within
     a second, decided before their audio is decoded (gRPC: UNAVAILABLE, the retry time as a token);
-    every admitted request answers within the bound plus its own window, and the probes answer."""
+    every admitted request answers within the bound plus its own window, and the probes answer.
+
+    The bound holds at the time per window the server measured before the flood (its passes so far);
+    passes slowed by the flood itself (48 requests parsed and decoded on the same 2 cores) stretch
+    it in proportion, which the check allows for, measuring both from the server's own series."""
     server, clip, decoded_before = torch_server, noise_wav(10, 9), decodes(torch_server)
+    passes_before = model_seconds(server)
 
     def post(_: int) -> tuple[requests.Response, float]:
         started = time.monotonic()
@@ -116,7 +126,9 @@ def test_a_flood_is_refused_before_decoding_and_admitted_requests_answer_within_
         over_grpc = run_triton_grpc({"url": server.grpc_url, "model": "ast", "clips": [base64.b64encode(clip).decode()]})
         live = requests.get(f"{server.url}/v2/health/live", timeout=5)
         answers = list(answers)
-    per_window = metric(server, 'ast_stage_seconds_sum{stage="model"}') / metric(server, 'ast_stage_seconds_count{stage="model"}')
+    passes_after = model_seconds(server)
+    estimated = passes_before[0] / passes_before[1]
+    per_window = (passes_after[0] - passes_before[0]) / (passes_after[1] - passes_before[1])
     admitted = [seconds for response, seconds in answers if response.status_code == 200]
     refused = [(response, seconds) for response, seconds in answers if response.status_code == 503]
     assert len(admitted) + len(refused) == flood, [r.text for r, _ in answers if r.status_code not in (200, 503)]
@@ -127,7 +139,8 @@ def test_a_flood_is_refused_before_decoding_and_admitted_requests_answer_within_
         retry = int(response.headers["Retry-After"])
         assert retry >= 1 and f"(retry_after_s={retry})" in response.json()["error"], response.text
         assert "(--max_queue_seconds)" in response.json()["error"], response.text
-    assert max(admitted) <= MAX_QUEUE_SECONDS + 2 * per_window + 2.0, (sorted(admitted), per_window)
+    bound = MAX_QUEUE_SECONDS * max(1.0, per_window / estimated) + 2 * per_window + 2.0
+    assert max(admitted) <= bound, (sorted(admitted), estimated, per_window)
     assert over_grpc["error_code"] == "StatusCode.UNAVAILABLE", over_grpc
     assert retry_after(over_grpc["error"]) >= 1, over_grpc
     assert live.status_code == 200
