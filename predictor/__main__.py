@@ -12,6 +12,8 @@ from .allocator import keep_freed_memory
 from .checkpoint import ModelLoadError
 from .config import Config
 from .cpu import configure_torch_threads
+from .device import CPU_BACKENDS, DeviceError
+from .device import resolve as resolve_device
 from .model import ASTModel
 from .protocol.kserve import AudioModelServer
 
@@ -45,11 +47,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "(its torch threads follow the CPU limit); scale with replicas instead")
     if args.precision == "bf16" and args.backend == "onnxruntime":
         parser.error("--precision bf16 needs --backend openvino, torch or auto")
+    if args.device.startswith("cuda") and args.backend in CPU_BACKENDS:
+        parser.error(f"--backend {args.backend} runs on the CPU; on a GPU (--device {args.device}) the engine is torch: "
+                     "pass --backend auto or torch")
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as exc:
+        parser.error(str(exc))
     config = Config.from_arguments(args)
     if args.configure_logging:
         logs.configure(config.log_format, args.log_config_file, __package__)
     keep_freed_memory()
-    model = ASTModel(config, threads=configure_torch_threads(config.threads))
+    model = ASTModel(config, threads=configure_torch_threads(config.threads), device=str(device))
     try:
         model.load()
     except ModelLoadError as exc:

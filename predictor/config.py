@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import names
+from .device import device_name
 from .engines.options import BACKENDS, PRECISIONS
 from .labels import FUNCTIONS
 from .logs import LOG_FORMATS
@@ -96,6 +97,9 @@ class Config:
         "fp32", "fp32: equal to the transformers pipeline. bf16 (openvino, torch): for CPUs that multiply bf16 "
         "natively (AVX512-BF16, AMX). int8: onnxruntime's dynamic int8 or openvino's static int8, whichever is "
         "faster here; check its accuracy on your clips with python -m tools.compare.", choices=PRECISIONS)
+    device: str = setting(
+        "auto", "auto: the first GPU torch sees, else the CPU; cpu; cuda or cuda:N: that GPU, refused at start where "
+        "torch sees none. On a GPU the engine is torch (eager, SDPA attention).", device_name)
     threads: Optional[int] = setting(None, "Intra-op threads, and the decoding pool's size. Default: the container's "
                                      "CPU limit (cgroup), not the node's core count.", positive(int))
     onnx_cache_dir: Optional[Path] = setting(None, "Where engine files and engine choices are kept. Default: "

@@ -69,10 +69,11 @@ class Logits:
 
 
 class ASTModel(Model):
-    def __init__(self, config: Config, threads: int = 1):
+    def __init__(self, config: Config, threads: int = 1, device: str = "cpu"):
         super().__init__(config.model_name)
         self.config = config
         self.threads = threads
+        self.device = device
         self.queue: Optional[WindowQueue] = None
         self.admission: Optional[Admission] = None
         self.decoding: Optional[ThreadPoolExecutor] = None
@@ -102,7 +103,7 @@ class ASTModel(Model):
         self.default_top_k = min(config.top_k, self.num_labels)  # the pipeline clamps top_k too
         engine_options = EngineOptions(backend=config.backend, precision=config.precision, threads=self.threads,
                                        cache_dir=config.onnx_cache_dir, start_timeout_s=config.start_timeout_s,
-                                       calibration_dir=config.calibration_dir)
+                                       calibration_dir=config.calibration_dir, device=self.device)
         try:
             self.engine = build_engine(checkpoint, engine_options)
         except ExportError as exc:

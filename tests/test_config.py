@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
 
 from predictor.__main__ import build_parser, main
 from predictor.config import Config
@@ -32,11 +33,21 @@ def test_a_bad_environment_variable_is_named_at_start(env, message, monkeypatch,
         (["--precision", "bf16", "--backend", "onnxruntime"], "--precision bf16 needs --backend openvino, torch or auto"),
         (["--workers", "2"], "--workers must be 1"),
         (["--max_batch_wait_ms", "inf"], "argument --max_batch_wait_ms: invalid float value: 'inf'"),
+        (["--device", "gpu"], "argument --device: invalid device_name value: 'gpu'"),
+        (["--device", "cuda:0", "--backend", "openvino"], "--backend openvino runs on the CPU; on a GPU (--device cuda:0) "
+                                                          "the engine is torch"),
     ],
 )
 def test_a_bad_flag_is_named_at_start(flags, message, capsys):
     assert exit_code(flags) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here: make gpu-check covers it")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_gpu_that_torch_does_not_see_is_refused_at_start(device, capsys):
+    assert exit_code(["--device", device]) == 2
+    assert f"--device {device}: torch sees no GPU (torch {torch.__version__}" in capsys.readouterr().err
 
 
 def exit_code(argv: list[str]) -> int:

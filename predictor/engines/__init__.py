@@ -50,6 +50,8 @@ def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     warning: torch's emulated bf16 is several times slower than fp32 there (README, Performance), and
     a pod rescheduled from an AMX node onto such a node should keep serving, not crash or crawl.
     A named `--backend torch` still emulates it; `--backend openvino` refuses."""
+    if options.device != "cpu":  # ONNX Runtime and OpenVINO run here on the CPU only
+        options = replace(options, backend="torch")
     if options.backend == "auto" and options.precision == "bf16" and not cpu_multiplies_bf16():
         logger.warning("--precision bf16: this CPU does not multiply bf16 natively (no AVX512-BF16 or AMX), where "
                        "bf16 runs several times slower than fp32; serving fp32 instead (exact, and faster here)")
@@ -60,8 +62,8 @@ def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
                                  build=lambda name: _build(checkpoint, replace(options, backend=name)))
     else:
         backend, engine = options.backend, _build(checkpoint, options)
-    logger.info("Engine: %s, %s", backend, options.precision)
-    metrics.ENGINE.info({"backend": backend, "precision": options.precision})
+    logger.info("Engine: %s, %s, on %s", backend, options.precision, options.device)
+    metrics.ENGINE.info({"backend": backend, "precision": options.precision, "device": options.device})
     return engine
 
 
@@ -81,5 +83,6 @@ def _build(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     from .torch_engine import TorchEngine, quantize_linears  # imports transformers' modeling code: only when used
 
     if options.precision == "int8":
-        return TorchEngine(quantize_linears(checkpoint.module()))
-    return TorchEngine(checkpoint.module(), torch.bfloat16 if options.precision == "bf16" else torch.float32)
+        return TorchEngine(quantize_linears(checkpoint.module()), device=options.device)
+    return TorchEngine(checkpoint.module(), torch.bfloat16 if options.precision == "bf16" else torch.float32,
+                       options.device)

@@ -33,6 +33,7 @@ class EngineOptions:
     answers until it is loaded): each child process gets what is left of it."""
     calibration_dir: Optional[Path] = None  # int8 for OpenVINO: None calibrates on synthetic clips
     started: float = field(default_factory=time.monotonic, compare=False)
+    device: str = "cpu"  # a torch device; on a GPU the engine is torch
 
     def time_left(self) -> float:
         return max(0.0, self.start_timeout_s - (time.monotonic() - self.started))

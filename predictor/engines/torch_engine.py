@@ -7,13 +7,15 @@ from .ast_forward import PooledLogits
 
 
 class TorchEngine:
-    def __init__(self, model: ASTForAudioClassification, dtype: torch.dtype = torch.float32):
-        self.logits = PooledLogits(model.to(dtype).eval())
-        self.dtype = dtype
+    """The model on `device` (a CPU or a GPU); features come in and logits go out as float32 on the CPU."""
+
+    def __init__(self, model: ASTForAudioClassification, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.logits = PooledLogits(model.to(device=device, dtype=dtype).eval())
+        self.dtype, self.device = dtype, torch.device(device)
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.logits(features.to(self.dtype)).float()
+            return self.logits(features.to(self.device, self.dtype)).float().cpu()
 
 
 class Int8Linear(torch.nn.Module):
