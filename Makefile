@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev peer-venv run test random-model bench docs-tables timeline pack-model load soak fuzz fuzz-api image image-test
+.PHONY: install install-dev peer-venv run test random-model bench docs-tables gpu-check timeline pack-model load soak fuzz fuzz-api image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ random-model: install
 
 bench: install-dev peer-venv
 	PEER_PYTHON=$(PEER_VENV)/bin/python $(BIN)/python -m benchmarks.bench
+
+# The GPU path on a machine with an NVIDIA GPU and a CUDA build of torch (tools/gpu_check.py); elsewhere it says
+# so and exits 0. It runs with this repo's .venv where there is one, else with $(PYTHON) and the packages it has.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) -m tools.gpu_check
 
 # The docs' tables of measurements, rewritten from the benchmarks/results/ files their markers name.
 docs-tables:
