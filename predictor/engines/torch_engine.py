@@ -15,7 +15,10 @@ class TorchEngine:
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.logits(features.to(self.device, self.dtype)).float().cpu()
+            # On the CPU, the call is the one it was before GPUs: even this changes which pages glibc's
+            # default malloc hands back between passes (tests/test_allocator.py measured it).
+            placed = features.to(self.dtype) if self.device.type == "cpu" else features.to(self.device, self.dtype)
+            return self.logits(placed).float().cpu()
 
 
 class Int8Linear(torch.nn.Module):
