@@ -137,12 +137,12 @@ class ASTModel(Model):
         request = parse(payload, self.config.max_clips_per_request)
         options = self._options(request.parameters)
         self.admission.check()
-        sources = await self._pooled(self._open, request.clips, options.hop_seconds,
+        sources = await self._pooled(self._open, request.clips,
                                      abandoned=lambda done: done.cancelled() or done.exception() or _close(done.result()))
-        cost = self._windows([self._declared(s) for s in sources], options.hop_seconds)
         try:
+            cost = self._check_windows([self._declared(s) for s in sources], options.hop_seconds)
             self.admission.check(cost)
-        except Overloaded:
+        except (ClientInputError, Overloaded):
             _close(sources)
             raise
         with self.admission.counted(cost), metrics.STAGE_SECONDS.labels("decode").time():
@@ -197,15 +197,14 @@ class ASTModel(Model):
             future.add_done_callback(abandoned)
             raise
 
-    def _open(self, clips: list[audio.Clip], hop_seconds: float) -> list[audio.Source]:
-        """Every clip's header, checked against the clip limits, the request's sample budget and its
-        window limit, before a sample is decoded."""
+    def _open(self, clips: list[audio.Clip]) -> list[audio.Source]:
+        """Every clip's header, checked against the clip limits and the request's sample budget,
+        before a sample is decoded."""
         sources: list[audio.Source] = []
         try:
             for clip in clips:
                 sources.append(audio.open_clip(clip, self.target))
             audio.SampleBudget(self.config.max_request_samples).check_declared(sources)
-            self._check_windows([self._declared(s) for s in sources], hop_seconds)
         except BaseException:
             _close(sources)
             raise
@@ -230,18 +229,16 @@ class ASTModel(Model):
         one window until decoded."""
         return 0 if source.frames is None else round(source.frames / source.rate * self.target.rate)
 
-    def _windows(self, lengths: list[int], hop_seconds: float) -> int:
-        return sum(max(1, self.windowing.count(length, hop_seconds)) for length in lengths)
-
-    def _check_windows(self, lengths: list[int], hop_seconds: float) -> None:
-        """Refuse a request whose windows would cost more than the limit, before making them."""
-        count = self._windows(lengths, hop_seconds)
+    def _check_windows(self, lengths: list[int], hop_seconds: float) -> int:
+        """The request's windows, refused past the limit before they are made."""
+        count = sum(max(1, self.windowing.count(length, hop_seconds)) for length in lengths)
         if count > self.config.max_windows_per_request:
             raise ClientInputError(
                 f"this request needs {count} windows of {self.windowing.seconds:g} s at hop_seconds "
                 f"{hop_seconds:g}; this server computes at most {self.config.max_windows_per_request} per request "
                 "(--max_windows_per_request): raise hop_seconds or send fewer seconds of audio"
             )
+        return count
 
     def _compute(self, window_samples: list[np.ndarray]) -> torch.Tensor:
         """On the model's thread: windows → features → logits."""
