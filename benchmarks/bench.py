@@ -59,7 +59,7 @@ from predictor.cpu import cpu_limit
 from predictor.engines import EngineOptions, build_engine
 from predictor.engines.choice import ISA_FLAGS
 from predictor.engines.artifacts import OFFLINE_TIMEOUT_S
-from predictor.engines.openvino_engine import cpu_multiplies_bf16
+from predictor.cpu import multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.windows import Windowing
 from tools import local_server
@@ -347,7 +347,7 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
         "openvino fp32": build("openvino", "fp32"),
         "openvino int8": build("openvino", "int8"),
     }
-    if cpu_multiplies_bf16():
+    if multiplies_bf16():
         engines["openvino bf16"] = build("openvino", "bf16")
     alone: dict[str, float] = {}
     for name, engine in engines.items():
@@ -400,7 +400,7 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
 
     # 3. the server end to end, and 6. its peak RSS
     http_port, grpc_port = 18180, 18181
-    server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work))
+    server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work), "--precision", "fp32")
     try:
         calls = {"V2 binary (HTTP)": lambda: v2_binary_call(http_port), "V1 base64 (HTTP)": lambda: v1_b64_call(http_port),
                  "V2 gRPC": lambda: grpc_call(grpc_port)}
@@ -421,13 +421,14 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
         rows.append(Row("server fp32", "peak RSS after load and all requests", peak_rss_mib(server.process.pid), "MiB"))
     finally:
         local_server.stop_server(server)
-    # bf16 serves fast only where the CPU multiplies it natively; elsewhere torch emulates it, minutes a clip
-    for precision in ("bf16", "int8") if cpu_multiplies_bf16() else ("int8",):
+    # The default (auto: bf16 where the CPU multiplies it natively, else fp32), then int8
+    for precision in ("auto", "int8"):
         server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work), "--precision", precision)
+        served = ("bf16" if multiplies_bf16() else "fp32") if precision == "auto" else precision
         try:
             result = load_test(lambda: v2_binary_call(http_port), files, 4, 8)
             rows.append(Row(f"server {precision}", "V2 binary (HTTP), concurrency 4", result["clips_per_s"], "clips/s",
-                            base, "pipeline", against(result, precision)))
+                            base, "pipeline", {**against(result, served), "served": served}))
             rows.append(Row(f"server {precision}", "peak RSS", peak_rss_mib(server.process.pid), "MiB"))
         finally:
             local_server.stop_server(server)
@@ -455,7 +456,7 @@ def long_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     speed: dict[str, float] = {}
     for precision in ("fp32", "int8"):
         # The 115 MB WAV is past the default 32 MiB body limit: the memory row raises it on purpose.
-        flags = ("--max_request_mb", "128") if precision == "fp32" else ("--precision", precision)
+        flags = ("--max_request_mb", "128") * (precision == "fp32") + ("--precision", precision)
         server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work), *flags)
         try:
             if precision == "fp32":

@@ -15,6 +15,8 @@ from .cpu import configure_torch_threads
 from .device import CPU_BACKENDS, DeviceError
 from .device import resolve as resolve_device
 from .model import ASTModel
+from .precision import PrecisionError
+from .precision import check as check_precision
 from .protocol.kserve import AudioModelServer
 
 # After SIGTERM, in-flight requests get this long to finish: inside Kubernetes' default 30 s
@@ -45,18 +47,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.workers > 1:
         parser.error("--workers must be 1: one server process already uses every CPU the container may "
                      "(its torch threads follow the CPU limit); scale with replicas instead")
-    if args.precision == "bf16" and args.backend == "onnxruntime":
-        parser.error("--precision bf16 needs --backend openvino, torch or auto")
     if args.device.startswith("cuda") and args.backend in CPU_BACKENDS:
         parser.error(f"--backend {args.backend} runs on the CPU; on a GPU (--device {args.device}) the engine is torch: "
                      "pass --backend auto or torch")
-    try:
-        device = resolve_device(args.device)
-    except DeviceError as exc:
-        parser.error(str(exc))
     config = Config.from_arguments(args)
     if args.configure_logging:
         logs.configure(config.log_format, args.log_config_file, __package__)
+    try:  # auto takes the CPU where the engine or precision asked for runs there only
+        cpu_only = args.backend in CPU_BACKENDS or args.precision == "int8"
+        device = resolve_device("cpu" if args.device == "auto" and cpu_only else args.device)
+        check_precision(args.precision, device, args.backend)
+    except (DeviceError, PrecisionError) as exc:
+        parser.error(str(exc))
     keep_freed_memory()
     model = ASTModel(config, threads=configure_torch_threads(config.threads), device=str(device))
     try:

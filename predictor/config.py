@@ -20,9 +20,10 @@ from typing import Any, Callable, Optional
 
 from . import names
 from .device import device_name
-from .engines.options import BACKENDS, PRECISIONS
+from .engines.options import BACKENDS
 from .labels import FUNCTIONS
 from .logs import LOG_FORMATS
+from .precision import PRECISIONS
 
 ENV_PREFIX = "AST_"
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -94,9 +95,11 @@ class Config:
         "once (cached); openvino: that ONNX file compiled by OpenVINO for this CPU (int8 quantized by NNCF); "
         "torch: eager PyTorch with SDPA, the reference.", choices=BACKENDS)
     precision: str = setting(
-        "fp32", "fp32: equal to the transformers pipeline. bf16 (openvino, torch): for CPUs that multiply bf16 "
-        "natively (AVX512-BF16, AMX). int8: onnxruntime's dynamic int8 or openvino's static int8, whichever is "
-        "faster here; check its accuracy on your clips with python -m tools.compare.", choices=PRECISIONS)
+        "auto", "auto: bf16 where the hardware multiplies it natively (AVX512-BF16 or AMX CPUs, GPUs from Ampere "
+        "on), fp32 elsewhere; logged at start. fp32: equal to the transformers pipeline within 1e-4. bf16 "
+        "(openvino, torch). fp16: GPUs only. int8: CPU only, onnxruntime's dynamic int8 or openvino's static int8, "
+        "whichever is faster here. Check bf16's and int8's accuracy on your clips with python -m tools.compare.",
+        choices=PRECISIONS)
     device: str = setting(
         "auto", "auto: the first GPU torch sees, else the CPU; cpu; cuda or cuda:N: that GPU, refused at start where "
         "torch sees none. On a GPU the engine is torch (eager, SDPA attention).", device_name)

@@ -78,6 +78,12 @@ def configure_torch_threads(requested: Optional[int]) -> int:
     return threads
 
 
+def multiplies_bf16(flags: Optional[set[str]] = None) -> bool:
+    """AVX512-BF16 or AMX: the CPUs where bf16 GEMMs run natively (elsewhere torch and OpenVINO
+    emulate them, slower than fp32). Read from /proc/cpuinfo, so the CUDA image, which has no
+    OpenVINO, answers it too."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:

@@ -25,7 +25,7 @@ import torch
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from . import audio, labels, metrics, protocol, windows
+from . import audio, labels, metrics, precision, protocol, windows
 from .allocator import release_freed_memory
 from .admission import Admission
 from .batching import WindowQueue
@@ -74,6 +74,7 @@ class ASTModel(Model):
         self.config = config
         self.threads = threads
         self.device = device
+        self.precision = config.precision  # "auto" until load() resolves it for the device
         self.queue: Optional[WindowQueue] = None
         self.admission: Optional[Admission] = None
         self.decoding: Optional[ThreadPoolExecutor] = None
@@ -101,7 +102,8 @@ class ASTModel(Model):
         self.default_function = config.function_to_apply or labels.default_function(model_config.problem_type,
                                                                                     self.num_labels)
         self.default_top_k = min(config.top_k, self.num_labels)  # the pipeline clamps top_k too
-        engine_options = EngineOptions(backend=config.backend, precision=config.precision, threads=self.threads,
+        self.precision = precision.resolve(config.precision, torch.device(self.device), config.backend)
+        engine_options = EngineOptions(backend=config.backend, precision=self.precision, threads=self.threads,
                                        cache_dir=config.onnx_cache_dir, start_timeout_s=config.start_timeout_s,
                                        calibration_dir=config.calibration_dir, device=self.device)
         try:

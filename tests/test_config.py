@@ -34,6 +34,8 @@ def test_a_bad_environment_variable_is_named_at_start(env, message, monkeypatch,
         (["--workers", "2"], "--workers must be 1"),
         (["--max_batch_wait_ms", "inf"], "argument --max_batch_wait_ms: invalid float value: 'inf'"),
         (["--device", "gpu"], "argument --device: invalid device_name value: 'gpu'"),
+        (["--device", "cpu", "--precision", "fp16"], "--precision fp16 runs on a GPU only"),
+        (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
         (["--device", "cuda:0", "--backend", "openvino"], "--backend openvino runs on the CPU; on a GPU (--device cuda:0) "
                                                           "the engine is torch"),
     ],

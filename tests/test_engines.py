@@ -19,7 +19,7 @@ from predictor.checkpoint import Checkpoint, load_feature_extractor, weight_file
 from predictor.engines.calibration import file_features, synthetic_clips
 from predictor.engines.choice import cpu_key
 from predictor.engines.artifacts import OFFLINE_TIMEOUT_S, ExportError
-from predictor.engines.openvino_engine import cpu_multiplies_bf16
+from predictor.cpu import multiplies_bf16
 from predictor.features import LogMelFilterbank
 from predictor.windows import Windowing
 
@@ -119,7 +119,7 @@ def test_a_hub_id_is_keyed_by_its_cached_snapshot_files(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "openvino"])
 def test_a_backends_server_matches_the_pipeline(tiny_model_dir, tiny_pipeline, speech_16k, tmp_path, backend):
-    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--backend", backend))
+    server = start_server(tiny_model_dir, tmp_path / "server.log", extra_args=("--backend", backend, "--precision", "fp32"))
     try:
         body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, 16000, "WAV", "FLOAT")).decode()}],
                 "parameters": {"top_k": 3, "function_to_apply": "softmax"}}
@@ -135,10 +135,15 @@ def test_openvino_runs_bf16_only_where_the_cpu_multiplies_bf16(tiny_model, tiny_
     """On a CPU with AVX512-BF16 or AMX: bf16 within the cosine the README promises; elsewhere a
     refusal that says why, before anything is exported."""
     options = EngineOptions("openvino", "bf16", 2, tmp_path)
-    if cpu_multiplies_bf16():
+    if multiplies_bf16():
         with torch.inference_mode():
             reference = tiny_model(input_values=features).logits
-        assert cosine(build_engine(checkpoint_of(tiny_model, tiny_model_dir), options)(features), reference).min() >= 0.9999
+        engine = build_engine(checkpoint_of(tiny_model, tiny_model_dir), options)
+        first = engine(features)
+        assert cosine(first, reference).min() >= 0.9999
+        for scale in (0.1, 10.0):  # a clip's answer is its own, whatever ran before it
+            engine(features * scale)
+            assert torch.equal(engine(features), first)
     else:
         with pytest.raises(ExportError, match="does not multiply bf16 natively"):
             build_engine(checkpoint_of(tiny_model, tiny_model_dir), options)
@@ -152,7 +157,7 @@ def test_auto_serves_bf16_only_where_the_cpu_multiplies_bf16_and_fp32_elsewhere(
     with caplog.at_level(logging.WARNING, logger="predictor.engines"):
         engine = build_engine(Checkpoint.open(str(tiny_model_dir)), EngineOptions("auto", "bf16", 2, onnx_cache))
     fell_back = any("serving fp32 instead" in r.getMessage() for r in caplog.records)
-    if cpu_multiplies_bf16():
+    if multiplies_bf16():
         assert not fell_back and cosine(engine(features), reference).min() >= 0.9999
     else:
         assert fell_back

@@ -1,7 +1,7 @@
 """The model's queue at AST's real geometry (768 wide, 12 layers, 128 mel bins x 1024 frames, 527
 labels), where a window takes a second or two on 2 cores: fairness between a long and a short
-clip, a client that goes away, overload. Parity at this geometry is checked on the deployed
-server (`test_deploy.py`), which exports the model anyway.
+clip, a client that goes away, overload; and fp32 parity with the pipeline at this geometry (the
+deployed server, `test_deploy.py`, checks the engine and precision the defaults pick).
 """
 
 import base64
@@ -13,11 +13,13 @@ import numpy as np
 import orjson
 import pytest
 import requests
+from transformers import pipeline
 
 from predictor.config import Config
 from predictor.names import retry_after
 
-from .conftest import encode, metric, run_triton_grpc, start_server, stop_server
+from .conftest import (assert_same_predictions, encode, expected, metric, run_triton_grpc, start_server,
+                       stop_server)
 
 RATE = 16000
 
@@ -30,9 +32,22 @@ def windows_done(server) -> float:
 def torch_server(full_size_dir, tmp_path_factory):
     """The full-size model on the torch engine (no ONNX export to wait for), on the default limits."""
     server = start_server(full_size_dir, tmp_path_factory.mktemp("full-torch") / "server.log",
-                          extra_args=("--backend", "torch"))
+                          extra_args=("--backend", "torch", "--precision", "fp32"))
     yield server
     stop_server(server)
+
+
+def test_full_size_fp32_matches_the_pipeline(torch_server, full_size_dir, speech_16k):
+    """Parity at AST's real geometry, in fp32 (the deployed defaults' precision may be bf16: test_deploy)."""
+    rng = np.random.default_rng(3)
+    clip = np.concatenate([speech_16k, 0.05 * rng.standard_normal(RATE * 10 - len(speech_16k))]).astype(np.float32)
+    body = {"instances": [{"b64": base64.b64encode(encode(clip, RATE, "WAV", "FLOAT")).decode()}],
+            "parameters": {"top_k": 10}}
+    response = requests.post(torch_server.predict_url, json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    # 527 labels and no function_to_apply: the server's default is sigmoid (AudioSet is multi-label).
+    reference = expected(pipeline("audio-classification", model=str(full_size_dir)), clip, 10, "sigmoid")
+    assert_same_predictions(response.json()["predictions"][0], reference)
 
 
 def noise_wav(seconds: float, seed: int) -> bytes:

@@ -16,7 +16,10 @@ import pytest
 from benchmarks.load import mixed_load
 from benchmarks.loadgen import TOLERANCE, Limits, Server, different, fetch_references, mixed_kinds
 from benchmarks.soak import soak
+from predictor.cpu import multiplies_bf16
 from tools.local_server import serving
+
+from .conftest import served_precision
 
 LIMITS = Limits()
 
@@ -57,3 +60,11 @@ def test_a_wrong_answer_is_caught(load_server):
     assert different(off, v1) and different(swapped, v1)
     assert different(copy.deepcopy(v1), v1) is None
     assert different({**v2, "id": "another"}, v2, ignore=("id",)) is None
+
+
+def test_the_default_precision_is_the_one_auto_chooses_here(load_server):
+    """This server runs with default flags: bf16 where this CPU multiplies it natively, else fp32,
+    said at start and in ast_engine_info."""
+    chosen = "bf16" if multiplies_bf16() else "fp32"
+    assert f"Precision: {chosen} (--precision auto: " in load_server.log.read_text()
+    assert served_precision(load_server) == chosen

@@ -33,7 +33,8 @@ BUDGET = 600 * RATE  # the long server's samples per request: 10 minutes of 16 k
 @pytest.fixture(scope="module")
 def long_server(tiny_model_dir, tmp_path_factory):
     running = start_server(tiny_model_dir, tmp_path_factory.mktemp("long-server") / "server.log",
-                           env={"AST_MAX_WINDOWS_PER_REQUEST": "100", "AST_MAX_REQUEST_SAMPLES": str(BUDGET)})
+                           env={"AST_MAX_WINDOWS_PER_REQUEST": "100", "AST_MAX_REQUEST_SAMPLES": str(BUDGET),
+                                "AST_PRECISION": "fp32"})
     yield running
     stop_server(running)
 

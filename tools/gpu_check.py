@@ -130,8 +130,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
     model_dir = save_random_ast(work / "ast")
     cache = ("--onnx_cache_dir", str(work / "cache"))
-    with serving(model_dir, work / "cpu.log", ("--device", "cpu", "--backend", "torch", *cache), timeout=600) as cpu, \
-            serving(model_dir, work / "gpu.log", ("--device", "cuda", *cache), timeout=600) as gpu:
+    with serving(model_dir, work / "cpu.log", ("--device", "cpu", "--backend", "torch", "--precision", "fp32", *cache), timeout=600) as cpu, \
+            serving(model_dir, work / "gpu.log", ("--device", "cuda", "--precision", "fp32", *cache), timeout=600) as gpu:
         checks = parity(cpu, gpu)
         speed = bench(gpu)
     checks.append(bf16(model_dir))

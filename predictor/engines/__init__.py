@@ -29,13 +29,16 @@ import torch
 
 from .. import metrics
 from ..checkpoint import Checkpoint
+from ..cpu import multiplies_bf16
 from .choice import choose
 from .onnx_engine import OnnxEngine
 from .artifacts import ExportError
-from .openvino_engine import OpenVinoEngine, cpu_multiplies_bf16
+from .openvino_engine import OpenVinoEngine
 from .options import BACKENDS, PRECISIONS, Engine, EngineOptions
 
 logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["BACKENDS", "PRECISIONS", "Engine", "EngineOptions", "ExportError", "OnnxEngine", "OpenVinoEngine",
            "build_engine"]
@@ -52,7 +55,7 @@ def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     A named `--backend torch` still emulates it; `--backend openvino` refuses."""
     if options.device != "cpu":  # ONNX Runtime and OpenVINO run here on the CPU only
         options = replace(options, backend="torch")
-    if options.backend == "auto" and options.precision == "bf16" and not cpu_multiplies_bf16():
+    if options.backend == "auto" and options.precision == "bf16" and not multiplies_bf16():
         logger.warning("--precision bf16: this CPU does not multiply bf16 natively (no AVX512-BF16 or AMX), where "
                        "bf16 runs several times slower than fp32; serving fp32 instead (exact, and faster here)")
         options = replace(options, precision="fp32")
@@ -84,5 +87,4 @@ def _build(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
 
     if options.precision == "int8":
         return TorchEngine(quantize_linears(checkpoint.module()), device=options.device)
-    return TorchEngine(checkpoint.module(), torch.bfloat16 if options.precision == "bf16" else torch.float32,
-                       options.device)
+    return TorchEngine(checkpoint.module(), DTYPES[options.precision], options.device)

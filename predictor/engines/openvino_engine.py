@@ -14,12 +14,18 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
+from ..cpu import multiplies_bf16
 from .artifacts import ExportError, default_cache_dir
 from .onnx_export import cached_onnx
 from .openvino_int8 import cached_int8_ir
 from .options import EngineOptions
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the IR's own int8, the rest in fp32
+# In bf16 with more than one thread, OpenVINO's snippets (its JIT-fused subgraphs) made a clip's
+# logits depend on the clip inferred before it (tests/test_load.py caught labels swapping under
+# load); without them the answer is the clip's own, at a speed within run-to-run spread on the
+# full-size model (re-measure with `make bench`).
+DETERMINISTIC = {"bf16": {"SNIPPETS_MODE": "DISABLE"}}
 
 
 class OpenVinoEngine:
@@ -29,7 +35,7 @@ class OpenVinoEngine:
         core = openvino.Core()
         core.set_property({"CACHE_DIR": str(cache_dir)})
         config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads,
-                  "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+                  "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", **DETERMINISTIC.get(precision, {})}
         self.request = core.compile_model(str(path), "CPU", config).create_infer_request()
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
@@ -53,14 +59,7 @@ class OpenVinoEngine:
         return cls(path, options.precision, options.threads, (options.cache_dir or default_cache_dir()) / "openvino")
 
 
-def cpu_multiplies_bf16() -> bool:
-    """OpenVINO's word for AVX512-BF16 or AMX on this CPU."""
-    import openvino
-
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 def check_precision(precision: str) -> None:
-    if precision == "bf16" and not cpu_multiplies_bf16():
+    if precision == "bf16" and not multiplies_bf16():
         raise ExportError("this CPU does not multiply bf16 natively (no AVX512-BF16 or AMX), so bf16 would be "
                           "slower than fp32 here: use --precision fp32 or int8")

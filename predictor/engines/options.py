@@ -11,14 +11,16 @@ import torch
 from .artifacts import OFFLINE_TIMEOUT_S
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+CPU_PRECISIONS = ("fp32", "bf16", "int8")
+"""What the CPU engines run, and the tools that time them take (fp16 is for GPUs: `precision`)."""
 
 
 def precision_list(text: str) -> list[str]:
     """An argparse type: `fp32,int8` → ["fp32", "int8"], for the tools that take several precisions."""
     chosen = text.split(",")
-    if set(chosen) - set(PRECISIONS):
-        raise argparse.ArgumentTypeError(f"choose from {','.join(PRECISIONS)}, comma-separated")
+    if set(chosen) - set(CPU_PRECISIONS):
+        raise argparse.ArgumentTypeError(f"choose from {','.join(CPU_PRECISIONS)}, comma-separated")
     return chosen
 
 
