@@ -2,8 +2,9 @@
 
 `ASTFeatureExtractor` computes the same numbers, but without torchaudio (which has no build for
 torch 2.13) it falls back to a numpy path in float64, one clip at a time (several times slower:
-`make bench` measures both). This module is that numeric pipeline in torch, vectorised over frames, with two
-per-frame steps rewritten as whole-signal ones (see `_clip`). The mel filter bank and the
+`make bench` measures both). This module is that numeric pipeline in torch, vectorised over frames
+and over clips, with two per-frame steps rewritten as whole-signal ones (see `batch`): one
+implementation for both devices, clip by clip on the CPU, a whole pass at once on a GPU. The mel filter bank and the
 window come from `transformers.audio_utils`, built once with the extractor's own settings; the
 frame geometry and Kaldi constants below are the ones `ASTFeatureExtractor` passes to
 `spectrogram`; `tests/test_features.py` holds the result to the extractor's within 1e-4.
@@ -15,8 +16,8 @@ or truncate to `max_length` frames and normalise with the extractor's mean and 2
 """
 
 import warnings
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -84,43 +85,72 @@ class LogMelFilterbank:
         return FRAME_LENGTH + HOP_LENGTH * (self.max_length - 1)
 
     def __call__(self, waveforms: Sequence[np.ndarray]) -> torch.Tensor:
-        """Clips of any lengths ≥ one frame → (batch, max_length, num_mel_bins) float32.
+        """Clips of any lengths ≥ one frame → (batch, max_length, num_mel_bins) float32, on the CPU.
 
-        Each clip is computed on its own and the results stacked: one padded float64 batch moved
-        more memory than it saved in calls, and ran 2.5x slower per clip (`make bench`).
+        Each clip is computed on its own and the results stacked: on a CPU one padded float64 batch
+        moved more memory than it saved in calls, and ran 2.5x slower per clip (`make bench`).
         """
-        for waveform in waveforms:
-            if len(waveform) < FRAME_LENGTH:
+        self.check(len(waveform) for waveform in waveforms)
+        return torch.cat([self.batch(torch.from_numpy(np.asarray(w[: self.max_samples], dtype=np.float32))[None],
+                                     torch.tensor([min(len(w), self.max_samples)]))
+                          for w in waveforms])
+
+    def check(self, lengths: Iterable[int]) -> None:
+        for length in lengths:
+            if length < FRAME_LENGTH:
                 raise ClientInputError(
-                    f"clip is {len(waveform)} samples at {self.sampling_rate} Hz; "
+                    f"clip is {length} samples at {self.sampling_rate} Hz; "
                     f"AST needs at least {FRAME_LENGTH} (one 25 ms frame)"
                 )
-        return torch.stack([self._clip(np.asarray(w[: self.max_samples], dtype=np.float32)) for w in waveforms])
 
-    def _clip(self, waveform: np.ndarray) -> torch.Tensor:
-        """One clip's (max_length, num_mel_bins) features.
+    def padded(self, waveforms: Sequence[np.ndarray], out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips → what `batch` takes: (clips, longest) zero-padded float32, in `out` when given
+        (pinned host memory, from which a GPU copies without a staging copy), and their lengths."""
+        self.check(len(waveform) for waveform in waveforms)
+        lengths = torch.tensor([min(len(w), self.max_samples) for w in waveforms])
+        longest = int(lengths.max())
+        samples = torch.zeros(len(waveforms), longest) if out is None else out[: len(waveforms), :longest]
+        for row, (waveform, length) in enumerate(zip(waveforms, lengths.tolist())):
+            samples[row, :length] = torch.from_numpy(np.asarray(waveform[:length], dtype=np.float32))
+            samples[row, length:] = 0
+        return samples, lengths
+
+    def to(self, device: torch.device) -> "LogMelFilterbank":
+        """The same filterbank with its tensors on `device` (a GPU computes whole passes at once)."""
+        return replace(self, mel_filters=self.mel_filters.to(device), window=self.window.to(device))
+
+    def batch(self, samples: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(clips, samples) zero-padded float32 on this filterbank's device, each clip's length (at
+        least one frame, at most `max_samples`) → (clips, max_length, num_mel_bins) float32 there.
 
         Kaldi's per-frame pre-emphasis runs once over the whole signal instead: the two differ only
         in each frame's first sample, which the symmetric Hann window multiplies by zero. Removing
-        a frame's mean x before pre-emphasis is then subtracting 0.03 x after it. The FFT runs in
-        float64 as the extractor's does (float32 misses by up to 2e-3 in quiet low bins), and so
-        does the power (re² + im²: 3.5x faster than abs() of a complex tensor); it is rounded to
-        float32 after, where the extractor rounds the spectrum to complex64 before (≤ 1e-7 apart).
-        Normalising before padding makes the padding one constant fill.
+        a frame's mean x before pre-emphasis is then subtracting 0.03 x after it. A clip's padding
+        only reaches frames past its own last one (and the window's zeroed tail), which become
+        padding. The FFT runs in float64 as the extractor's does (float32 misses by up to 2e-3 in
+        quiet low bins), and so does the power (re² + im²: 3.5x faster than abs() of a complex
+        tensor); it is rounded to float32 after, where the extractor rounds the spectrum to
+        complex64 before (≤ 1e-7 apart). Normalising before padding makes the padding one constant.
         """
-        signal = torch.from_numpy(waveform).double()
-        frames_count = 1 + (len(signal) - FRAME_LENGTH) // HOP_LENGTH
-        dc = (1 - PREEMPHASIS) * signal.unfold(0, FRAME_LENGTH, HOP_LENGTH).mean(dim=-1, keepdim=True)
-        emphasised = torch.zeros(len(signal) + FFT_LENGTH - FRAME_LENGTH, dtype=torch.float64)
-        emphasised[0] = signal[0]
-        torch.sub(signal[1:], signal[:-1], alpha=PREEMPHASIS, out=emphasised[1 : len(signal)])
+        signal = samples.double()
+        count, length = len(signal), signal.shape[1]
+        frames_count = 1 + (lengths.to(signal.device) - FRAME_LENGTH) // HOP_LENGTH
+        frames = min(1 + (length - FRAME_LENGTH) // HOP_LENGTH, self.max_length)
+        dc = (1 - PREEMPHASIS) * signal.unfold(1, FRAME_LENGTH, HOP_LENGTH)[:, :frames].mean(dim=-1, keepdim=True)
+        emphasised = torch.zeros(count, length + FFT_LENGTH - FRAME_LENGTH, dtype=torch.float64, device=signal.device)
+        emphasised[:, 0] = signal[:, 0]
+        torch.sub(signal[:, 1:], signal[:, :-1], alpha=PREEMPHASIS, out=emphasised[:, 1:length])
         # FFT_LENGTH-wide frames whose tail the zero-padded window silences: no separate padding copy.
-        frames = emphasised.unfold(0, FFT_LENGTH, HOP_LENGTH)[:frames_count].sub(dc).mul_(self.window)
-        spectrum = torch.fft.rfft(frames)
+        framed = emphasised.unfold(1, FFT_LENGTH, HOP_LENGTH)[:, :frames].sub(dc).mul_(self.window)
+        spectrum = torch.fft.rfft(framed)
         power = (spectrum.real.square() + spectrum.imag.square()).float()
-        mel = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))[: self.max_length]
+        mel = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))
         # The extractor pads with zeros in the log domain, then normalises.
         mean, scale = (self.mean, self.std * 2) if self.do_normalize else (0.0, 1.0)
-        fbank = torch.full((self.max_length, self.num_mel_bins), (0.0 - mean) / scale)
-        fbank[: len(mel)] = mel.sub_(mean).div_(scale)
+        padding = (0.0 - mean) / scale
+        fbank = torch.full((count, self.max_length, self.num_mel_bins), padding, device=signal.device)
+        fbank[:, :frames] = mel.sub_(mean).div_(scale)
+        if count > 1:  # a shorter clip's frames past its own end
+            past_end = torch.arange(self.max_length, device=signal.device)[None, :] >= frames_count[:, None]
+            fbank.masked_fill_(past_end[..., None], padding)
         return fbank

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from transformers import ASTFeatureExtractor
 
 from predictor.errors import ClientInputError
@@ -40,6 +41,25 @@ def test_batch_equals_the_extractor_clip_by_clip(speech_16k, settings):
     assert ours.shape == expected.shape == (len(clips), extractor.max_length, extractor.num_mel_bins)
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("settings", [{}, TINY_FEATURES], ids=["ast-default", "tiny"])
+def test_a_padded_batch_at_once_equals_the_extractor(speech_16k, settings):
+    """The path a GPU takes (every window of a pass in one padded batch), run here on the CPU."""
+    extractor = ASTFeatureExtractor(**settings)
+    clips = clips_of_every_kind(speech_16k)
+    filterbank = LogMelFilterbank.from_extractor(extractor)
+    ours = filterbank.batch(*filterbank.padded(clips)).numpy()
+    np.testing.assert_allclose(ours, reference(extractor, clips), atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(ours, filterbank(clips).numpy(), atol=1e-6, rtol=0)
+
+
+def test_padding_into_a_reused_buffer_leaves_nothing_of_the_last_pass(speech_16k):
+    filterbank = LogMelFilterbank.from_extractor(ASTFeatureExtractor())
+    buffer = torch.full((4, filterbank.max_samples), 7.0)
+    samples, lengths = filterbank.padded([speech_16k[:RATE], speech_16k[: RATE // 2]], out=buffer)
+    assert samples.shape == (2, RATE) and lengths.tolist() == [RATE, RATE // 2]
+    assert samples.data_ptr() == buffer.data_ptr() and not samples[1, RATE // 2 :].any()
 
 
 def test_a_clip_does_not_depend_on_its_batch_mates(speech_16k):
