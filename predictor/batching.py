@@ -12,11 +12,11 @@ What may enter is decided before a request is decoded (`admission`), from the wi
 here and the time a window has been taking (`seconds_per_window`, a running average of the
 passes, per window, so batches count at their real cost).
 
-One asyncio task owns the schedule and runs each pass on a single thread of its own, so the event
-loop keeps answering health probes while AST computes. The filterbank runs there too, between
-passes: beside them, on threads of its own, its kernels and the model's would fight over the same
-cores. On 2 cores batches did not pay (`make bench`), so the server's default `max_batch_size`
-is 1.
+One asyncio task owns the schedule and runs each pass (`passes`) on a single thread of its own, so
+the event loop keeps answering health probes while AST computes. The next batch is taken when a
+pass ends, so it holds every window that arrived meanwhile, except on a GPU when a full batch is
+already waiting: then it is taken and staged (copied to the GPU) while the pass runs. On 2 cores
+batches did not pay (`make bench`), so `max_batch_size` is 1 there by default, larger on a GPU.
 """
 
 import asyncio
@@ -25,25 +25,23 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import metrics
+from .passes import Pass
 
 logger = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 0.5
 
-Compute = Callable[[list[np.ndarray]], torch.Tensor]
-"""Windows of samples → (windows, labels) logits: the filterbank, then the engine."""
-
-
 @dataclass
 class Job:
     windows: Sequence[np.ndarray]
     result: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
     scheduled: int = 0
     """Windows handed to a forward pass so far."""
     logits: list = field(default_factory=list)
@@ -58,8 +56,8 @@ class Job:
 
 
 class WindowQueue:
-    def __init__(self, compute: Compute, max_batch_size: int, max_wait_s: float, seconds_per_window: float = 1.0):
-        self.compute = compute
+    def __init__(self, passes: Pass, max_batch_size: int, max_wait_s: float, seconds_per_window: float = 1.0):
+        self.passes = passes
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.waiting = 0
@@ -74,6 +72,7 @@ class WindowQueue:
         self._arrived: Optional[asyncio.Event] = None
         self._worker: Optional[asyncio.Task] = None
         self._thread: Optional[ThreadPoolExecutor] = None
+        self._stager: Optional[ThreadPoolExecutor] = None
 
     async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
         """(windows, labels) logits, computed in turn with every other request's windows. The job is
@@ -90,6 +89,7 @@ class WindowQueue:
         if self._worker is None:
             self._arrived = asyncio.Event()
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
+            self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-stage")
             self._spawn()
 
     def _spawn(self) -> None:
@@ -106,14 +106,18 @@ class WindowQueue:
         asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._spawn)
 
     async def _serve(self) -> None:
+        ahead: Optional[tuple[list[tuple[Job, int]], asyncio.Future]] = None  # taken while the last pass ran
         while True:
-            batch = await self._next_batch()
+            if ahead is None:
+                taken = await self._next_batch()
+                ahead = (taken, self._stage(taken))
+            (batch, staging), ahead = ahead, None
             try:
-                started = time.monotonic()
-                logits = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self.compute, [job.windows[index] for job, index in batch]
-                )
-                self.seconds_per_window += 0.2 * ((time.monotonic() - started) / len(batch) - self.seconds_per_window)
+                running = asyncio.get_running_loop().run_in_executor(self._thread, self._run, await staging,
+                                                                     len(batch))
+                if self.passes.ahead:
+                    ahead = await self._full_batch_during(running)
+                logits = await running
                 if len(logits) != len(batch):
                     raise RuntimeError(f"the engine returned {len(logits)} rows of logits for {len(batch)} windows")
                 metrics.WINDOWS.inc(len(batch))
@@ -123,7 +127,7 @@ class WindowQueue:
                     if len(job.logits) == len(job.windows) and not job.result.done():
                         job.result.set_result(torch.stack(job.logits))
             except asyncio.CancelledError:  # the server is shutting down: so are its requests
-                for job, _ in batch:
+                for job, _ in batch + (ahead[0] if ahead else []):
                     job.result.cancel()
                 raise
             except BaseException as exc:  # noqa: BLE001 - the batch's requests get the failure, the loop goes on
@@ -131,6 +135,36 @@ class WindowQueue:
                     if not job.result.done():
                         job.result.set_exception(exc)
                 logger.exception("forward pass failed")
+
+    async def _full_batch_during(self, running: asyncio.Future) -> Optional[tuple[list[tuple[Job, int]], asyncio.Future]]:
+        """A full batch, taken and staged as soon as one waits while the pass runs (its copy
+        overlaps the pass); None if the pass ends first."""
+        while not running.done():
+            if self.waiting >= self.max_batch_size:
+                taken = self._take(self.max_batch_size)
+                return taken, self._stage(taken)
+            self._arrived.clear()
+            arrival = asyncio.ensure_future(self._arrived.wait())
+            await asyncio.wait((running, arrival), return_when=asyncio.FIRST_COMPLETED)
+            arrival.cancel()
+        return None
+
+    def _stage(self, batch: list[tuple[Job, int]]) -> asyncio.Future:
+        """The pass's first step for these windows: on the staging thread, or done at once where
+        it is nothing (the CPU)."""
+        loop, windows = asyncio.get_running_loop(), [job.windows[index] for job, index in batch]
+        if self.passes.ahead:
+            return loop.run_in_executor(self._stager, self.passes.stage, windows)
+        staged = loop.create_future()
+        staged.set_result(windows)
+        return staged
+
+    def _run(self, staged: Any, windows: int) -> torch.Tensor:
+        """On the model's thread: the pass, timed into the running average of a window's cost."""
+        started = time.monotonic()
+        logits = self.passes.run(staged)
+        self.seconds_per_window += 0.2 * ((time.monotonic() - started) / windows - self.seconds_per_window)
+        return logits
 
     async def _next_batch(self) -> list[tuple[Job, int]]:
         """The next window of each job in turn, up to max_batch_size; waits for work if there is none.
@@ -162,8 +196,10 @@ class WindowQueue:
                 line.remove(job)
                 self._count_waiting(-job.waiting)
         taken: list[tuple[Job, int]] = []
+        now = time.monotonic()
         while len(taken) < room and (self._fresh or self._jobs):
             job = (self._fresh or self._jobs).popleft()
+            metrics.WINDOW_WAIT_SECONDS.observe(now - job.arrived)
             taken.append((job, job.scheduled))
             job.scheduled += 1
             if job.waiting:

@@ -48,6 +48,16 @@ def _bounded(kind: type, accept: Callable[[Any], bool], wanted: str) -> Callable
     return parse
 
 
+def fraction(text: str) -> float:
+    value = positive(float)(text)
+    if value > 1:
+        raise ValueError(f"must be at most 1, got {text}")
+    return value
+
+
+fraction.__name__ = "float"
+
+
 def setting(default: Any, help: str, parse: Callable[[str], Any] = str, choices: Optional[tuple] = None) -> Any:
     return field(default=default, metadata={"help": help, "parse": parse, "choices": choices})
 
@@ -85,8 +95,9 @@ class Config:
     max_request_mb: float = setting(names.MAX_REQUEST_MB, "Largest request: an HTTP body (413 past it) or a gRPC message (kserve's own "
                                     "default is 8 MiB), in MiB. A 10-minute 16 kHz 16-bit WAV is 19 MB.",
                                     positive(float))
-    max_batch_size: int = setting(1, "Most windows (10.24 s each for AudioSet AST) in one forward pass; raise it on "
-                                  "machines where batches pay (make bench measures it).", positive(int))
+    max_batch_size: Optional[int] = setting(
+        None, "Most windows (10.24 s each for AudioSet AST) in one forward pass. Default: 1 on a CPU (batches did not "
+        "pay on 2 cores), 64 on a GPU (make bench measures both).", positive(int))
     max_batch_wait_ms: float = setting(0.0, "How long a request waits for others to share its forward pass "
                                        "(0: only those already queued).", non_negative(float))
     backend: str = setting(
@@ -103,6 +114,9 @@ class Config:
     device: str = setting(
         "auto", "auto: the first GPU torch sees, else the CPU; cpu; cuda or cuda:N: that GPU, refused at start where "
         "torch sees none. On a GPU the engine is torch (eager, SDPA attention).", device_name)
+    gpu_memory_fraction: Optional[float] = setting(
+        None, "On a GPU: the share of its memory this server may take (0-1], as when pods share a GPU; a pass that "
+        "runs out of it is split and retried. Default: all of it.", fraction)
     threads: Optional[int] = setting(None, "Intra-op threads, and the decoding pool's size. Default: the container's "
                                      "CPU limit (cgroup), not the node's core count.", positive(int))
     onnx_cache_dir: Optional[Path] = setting(None, "Where engine files and engine choices are kept. Default: "

@@ -21,7 +21,11 @@ STAGE_SECONDS = Histogram(
     "ast_stage_seconds", "Time per step: decode (a request's clips to 16 kHz mono), features (the filterbank "
     "of a forward pass's windows), model (the engine's forward pass)", ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-BATCH_WINDOWS = Histogram("ast_batch_windows", "Windows per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64))
+BATCH_WINDOWS = Histogram("ast_batch_windows", "Windows per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+WINDOW_WAIT_SECONDS = Histogram(
+    "ast_window_wait_seconds", "Time from a request reaching the model's queue to the pass that takes each of its "
+    "windows: near zero with small passes means the model waits for work (on a GPU: not fed)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 REQUESTS = Counter("ast_requests", "Inference requests by how they ended: the HTTP status, or the gRPC status name",
                    ["protocol", "code"])
 ENGINE = Info("ast_engine", "The engine serving the model and its precision")

@@ -3,6 +3,8 @@ own rows back, and abandoned work is never computed. Passes wait on events, neve
 
 import asyncio
 import threading
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -37,6 +39,23 @@ class Recording:
         return logits_of(windows)
 
 
+@dataclass
+class Passes:
+    """The queue's `passes.Pass`, with `compute` for the filterbank and the engine; with `ahead`,
+    as on a GPU, each batch is staged on the staging thread first, and recorded."""
+
+    compute: Callable[[list[np.ndarray]], torch.Tensor]
+    ahead: bool = False
+    staged: list[list[float]] = field(default_factory=list)
+
+    def stage(self, windows: list[np.ndarray]) -> list[np.ndarray]:
+        self.staged.append([float(w[0]) for w in windows])
+        return windows
+
+    def run(self, windows: list[np.ndarray]) -> torch.Tensor:
+        return self.compute(windows)
+
+
 def job(tag: float, count: int) -> list[np.ndarray]:
     """`count` windows whose first sample is `tag` (so passes say whose window they ran)."""
     rng = np.random.default_rng(int(tag * 10))
@@ -53,7 +72,7 @@ def run(coroutine):
 def serve_together(max_batch_size: int, sizes: list[int]) -> Recording:
     """Requests of these window counts sent at once; each must get exactly its own rows back."""
     compute = Recording()
-    queue = WindowQueue(compute, max_batch_size=max_batch_size, max_wait_s=0.5)
+    queue = WindowQueue(Passes(compute), max_batch_size=max_batch_size, max_wait_s=0.5)
     jobs = [job(tag, count) for tag, count in enumerate(sizes, start=1)]
 
     async def main():
@@ -74,11 +93,35 @@ def test_passes_stop_at_max_batch_size_and_take_turns():
     assert sorted(passes[0]) == [1, 1, 2, 3]  # one window of each, then round again
 
 
+def test_a_full_batch_waiting_is_staged_while_a_pass_runs_and_the_rest_waits_for_the_pass():
+    """On a GPU the copy of a full next batch overlaps the pass in flight; windows that do not fill
+    one wait for the pass to end, to join as many others as arrive meanwhile. Same rows back."""
+    compute = Recording(hold_first=True)
+    passes = Passes(compute, ahead=True)
+    queue = WindowQueue(passes, max_batch_size=2, max_wait_s=0.0)
+    jobs = [job(1, 1), job(2, 2), job(3, 1)]
+
+    async def main():
+        first = asyncio.create_task(queue(jobs[0]))
+        await asyncio.to_thread(compute.started.wait, 30)  # 1's pass runs, held
+        rest = [asyncio.create_task(queue(windows)) for windows in jobs[1:]]
+        await asyncio.sleep(0)
+        while len(passes.staged) < 2:  # 2 and 3: a full batch, staged during 1's pass
+            await asyncio.sleep(0.01)
+        assert compute.passes == [] and queue.waiting == 1
+        compute.release.set()
+        return await asyncio.gather(first, *rest)
+
+    for windows, logits in zip(jobs, run(main())):
+        torch.testing.assert_close(logits, logits_of(windows))
+    assert passes.staged == compute.passes == [[1], [2, 3], [2]]
+
+
 def test_a_short_request_is_not_held_back_by_a_long_one():
     """Batch size 1: a 1-window request sent while a 20-window request runs is computed right after
     the pass in flight, and answered first."""
     compute = Recording(hold_first=True)
-    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0)
+    queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0)
     answered: list[str] = []
 
     async def request(name: str, windows):
@@ -110,7 +153,7 @@ def test_a_failing_pass_fails_its_requests_and_the_queue_goes_on():
             raise RuntimeError("out of memory")
         return logits_of(windows)
 
-    queue = WindowQueue(compute, max_batch_size=8, max_wait_s=0.0)
+    queue = WindowQueue(Passes(compute), max_batch_size=8, max_wait_s=0.0)
     second = job(2, 2)
 
     async def main():
@@ -124,7 +167,7 @@ def test_a_failing_pass_fails_its_requests_and_the_queue_goes_on():
 def test_a_cancelled_request_is_not_computed():
     """A caller that goes away (a cancelled gRPC call, a disconnected client) frees its windows."""
     compute = Recording(hold_first=True)
-    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0)
+    queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0)
     third = job(3, 1)
 
     async def main():
@@ -155,7 +198,7 @@ def test_a_pass_that_dies_of_anything_fails_only_its_requests():
             return logits_of(windows)[:0]  # an engine answering with no rows at all
         return logits_of(windows)
 
-    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0)
+    queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0)
     third = job(3, 2)
 
     async def main():
@@ -185,7 +228,7 @@ class BrokenWindows(list):
 def test_a_worker_that_dies_is_replaced_and_later_requests_are_served():
     """A failure outside any pass (here in the queue's own bookkeeping) ends the worker task; a new
     one takes over at once, so the requests behind it do not wait forever."""
-    queue = WindowQueue(logits_of, max_batch_size=1, max_wait_s=0.0)
+    queue = WindowQueue(Passes(logits_of), max_batch_size=1, max_wait_s=0.0)
     later = job(2, 2)
 
     async def main():
@@ -203,7 +246,7 @@ def test_admission_refuses_past_the_wait_or_the_windows_and_admitted_requests_fi
     the windows reserved for requests still decoding counted as ahead of it; an empty queue admits
     even a request bigger than the window bound, and once the queue drains requests come in again."""
     compute = Recording(hold_first=True)
-    queue = WindowQueue(compute, max_batch_size=1, max_wait_s=0.0, seconds_per_window=1.0)
+    queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0, seconds_per_window=1.0)
     by_time, by_windows = Admission(queue, max_wait_s=4.5, max_windows=100), Admission(queue, max_wait_s=100, max_windows=3)
     big, second = job(1, 5), job(2, 2)
 

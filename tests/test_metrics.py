@@ -54,6 +54,7 @@ def test_a_few_requests_are_counted(server):
     # 12 s is two windows of 10.24 s: five windows in all, each in a pass of its own or with others
     assert delta(before, after, "ast_windows_total") == 5
     assert delta(before, after, "ast_batch_windows_sum") == 5
+    assert delta(before, after, "ast_window_wait_seconds_count") == 5  # each window's wait for its pass
     assert 1 <= delta(before, after, "ast_batch_windows_count") <= 5
     # every request admitted: the two broken files were refused from their headers, before decoding
     # (the 413 never reached the model at all)

@@ -1,0 +1,127 @@
+"""One forward pass, on the device the model runs on: a batch of windows → (windows, labels) logits.
+
+A pass has two steps, so that the queue (`batching`) can prepare one while another runs:
+`stage` (on a thread of its own) and `run` (on the model's thread).
+
+- `CpuPass`: staging is nothing; `run` computes the filterbank clip by clip, then the engine, both
+  on the model's thread (beside each other, on threads of their own, their kernels fought over the
+  same cores).
+- `GpuPass`: `stage` pads the windows into pinned host memory and copies them to the GPU on a
+  stream of its own, so the copy overlaps the pass in flight; `run` computes the filterbank over the
+  whole pass on the GPU (`features.LogMelFilterbank.batch`), then the engine. A pass that runs out
+  of GPU memory is split in halves and retried (`in_parts`), and later passes keep the size that
+  fitted: logged once, never a dead server or a hung request; a single window that does not fit is
+  answered 503.
+"""
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from . import metrics
+from .engines import Engine
+from .errors import Overloaded
+from .features import LogMelFilterbank
+
+logger = logging.getLogger(__name__)
+
+Windows = Sequence[np.ndarray]
+
+
+class Pass(Protocol):
+    ahead: bool
+    """Whether a full next batch is worth staging while a pass runs (a copy to overlap)."""
+
+    def stage(self, windows: Windows) -> Any: ...
+
+    def run(self, staged: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class CpuPass:
+    filterbank: LogMelFilterbank
+    engine: Engine
+    ahead: bool = False
+
+    def stage(self, windows: Windows) -> Windows:
+        return windows
+
+    def run(self, windows: Windows) -> torch.Tensor:
+        with metrics.STAGE_SECONDS.labels("features").time():
+            features = self.filterbank(windows)
+        with metrics.STAGE_SECONDS.labels("model").time():
+            return self.engine(features)
+
+
+@dataclass
+class Staged:
+    samples: torch.Tensor  # (windows, samples) on the GPU, being copied on the copy stream
+    lengths: torch.Tensor  # each window's samples, on the host
+    copied: torch.cuda.Event
+
+
+class GpuPass:
+    ahead = True
+
+    def __init__(self, filterbank: LogMelFilterbank, engine: Engine, device: torch.device, max_batch_size: int):
+        self.filterbank, self.engine, self.device = filterbank.to(device), engine, device
+        self.copies = torch.cuda.Stream(device)
+        # Two pinned buffers, taken in turn: one being copied from while the next pass is padded.
+        self.buffers: deque[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = deque(
+            (torch.empty(max_batch_size * filterbank.max_samples, pin_memory=True), None) for _ in range(2))
+        self.part = max_batch_size
+        """The most windows a pass computes at once: lowered when a pass runs out of memory."""
+        self.ran_out_before = False
+
+    def stage(self, windows: Windows) -> Staged:
+        buffer, last_copy = self.buffers.popleft()
+        if last_copy is not None:
+            last_copy.synchronize()  # the copy out of this buffer has finished before it is refilled
+        samples, lengths = self.filterbank.padded(windows, out=buffer)
+        with torch.cuda.stream(self.copies):
+            on_device = samples.to(self.device, non_blocking=True)
+            copied = self.copies.record_event()
+        self.buffers.append((buffer, copied))
+        return Staged(on_device, lengths, copied)
+
+    def run(self, staged: Staged) -> torch.Tensor:
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(staged.copied)
+        staged.samples.record_stream(stream)  # made on the copy stream, used on this one
+        with metrics.STAGE_SECONDS.labels("model").time():  # the filterbank included: the GPU runs both
+            logits, self.part = in_parts(
+                lambda start, end: self.engine(self.filterbank.batch(staged.samples[start:end],
+                                                                     staged.lengths[start:end])),
+                len(staged.lengths), self.part, self._ran_out)
+        return logits
+
+    def _ran_out(self, windows: int, part: int) -> None:
+        torch.cuda.empty_cache()
+        log = logger.info if self.ran_out_before else logger.warning
+        log("A pass of %d windows ran out of GPU memory: split and retried; passes now take at most %d windows "
+            "(lower --max_batch_size to that)", windows, part)
+        self.ran_out_before = True
+
+
+def in_parts(compute: Callable[[int, int], torch.Tensor], rows: int, part: int,
+             ran_out: Callable[[int, int], None]) -> tuple[torch.Tensor, int]:
+    """`compute(start, end)` over rows [0, rows) in parts of at most `part` rows, concatenated; a part
+    that runs out of memory is halved and retried (`ran_out(its rows, the new part)` first). Returns
+    the logits and the part size that fitted. One row that does not fit is `Overloaded`."""
+    outputs, start = [], 0
+    while start < rows:
+        end = min(rows, start + part)
+        try:
+            outputs.append(compute(start, end))
+        except torch.OutOfMemoryError as exc:
+            if end - start == 1:
+                raise Overloaded("the GPU has no memory left for one window now", 1) from exc
+            part = (end - start) // 2
+            ran_out(end - start, part)
+            continue
+        start = end
+    return torch.cat(outputs), part
