@@ -1,4 +1,6 @@
 # AST on KServe: the predictor with CPU-only PyTorch. Build: docker build -t <registry>/ast-kserve:0.1.0 .
+# The CUDA image, for GPU nodes (make image VARIANT=cuda): --build-arg VARIANT=cuda --build-arg TORCH_SOURCE=
+# (PyPI's torch==2.13.0 is the CUDA build; its wheels bring CUDA's libraries, the node brings the driver).
 # Two stages: the first builds a virtualenv (pip caches, compilers' leftovers), the second copies only it.
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -10,11 +12,14 @@ COPY requirements.txt /tmp/requirements.txt
 # mounted into the build: --build-arg TORCH_SOURCE="--find-links /wheels". pip also reads PIP_*
 # build arguments (PIP_INDEX_URL for a PyPI mirror, PIP_CERT for a proxy's CA bundle).
 ARG TORCH_SOURCE="--index-url https://download.pytorch.org/whl/cpu"
+# cuda: leaves out what a GPU image never runs (OpenVINO, and NNCF, its int8 quantizer).
+ARG VARIANT=cpu
 ARG PIP_INDEX_URL
 ARG PIP_CERT
 # torch first; the rest then finds torch==2.13.0 satisfied (2.13.0+cpu) and leaves it be.
 # hadolint ignore=SC2086,DL3013
 RUN pip install $TORCH_SOURCE torch==2.13.0 \
+    && if [ "$VARIANT" = cuda ]; then sed -i -E '/^(openvino|nncf)==/d' /tmp/requirements.txt; fi \
     && pip install -r /tmp/requirements.txt
 # What serving never runs: the packages' test suites (torch's C++ test binaries among them), torch's C++
 # headers (for compiling extensions; nothing here compiles), OpenVINO's GPU and NPU plugins, pip itself.
@@ -22,6 +27,7 @@ RUN site=/opt/venv/lib/python3.11/site-packages \
     && find "$site" -name '*.dist-info' -prune -o -type d \( -name tests -o -name test \) -prune -exec rm -rf {} + \
     && rm -rf "$site/torch/include" "$site"/torch/bin/test_* "$site"/torch/bin/*Test \
         "$site"/openvino/libs/libopenvino_intel_gpu_plugin.so "$site"/openvino/libs/libopenvino_intel_npu_plugin.so \
+        "$site"/triton/backends/amd \
     && pip uninstall -q -y pip
 
 FROM python:3.11-slim

@@ -79,9 +79,11 @@ pack-model: install
 	$(BIN)/python -m tools.pack_model $(SRC) $(OUT) --tar $(PACK_ARGS)
 
 # The serving image (Docker if an engine answers, else buildah), then the image itself served and stopped as a pod would be.
-IMAGE ?= ast-kserve:dev
+# make image VARIANT=cuda: the CUDA image for GPU nodes (tagged ast-kserve:dev-cuda unless IMAGE says).
+VARIANT ?= cpu
+IMAGE ?= $(if $(filter cuda,$(VARIANT)),ast-kserve:dev-cuda,ast-kserve:dev)
 image:
-	IMAGE=$(IMAGE) $(PYTHON) -m tools.image
+	IMAGE=$(IMAGE) VARIANT=$(VARIANT) $(PYTHON) -m tools.image
 
 image-test: install-dev image
 	IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image tests/image

@@ -19,6 +19,7 @@ import jsonschema
 import numpy as np
 import pytest
 import requests
+import torch
 import yaml
 from transformers import pipeline
 
@@ -29,7 +30,12 @@ from .conftest import (REPO, Server, assert_logits_within_precision, encode, exp
 
 CRD = REPO.parent / "shared" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 INFERENCE_SERVICES = [REPO / "inferenceservice.yaml", *sorted((REPO / "deploy").glob("inferenceservice-*.yaml"))]
+GPU_SERVICE = REPO / "deploy" / "inferenceservice-gpu.yaml"
+# Every manifest's server runs here; the GPU one only where torch sees a GPU (else: refused, tested).
+RUNNABLE = [m for m in INFERENCE_SERVICES if m != GPU_SERVICE or torch.cuda.is_available()]
 RUNTIME = REPO / "deploy" / "servingruntime.yaml"
+RUNTIMES = sorted((REPO / "deploy").glob("servingruntime*.yaml"))
+RUNTIME_CRD = CRD.parent / "serving.kserve.io_clusterservingruntimes.yaml"
 
 
 # ---- the CRD ------------------------------------------------------------------------------
@@ -51,13 +57,45 @@ def strict(schema):
     return schema
 
 
+def validator(crd_path: Path, version_name: str) -> jsonschema.Draft7Validator:
+    if not crd_path.is_file():
+        pytest.skip(f"KServe's CRD is not here ({crd_path}): it lives in the team's shared/ folder")
+    crd = yaml.safe_load(crd_path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == version_name)
+    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
 @pytest.fixture(scope="module")
 def isvc_validator():
-    if not CRD.is_file():
-        pytest.skip(f"KServe's InferenceService CRD is not here ({CRD}): it lives in the team's shared/ folder")
-    crd = yaml.safe_load(CRD.read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
-    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+    return validator(CRD, "v1beta1")
+
+
+@pytest.mark.parametrize("manifest", RUNTIMES, ids=lambda p: p.name)
+def test_serving_runtimes_validate_strictly(manifest):
+    document = yaml.safe_load(manifest.read_text())
+    assert document["apiVersion"] == "serving.kserve.io/v1alpha1" and document["kind"] == "ClusterServingRuntime"
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in validator(RUNTIME_CRD, "v1alpha1").iter_errors(document)]
+    assert not errors, errors
+
+
+def test_the_gpu_manifests_ask_for_one_gpu_the_cuda_image_and_refuse_to_start_without_it():
+    service = yaml.safe_load(GPU_SERVICE.read_text())["spec"]["predictor"]
+    runtime = yaml.safe_load((REPO / "deploy" / "servingruntime-gpu.yaml").read_text())["spec"]
+    assert service["tolerations"] and service["nodeSelector"]
+    assert not runtime["supportedModelFormats"][0]["autoSelect"]  # the CPU runtime stays the default for "ast"
+    for container in (service["containers"][0], runtime["containers"][0]):
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert "--device=cuda" in container["args"] and container["image"].endswith("-cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here: the manifest runs with the others")
+def test_the_gpu_manifest_stops_at_start_where_torch_sees_no_gpu(tiny_model_dir, tmp_path):
+    container = predictor_container(GPU_SERVICE, "ast")
+    args = [a.replace("/mnt/models", str(tiny_model_dir)) for a in container["args"]]
+    done = subprocess.run([sys.executable, "-m", "predictor", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **{e["name"]: e["value"] for e in container["env"]}})
+    assert done.returncode == 2 and "--device cuda: torch sees no GPU" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("manifest", INFERENCE_SERVICES, ids=lambda p: p.name)
@@ -175,8 +213,8 @@ def deployed(tiny_model_dir, tmp_path_factory) -> Iterator[dict]:
         log = tmp_path_factory.mktemp(manifest.stem) / "server.log"
         return (*start_as_deployed(container, tiny_model_dir, log), container)
 
-    first, *rest = INFERENCE_SERVICES
-    with ThreadPoolExecutor(len(INFERENCE_SERVICES)) as pool:
+    first, *rest = RUNNABLE
+    with ThreadPoolExecutor(len(RUNNABLE)) as pool:
         starts = {first: pool.submit(start, first)}
         starts[first].exception()  # wait for it
         starts.update({manifest: pool.submit(start, manifest) for manifest in rest})
@@ -188,7 +226,7 @@ def deployed(tiny_model_dir, tmp_path_factory) -> Iterator[dict]:
             list(pool.map(stop_server, running))
 
 
-@pytest.mark.parametrize("manifest", INFERENCE_SERVICES, ids=lambda p: p.name)
+@pytest.mark.parametrize("manifest", RUNNABLE, ids=lambda p: p.name)
 def test_each_manifest_runs_and_its_probes_answer(manifest, deployed):
     server, ports, container = deployed[manifest]
     for kind in PROBES:

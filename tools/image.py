@@ -330,10 +330,13 @@ def ensure_base(runtime: Runtime, image: str) -> None:
 
 
 def build(tag: str = TAG, runtime: Optional[Runtime] = None, torch_source: Optional[str] = None,
-          settings: Optional[PipSettings] = None) -> Runtime:
+          settings: Optional[PipSettings] = None, variant: str = "cpu") -> Runtime:
     runtime = runtime or find_runtime()
     ensure_base(runtime, fully_qualified(base_image()))
     build_args: dict[str, str] = {}
+    if variant == "cuda":  # torch from PyPI (the CUDA build) unless a source is named; no OpenVINO
+        build_args["VARIANT"] = "cuda"
+        torch_source = "" if torch_source is None else torch_source
     settings = settings if settings is not None else PipSettings.of_this_machine()
     if runtime.name == "buildah":
         if settings.cert is not None:
@@ -366,10 +369,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--torch-source", help='pip arguments naming where the CPU torch comes from, e.g. '
                         '"--index-url https://mirror.example/whl/cpu" (default: the Dockerfile\'s, or the wheels '
                         "directory pip here finds it in)")
+    parser.add_argument("--variant", choices=["cpu", "cuda"], default=os.environ.get("VARIANT", "cpu"),
+                        help="cpu (the default): CPU-only torch; cuda: PyPI's CUDA torch for GPU nodes, without "
+                        "OpenVINO (env VARIANT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        build(args.tag, find_runtime(args.runtime), args.torch_source)
+        build(args.tag, find_runtime(args.runtime), args.torch_source, variant=args.variant)
     except ImageError as error:
         log.error("%s", error)
         raise SystemExit(1)

@@ -8,6 +8,7 @@ or AMX); elsewhere bf16 is refused, since emulating it is slower than fp32. int8
 quantizes from that export (`openvino_int8`), with static activation scales from calibration.
 """
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,8 @@ class OpenVinoEngine:
     def prepare(checkpoint: Checkpoint, options: EngineOptions) -> Path:
         """The model file to compile (the fp32 ONNX export, or for int8 the IR quantized from it),
         made if need be, once the precision is one this CPU runs fast."""
+        if importlib.util.find_spec("openvino") is None:
+            raise ExportError("OpenVINO is not installed here (the CUDA image leaves it out)")
         check_precision(options.precision)
         cache_dir = options.cache_dir or default_cache_dir()
         fp32 = cached_onnx(checkpoint, "fp32", cache_dir, options.time_left())
