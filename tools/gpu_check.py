@@ -5,8 +5,12 @@ CI has no GPU, and a session that has one has minutes of it: so this is one prep
 README names. On a full-size random-init AST (speed and parity do not depend on the weights):
 - fp32 on the GPU answers as the CPU server does, within 1e-4 (raw logits, 10 s clips);
 - a 10-minute recording gets the same windows and the same top labels on both;
-- bf16 on the GPU keeps a cosine of at least 0.9999 to fp32 (the engine alone);
-- a short bench: single-clip requests at concurrency 16 against the GPU server, clips/s.
+- bf16 and fp16 on the GPU keep a cosine of at least 0.9999 to fp32 (the engine alone);
+- a server squeezed into a sliver of the GPU's memory (--gpu_memory_fraction) with passes too big
+  for it splits them, says so once, and answers a 10-minute recording whole;
+- a short bench of the server with default flags over V2 binary REST: single-clip requests at
+  concurrency 64 (clips/s, p50, p99), 32-clip requests (windows/s), against the model alone at the
+  same precision and batch, and the GPU memory the server holds.
 It prints the GPU, its driver, torch's and CUDA's versions and the host CPU first. Where torch sees
 no GPU it says so and exits 0. Exit 1 when a check fails.
 """
@@ -20,11 +24,13 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import requests
 import torch
 
+from predictor.client.protocols import V2, Endpoint
 from predictor.cpu import cpu_model_name
 from tools.local_server import Server, serving
 from tools.random_ast import save_random_ast
@@ -34,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 RATE = 16000
 BENCH_SECONDS = 20
-BENCH_CONCURRENCY = 16
+BENCH_CONCURRENCY = 64
+MULTI_CLIPS = 32
+MULTI_CONCURRENCY = 4
+SQUEEZED = ("--gpu_memory_fraction", "0.02", "--max_batch_size", "512")  # about 2.8 GiB of an H200
 
 
 def describe() -> str:
@@ -69,15 +78,18 @@ def by_label(predictions: list[dict]) -> dict[str, float]:
     return {p["label"]: p["score"] for p in predictions}
 
 
-def parity(cpu: Server, gpu: Server) -> list[tuple[str, bool, str]]:
+def ten_minutes() -> bytes:
+    rng = np.random.default_rng(1)
+    return encode(np.concatenate([tone(200 + 50 * i, 10.0, RATE, 0.2) + 0.02 * rng.standard_normal(10 * RATE)
+                                  for i in range(60)]).astype(np.float32), RATE, "FLAC", "PCM_24")
+
+
+def parity(cpu: Server, gpu: Server, recording: bytes) -> list[tuple[str, bool, str]]:
     checks = []
     for name, clip in clips().items():
         on_cpu, on_gpu = by_label(logits(cpu, clip)), by_label(logits(gpu, clip))
         worst = max(abs(on_cpu[label] - on_gpu[label]) for label in on_cpu)
         checks.append((f"fp32 logits, GPU vs CPU, {name}", worst <= 1e-4, f"max difference {worst:.2e}"))
-    rng = np.random.default_rng(1)
-    recording = encode(np.concatenate([tone(200 + 50 * i, 10.0, RATE, 0.2) + 0.02 * rng.standard_normal(10 * RATE)
-                                       for i in range(60)]).astype(np.float32), RATE, "FLAC", "PCM_24")
     on_cpu, on_gpu = (logits(server, recording, top_k=3, return_segments=True) for server in (cpu, gpu))
     same = [[s["labels"][0]["label"] for s in answer["segments"]] for answer in (on_cpu, on_gpu)]
     checks.append(("10-minute recording: same windows and top labels", same[0] == same[1] and len(same[0]) > 50,
@@ -85,39 +97,81 @@ def parity(cpu: Server, gpu: Server) -> list[tuple[str, bool, str]]:
     return checks
 
 
-def bf16(model_dir: Path, device: str = "cuda:0") -> tuple[str, bool, str]:
+def engines(model_dir: Path, device: str = "cuda:0") -> tuple[list[tuple[str, bool, str]], dict[str, float]]:
+    """bf16's and fp16's cosine to fp32 on the GPU; and the model alone's clips/s per precision at
+    the server's default batch (features made once, on the GPU: what the engine alone costs)."""
     from predictor.checkpoint import Checkpoint, load_feature_extractor
     from predictor.engines import EngineOptions, build_engine
     from predictor.features import LogMelFilterbank
+    from predictor.model import GPU_BATCH
 
     checkpoint = Checkpoint.open(str(model_dir))
     filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(checkpoint.source, checkpoint.config))
-    features = filterbank([np.random.default_rng(seed).standard_normal(10 * RATE).astype(np.float32) * 0.1
-                           for seed in range(8)])
-    outputs = {precision: build_engine(checkpoint.unloaded(), EngineOptions("torch", precision, device=device))(features)
-               for precision in ("fp32", "bf16")}
-    cosine = torch.nn.functional.cosine_similarity(outputs["bf16"], outputs["fp32"], dim=-1).min().item()
-    return "bf16 logits, cosine to fp32 on the GPU", cosine >= 0.9999, f"min cosine {cosine:.6f}"
+    features = filterbank([np.random.default_rng(seed % 8).standard_normal(10 * RATE).astype(np.float32) * 0.1
+                           for seed in range(GPU_BATCH)]).to(device)
+    outputs, speed = {}, {}
+    for precision in ("fp32", "bf16", "fp16"):
+        engine = build_engine(checkpoint.unloaded(), EngineOptions("torch", precision, device=device))
+        outputs[precision] = engine(features[:8])
+        engine(features)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(5):
+            engine(features)  # logits come back to the host: each call ends synchronised
+        speed[precision] = 5 * GPU_BATCH / (time.perf_counter() - started)
+        del engine
+        torch.cuda.empty_cache()
+    checks = []
+    for precision in ("bf16", "fp16"):
+        cosine = torch.nn.functional.cosine_similarity(outputs[precision], outputs["fp32"], dim=-1).min().item()
+        checks.append((f"{precision} logits, cosine to fp32 on the GPU", cosine >= 0.9999, f"min cosine {cosine:.6f}"))
+    return checks, speed
 
 
-def bench(gpu: Server) -> str:
-    clip = clips()["noise"]
-    deadline = time.monotonic() + BENCH_SECONDS
+def timed_clients(url: str, concurrency: int, send: Callable[[V2], object]) -> tuple[int, float, list[float]]:
+    """`concurrency` clients sending for BENCH_SECONDS: requests answered, wall seconds, latencies."""
+    deadline, latencies = time.monotonic() + BENCH_SECONDS, []
 
     def client(_: int) -> int:
-        done = 0
-        with requests.Session() as session:
-            while time.monotonic() < deadline:
-                session.post(gpu.predict_url, data=clip, headers={"Content-Type": "audio/wav"},
-                             timeout=120).raise_for_status()
-                done += 1
+        protocol, done = V2(Endpoint(url, timeout_s=120)), 0
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            send(protocol)
+            latencies.append(time.perf_counter() - started)
+            done += 1
         return done
 
     started = time.monotonic()
-    with ThreadPoolExecutor(BENCH_CONCURRENCY) as pool:
-        answered = sum(pool.map(client, range(BENCH_CONCURRENCY)))
-    return (f"single 10 s clips, V1 raw body, concurrency {BENCH_CONCURRENCY}: "
-            f"{answered / (time.monotonic() - started):.1f} clips/s")
+    with ThreadPoolExecutor(concurrency) as pool:
+        answered = sum(pool.map(client, range(concurrency)))
+    return answered, time.monotonic() - started, latencies
+
+
+def bench(gpu: Server, alone: dict[str, float]) -> dict:
+    """The default server: what it serves at, and its clips/s against the model alone's."""
+    clip = clips()["noise"]
+    precision = gpu.log.read_text().split("Precision: ", 1)[1].split(" ", 1)[0]
+    answered, wall, latencies = timed_clients(gpu.url, BENCH_CONCURRENCY, lambda v2: v2.send(clip, {}))
+    p50, p99 = np.percentile(latencies, [50, 99])
+    many, many_wall, _ = timed_clients(gpu.url, MULTI_CONCURRENCY, lambda v2: v2.send_clips([clip] * MULTI_CLIPS, {}))
+    try:
+        memory = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        memory = ""
+    used = [line.split(",")[1].strip() for line in memory.splitlines() if line.split(",")[0].strip() == str(gpu.process.pid)]
+    single, windows = answered / wall, many * MULTI_CLIPS / many_wall
+    return {"precision": precision, "single_clips_per_s": single, "p50_ms": 1000 * p50, "p99_ms": 1000 * p99,
+            "multi_windows_per_s": windows, "model_alone_clips_per_s": alone[precision],
+            "single_vs_model_alone": single / alone[precision], "multi_vs_model_alone": windows / alone[precision],
+            "gpu_memory_mib": used[0] if used else "unknown"}
+
+
+def squeezed(server: Server, recording: bytes) -> tuple[str, bool, str]:
+    answer = logits(server, recording, top_k=1, return_segments=True)
+    split = "ran out of GPU memory: split and retried" in server.log.read_text()
+    return ("a pass out of GPU memory is split and served", split and len(answer["segments"]) > 50,
+            f"split logged: {split}; {len(answer['segments'])} windows answered")
 
 
 def main() -> int:
@@ -130,16 +184,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
     model_dir = save_random_ast(work / "ast")
     cache = ("--onnx_cache_dir", str(work / "cache"))
-    with serving(model_dir, work / "cpu.log", ("--device", "cpu", "--backend", "torch", "--precision", "fp32", *cache), timeout=600) as cpu, \
+    recording = ten_minutes()
+    with serving(model_dir, work / "cpu.log", ("--device", "cpu", "--backend", "torch", "--precision", "fp32", *cache),
+                 timeout=600) as cpu, \
             serving(model_dir, work / "gpu.log", ("--device", "cuda", "--precision", "fp32", *cache), timeout=600) as gpu:
-        checks = parity(cpu, gpu)
-        speed = bench(gpu)
-    checks.append(bf16(model_dir))
+        checks = parity(cpu, gpu, recording)
+    with serving(model_dir, work / "squeezed.log", ("--device", "cuda", *SQUEEZED, *cache), timeout=600) as small:
+        checks.append(squeezed(small, recording))
+    precisions, alone = engines(model_dir)
+    checks += precisions
+    with serving(model_dir, work / "default.log", ("--device", "cuda", *cache), timeout=600) as default:
+        speed = bench(default, alone)
     for name, passed, detail in checks:
         print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
-    print(f"bench: {speed}")
+    print(f"model alone, clips/s at batch 64: {alone}")
+    print(f"bench (default flags, V2 binary REST): {speed}")
     print(json.dumps({"device": describe(), "checks": [{"check": c[0], "passed": c[1], "detail": c[2]} for c in checks],
-                      "bench": speed}))
+                      "model_alone_clips_per_s": alone, "bench": speed}))
     return 0 if all(passed for _, passed, _ in checks) else 1
 
 

@@ -95,15 +95,19 @@ class V2(Rest):
     name = "v2"
 
     def send(self, data: bytes, parameters: dict) -> dict:
+        return self.send_clips([data], parameters)
+
+    def send_clips(self, clips: list[bytes], parameters: dict) -> dict:
+        """Several files in one request: one BYTES element each, all in the binary tail."""
         url = f"{self.endpoint.url.rstrip('/')}/v2/models/{self.endpoint.model_name}/infer"
+        tail = b"".join(struct.pack("<I", len(data)) + data for data in clips)
         header = json.dumps({
-            "inputs": [{"name": AUDIO_INPUT, "datatype": "BYTES", "shape": [1],
-                        "parameters": {"binary_data_size": len(data) + 4}}],
+            "inputs": [{"name": AUDIO_INPUT, "datatype": "BYTES", "shape": [len(clips)],
+                        "parameters": {"binary_data_size": len(tail)}}],
             **({"parameters": parameters} if parameters else {}),
         }).encode()
-        body = header + struct.pack("<I", len(data)) + data
         headers = {**self.headers, "Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
-        return post(self.session, url, body, headers, self.endpoint.timeout_s)
+        return post(self.session, url, header + tail, headers, self.endpoint.timeout_s)
 
     @staticmethod
     def prediction(answer: dict) -> Prediction:
