@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev peer-venv run test random-model bench docs-tables gpu-check timeline pack-model load soak fuzz fuzz-api image image-test
+.PHONY: install install-dev peer-venv run test random-model bench docs-tables gpu-check gpu-wheels timeline pack-model load soak fuzz fuzz-api image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,3 +87,11 @@ image:
 
 image-test: install-dev image
 	IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image tests/image
+
+# The wheels make gpu-check needs on a GPU machine without a network (Python 3.12): into .whl/, to carry there.
+gpu-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_35_x86_64 \
+		-d .whl -r tools/gpu-wheels.txt && du -sh .whl
