@@ -22,12 +22,13 @@ RUN pip install $TORCH_SOURCE torch==2.13.0 \
     && if [ "$VARIANT" = cuda ]; then sed -i -E '/^(openvino|nncf)==/d' /tmp/requirements.txt; fi \
     && pip install -r /tmp/requirements.txt
 # What serving never runs: the packages' test suites (torch's C++ test binaries among them), torch's C++
-# headers (for compiling extensions; nothing here compiles), OpenVINO's GPU and NPU plugins, pip itself.
+# headers (for compiling extensions; nothing here compiles), OpenVINO's GPU and NPU plugins, pip itself;
+# in the CUDA image, Triton (torch.compile's compiler: the GPU engine runs eager).
 RUN site=/opt/venv/lib/python3.11/site-packages \
     && find "$site" -name '*.dist-info' -prune -o -type d \( -name tests -o -name test \) -prune -exec rm -rf {} + \
     && rm -rf "$site/torch/include" "$site"/torch/bin/test_* "$site"/torch/bin/*Test \
         "$site"/openvino/libs/libopenvino_intel_gpu_plugin.so "$site"/openvino/libs/libopenvino_intel_npu_plugin.so \
-        "$site"/triton/backends/amd \
+    && if [ "$VARIANT" = cuda ]; then rm -rf "$site"/triton "$site"/triton-*.dist-info; fi \
     && pip uninstall -q -y pip
 
 FROM python:3.11-slim
