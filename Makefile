@@ -86,7 +86,7 @@ image:
 	IMAGE=$(IMAGE) VARIANT=$(VARIANT) $(PYTHON) -m tools.image
 
 image-test: install-dev image
-	IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image tests/image
+	IMAGE=$(IMAGE) VARIANT=$(VARIANT) $(BIN)/python -m pytest -m image tests/image
 
 # The wheels make gpu-check needs on a GPU machine without a network (Python 3.12): into .whl/, to carry there.
 gpu-wheels:
