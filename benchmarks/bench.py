@@ -10,7 +10,8 @@ ratio:
      this machine's measured fp32 GEMM peak times the model's FLOPs (the roofline); the fp32, bf16
      and int8 GEMM peaks; the CPU model and its vector extensions head the output;
   3. the server end to end: V2 binary data and V1 base64 over HTTP, and gRPC, at concurrency 1, 4
-     and 16 (clips/s, p50/p99 latency), and --precision bf16 and int8 over V2 at concurrency 4;
+     and 16 (clips/s, p50/p99 latency) in fp32, and the default (--precision auto) and int8 over V2
+     at concurrency 4;
   4. feature extraction alone: ours against `ASTFeatureExtractor`;
   5. bf16 and int8 against fp32 logits (max abs difference, cosine, top-5 overlap);
   6. the server's peak RSS, and how fast its health probes answer with 4 clips in flight;
@@ -23,7 +24,9 @@ ratio:
   9. the server's overhead: milliseconds per clip beyond its engine, on a model with AST's input
      (128 mel bins x 1024 frames) and a tiny encoder, so that decoding, the filterbank, the queue and
      the protocol are most of what is timed; with section 2, that overhead as a share of each
-     precision's fastest engine alone.
+     precision's fastest engine alone;
+  10. what a user gets without choosing: the pipeline, optimum-intel with its defaults and the server
+     with default flags, in one short run (`--only default` alone; a full run has them in 1 and 3).
 `--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8, `--only overhead` runs 9
 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
 a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
@@ -61,17 +64,20 @@ from predictor.engines.choice import ISA_FLAGS
 from predictor.engines.artifacts import OFFLINE_TIMEOUT_S
 from predictor.cpu import multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
+from predictor.model import GPU_BATCH
 from predictor.windows import Windowing
 from tools import local_server
 from tools.local_server import Server
 from tools.pack_model import size_mb
 from tools.random_ast import save_random_ast
 
+from . import gpu
+
 logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 RATE = 16000
-SECTIONS = ("main", "long", "start", "overhead")
+SECTIONS = ("main", "long", "start", "overhead", "default", "gpu")
 LONG_SECONDS = 600.0
 
 
@@ -291,6 +297,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     model_dir = save_random_ast(work / "ast")
     config = ASTConfig.from_pretrained(model_dir)
     rows: list[Row] = []
+    if torch.cuda.is_available() and (args.only is None or "gpu" in args.only):
+        return gpu_section(args, work, model_dir, config)
     if args.only is None or "main" in args.only:
         rows += clip_sections(args, work, model_dir, config, threads)
     if args.only is None or "long" in args.only:
@@ -299,6 +307,68 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += start_section(work, model_dir)
     if args.only is None or "overhead" in args.only:
         rows += overhead_section(work, threads, rows)
+    if args.only is not None and "default" in args.only:
+        rows += default_section(args, work, model_dir, threads)
+    return rows
+
+
+def gpu_section(args: argparse.Namespace, work: Path, model_dir: Path, config: ASTConfig) -> list[Row]:
+    """On a machine with a GPU (`benchmarks/gpu.py`): the pipeline there, the model alone per
+    precision and batch, the default server end to end."""
+    logger.info("%s", gpu.describe())
+    clips = make_clips(64)
+    rows = []
+    peer = gpu.pipeline_peer(model_dir, clips)
+    base = peer["fp32, one clip at a time"]
+    for name, rate in peer.items():
+        rows.append(Row("gpu peer", f"transformers pipeline on the GPU, {name}", rate, "clips/s", base,
+                        "pipeline fp32 on the GPU"))
+    logits, alone = gpu.model_alone(model_dir)
+    for (precision, batch), measured in alone.items():
+        rows.append(Row("gpu model alone", f"torch {precision}, batch {batch}", measured["clips_per_s"], "clips/s",
+                        base, "pipeline fp32 on the GPU", {"peak_gib": measured["peak_gib"]}))
+    for precision, cosine in gpu.cosines(logits).items():
+        rows.append(Row("gpu precision", f"{precision} vs fp32 on the GPU: min cosine of logits", cosine, ""))
+    windowing = Windowing(RATE, config.max_length * HOP_LENGTH, FRAME_LENGTH)
+    windows = len(windowing.starts(round(LONG_SECONDS * RATE), windowing.seconds))
+    server = start_server(model_dir, 18180, 18181, "--onnx_cache_dir", str(work))
+    try:
+        served = server.log.read_text().split("Precision: ", 1)[1].split(" ", 1)[0]
+        results = gpu.server_rows(server.url, server.grpc_url, server.process.pid, wav(clips[0]),
+                                  wav(make_clips(1, LONG_SECONDS)[0]), windows)
+    finally:
+        local_server.stop_server(server)
+    reference = alone[(served, GPU_BATCH)]["clips_per_s"]
+    for protocol, kinds in ((k, v) for k, v in results.items() if isinstance(v, dict)):
+        for kind, measured in kinds.items():
+            rate = measured.get("clips_per_s", measured.get("windows_per_s"))
+            rows.append(Row("gpu server", f"default flags ({served}), {protocol}, {kind}", rate,
+                            "clips/s" if "clips_per_s" in measured else "windows/s", reference,
+                            f"model alone {served} batch {GPU_BATCH}", measured))
+    rows.append(Row("gpu server", "GPU memory held after the runs (nvidia-smi)", float(results["gpu_memory_mib"])
+                    if results["gpu_memory_mib"] != "unknown" else float("nan"), "MiB"))
+    return rows
+
+
+def default_section(args: argparse.Namespace, work: Path, model_dir: Path, threads: int) -> list[Row]:
+    """Section 10 (`--only default`; a full run has it in 1 and 3): what a user gets without
+    choosing anything, in minutes: the pipeline, optimum-intel's with its defaults, and the server
+    with default flags (`--precision auto`, `--backend auto`), in one run."""
+    clips = make_clips(args.clips)
+    classify = pipeline("audio-classification", model=str(model_dir))
+    base = args.baseline_clips / best_of(1, lambda: [classify(c) for c in clips[: args.baseline_clips]])
+    rows = [Row("baseline", "transformers pipeline, 1 clip at a time", base, "clips/s"),
+            *peer_rows(work, model_dir, clips[: args.baseline_clips], threads, base)]
+    server = start_server(model_dir, 18180, 18181, "--onnx_cache_dir", str(work))
+    try:
+        served = server.log.read_text().split("Precision: ", 1)[1].split(" ", 1)[0]
+        result = load_test(lambda: v2_binary_call(18180), [wav(c) for c in clips], 4, 8)
+    finally:
+        local_server.stop_server(server)
+    extra = {**result, "precision": served, **({"vs_optimum_intel": result["clips_per_s"] / rows[1].value}
+                                              if len(rows) > 1 else {})}
+    rows.append(Row("server default", "V2 binary (HTTP), concurrency 4", result["clips_per_s"], "clips/s", base,
+                    "pipeline", extra))
     return rows
 
 
@@ -517,8 +587,8 @@ def peer_rows(work: Path, model_dir: Path, clips: list[np.ndarray], threads: int
 
 
 def start_section(work: Path, model_dir: Path) -> list[Row]:
-    """Section 8: seconds from process start to ready on the full-size model, default flags (auto,
-    fp32), each with a cache directory of its own: a new pod with nothing cached (it exports and
+    """Section 8: seconds from process start to ready on the full-size model, default flags (auto
+    backend and precision), each with a cache directory of its own: a new pod with nothing cached (it exports and
     times the engines), a restart with that cache, and a new pod whose model directory
     `make pack-model` packed with its engine files; and what packing adds to the download."""
     packed = work / "packed"

@@ -87,9 +87,10 @@ class Config:
         "time a window has been taking on this node. Past it the request gets 503 with Retry-After (gRPC "
         "UNAVAILABLE) before anything is decoded. 30 s leaves half of common client timeouts (tritonclient's 60 s) "
         "for the request's own windows.", positive(float))
-    max_queued_windows: int = setting(
-        240, "Most windows admitted and waiting for the model (a memory bound: each waiting window holds its "
-        "samples); past it a new request gets 503 with Retry-After at once.", positive(int))
+    max_queued_windows: Optional[int] = setting(
+        None, "Most windows admitted and waiting for the model (a memory bound: each waiting window holds its "
+        "samples); past it a new request gets 503 with Retry-After at once. Default: 240 on a CPU, 2048 on a GPU "
+        "(a second or two of its work).", positive(int))
     max_channels: int = setting(64, "Most channels in one audio file (checked from its header); every channel is "
                                 "averaged into mono, block by block, so memory does not grow with them.", positive(int))
     max_request_mb: float = setting(names.MAX_REQUEST_MB, "Largest request: an HTTP body (413 past it) or a gRPC message (kserve's own "

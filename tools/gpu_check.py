@@ -18,20 +18,18 @@ no GPU it says so and exits 0. Exit 1 when a check fails.
 import base64
 import json
 import logging
-import subprocess
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import requests
 import torch
 
+from benchmarks.gpu import (CONCURRENCY, MULTI_CLIPS, MULTI_CONCURRENCY, cosines, describe, gpu_memory_mib,
+                            model_alone, timed_clients)
 from predictor.client.protocols import V2, Endpoint
-from predictor.cpu import cpu_model_name
+from predictor.model import GPU_BATCH
 from tools.local_server import Server, serving
 from tools.random_ast import save_random_ast
 from tools.signals import encode, tone
@@ -39,22 +37,7 @@ from tools.signals import encode, tone
 logger = logging.getLogger(__name__)
 
 RATE = 16000
-BENCH_SECONDS = 20
-BENCH_CONCURRENCY = 64
-MULTI_CLIPS = 32
-MULTI_CONCURRENCY = 4
 SQUEEZED = ("--gpu_memory_fraction", "0.02", "--max_batch_size", "512")  # about 2.8 GiB of an H200
-
-
-def describe() -> str:
-    properties = torch.cuda.get_device_properties(0)
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30).stdout.strip()
-    except OSError:
-        driver = "unknown (no nvidia-smi)"
-    return (f"GPU {properties.name} ({properties.total_memory / 2**30:.0f} GiB), driver {driver}, torch "
-            f"{torch.__version__}, CUDA {torch.version.cuda}, host CPU {cpu_model_name()}")
 
 
 def clips() -> dict[str, bytes]:
@@ -97,74 +80,16 @@ def parity(cpu: Server, gpu: Server, recording: bytes) -> list[tuple[str, bool, 
     return checks
 
 
-def engines(model_dir: Path, device: str = "cuda:0") -> tuple[list[tuple[str, bool, str]], dict[str, float]]:
-    """bf16's and fp16's cosine to fp32 on the GPU; and the model alone's clips/s per precision at
-    the server's default batch (features made once, on the GPU: what the engine alone costs)."""
-    from predictor.checkpoint import Checkpoint, load_feature_extractor
-    from predictor.engines import EngineOptions, build_engine
-    from predictor.features import LogMelFilterbank
-    from predictor.model import GPU_BATCH
-
-    checkpoint = Checkpoint.open(str(model_dir))
-    filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(checkpoint.source, checkpoint.config))
-    features = filterbank([np.random.default_rng(seed % 8).standard_normal(10 * RATE).astype(np.float32) * 0.1
-                           for seed in range(GPU_BATCH)]).to(device)
-    outputs, speed = {}, {}
-    for precision in ("fp32", "bf16", "fp16"):
-        engine = build_engine(checkpoint.unloaded(), EngineOptions("torch", precision, device=device))
-        outputs[precision] = engine(features[:8])
-        engine(features)
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(5):
-            engine(features)  # logits come back to the host: each call ends synchronised
-        speed[precision] = 5 * GPU_BATCH / (time.perf_counter() - started)
-        del engine
-        torch.cuda.empty_cache()
-    checks = []
-    for precision in ("bf16", "fp16"):
-        cosine = torch.nn.functional.cosine_similarity(outputs[precision], outputs["fp32"], dim=-1).min().item()
-        checks.append((f"{precision} logits, cosine to fp32 on the GPU", cosine >= 0.9999, f"min cosine {cosine:.6f}"))
-    return checks, speed
-
-
-def timed_clients(url: str, concurrency: int, send: Callable[[V2], object]) -> tuple[int, float, list[float]]:
-    """`concurrency` clients sending for BENCH_SECONDS: requests answered, wall seconds, latencies."""
-    deadline, latencies = time.monotonic() + BENCH_SECONDS, []
-
-    def client(_: int) -> int:
-        protocol, done = V2(Endpoint(url, timeout_s=120)), 0
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            send(protocol)
-            latencies.append(time.perf_counter() - started)
-            done += 1
-        return done
-
-    started = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        answered = sum(pool.map(client, range(concurrency)))
-    return answered, time.monotonic() - started, latencies
-
-
-def bench(gpu: Server, alone: dict[str, float]) -> dict:
-    """The default server: what it serves at, and its clips/s against the model alone's."""
+def bench(gpu: Server) -> dict:
+    """The default server over V2 binary REST: single clips at concurrency 64, 32-clip requests."""
     clip = clips()["noise"]
-    precision = gpu.log.read_text().split("Precision: ", 1)[1].split(" ", 1)[0]
-    answered, wall, latencies = timed_clients(gpu.url, BENCH_CONCURRENCY, lambda v2: v2.send(clip, {}))
-    p50, p99 = np.percentile(latencies, [50, 99])
-    many, many_wall, _ = timed_clients(gpu.url, MULTI_CONCURRENCY, lambda v2: v2.send_clips([clip] * MULTI_CLIPS, {}))
-    try:
-        memory = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                capture_output=True, text=True, timeout=30).stdout
-    except OSError:
-        memory = ""
-    used = [line.split(",")[1].strip() for line in memory.splitlines() if line.split(",")[0].strip() == str(gpu.process.pid)]
-    single, windows = answered / wall, many * MULTI_CLIPS / many_wall
-    return {"precision": precision, "single_clips_per_s": single, "p50_ms": 1000 * p50, "p99_ms": 1000 * p99,
-            "multi_windows_per_s": windows, "model_alone_clips_per_s": alone[precision],
-            "single_vs_model_alone": single / alone[precision], "multi_vs_model_alone": windows / alone[precision],
-            "gpu_memory_mib": used[0] if used else "unknown"}
+    make = lambda: V2(Endpoint(gpu.url, timeout_s=120))  # noqa: E731
+    single = timed_clients(make, CONCURRENCY, lambda v2: v2.send(clip, {}))
+    multi = timed_clients(make, MULTI_CONCURRENCY, lambda v2: v2.send_clips([clip] * MULTI_CLIPS, {}))
+    return {"precision": gpu.log.read_text().split("Precision: ", 1)[1].split(" ", 1)[0],
+            "single_clips_per_s": single["requests_per_s"], "single_p50_ms": single["p50_ms"],
+            "single_p99_ms": single["p99_ms"], "multi_clips_per_s": multi["requests_per_s"] * MULTI_CLIPS,
+            "gpu_memory_mib": gpu_memory_mib(gpu.process.pid)}
 
 
 def squeezed(server: Server, recording: bytes) -> tuple[str, bool, str]:
@@ -191,13 +116,16 @@ def main() -> int:
         checks = parity(cpu, gpu, recording)
     with serving(model_dir, work / "squeezed.log", ("--device", "cuda", *SQUEEZED, *cache), timeout=600) as small:
         checks.append(squeezed(small, recording))
-    precisions, alone = engines(model_dir)
-    checks += precisions
+    logits, alone = model_alone(model_dir, batches=(GPU_BATCH,))
+    checks += [(f"{precision} logits, cosine to fp32 on the GPU", cosine >= 0.9999, f"min cosine {cosine:.6f}")
+               for precision, cosine in cosines(logits).items()]
     with serving(model_dir, work / "default.log", ("--device", "cuda", *cache), timeout=600) as default:
-        speed = bench(default, alone)
+        speed = bench(default)
+    speed["vs_model_alone"] = speed["single_clips_per_s"] / alone[(speed["precision"], GPU_BATCH)]["clips_per_s"]
     for name, passed, detail in checks:
         print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
-    print(f"model alone, clips/s at batch 64: {alone}")
+    alone = {f"{precision} batch {batch}": round(v["clips_per_s"], 1) for (precision, batch), v in alone.items()}
+    print(f"model alone, clips/s: {alone}")
     print(f"bench (default flags, V2 binary REST): {speed}")
     print(json.dumps({"device": describe(), "checks": [{"check": c[0], "passed": c[1], "detail": c[2]} for c in checks],
                       "model_alone_clips_per_s": alone, "bench": speed}))

@@ -131,11 +131,15 @@ class Grpc:
                                          response_deserializer=self.pb.ModelInferResponse.FromString)
 
     def send(self, data: bytes, parameters: dict) -> dict:
+        return self.send_clips([data], parameters)
+
+    def send_clips(self, clips: list[bytes], parameters: dict) -> dict:
+        """Several files in one request: one BYTES element each."""
         pb = self.pb
         request = pb.ModelInferRequest(
             model_name=self.endpoint.model_name,
-            inputs=[pb.ModelInferRequest.InferInputTensor(name=AUDIO_INPUT, datatype="BYTES", shape=[1])],
-            raw_input_contents=[struct.pack("<I", len(data)) + data],
+            inputs=[pb.ModelInferRequest.InferInputTensor(name=AUDIO_INPUT, datatype="BYTES", shape=[len(clips)])],
+            raw_input_contents=[b"".join(struct.pack("<I", len(data)) + data for data in clips)],
         )
         for name, value in parameters.items():
             # No double in kserve's InferParameter: the server reads a number sent as text (hop_seconds).

@@ -1,0 +1,156 @@
+"""`make bench` on a machine with a GPU (`--only gpu`; a full run takes this section instead of the
+CPU's where torch sees a GPU), on a full-size random-init AST and 10 s clips:
+- the peer a GPU user has: the transformers pipeline on the GPU (`device=0`), fp32 one clip at a time,
+  fp32 with `batch_size=32`, and the model in fp16 with `batch_size=32`;
+- the model alone (features precomputed, on the GPU) per precision (fp32 with TF32 off, bf16, fp16)
+  and batch (1, 8, 32, 64, 128): clips/s and the peak GPU memory;
+- the server with default flags, end to end, over V2 binary REST and gRPC: single-clip requests at
+  concurrency 64, 32-clip requests at 16 and 10-minute recordings at 8 (clips or windows/s, p50 and
+  p99 latency), each against the model alone at the server's precision and batch; and the GPU
+  memory the server holds after them.
+The GPU, its driver, torch's and CUDA's versions and the host CPU head the output (`describe`).
+`tools/gpu_check.py` runs a short version of the server part.
+"""
+
+import logging
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+import torch
+
+from predictor.client.protocols import V2, Endpoint, Grpc
+from predictor.cpu import cpu_model_name
+
+logger = logging.getLogger(__name__)
+
+RATE = 16000
+SECONDS = 20  # per server measurement
+CONCURRENCY = 64
+MULTI_CLIPS = 32
+# 32-clip requests and 10-minute recordings in flight at once, so that their windows stay within what
+# the server admits by default on a GPU (--max_queued_windows): beyond it they would be measuring 503s.
+MULTI_CONCURRENCY = 16
+LONG_CONCURRENCY = 8
+PRECISIONS = ("fp32", "bf16", "fp16")
+BATCHES = (1, 8, 32, 64, 128)
+
+Protocol = Union[V2, Grpc]
+
+
+def describe() -> str:
+    properties = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except OSError:
+        driver = "unknown (no nvidia-smi)"
+    return (f"GPU {properties.name} ({properties.total_memory / 2**30:.0f} GiB), driver {driver}, torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}, host CPU {cpu_model_name()}")
+
+
+def gpu_memory_mib(pid: int) -> str:
+    """What nvidia-smi says process `pid` holds on the GPU (its whole context, not only tensors)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        return "unknown"
+    used = [line.split(",")[1].strip() for line in listing.splitlines() if line.split(",")[0].strip() == str(pid)]
+    return used[0] if used else "unknown"
+
+
+def timed_clients(make: Callable[[], Protocol], concurrency: int, send: Callable[[Protocol], object],
+                  seconds: float = SECONDS) -> dict:
+    """`concurrency` clients, each with a connection of its own, sending for `seconds`: requests
+    answered per second and their latency."""
+    deadline, latencies = time.monotonic() + seconds, []
+
+    def client(_: int) -> int:
+        protocol, done = make(), 0
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            send(protocol)
+            latencies.append(time.perf_counter() - started)
+            done += 1
+        return done
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answered = sum(pool.map(client, range(concurrency)))
+    p50, p99 = np.percentile(latencies, [50, 99])
+    return {"requests_per_s": answered / (time.monotonic() - started), "p50_ms": 1000 * float(p50),
+            "p99_ms": 1000 * float(p99), "requests": answered}
+
+
+def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device: str = "cuda:0") -> tuple[dict, dict]:
+    """Per precision: the logits of 8 clips (for the cosine to fp32), and clips/s and peak memory per batch."""
+    from predictor.checkpoint import Checkpoint, load_feature_extractor
+    from predictor.engines import EngineOptions, build_engine
+    from predictor.features import LogMelFilterbank
+
+    checkpoint = Checkpoint.open(str(model_dir))
+    filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(checkpoint.source, checkpoint.config))
+    features = filterbank([np.random.default_rng(seed % 8).standard_normal(10 * RATE).astype(np.float32) * 0.1
+                           for seed in range(max(batches))]).to(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 is fp32
+    logits, speed = {}, {}
+    for precision in precisions:
+        engine = build_engine(checkpoint.unloaded(), EngineOptions("torch", precision, device=device))
+        logits[precision] = engine(features[:8])
+        for batch in batches:
+            engine(features[:batch])
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            runs = max(3, 256 // batch)
+            started = time.perf_counter()
+            for _ in range(runs):
+                engine(features[:batch])  # the logits come back to the host: each call ends synchronised
+            speed[(precision, batch)] = {"clips_per_s": runs * batch / (time.perf_counter() - started),
+                                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        del engine
+        torch.cuda.empty_cache()
+    return logits, speed
+
+
+def cosines(logits: dict) -> dict[str, float]:
+    return {precision: torch.nn.functional.cosine_similarity(logits[precision], logits["fp32"], dim=-1).min().item()
+            for precision in logits if precision != "fp32"}
+
+
+def pipeline_peer(model_dir: Path, clips: list[np.ndarray]) -> dict[str, float]:
+    """The transformers pipeline on the GPU, as a user would run it: clips/s per configuration."""
+    from transformers import pipeline
+
+    rates = {}
+    for name, options, batch in (("fp32, one clip at a time", {}, 1), ("fp32, batch_size 32", {}, 32),
+                                 ("fp16, batch_size 32", {"dtype": torch.float16}, 32)):
+        classify = pipeline("audio-classification", model=str(model_dir), device=0, **options)
+        classify(clips[:batch], batch_size=batch)  # warm-up
+        started = time.perf_counter()
+        classify(clips, batch_size=batch)
+        rates[name] = len(clips) / (time.perf_counter() - started)
+        del classify
+        torch.cuda.empty_cache()
+    return rates
+
+
+def server_rows(url: str, grpc_url: str, pid: int, clip: bytes, recording: bytes, windows: int) -> dict:
+    """The default server over V2 binary REST and gRPC; what it holds on the GPU after."""
+    makers = {"V2 binary REST": lambda: V2(Endpoint(url, timeout_s=300)),
+              "V2 gRPC": lambda: Grpc(Endpoint(grpc_url, timeout_s=300))}
+    results = {}
+    for protocol, make in makers.items():
+        single = timed_clients(make, CONCURRENCY, lambda p: p.send(clip, {}))
+        multi = timed_clients(make, MULTI_CONCURRENCY, lambda p: p.send_clips([clip] * MULTI_CLIPS, {}))
+        long_ = timed_clients(make, LONG_CONCURRENCY, lambda p: p.send(recording, {}))
+        results[protocol] = {
+            "single clips": {**single, "clips_per_s": single["requests_per_s"]},
+            f"{MULTI_CLIPS}-clip requests": {**multi, "clips_per_s": multi["requests_per_s"] * MULTI_CLIPS},
+            "10-minute recordings": {**long_, "windows_per_s": long_["requests_per_s"] * windows},
+        }
+    results["gpu_memory_mib"] = gpu_memory_mib(pid)
+    return results
