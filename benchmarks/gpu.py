@@ -22,7 +22,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from predictor.client.protocols import V2, Endpoint, Grpc
+from predictor.client.protocols import V2, Endpoint, Grpc, RequestFailed
 from predictor.cpu import cpu_model_name
 
 logger = logging.getLogger(__name__)
@@ -66,14 +66,22 @@ def gpu_memory_mib(pid: int) -> str:
 def timed_clients(make: Callable[[], Protocol], concurrency: int, send: Callable[[Protocol], object],
                   seconds: float = SECONDS) -> dict:
     """`concurrency` clients, each with a connection of its own, sending for `seconds`: requests
-    answered per second and their latency."""
-    deadline, latencies = time.monotonic() + seconds, []
+    answered per second and their latency. A 503 (the server full) is counted and retried after
+    the time it names, as a client should."""
+    deadline, latencies, refused = time.monotonic() + seconds, [], []
 
     def client(_: int) -> int:
         protocol, done = make(), 0
         while time.monotonic() < deadline:
             started = time.perf_counter()
-            send(protocol)
+            try:
+                send(protocol)
+            except RequestFailed as failure:
+                if failure.status != 503:
+                    raise
+                refused.append(1)
+                time.sleep(failure.retry_after_s or 1)
+                continue
             latencies.append(time.perf_counter() - started)
             done += 1
         return done
@@ -83,7 +91,7 @@ def timed_clients(make: Callable[[], Protocol], concurrency: int, send: Callable
         answered = sum(pool.map(client, range(concurrency)))
     p50, p99 = np.percentile(latencies, [50, 99])
     return {"requests_per_s": answered / (time.monotonic() - started), "p50_ms": 1000 * float(p50),
-            "p99_ms": 1000 * float(p99), "requests": answered}
+            "p99_ms": 1000 * float(p99), "requests": answered, "refused_503": len(refused)}
 
 
 def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device: str = "cuda:0") -> tuple[dict, dict]:
