@@ -104,12 +104,13 @@ class LogMelFilterbank:
                 )
 
     def padded(self, waveforms: Sequence[np.ndarray], out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clips → what `batch` takes: (clips, longest) zero-padded float32, in `out` when given
-        (pinned host memory, from which a GPU copies without a staging copy), and their lengths."""
+        """Clips → what `batch` takes: (clips, longest) zero-padded float32, contiguous, at the start
+        of `out` when given (a flat pinned host buffer, from which a GPU copies without a staging
+        copy), and their lengths."""
         self.check(len(waveform) for waveform in waveforms)
         lengths = torch.tensor([min(len(w), self.max_samples) for w in waveforms])
-        longest = int(lengths.max())
-        samples = torch.zeros(len(waveforms), longest) if out is None else out[: len(waveforms), :longest]
+        count, longest = len(waveforms), int(lengths.max())
+        samples = torch.zeros(count, longest) if out is None else out[: count * longest].view(count, longest)
         for row, (waveform, length) in enumerate(zip(waveforms, lengths.tolist())):
             samples[row, :length] = torch.from_numpy(np.asarray(waveform[:length], dtype=np.float32))
             samples[row, length:] = 0

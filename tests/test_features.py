@@ -56,10 +56,12 @@ def test_a_padded_batch_at_once_equals_the_extractor(speech_16k, settings):
 
 def test_padding_into_a_reused_buffer_leaves_nothing_of_the_last_pass(speech_16k):
     filterbank = LogMelFilterbank.from_extractor(ASTFeatureExtractor())
-    buffer = torch.full((4, filterbank.max_samples), 7.0)
+    buffer = torch.full((4 * filterbank.max_samples,), 7.0)
     samples, lengths = filterbank.padded([speech_16k[:RATE], speech_16k[: RATE // 2]], out=buffer)
     assert samples.shape == (2, RATE) and lengths.tolist() == [RATE, RATE // 2]
-    assert samples.data_ptr() == buffer.data_ptr() and not samples[1, RATE // 2 :].any()
+    assert samples.data_ptr() == buffer.data_ptr() and samples.is_contiguous()  # copied to a GPU as it is
+    assert not samples[1, RATE // 2 :].any()
+    np.testing.assert_array_equal(samples[0].numpy(), speech_16k[:RATE])
 
 
 def test_a_clip_does_not_depend_on_its_batch_mates(speech_16k):
