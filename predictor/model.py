@@ -34,7 +34,7 @@ from .config import Config
 from .engines import Engine, EngineOptions, ExportError, build_engine
 from .errors import ClientInputError, Overloaded, shown
 from .features import LogMelFilterbank
-from .passes import CpuPass, GpuPass, Pass
+from .passes import BatchedPass, CpuPass, Pass
 from .protocol.requests import parse
 from .protocol.responses import ClipResult, Ranked, Segments, respond
 
@@ -127,7 +127,7 @@ class ASTModel(Model):
         if on_gpu:
             if config.gpu_memory_fraction:
                 torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
-            self.passes = GpuPass(self.filterbank, self.engine, device, max_batch_size)
+            self.passes = BatchedPass(self.filterbank, self.engine, device, max_batch_size)
         else:
             self.passes = CpuPass(self.filterbank, self.engine)
         seconds_per_window = self._warm_up(max_batch_size if on_gpu else 1, runs=2 if on_gpu else 1)

@@ -1,11 +1,19 @@
-"""`predictor.passes.in_parts`: a pass that runs out of GPU memory is split and retried, rows in order.
-(The GPU pass itself runs in `make gpu-check`, which squeezes a server's memory to make it split.)"""
+"""`predictor.passes`: the pass a GPU runs answers as the CPU's (run here on the CPU, whole), and one
+that runs out of GPU memory is split and retried, rows in order (`in_parts`; on a GPU, `make
+gpu-check` squeezes a server's memory to make it split)."""
 
+import asyncio
+
+import numpy as np
 import pytest
 import torch
 
+from predictor.batching import WindowQueue
+from predictor.checkpoint import Checkpoint, load_feature_extractor
+from predictor.engines import EngineOptions, build_engine
 from predictor.errors import Overloaded
-from predictor.passes import in_parts
+from predictor.features import LogMelFilterbank
+from predictor.passes import BatchedPass, CpuPass, in_parts
 
 
 def fits(most: int):
@@ -30,3 +38,42 @@ def test_a_pass_that_does_not_fit_is_halved_until_it_does_and_the_size_is_kept()
 def test_one_window_that_does_not_fit_is_a_503_not_a_crash():
     with pytest.raises(Overloaded, match=r"no memory left for one window now; retry in about 1 s"):
         in_parts(fits(0), rows=4, part=4, ran_out=lambda rows, new: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_passes(tiny_model_dir):
+    """The tiny model's filterbank and fp32 torch engine, as the server builds them."""
+    checkpoint = Checkpoint.open(str(tiny_model_dir))
+    filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(checkpoint.source, checkpoint.config))
+    engine = build_engine(checkpoint, EngineOptions("torch", "fp32", 2))
+    return filterbank, engine
+
+
+def windows_of_every_length(filterbank: LogMelFilterbank) -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    return [(0.1 * rng.standard_normal(length)).astype(np.float32)
+            for length in (filterbank.max_samples, 20_000, 400, filterbank.max_samples, 3_333)]
+
+
+def test_the_batched_pass_a_gpu_runs_answers_as_the_cpu_pass(tiny_passes):
+    """What a GPU runs (padding into a reused buffer, the copy, the filterbank over the whole pass),
+    here on the CPU: each window's logits are the per-clip pass's, buffers reused pass after pass."""
+    filterbank, engine = tiny_passes
+    batched, per_clip = BatchedPass(filterbank, engine, torch.device("cpu"), max_batch_size=8), CpuPass(filterbank, engine)
+    windows = windows_of_every_length(filterbank)
+    for chosen in (windows, windows[1:3], windows[::-1], windows):  # more passes than buffers
+        torch.testing.assert_close(batched.run(batched.stage(chosen)), per_clip.run(chosen), atol=1e-4, rtol=0)
+
+
+def test_the_queue_stages_batched_passes_ahead_and_every_request_gets_its_rows(tiny_passes):
+    filterbank, engine = tiny_passes
+    queue = WindowQueue(BatchedPass(filterbank, engine, torch.device("cpu"), max_batch_size=2), max_batch_size=2,
+                        max_wait_s=0.0)
+    windows = windows_of_every_length(filterbank)
+    requests = [windows[:2], windows[2:3], windows[3:], windows[1:4]]
+
+    async def main():
+        return await asyncio.gather(*(queue(request) for request in requests))
+
+    for request, logits in zip(requests, asyncio.run(main())):
+        torch.testing.assert_close(logits, CpuPass(filterbank, engine).run(request), atol=1e-4, rtol=0)
