@@ -2,7 +2,8 @@
 CPU's where torch sees a GPU), on a full-size random-init AST and 10 s clips:
 - the peer a GPU user has: the transformers pipeline on the GPU (`device=0`), fp32 one clip at a time,
   fp32 with `batch_size=32`, and the model in fp16 with `batch_size=32`;
-- the model alone (features precomputed, on the GPU) per precision (fp32 with TF32 off, bf16, fp16)
+- the model alone (features precomputed, on the GPU) per precision (fp32 without TF32: the torch
+  engine sets that, bf16, fp16)
   and batch (1, 8, 32, 64, 128): clips/s and the peak GPU memory;
 - the server with default flags, end to end, over V2 binary REST and gRPC: single-clip requests at
   concurrency 64, 32-clip requests at 16 and 10-minute recordings at 8 (clips or windows/s, p50 and
@@ -104,7 +105,6 @@ def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device:
     filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(checkpoint.source, checkpoint.config))
     features = filterbank([np.random.default_rng(seed % 8).standard_normal(10 * RATE).astype(np.float32) * 0.1
                            for seed in range(max(batches))]).to(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 is fp32
     logits, speed = {}, {}
     for precision in precisions:
         engine = build_engine(checkpoint.unloaded(), EngineOptions("torch", precision, device=device))

@@ -12,6 +12,10 @@ class TorchEngine:
     def __init__(self, model: ASTForAudioClassification, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         self.logits = PooledLogits(model.to(device=device, dtype=dtype).eval())
         self.dtype, self.device = dtype, torch.device(device)
+        if self.device.type == "cuda" and dtype == torch.float32:
+            # fp32 means fp32, the pipeline's answers within 1e-4: torch lets cuDNN's convolutions
+            # (AST's patch embedding) take TF32 on Ampere and later unless told otherwise.
+            torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
