@@ -15,7 +15,10 @@ class TorchEngine:
         if self.device.type == "cuda" and dtype == torch.float32:
             # fp32 means fp32, the pipeline's answers within 1e-4: torch lets cuDNN's convolutions
             # (AST's patch embedding) take TF32 on Ampere and later unless told otherwise.
-            torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
+            if hasattr(torch.backends.cudnn, "conv"):  # torch 2.9 on; older builds name it allow_tf32
+                torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
+            else:
+                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
