@@ -27,8 +27,13 @@ class PrecisionError(ValueError):
 
 def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= AMPERE
+        return gpu_multiplies_bf16(torch.cuda.get_device_capability(device))
     return multiplies_bf16()
+
+
+def gpu_multiplies_bf16(capability: tuple[int, int]) -> bool:
+    """Tensor cores multiply bf16 from Ampere (compute capability 8.0) on; a V100 or T4 emulates it."""
+    return capability >= AMPERE
 
 
 def check(name: str, device: torch.device, backend: str) -> None:

@@ -19,6 +19,12 @@ def test_native_bf16_is_avx512_bf16_or_amx(flags, native):
     assert multiplies_bf16(flags) is native
 
 
+@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 9), True),
+                                                ((9, 0), True), ((10, 0), True)])  # V100, T4, A100, L4, H100/H200, B200
+def test_gpus_multiply_bf16_natively_from_ampere_on(capability, native):
+    assert precision.gpu_multiplies_bf16(capability) is native
+
+
 def test_auto_on_this_cpu_follows_its_flags_and_the_engine():
     native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     for backend in ("auto", "torch", "openvino"):
