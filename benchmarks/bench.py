@@ -345,8 +345,9 @@ def gpu_section(args: argparse.Namespace, work: Path, model_dir: Path, config: A
             rows.append(Row("gpu server", f"default flags ({served}), {protocol}, {kind}", rate,
                             "clips/s" if "clips_per_s" in measured else "windows/s", reference,
                             f"model alone {served} batch {GPU_BATCH}", measured))
-    rows.append(Row("gpu server", "GPU memory held after the runs (nvidia-smi)", float(results["gpu_memory_mib"])
-                    if results["gpu_memory_mib"] != "unknown" else float("nan"), "MiB"))
+    memory = results["gpu_memory_mib"]  # "1234", "5678 (all processes)" or "unknown"
+    rows.append(Row("gpu server", "GPU memory held after the runs (nvidia-smi)",
+                    float(memory.split()[0]) if memory[:1].isdigit() else float("nan"), "MiB", extra={"nvidia_smi": memory}))
     return rows
 
 

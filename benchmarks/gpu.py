@@ -54,22 +54,27 @@ def describe() -> str:
 
 
 def gpu_memory_mib(pid: int) -> str:
-    """What nvidia-smi says process `pid` holds on the GPU (its whole context, not only tensors)."""
+    """What nvidia-smi says process `pid` holds on the GPU (its whole context, not only tensors);
+    where it lists other PIDs (a container), the GPU's memory in use, every process's together."""
     try:
         listing = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=30).stdout
+        used = [line.split(",")[1].strip() for line in listing.splitlines() if line.split(",")[0].strip() == str(pid)]
+        if used:
+            return used[0]
+        total = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        return f"{total[0]} (all processes)" if total else "unknown"
     except OSError:
         return "unknown"
-    used = [line.split(",")[1].strip() for line in listing.splitlines() if line.split(",")[0].strip() == str(pid)]
-    return used[0] if used else "unknown"
 
 
 def timed_clients(make: Callable[[], Protocol], concurrency: int, send: Callable[[Protocol], object],
                   seconds: float = SECONDS) -> dict:
     """`concurrency` clients, each with a connection of its own, sending for `seconds`: requests
     answered per second and their latency. A 503 (the server full) is counted and retried after
-    the time it names, as a client should."""
-    deadline, latencies, refused = time.monotonic() + seconds, [], []
+    the time it names, as a client should; any other failure is counted, and the run goes on."""
+    deadline, latencies, refused, failed = time.monotonic() + seconds, [], [], []
 
     def client(_: int) -> int:
         protocol, done = make(), 0
@@ -78,10 +83,11 @@ def timed_clients(make: Callable[[], Protocol], concurrency: int, send: Callable
             try:
                 send(protocol)
             except RequestFailed as failure:
-                if failure.status != 503:
-                    raise
-                refused.append(1)
+                (refused if failure.status == 503 else failed).append(str(failure)[:200])
                 time.sleep(failure.retry_after_s or 1)
+                continue
+            except Exception as failure:  # noqa: BLE001 - a timeout, a reset: counted, not fatal to the run
+                failed.append(repr(failure)[:200])
                 continue
             latencies.append(time.perf_counter() - started)
             done += 1
@@ -90,9 +96,10 @@ def timed_clients(make: Callable[[], Protocol], concurrency: int, send: Callable
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
         answered = sum(pool.map(client, range(concurrency)))
-    p50, p99 = np.percentile(latencies, [50, 99])
+    p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"), float("nan"))
     return {"requests_per_s": answered / (time.monotonic() - started), "p50_ms": 1000 * float(p50),
-            "p99_ms": 1000 * float(p99), "requests": answered, "refused_503": len(refused)}
+            "p99_ms": 1000 * float(p99), "requests": answered, "refused_503": len(refused), "failed": len(failed),
+            "first_failure": failed[0] if failed else None}
 
 
 def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device: str = "cuda:0") -> tuple[dict, dict]:

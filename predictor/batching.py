@@ -141,12 +141,16 @@ class WindowQueue:
         overlaps the pass); None if the pass ends first."""
         while not running.done():
             if self.waiting >= self.max_batch_size:
-                taken = self._take(self.max_batch_size)
-                return taken, self._stage(taken)
+                taken = self._take(self.max_batch_size)  # empty if every waiting window's request has gone
+                if taken:
+                    return taken, self._stage(taken)
+                continue
             self._arrived.clear()
             arrival = asyncio.ensure_future(self._arrived.wait())
-            await asyncio.wait((running, arrival), return_when=asyncio.FIRST_COMPLETED)
-            arrival.cancel()
+            try:
+                await asyncio.wait((running, arrival), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                arrival.cancel()
         return None
 
     def _stage(self, batch: list[tuple[Job, int]]) -> asyncio.Future:

@@ -135,7 +135,6 @@ class LogMelFilterbank:
         """
         signal = samples.double()
         count, length = len(signal), signal.shape[1]
-        frames_count = 1 + (lengths.to(signal.device) - FRAME_LENGTH) // HOP_LENGTH
         frames = min(1 + (length - FRAME_LENGTH) // HOP_LENGTH, self.max_length)
         dc = (1 - PREEMPHASIS) * signal.unfold(1, FRAME_LENGTH, HOP_LENGTH)[:, :frames].mean(dim=-1, keepdim=True)
         emphasised = torch.zeros(count, length + FFT_LENGTH - FRAME_LENGTH, dtype=torch.float64, device=signal.device)
@@ -151,7 +150,8 @@ class LogMelFilterbank:
         padding = (0.0 - mean) / scale
         fbank = torch.full((count, self.max_length, self.num_mel_bins), padding, device=signal.device)
         fbank[:, :frames] = mel.sub_(mean).div_(scale)
-        if count > 1:  # a shorter clip's frames past its own end
+        if int(lengths.min()) < length:  # a shorter clip's frames past its own end become padding
+            frames_count = 1 + (lengths.to(signal.device) - FRAME_LENGTH) // HOP_LENGTH
             past_end = torch.arange(self.max_length, device=signal.device)[None, :] >= frames_count[:, None]
             fbank.masked_fill_(past_end[..., None], padding)
         return fbank

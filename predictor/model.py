@@ -261,10 +261,11 @@ class ASTModel(Model):
         return count
 
     def _warm_up(self, windows: int, runs: int) -> float:
-        """Passes of silence, the last timed: the first estimate of a window's cost (admission's
-        wait). On a GPU a whole batch, twice: the first pass pays for CUDA's and cuBLAS's set-up,
-        and a batch that does not fit shows at start, split and logged, not on a request."""
-        silence = [np.zeros(self.target.rate, dtype=np.float32)] * windows
+        """Passes of whole windows of silence, the last timed: the first estimate of a window's cost
+        (admission's wait). On a GPU a whole batch, twice: the first pass pays for CUDA's, cuBLAS's
+        and cuFFT's set-up, and a batch that does not fit shows at start, split and logged, not on
+        a request."""
+        silence = [np.zeros(self.filterbank.max_samples, dtype=np.float32)] * windows
         for _ in range(runs):
             started = time.monotonic()
             self.passes.run(self.passes.stage(silence))

@@ -83,12 +83,19 @@ class BatchedPass:
 
     def stage(self, windows: Windows) -> Staged:
         buffer, last_copy = self.buffers.popleft()
-        if last_copy is not None:
-            last_copy.synchronize()  # the copy out of this buffer has finished before it is refilled
-        samples, lengths = self.filterbank.padded(windows, out=buffer)
-        with self.accelerator.stream(self.copies):
-            on_device = samples.to(self.device, non_blocking=True)
-            copied = self.copies.record_event()
+        try:
+            if last_copy is not None:
+                last_copy.synchronize()  # the copy out of this buffer has finished before it is refilled
+            samples, lengths = self.filterbank.padded(windows, out=buffer)
+            with self.accelerator.stream(self.copies):
+                on_device = samples.to(self.device, non_blocking=True)
+                copied = self.copies.record_event()
+        except torch.OutOfMemoryError as exc:
+            self.buffers.appendleft((buffer, last_copy))
+            raise Overloaded("the GPU has no memory left to take a pass now", 1) from exc
+        except BaseException:
+            self.buffers.appendleft((buffer, last_copy))  # whatever failed, the buffer stays in turn
+            raise
         self.buffers.append((buffer, copied))
         return Staged(on_device, lengths, copied)
 
@@ -105,6 +112,7 @@ class BatchedPass:
         return logits
 
     def _ran_out(self, windows: int, part: int) -> None:
+        self.part = part  # kept even if a later part of this pass fails
         if self.on_gpu:
             torch.cuda.empty_cache()
         log = logger.info if self.ran_out_before else logger.warning

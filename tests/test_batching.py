@@ -117,6 +117,30 @@ def test_a_full_batch_waiting_is_staged_while_a_pass_runs_and_the_rest_waits_for
     assert passes.staged == compute.passes == [[1], [2, 3], [2]]
 
 
+def test_requests_gone_while_a_pass_runs_are_not_staged_ahead():
+    """Windows enough for a full batch, all of requests whose callers left during the pass: nothing
+    is staged for them, and a request after them is served."""
+    compute = Recording(hold_first=True)
+    passes = Passes(compute, ahead=True)
+    queue = WindowQueue(passes, max_batch_size=2, max_wait_s=0.0)
+    last = job(4, 1)
+
+    async def main():
+        first = asyncio.create_task(queue(job(1, 1)))
+        await asyncio.to_thread(compute.started.wait, 30)
+        gone = [asyncio.create_task(queue(job(tag, 2))) for tag in (2, 3)]
+        await asyncio.sleep(0)
+        for request in gone:
+            request.cancel()
+        await asyncio.sleep(0.05)
+        compute.release.set()
+        await first
+        return await asyncio.wait_for(queue(last), 30)
+
+    torch.testing.assert_close(run(main()), logits_of(last))
+    assert [p[0] for p in compute.passes] == [1, 4] and passes.staged == [[1], [4]]
+
+
 def test_a_short_request_is_not_held_back_by_a_long_one():
     """Batch size 1: a 1-window request sent while a 20-window request runs is computed right after
     the pass in flight, and answered first."""

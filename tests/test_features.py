@@ -82,3 +82,14 @@ def test_padding_frames_are_the_extractors_normalised_zero(speech_16k):
 def test_a_clip_shorter_than_one_frame_is_refused():
     with pytest.raises(ClientInputError, match="399 samples.*at least 400"):
         LogMelFilterbank.from_extractor(ASTFeatureExtractor())([np.zeros(399, np.float32)])
+
+
+def test_a_part_of_a_padded_batch_equals_its_clips_alone(speech_16k):
+    """A pass split after running out of GPU memory computes slices of the padded batch: a slice of
+    one short clip keeps the longest clip's width, and its frames past its own end are padding."""
+    filterbank = LogMelFilterbank.from_extractor(ASTFeatureExtractor())
+    clips = [speech_16k[:RATE], np.ones(RATE * 11, np.float32) * 0.1, speech_16k[: RATE // 3]]
+    samples, lengths = filterbank.padded(clips)
+    for start, end in ((0, 1), (2, 3), (0, 2)):
+        np.testing.assert_allclose(filterbank.batch(samples[start:end], lengths[start:end]).numpy(),
+                                   filterbank(clips[start:end]).numpy(), atol=1e-6, rtol=0)

@@ -77,3 +77,15 @@ def test_the_queue_stages_batched_passes_ahead_and_every_request_gets_its_rows(t
 
     for request, logits in zip(requests, asyncio.run(main())):
         torch.testing.assert_close(logits, CpuPass(filterbank, engine).run(request), atol=1e-4, rtol=0)
+
+
+def test_a_staging_that_fails_leaves_both_buffers_in_turn(tiny_passes):
+    filterbank, engine = tiny_passes
+    batched, per_clip = BatchedPass(filterbank, engine, torch.device("cpu"), max_batch_size=4), CpuPass(filterbank, engine)
+    too_short = [np.zeros(100, np.float32)]  # refused by the filterbank's check, inside stage
+    for _ in range(3):
+        with pytest.raises(Exception, match="AST needs at least 400"):
+            batched.stage(too_short)
+    windows = windows_of_every_length(filterbank)[:4]
+    for _ in range(3):
+        torch.testing.assert_close(batched.run(batched.stage(windows)), per_clip.run(windows), atol=1e-4, rtol=0)

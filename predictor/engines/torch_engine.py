@@ -16,7 +16,8 @@ class TorchEngine:
             # fp32 means fp32, the pipeline's answers within 1e-4: torch lets cuDNN's convolutions
             # (AST's patch embedding) take TF32 on Ampere and later unless told otherwise.
             if hasattr(torch.backends.cudnn, "conv"):  # torch 2.9 on; older builds name it allow_tf32
-                torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
+                torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "ieee"
+                torch.backends.cuda.matmul.fp32_precision = "ieee"  # all alike: reads of the old flag stay valid
             else:
                 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
