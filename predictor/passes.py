@@ -19,7 +19,7 @@ A pass has two steps, so that the queue (`batching`) can prepare one while anoth
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class Pass(Protocol):
 class CpuPass:
     filterbank: LogMelFilterbank
     engine: Engine
-    ahead: bool = False
+    ahead: ClassVar[bool] = False
 
     def stage(self, windows: Windows) -> Windows:
         return windows
