@@ -69,15 +69,15 @@ def gpu_memory_mib(pid: int) -> str:
         return "unknown"
 
 
-def timed_clients(make: Callable[[], Protocol], concurrency: int, send: Callable[[Protocol], object],
+def timed_clients(make: Callable[[int], Protocol], concurrency: int, send: Callable[[Protocol], object],
                   seconds: float = SECONDS) -> dict:
-    """`concurrency` clients, each with a connection of its own, sending for `seconds`: requests
+    """`concurrency` clients, each with a connection of its own (`make(client's index)`), sending for `seconds`: requests
     answered per second and their latency. A 503 (the server full) is counted and retried after
     the time it names, as a client should; any other failure is counted, and the run goes on."""
     deadline, latencies, refused, failed = time.monotonic() + seconds, [], [], []
 
-    def client(_: int) -> int:
-        protocol, done = make(), 0
+    def client(index: int) -> int:
+        protocol, done = make(index), 0
         while time.monotonic() < deadline:
             started = time.perf_counter()
             try:
@@ -155,8 +155,8 @@ def pipeline_peer(model_dir: Path, clips: list[np.ndarray]) -> dict[str, float]:
 
 def server_rows(url: str, grpc_url: str, pid: int, clip: bytes, recording: bytes, windows: int) -> dict:
     """The default server over V2 binary REST and gRPC; what it holds on the GPU after."""
-    makers = {"V2 binary REST": lambda: V2(Endpoint(url, timeout_s=300)),
-              "V2 gRPC": lambda: Grpc(Endpoint(grpc_url, timeout_s=300))}
+    makers = {"V2 binary REST": lambda _: V2(Endpoint(url, timeout_s=300)),
+              "V2 gRPC": lambda _: Grpc(Endpoint(grpc_url, timeout_s=300))}
     results = {}
     for protocol, make in makers.items():
         single = timed_clients(make, CONCURRENCY, lambda p: p.send(clip, {}))
