@@ -64,7 +64,7 @@ from predictor.engines.choice import ISA_FLAGS
 from predictor.engines.artifacts import OFFLINE_TIMEOUT_S
 from predictor.cpu import multiplies_bf16
 from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
-from predictor.model import GPU_BATCH
+from predictor.config import GPU_BATCH
 from predictor.windows import Windowing
 from tools import local_server
 from tools.local_server import Server

@@ -27,6 +27,14 @@ from .precision import PRECISIONS
 
 ENV_PREFIX = "AST_"
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
+# Defaults that depend on the device, which is known only once --device is resolved:
+CPU_BATCH, GPU_BATCH = 1, 64
+"""--max_batch_size: on 2 cores batches did not pay (`make bench`); on a GPU, past the batch where the
+model alone stops gaining on an H100/H200-class GPU (the issue's figures), and a 10-minute
+recording's 59 windows in one pass (`make gpu-check` times passes of other sizes there)."""
+CPU_QUEUED_WINDOWS, GPU_QUEUED_WINDOWS = 240, 2048
+"""--max_queued_windows: a memory bound (each waiting window holds its samples), sized to the
+memory the manifests give a CPU pod and a GPU pod."""
 
 
 def positive(kind: type) -> Callable[[str], Any]:
@@ -150,6 +158,12 @@ class Config:
     @classmethod
     def from_arguments(cls, arguments: argparse.Namespace) -> "Config":
         return cls(**{setting_.name: getattr(arguments, setting_.name) for setting_ in fields(cls)})
+
+    def batch_size(self, on_gpu: bool) -> int:
+        return self.max_batch_size or (GPU_BATCH if on_gpu else CPU_BATCH)
+
+    def queued_windows(self, on_gpu: bool) -> int:
+        return self.max_queued_windows or (GPU_QUEUED_WINDOWS if on_gpu else CPU_QUEUED_WINDOWS)
 
     @property
     def max_request_bytes(self) -> int:

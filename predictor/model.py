@@ -40,14 +40,6 @@ from .protocol.responses import ClipResult, Ranked, Segments, respond
 
 logger = logging.getLogger(__name__)
 
-CPU_QUEUED_WINDOWS, GPU_QUEUED_WINDOWS = 240, 2048
-"""--max_queued_windows' defaults: a memory bound (each waiting window holds its samples), sized to
-the memory the manifests give a CPU pod and a GPU pod."""
-GPU_BATCH = 64
-"""--max_batch_size's default on a GPU: past the batch where the model alone stops gaining on an
-H100/H200-class GPU (the issue's figures), and a 10-minute recording's 59 windows in one pass;
-`make gpu-check` times passes of other sizes on the GPU at hand."""
-
 
 @dataclass(frozen=True)
 class Options:
@@ -123,7 +115,7 @@ class ASTModel(Model):
                                  "instead.") from exc
         device = torch.device(self.device)
         on_gpu = device.type == "cuda"
-        max_batch_size = config.max_batch_size or (GPU_BATCH if on_gpu else 1)
+        max_batch_size = config.batch_size(on_gpu)
         if on_gpu:
             if config.gpu_memory_fraction:
                 torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
@@ -134,8 +126,7 @@ class ASTModel(Model):
         del checkpoint  # and its torch module, if it was loaded and no torch engine holds it
         release_freed_memory()
         self.queue = WindowQueue(self.passes, max_batch_size, config.max_batch_wait_ms / 1000, seconds_per_window)
-        self.admission = Admission(self.queue, config.max_queue_seconds,
-                                   config.max_queued_windows or (GPU_QUEUED_WINDOWS if on_gpu else CPU_QUEUED_WINDOWS))
+        self.admission = Admission(self.queue, config.max_queue_seconds, config.queued_windows(on_gpu))
         self.decoding = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ast-decode")
         logger.info(
             "Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d, %s",

@@ -31,7 +31,7 @@ import torch
 from benchmarks.gpu import (CONCURRENCY, MULTI_CLIPS, MULTI_CONCURRENCY, cosines, describe, gpu_memory_mib,
                             model_alone, timed_clients)
 from predictor.client.protocols import V2, Endpoint
-from predictor.model import GPU_BATCH
+from predictor.config import GPU_BATCH
 from tools.local_server import Server, serving
 from tools.random_ast import save_random_ast
 from tools.signals import encode, tone
