@@ -333,7 +333,7 @@ def gpu_section(args: argparse.Namespace, work: Path, model_dir: Path, config: A
     windows = len(windowing.starts(round(LONG_SECONDS * RATE), windowing.seconds))
     server = start_server(model_dir, 18180, 18181, "--onnx_cache_dir", str(work))
     try:
-        served = server.log.read_text().split("Precision: ", 1)[1].split(" ", 1)[0]
+        served = server.precision
         results = gpu.server_rows(server.url, server.grpc_url, server.process.pid, wav(clips[0]),
                                   wav(make_clips(1, LONG_SECONDS)[0]), windows)
     finally:
@@ -362,7 +362,7 @@ def default_section(args: argparse.Namespace, work: Path, model_dir: Path, threa
             *peer_rows(work, model_dir, clips[: args.baseline_clips], threads, base)]
     server = start_server(model_dir, 18180, 18181, "--onnx_cache_dir", str(work))
     try:
-        served = server.log.read_text().split("Precision: ", 1)[1].split(" ", 1)[0]
+        served = server.precision
         result = load_test(lambda: v2_binary_call(18180), [wav(c) for c in clips], 4, 8)
     finally:
         local_server.stop_server(server)
@@ -495,7 +495,7 @@ def clip_sections(args: argparse.Namespace, work: Path, model_dir: Path, config:
     # The default (auto: bf16 where the CPU multiplies it natively, else fp32), then int8
     for precision in ("auto", "int8"):
         server = start_server(model_dir, http_port, grpc_port, "--onnx_cache_dir", str(work), "--precision", precision)
-        served = ("bf16" if multiplies_bf16() else "fp32") if precision == "auto" else precision
+        served = server.precision
         try:
             result = load_test(lambda: v2_binary_call(http_port), files, 4, 8)
             rows.append(Row(f"server {precision}", "V2 binary (HTTP), concurrency 4", result["clips_per_s"], "clips/s",

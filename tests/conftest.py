@@ -151,14 +151,6 @@ def assert_same_predictions(actual: list[dict], reference: list[dict], tolerance
     np.testing.assert_allclose([p["score"] for p in actual], [p["score"] for p in reference], atol=tolerance, rtol=0)
 
 
-def served_precision(server) -> str:
-    """The precision the server resolved (`--precision auto` by default), from `ast_engine_info`."""
-    info = [line for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines()
-            if line.startswith("ast_engine_info{")]
-    assert len(info) == 1, info
-    return info[0].split('precision="', 1)[1].split('"', 1)[0]
-
-
 def assert_logits_within_precision(actual: list[dict], reference: list[dict], precision: str) -> None:
     """Every label's logit (`function_to_apply: none`): fp32 within 1e-4 of the reference, bf16 at a
     cosine of at least 0.9999, the bound the README gives."""

@@ -26,7 +26,7 @@ from transformers import pipeline
 from predictor.config import Config
 
 from .conftest import (REPO, Server, assert_logits_within_precision, encode, expected, free_port, run_triton_grpc,
-                       metric, served_precision, stop_server, tone)
+                       metric, stop_server, tone)
 
 CRD = REPO.parent / "shared" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 INFERENCE_SERVICES = [REPO / "inferenceservice.yaml", *sorted((REPO / "deploy").glob("inferenceservice-*.yaml"))]
@@ -270,7 +270,7 @@ def test_full_size_model_matches_the_pipeline_at_the_precision_it_serves(full_si
     response = requests.post(server.predict_url, json=body, timeout=120)
     assert response.status_code == 200, response.text
     reference = expected(pipeline("audio-classification", model=str(full_size_dir)), clip, 527, "none")
-    assert_logits_within_precision(response.json()["predictions"][0], reference, served_precision(server))
+    assert_logits_within_precision(response.json()["predictions"][0], reference, server.precision)
 
 
 def ten_second_clip() -> bytes:

@@ -19,7 +19,6 @@ from benchmarks.soak import soak
 from predictor.cpu import multiplies_bf16
 from tools.local_server import serving
 
-from .conftest import served_precision
 
 LIMITS = Limits()
 
@@ -67,4 +66,4 @@ def test_the_default_precision_is_the_one_auto_chooses_here(load_server):
     said at start and in ast_engine_info."""
     chosen = "bf16" if multiplies_bf16() else "fp32"
     assert f"Precision: {chosen} (--precision auto: " in load_server.log.read_text()
-    assert served_precision(load_server) == chosen
+    assert load_server.precision == chosen

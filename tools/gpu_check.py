@@ -92,7 +92,7 @@ def bench(gpu: Server) -> dict:
     make = lambda _: V2(Endpoint(gpu.url, timeout_s=120))  # noqa: E731
     single = timed_clients(make, CONCURRENCY, lambda v2: v2.send(clip, {}))
     multi = timed_clients(make, MULTI_CONCURRENCY, lambda v2: v2.send_clips([clip] * MULTI_CLIPS, {}))
-    return {"precision": gpu.log.read_text().split("Precision: ", 1)[1].split(" ", 1)[0],
+    return {"precision": gpu.precision,
             "single_clips_per_s": single["requests_per_s"], "single_p50_ms": single["p50_ms"],
             "single_p99_ms": single["p99_ms"], "multi_clips_per_s": multi["requests_per_s"] * MULTI_CLIPS,
             "gpu_memory_mib": gpu_memory_mib(gpu.process.pid)}

@@ -50,6 +50,15 @@ class Server:
     def infer_url(self) -> str:
         return f"{self.url}/v2/models/{self.model_name}/infer"
 
+    @property
+    def precision(self) -> str:
+        """The precision the server resolved (`--precision auto` by default), from `ast_engine_info`."""
+        info = [line for line in requests.get(f"{self.url}/metrics", timeout=10).text.splitlines()
+                if line.startswith("ast_engine_info{")]
+        if len(info) != 1:
+            raise RuntimeError(f"/metrics has {len(info)} ast_engine_info lines")
+        return info[0].split('precision="', 1)[1].split('"', 1)[0]
+
     def is_ready(self) -> bool:
         try:
             return requests.get(f"{self.url}/v2/models/{self.model_name}/ready", timeout=2).status_code == 200
