@@ -81,7 +81,7 @@ def made_in_child(path: Path, module: str, args: list[str], timeout_s: float, wh
         _FAILED[path] = ExportError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         raise _FAILED[path]
     peaks = [resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF)]
-    logger.info("Wrote %s (the child process peaked at %.1f GiB, the server's at %.1f GiB so far)", path, *peaks)
+    logger.info("Wrote %s (the child process peaked at %.2f GiB, the server's at %.2f GiB so far)", path, *peaks)
     return path
 
 
