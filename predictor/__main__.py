@@ -11,9 +11,11 @@ from . import logs
 from .allocator import keep_freed_memory
 from .checkpoint import ModelLoadError
 from .config import Config
-from .cpu import configure_torch_threads
+from .cpu import configure_torch_threads, cpu_limit
 from .device import CPU_BACKENDS, DeviceError
 from .device import resolve as resolve_device
+from .frontends import Launch
+from .frontends import serve as serve_with_frontends
 from .model import ASTModel
 from .precision import PrecisionError
 from .precision import check as check_precision
@@ -59,6 +61,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_precision(args.precision, device, args.backend)
     except (DeviceError, PrecisionError) as exc:
         parser.error(str(exc))
+    server_flags = {name: getattr(args, name) for name in SERVER_FLAGS}
+    cpus = config.threads or cpu_limit()
+    frontends = config.frontend_count(device.type == "cuda", cpus)
+    if frontends > 1:
+        return serve_with_frontends(Launch(args, config, str(device), server_flags, GRACE_PERIOD_S, frontends,
+                                           threads=max(1, cpus // frontends)))
     keep_freed_memory()
     model = ASTModel(config, threads=configure_torch_threads(config.threads), device=str(device))
     try:
@@ -67,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         logging.getLogger(__package__).error("%s", exc)
         return 1
     AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=config.max_request_bytes,
-                     **{name: getattr(args, name) for name in SERVER_FLAGS}).start([model])
+                     **server_flags).start([model])
     return 0
 
 

@@ -19,6 +19,11 @@ loop in between (kserve calls `predict` straight after `preprocess`), and the qu
 from then on; a request that never reaches the queue (an `:explain`, a failure) leaves nothing
 counted behind.
 
+With frontends (`frontends`), the windows ahead are those queued in the model's process and those
+every frontend has admitted and is decoding (`queue_state`, in shared memory). A request's windows
+leave its frontend's count when it hands them to the model's process, and join the queue's when
+that process reads them: for that moment (a message on a local socket) they are counted nowhere.
+
 The estimate counts every waiting window at the recent time per window. Round robin lets a short
 request's first window pass ahead of longer requests' later windows, so for short requests it is
 an upper bound; for requests of a clip or more it is what they wait. The time per window is what
@@ -32,26 +37,24 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from . import metrics
-from .batching import WindowQueue
 from .errors import Overloaded
+from .queue_state import QueueState
 
 
 class Admission:
-    def __init__(self, queue: WindowQueue, max_wait_s: float, max_windows: int):
-        self.queue = queue
+    def __init__(self, state: QueueState, max_wait_s: float, max_windows: int):
+        self.state = state
         self.max_wait_s = max_wait_s
         self.max_windows = max_windows
-        self.reserved = 0
-        """Windows of admitted requests not yet in the queue: opening or decoding their files."""
-        metrics.QUEUE_WAIT_SECONDS.set_function(lambda: self.wait_s)
+        metrics.LIVE.gauge(metrics.QUEUE_WAIT_SECONDS, lambda: self.wait_s)
 
     @property
     def windows_ahead(self) -> int:
-        return self.queue.waiting + self.reserved
+        return self.state.windows_ahead
 
     @property
     def wait_s(self) -> float:
-        return self.windows_ahead * self.queue.seconds_per_window
+        return self.windows_ahead * self.state.seconds_per_window
 
     def check(self, windows: int = 0) -> None:
         """Refuse now if the wait a new request faces passes the bound, or if its `windows` would
@@ -59,7 +62,7 @@ class Admission:
         ahead = self.windows_ahead
         if not ahead:
             return
-        per_window, wait = self.queue.seconds_per_window, self.wait_s
+        per_window, wait = self.state.seconds_per_window, self.wait_s
         if wait > self.max_wait_s:
             retry = _seconds(wait - self.max_wait_s)
             raise Overloaded(
@@ -76,11 +79,11 @@ class Admission:
     def counted(self, windows: int) -> Iterator[None]:
         """An admitted request's windows, ahead of every later request while the block (its
         decoding) runs."""
-        self.reserved += windows
+        self.state.reserved += windows
         try:
             yield
         finally:
-            self.reserved -= windows
+            self.state.reserved -= windows
 
 
 def _seconds(wait: float) -> int:

@@ -32,6 +32,7 @@ import torch
 
 from . import metrics
 from .passes import Pass
+from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +57,14 @@ class Job:
 
 
 class WindowQueue:
-    def __init__(self, passes: Pass, max_batch_size: int, max_wait_s: float, seconds_per_window: float = 1.0):
+    def __init__(self, passes: Pass, max_batch_size: int, max_wait_s: float, seconds_per_window: float = 1.0,
+                 state: Optional[QueueState] = None):
         self.passes = passes
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.waiting = 0
-        """Windows of admitted requests not yet handed to a pass."""
-        self.seconds_per_window = seconds_per_window
-        """A running average of the passes; it starts from the model's warm-up pass, so the first
-        request already has an estimate of the wait."""
+        self.state = state or QueueState.local()
+        """The windows waiting and the time per window, where admission reads them (`queue_state`)."""
+        self.state.seconds_per_window = seconds_per_window  # the model's warm-up pass: the first request's estimate
         self._fresh: deque[Job] = deque()  # no window taken yet: first in line
         self._jobs: deque[Job] = deque()  # the round robin of jobs that have had a window
         # Made on first use: the event, the task and the thread belong to the server's event loop,
@@ -84,6 +84,16 @@ class WindowQueue:
         self._count_waiting(len(windows))
         self._arrived.set()
         return await job.result  # a cancelled caller cancels the future too: dropped at its next turn
+
+    @property
+    def waiting(self) -> int:
+        """Windows of admitted requests not yet handed to a pass."""
+        return self.state.waiting
+
+    @property
+    def seconds_per_window(self) -> float:
+        """A running average of the passes, per window."""
+        return self.state.seconds_per_window
 
     def _start(self) -> None:
         if self._worker is None:
@@ -167,7 +177,8 @@ class WindowQueue:
         """On the model's thread: the pass, timed into the running average of a window's cost."""
         started = time.monotonic()
         logits = self.passes.run(staged)
-        self.seconds_per_window += 0.2 * ((time.monotonic() - started) / windows - self.seconds_per_window)
+        per_window = self.state.seconds_per_window
+        self.state.seconds_per_window = per_window + 0.2 * ((time.monotonic() - started) / windows - per_window)
         return logits
 
     async def _next_batch(self) -> list[tuple[Job, int]]:
@@ -212,5 +223,5 @@ class WindowQueue:
         return taken
 
     def _count_waiting(self, change: int) -> None:
-        self.waiting += change
+        self.state.waiting += change
         metrics.QUEUED_WINDOWS.inc(change)

@@ -126,6 +126,11 @@ class Config:
     gpu_memory_fraction: Optional[float] = setting(
         None, "On a GPU: the share of its memory this server may take (0-1], as when pods share a GPU; a pass that "
         "runs out of it is split and retried. Default: all of it.", fraction)
+    frontends: Optional[int] = setting(
+        None, "Processes that take requests (HTTP and gRPC: parsing, decoding, answering), all feeding one process "
+        "that holds the model and its queue. Default: 1 on a CPU, where the model needs the cores; on a GPU, where "
+        "one process's request handling is the bound, one per CPU of the container's limit but one, which the "
+        "model's process keeps.", positive(int))
     threads: Optional[int] = setting(None, "Intra-op threads, and the decoding pool's size. Default: the container's "
                                      "CPU limit (cgroup), not the node's core count.", positive(int))
     onnx_cache_dir: Optional[Path] = setting(None, "Where engine files and engine choices are kept. Default: "
@@ -164,6 +169,9 @@ class Config:
 
     def queued_windows(self, on_gpu: bool) -> int:
         return self.max_queued_windows or (GPU_QUEUED_WINDOWS if on_gpu else CPU_QUEUED_WINDOWS)
+
+    def frontend_count(self, on_gpu: bool, cpus: int) -> int:
+        return self.frontends or (max(1, cpus - 1) if on_gpu else 1)
 
     @property
     def max_request_bytes(self) -> int:

@@ -35,4 +35,5 @@ class Overloaded(RuntimeError):
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(f"{message}; retry in about {retry_after_s} s ({retry_after_token(retry_after_s)})")
+        self.reason = message
         self.retry_after_s = retry_after_s

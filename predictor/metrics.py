@@ -4,16 +4,54 @@ Windows, not requests, are the model's unit of work (see `batching`), so the que
 a client or a dashboard reads how much work is waiting, and tests read the order work was done in.
 The rest say what the service did (clips, seconds of audio), where its time went (decoding, the
 filterbank, the model), how it batched, how requests ended, and which engine serves.
+
+With frontends (`frontends`) the series are written by several processes: prometheus_client's
+multiprocess mode (its files, under `PROMETHEUS_MULTIPROC_DIR`) adds them up, and `aggregated`
+is the registry a frontend's /metrics answers from. That mode keeps no Info metric and no gauge set
+from a function, so the engine is a gauge of 1 with the engine as labels (the exposition an Info
+writes), and the gauges computed when scraped are `LIVE`'s, from numbers every process reads.
 """
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from typing import Callable, Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class Live(Collector):
+    """Gauges read when scraped."""
+
+    def __init__(self) -> None:
+        self.functions: dict[tuple[str, str], Callable[[], float]] = {}
+
+    def gauge(self, name_and_help: tuple[str, str], function: Callable[[], float]) -> None:
+        self.functions[name_and_help] = function
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for (name, help_), function in self.functions.items():
+            yield GaugeMetricFamily(name, help_, value=function())
+
+
+LIVE = Live()
+REGISTRY.register(LIVE)
+
+
+def aggregated() -> CollectorRegistry:
+    """Every process's series added up (multiprocess mode), and the live gauges."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(LIVE)
+    return registry
+
 
 SUBMITTED = Counter("ast_windows_submitted", "Windows of admitted requests handed to the model's queue")
 WINDOWS = Counter("ast_windows", "Windows (one model input each, 10.24 s for AudioSet AST) classified")
-QUEUED_WINDOWS = Gauge("ast_queued_windows", "Windows of admitted requests not yet handed to a forward pass")
-QUEUE_WAIT_SECONDS = Gauge("ast_queue_wait_seconds", "The wait a new request would face: the windows admitted ahead "
-                           "of it (decoding or queued) times the recent time per window; past --max_queue_seconds, "
-                           "new requests get 503")
+QUEUED_WINDOWS = Gauge("ast_queued_windows", "Windows of admitted requests not yet handed to a forward pass",
+                       multiprocess_mode="livesum")
+QUEUE_WAIT_SECONDS = ("ast_queue_wait_seconds", "The wait a new request would face: the windows admitted ahead of it "
+                      "(decoding or queued) times the recent time per window; past --max_queue_seconds, new requests "
+                      "get 503")
 
 CLIPS = Counter("ast_clips", "Clips (audio files or waveforms) classified")
 AUDIO_SECONDS = Counter("ast_audio_seconds", "Seconds of audio classified")
@@ -28,4 +66,5 @@ WINDOW_WAIT_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 REQUESTS = Counter("ast_requests", "Inference requests by how they ended: the HTTP status, or the gRPC status name",
                    ["protocol", "code"])
-ENGINE = Info("ast_engine", "The engine serving the model and its precision")
+ENGINE = Gauge("ast_engine_info", "The engine serving the model, its precision and device", ["backend", "precision",
+               "device"], multiprocess_mode="livemax")

@@ -34,9 +34,11 @@ from .config import Config
 from .engines import Engine, EngineOptions, ExportError, build_engine
 from .errors import ClientInputError, Overloaded, shown
 from .features import LogMelFilterbank
+from .ipc import RemoteQueue
 from .passes import BatchedPass, CpuPass, Pass
 from .protocol.requests import parse
 from .protocol.responses import ClipResult, Ranked, Segments, respond
+from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +72,18 @@ class Logits:
 
 
 class ASTModel(Model):
-    def __init__(self, config: Config, threads: int = 1, device: str = "cpu"):
+    def __init__(self, config: Config, threads: int = 1, device: str = "cpu", state: Optional[QueueState] = None,
+                 remote: Optional[RemoteQueue] = None):
+        """`state`: where the queue's numbers live (shared memory in the model's process under
+        `frontends`). `remote`: in a frontend, the model's process, which then holds the engine and
+        the queue; this process only takes requests, decodes them and answers."""
         super().__init__(config.model_name)
         self.config = config
         self.threads = threads
         self.device = device
-        self.precision = config.precision  # "auto" until load() resolves it for the device
-        self.queue: Optional[WindowQueue] = None
+        self.state = state or QueueState.local()
+        self.remote = remote
+        self.queue: Optional[Union[WindowQueue, RemoteQueue]] = None
         self.admission: Optional[Admission] = None
         self.decoding: Optional[ThreadPoolExecutor] = None
         self.engine: Optional[Engine] = None
@@ -104,8 +111,26 @@ class ASTModel(Model):
         self.default_function = config.function_to_apply or labels.default_function(model_config.problem_type,
                                                                                     self.num_labels)
         self.default_top_k = min(config.top_k, self.num_labels)  # the pipeline clamps top_k too
-        self.precision = precision.resolve(config.precision, torch.device(self.device), config.backend)
-        engine_options = EngineOptions(backend=config.backend, precision=self.precision, threads=self.threads,
+        on_gpu = torch.device(self.device).type == "cuda"
+        self.queue = self.remote or self._load_engine(checkpoint, on_gpu)
+        del checkpoint  # and its torch module, if it was loaded and no torch engine holds it
+        release_freed_memory()
+        self.admission = Admission(self.queue.state, config.max_queue_seconds, config.queued_windows(on_gpu))
+        self.decoding = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ast-decode")
+        logger.info("Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d%s",
+                    source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
+                    self.windowing.seconds, self.default_function, self.default_top_k,
+                    ", through the model's process" if self.remote else "")
+        self.ready = True
+        return self.ready
+
+    def _load_engine(self, checkpoint: Checkpoint, on_gpu: bool) -> WindowQueue:
+        """The engine for this device and precision, warmed up, behind the window queue."""
+        config = self.config
+        engine_options = EngineOptions(backend=config.backend,
+                                       precision=precision.resolve(config.precision, torch.device(self.device),
+                                                                   config.backend),
+                                       threads=self.threads,
                                        cache_dir=config.onnx_cache_dir, start_timeout_s=config.start_timeout_s,
                                        calibration_dir=config.calibration_dir, device=self.device)
         try:
@@ -114,7 +139,6 @@ class ASTModel(Model):
             raise ModelLoadError(f"{exc}\nPass --backend torch (or AST_BACKEND=torch) to serve with eager PyTorch "
                                  "instead.") from exc
         device = torch.device(self.device)
-        on_gpu = device.type == "cuda"
         max_batch_size = config.batch_size(on_gpu)
         if on_gpu:
             if config.gpu_memory_fraction:
@@ -123,18 +147,9 @@ class ASTModel(Model):
         else:
             self.passes = CpuPass(self.filterbank, self.engine)
         seconds_per_window = self._warm_up(max_batch_size if on_gpu else 1, runs=2 if on_gpu else 1)
-        del checkpoint  # and its torch module, if it was loaded and no torch engine holds it
-        release_freed_memory()
-        self.queue = WindowQueue(self.passes, max_batch_size, config.max_batch_wait_ms / 1000, seconds_per_window)
-        self.admission = Admission(self.queue, config.max_queue_seconds, config.queued_windows(on_gpu))
-        self.decoding = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ast-decode")
-        logger.info(
-            "Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d, %s",
-            source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
-            self.windowing.seconds, self.default_function, self.default_top_k, engine_options,
-        )
-        self.ready = True
-        return self.ready
+        logger.info("Engine ready: %s", engine_options)
+        return WindowQueue(self.passes, max_batch_size, config.max_batch_wait_ms / 1000, seconds_per_window,
+                           self.state)
 
     # ---- the request path ------------------------------------------------------------------
 

@@ -271,7 +271,8 @@ def test_admission_refuses_past_the_wait_or_the_windows_and_admitted_requests_fi
     even a request bigger than the window bound, and once the queue drains requests come in again."""
     compute = Recording(hold_first=True)
     queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0, seconds_per_window=1.0)
-    by_time, by_windows = Admission(queue, max_wait_s=4.5, max_windows=100), Admission(queue, max_wait_s=100, max_windows=3)
+    by_time, by_windows = (Admission(queue.state, max_wait_s=4.5, max_windows=100),
+                           Admission(queue.state, max_wait_s=100, max_windows=3))
     big, second = job(1, 5), job(2, 2)
 
     async def main():

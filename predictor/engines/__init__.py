@@ -66,7 +66,7 @@ def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     else:
         backend, engine = options.backend, _build(checkpoint, options)
     logger.info("Engine: %s, %s, on %s", backend, options.precision, options.device)
-    metrics.ENGINE.info({"backend": backend, "precision": options.precision, "device": options.device})
+    metrics.ENGINE.labels(backend, options.precision, options.device).set(1)
     return engine
 
 

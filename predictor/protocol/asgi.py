@@ -19,6 +19,8 @@
   no handler took is answered here, a 500 naming the request id only, and
   logged once with its trace: Starlette's own last resort would log it twice (kserve's handler,
   then uvicorn) and send the exception's text to the client.
+- `AggregatedMetrics`: with frontends, answers /metrics from every process's series added up
+  (`metrics.aggregated`); kserve's handler would answer its own process's.
 """
 
 import asyncio
@@ -26,6 +28,7 @@ import json
 import logging
 from typing import Any
 
+from prometheus_client import CollectorRegistry, exposition
 from starlette.requests import ClientDisconnect
 
 from .. import metrics
@@ -210,3 +213,19 @@ class Outcomes:
             await self.app(scope, receive, counted_send)
         finally:
             metrics.REQUESTS.labels("http", status).inc()
+
+
+class AggregatedMetrics:
+    def __init__(self, app: Any, registry: CollectorRegistry):
+        self.app = app
+        self.registry = registry
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/metrics" or scope["method"] != "GET":
+            return await self.app(scope, receive, send)
+        accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
+        encoder, content_type = exposition.choose_encoder(accept)
+        body = encoder(self.registry)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

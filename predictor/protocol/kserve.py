@@ -11,15 +11,20 @@ request through), each workaround tested end to end:
 `AudioModelServer` routes through it, sets the gRPC receive limit (which kserve reads only from
 its own command line), and adds our ASGI middlewares (`asgi`) to kserve's FastAPI app: the same
 size limit for HTTP bodies, cancellation for clients that disconnect, request ids, and the count of
-HTTP outcomes. A request's id (`request_ids`) is settled in `AudioDataPlane.infer`, the one place
+HTTP outcomes. As a frontend (`frontends`), it serves HTTP on the socket the supervisor bound
+(kserve's REST server binds its own: `setup_event_loop`, the one hook between kserve making its
+uvicorn server and running it, hands uvicorn the socket), and answers /metrics with every process's
+series added up (`AggregatedMetrics`). A request's id (`request_ids`) is settled in `AudioDataPlane.infer`, the one place
 both HTTP and gRPC requests pass with their headers and V2 `id`; gRPC outcomes are counted there too
 (kserve's gRPC server takes no interceptor of ours).
 """
 
 import asyncio
+import functools
 import logging
+import socket
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from kserve import model_server
 from kserve.constants.constants import PredictorProtocol
@@ -33,7 +38,7 @@ from starlette.responses import JSONResponse
 from .. import metrics
 from ..errors import ClientInputError, Overloaded, UnsupportedAudio
 from . import cloudevents, request_ids
-from .asgi import BodyLimit, CancelOnDisconnect, Outcomes, RequestIds
+from .asgi import AggregatedMetrics, BodyLimit, CancelOnDisconnect, Outcomes, RequestIds
 from .requests import load_json, parse_binary_extension
 
 logger = logging.getLogger(__name__)
@@ -91,8 +96,9 @@ class AudioDataPlane(DataPlane):
 class AudioModelServer(ModelServer):
     """kserve's ModelServer, routing requests through `AudioDataPlane`, with our gRPC message limit."""
 
-    def __init__(self, max_message_bytes: int, **kwargs: Any):
+    def __init__(self, max_message_bytes: int, listener: Optional[socket.socket] = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.listener = listener
         self.dataplane = AudioDataPlane(model_registry=self.registered_models)
         # kserve's GRPCServer takes its limits from kserve's own parse of the command line.
         model_server.args.grpc_max_receive_message_length = max_message_bytes
@@ -100,6 +106,14 @@ class AudioModelServer(ModelServer):
         model_server.app.add_middleware(BodyLimit, max_bytes=max_message_bytes)
         model_server.app.add_middleware(RequestIds)
         model_server.app.add_middleware(Outcomes)  # outermost: it sees every answer, a last-resort 500 too
+        if listener is not None:
+            model_server.app.add_middleware(AggregatedMetrics, registry=metrics.aggregated())
+
+    def setup_event_loop(self) -> None:
+        super().setup_event_loop()
+        if self.listener is not None:
+            uvicorn_server = self._rest_server._server
+            uvicorn_server.serve = functools.partial(uvicorn_server.serve, sockets=[self.listener])
         model_server.app.add_exception_handler(Busy, busy_handler)
         model_server.app.add_exception_handler(UnsupportedMediaType, unsupported_media_handler)
 

@@ -1,0 +1,156 @@
+"""Windows from a frontend to the model's process and logits back, over a local socket (`frontends`).
+
+`RemoteQueue` is what a frontend's model awaits in place of a `WindowQueue`: the same call (windows
+in, (windows, labels) logits out) and the same numbers for admission (`queue_state`). `ModelService`
+is its other end in the model's process: each request's windows go into the one `WindowQueue` there,
+so fairness and batching span every frontend's requests. A request whose caller goes away is dropped
+there too: the frontend says so and the model's process cancels its place in the queue.
+
+Our own protocol over asyncio's Unix streams rather than a library's: a frame is a small pickled
+header and the raw float32 samples or logits. gRPC or
+multiprocessing's queues would serialise the samples again and add a thread hop each way; both ends
+are this package, in one pod, on a socket in a directory only this server's user can reach.
+"""
+
+import asyncio
+import itertools
+import logging
+import pickle
+import struct
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .batching import WindowQueue
+from .errors import Overloaded
+from .queue_state import QueueState
+
+logger = logging.getLogger(__name__)
+
+FRAME = struct.Struct("!II")  # header bytes, payload bytes
+RUN, DROP, LOGITS, FAILED = "run", "drop", "logits", "failed"
+
+
+def frame(header: tuple, payload: bytes = b"") -> bytes:
+    encoded = pickle.dumps(header)
+    return FRAME.pack(len(encoded), len(payload)) + encoded + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[tuple, bytes]:
+    sizes = await reader.readexactly(FRAME.size)
+    header_bytes, payload_bytes = FRAME.unpack(sizes)
+    header = pickle.loads(await reader.readexactly(header_bytes))
+    return header, (await reader.readexactly(payload_bytes) if payload_bytes else b"")
+
+
+class ModelService:
+    """The model's process end: one connection per frontend, each request a task awaiting the queue."""
+
+    def __init__(self, queue: WindowQueue):
+        self.queue = queue
+
+    async def serve(self, path: str) -> asyncio.AbstractServer:
+        return await asyncio.start_unix_server(self._connection, path)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        jobs: dict[int, asyncio.Task] = {}
+        try:
+            while True:
+                (kind, job, *detail), payload = await read_frame(reader)
+                if kind == RUN:
+                    jobs[job] = asyncio.ensure_future(self._run(job, detail[0], payload, writer))
+                    jobs[job].add_done_callback(lambda _, job=job: jobs.pop(job, None))
+                elif kind == DROP and job in jobs:
+                    jobs[job].cancel()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the frontend has gone, and with it every caller of its requests
+        finally:
+            for task in list(jobs.values()):
+                task.cancel()
+            writer.close()
+
+    async def _run(self, job: int, lengths: Sequence[int], payload: bytes, writer: asyncio.StreamWriter) -> None:
+        samples = np.frombuffer(bytearray(payload), dtype=np.float32)  # writable, as torch wants its arrays
+        windows = np.split(samples, np.cumsum(lengths)[:-1]) if len(lengths) > 1 else [samples]
+        try:
+            logits = await self.queue(windows)
+        except Overloaded as exc:
+            writer.write(frame((FAILED, job, "overloaded", exc.reason, exc.retry_after_s)))
+        except Exception as exc:  # noqa: BLE001 - the frontend's request fails with it; the service goes on
+            writer.write(frame((FAILED, job, "error", f"{type(exc).__name__}: {exc}", 0)))
+        else:
+            logits = logits.float().contiguous().numpy()
+            writer.write(frame((LOGITS, job, logits.shape), logits.tobytes()))
+        await writer.drain()
+
+
+class RemoteQueue:
+    """A frontend's end: a `WindowQueue` in another process."""
+
+    def __init__(self, path: str, state: QueueState):
+        self.path = path
+        self.state = state
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._connecting: Optional[asyncio.Task] = None
+
+    @property
+    def waiting(self) -> int:
+        return self.state.waiting
+
+    @property
+    def seconds_per_window(self) -> float:
+        return self.state.seconds_per_window
+
+    async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+        """The windows' logits. The frame is written before this first awaits once connected, so
+        the windows leave admission's count (`Admission.counted`) as they are sent."""
+        writer = self._writer or await self._connect()
+        job = next(self._ids)
+        result = self._pending[job] = asyncio.get_running_loop().create_future()
+        writer.write(frame((RUN, job, [len(w) for w in windows]),
+                           np.concatenate(windows).astype(np.float32, copy=False).tobytes()))
+        try:
+            await writer.drain()
+            return await result
+        except asyncio.CancelledError:
+            if not writer.is_closing():
+                writer.write(frame((DROP, job)))
+            raise
+        finally:
+            self._pending.pop(job, None)
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        """One connection per frontend, made by the first request (the event loop is the server's)."""
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(asyncio.open_unix_connection(self.path))
+        reader, writer = await asyncio.shield(self._connecting)
+        if self._writer is None:
+            self._writer = writer
+            asyncio.ensure_future(self._read(reader))
+        return self._writer
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                (kind, job, *detail), payload = await read_frame(reader)
+                result = self._pending.get(job)
+                if result is None or result.done():
+                    continue  # dropped by its caller
+                if kind == LOGITS:
+                    result.set_result(torch.frombuffer(bytearray(payload), dtype=torch.float32).reshape(detail[0]))
+                else:
+                    result.set_exception(_failure(*detail))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            logger.error("The model's process has closed its connection; failing the %d requests waiting for it",
+                         len(self._pending))
+        finally:
+            for result in self._pending.values():
+                if not result.done():
+                    result.set_exception(Overloaded("the server is stopping: its model's process has ended", 1))
+
+
+def _failure(kind: str, message: str, retry_after_s: int) -> Exception:
+    return Overloaded(message, retry_after_s) if kind == "overloaded" else RuntimeError(message)

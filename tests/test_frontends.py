@@ -1,0 +1,179 @@
+"""`--frontends N`: N processes take requests and feed one model process (`predictor.frontends`,
+`predictor.ipc`). The server answers as one process does, over HTTP and gRPC, with every process's
+metrics added up; a request that goes away is not computed; admission sees every frontend's
+windows; SIGTERM drains, and a process that dies ends the server."""
+
+import asyncio
+import os
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from predictor.batching import WindowQueue
+from predictor.config import Config
+from predictor.ipc import ModelService, RemoteQueue
+from predictor.queue_state import QueueState
+
+from .conftest import TEST_SERVER_ENV, assert_same_predictions, encode, expected, metric, start_server, stop_server, tone
+from .test_batching import Passes, Recording, job, logits_of
+from .test_grpc import kserve_grpc_infer, outputs_of
+
+RATE = 16000
+FRONTENDS = 2
+
+
+@pytest.fixture(scope="module")
+def fronted(tiny_model_dir, tmp_path_factory):
+    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("frontends") / "server.log",
+                          ("--frontends", str(FRONTENDS)), env=TEST_SERVER_ENV)
+    yield server
+    stop_server(server)
+
+
+def frontend_pids(server) -> set[str]:
+    """The processes that answered HTTP requests, from uvicorn's access lines (they carry the pid)."""
+    return {line.split()[5] for line in server.log.read_text().splitlines() if "uvicorn.access" in line}
+
+
+def test_answers_as_one_process_does_over_http_and_grpc(fronted, tiny_pipeline, speech_16k):
+    from kserve import InferInput
+
+    clips = [speech_16k, tone(2000, 1.0, RATE), tone(300, 25.0, RATE)]  # the last one is three windows
+    for clip in clips:
+        reference = expected(tiny_pipeline, clip, 5, "softmax") if len(clip) <= 10.24 * RATE else None
+        answers = [requests.post(fronted.predict_url, data=encode(clip, RATE, "WAV", "PCM_16"), timeout=60).json()
+                   ["predictions"][0] for _ in range(2 * FRONTENDS)]  # each on a connection of its own
+        tensor = InferInput(name="audio", shape=[1], datatype="BYTES")
+        tensor.set_data_from_numpy(np.array([encode(clip, RATE, "WAV", "PCM_16")], dtype=np.object_))
+        answers.append(outputs_of(kserve_grpc_infer(fronted, tensor))[0])
+        for answer in answers:
+            assert_same_predictions(answer, reference or answers[0])
+    assert len(frontend_pids(fronted)) == FRONTENDS, "the kernel gave every connection to one frontend"
+
+
+def test_metrics_add_every_process_up(fronted, speech_16k):
+    clips_before, windows_before = metric(fronted, "ast_clips_total"), metric(fronted, "ast_windows_total")
+    sent = 4 * FRONTENDS
+    for _ in range(sent):
+        requests.post(fronted.predict_url, data=encode(speech_16k, RATE, "WAV", "PCM_16"), timeout=60).raise_for_status()
+    assert metric(fronted, "ast_clips_total") - clips_before == sent  # counted in the frontends
+    assert metric(fronted, "ast_windows_total") - windows_before == sent  # counted in the model's process
+    text = requests.get(f"{fronted.url}/metrics", timeout=10).text
+    assert fronted.precision == "fp32"  # ast_engine_info, written by the model's process
+    assert "ast_queue_wait_seconds 0.0" in text and "ast_queued_windows 0.0" in text
+
+
+def test_sigterm_drains_the_frontends_then_stops(tiny_model_dir, tmp_path):
+    """In-flight requests finish, new connections are refused, every process ends, exit 0."""
+    server = start_server(tiny_model_dir, tmp_path / "server.log", ("--frontends", str(FRONTENDS),
+                          "--max_batch_wait_ms", "500"), env=TEST_SERVER_ENV)
+    children = child_pids(server.process.pid)
+    long_clip = encode(tone(440, 28.0, RATE), RATE, "WAV", "PCM_16")
+    with ThreadPoolExecutor(2) as pool:
+        inflight = [pool.submit(requests.post, server.predict_url, data=long_clip, timeout=60) for _ in range(2)]
+        time.sleep(0.3)  # the requests are in (the pass waits up to 0.5 s for company)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=40) == 0
+        assert [f.result().status_code for f in inflight] == [200, 200]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/v2/health/live", timeout=5)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists() and not zombie(pid)]
+    stop_server(server)
+
+
+def test_a_frontend_that_dies_ends_the_server(tiny_model_dir, tmp_path):
+    server = start_server(tiny_model_dir, tmp_path / "server.log", ("--frontends", str(FRONTENDS)),
+                          env=TEST_SERVER_ENV)
+    children = child_pids(server.process.pid)
+    started = re.search(r"Serving with \d+ frontend processes \(pids ([\d, ]+)\)", server.log.read_text())
+    os.kill(int(started[1].split(",")[0]), signal.SIGKILL)
+    assert server.process.wait(timeout=40) == 1
+    assert "ast-frontend" in server.log.read_text().split("stopping the server")[0].splitlines()[-1]
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists() and not zombie(pid)]
+    stop_server(server)
+
+
+# ---- the channel between the processes, in one event loop ------------------------------------
+
+
+def test_a_remote_request_goes_through_the_model_queue_and_a_dropped_one_is_not_computed(tmp_path):
+    compute = Recording(hold_first=True)
+    queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0)
+    channel = str(tmp_path / "model.sock")
+
+    async def main():
+        server = await ModelService(queue).serve(channel)
+        remote = RemoteQueue(channel, QueueState.local())
+        first = asyncio.create_task(remote(job(1, 1)))
+        await asyncio.to_thread(compute.started.wait, 30)  # the first pass runs, and is held
+        dropped = asyncio.create_task(remote(job(2, 2)))
+        kept = asyncio.create_task(remote(job(3, 1)))
+        while queue.waiting < 3:  # both have reached the model's queue
+            await asyncio.sleep(0.01)
+        dropped.cancel()
+        compute.release.set()
+        results = await first, await kept
+        server.close()
+        return results
+
+    first, kept = asyncio.run(main())
+    torch.testing.assert_close(first, logits_of(job(1, 1)))
+    torch.testing.assert_close(kept, logits_of(job(3, 1)))
+    assert compute.passes == [[1.0], [3.0]]
+
+
+def test_admission_in_one_process_sees_what_another_has_reserved():
+    memory = QueueState.shared_memory(2)
+    model, first, second = QueueState.attach(memory), QueueState.attach(memory, 0), QueueState.attach(memory, 1)
+    model.waiting, model.seconds_per_window = 3, 0.5
+    ready, done = threading.Event(), threading.Event()
+
+    def other_frontend():  # a writer of its own slot, as each frontend is
+        second.reserved = 4
+        ready.set()
+        done.wait(10)
+        second.reserved = 0
+
+    thread = threading.Thread(target=other_frontend)
+    thread.start()
+    ready.wait(10)
+    assert (first.windows_ahead, first.seconds_per_window) == (7, 0.5)
+    done.set()
+    thread.join()
+    assert first.windows_ahead == 3
+
+
+def test_frontends_default_to_one_on_a_cpu_and_the_spare_cores_on_a_gpu():
+    assert Config().frontend_count(on_gpu=False, cpus=16) == 1
+    assert Config().frontend_count(on_gpu=True, cpus=8) == 7
+    assert Config().frontend_count(on_gpu=True, cpus=1) == 1
+    assert Config(frontends=3).frontend_count(on_gpu=False, cpus=2) == 3
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def child_pids(parent: int) -> dict[int, str]:
+    children = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                children[int(entry.name)] = (entry / "cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+    return children
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
