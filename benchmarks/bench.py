@@ -26,9 +26,13 @@ ratio:
      the protocol are most of what is timed; with section 2, that overhead as a share of each
      precision's fastest engine alone;
   10. what a user gets without choosing: the pipeline, optimum-intel with its defaults and the server
-     with default flags, in one short run (`--only default` alone; a full run has them in 1 and 3).
-`--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8, `--only overhead` runs 9
-(`--only main start`: both). Results go to benchmarks/results/<time>.json, and
+     with default flags, in one short run (`--only default` alone; a full run has them in 1 and 3);
+  11. the host side with frontends: the model of section 9 served by one process and by
+     `--frontends 2`, single-clip requests over V2 binary from clients in several processes: requests/s,
+     and each process's CPU per request (what one frontend's core can take, and what the model's
+     process spends per request beyond its engine: the ceilings on a GPU node).
+`--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8, `--only overhead` runs 9,
+`--only frontends` runs 11 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
 a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
 check behaviour, this measures speed.
 """
@@ -56,6 +60,7 @@ import soundfile as sf
 import torch
 from transformers import ASTConfig, ASTFeatureExtractor, pipeline
 
+from benchmarks.clients import Load, timed_clients
 from predictor.allocator import keep_freed_memory
 from predictor.checkpoint import Checkpoint
 from predictor.cpu import cpu_limit
@@ -67,7 +72,7 @@ from predictor.features import FRAME_LENGTH, HOP_LENGTH, LogMelFilterbank
 from predictor.config import GPU_BATCH
 from predictor.windows import Windowing
 from tools import local_server
-from tools.local_server import Server
+from tools.local_server import Server, process_cpu_s
 from tools.pack_model import size_mb
 from tools.random_ast import save_random_ast
 
@@ -77,7 +82,7 @@ logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 RATE = 16000
-SECTIONS = ("main", "long", "start", "overhead", "default", "gpu")
+SECTIONS = ("main", "long", "start", "overhead", "default", "frontends", "gpu")
 LONG_SECONDS = 600.0
 
 
@@ -309,6 +314,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += overhead_section(work, threads, rows)
     if args.only is not None and "default" in args.only:
         rows += default_section(args, work, model_dir, threads)
+    if args.only is None or "frontends" in args.only:
+        rows += frontends_section(work)
     return rows
 
 
@@ -640,6 +647,40 @@ def overhead_section(work: Path, threads: int, rows: list[Row], requests_: int =
             out.append(Row("server overhead", f"share of the fastest {precision} engine's time per clip",
                            100 * worst_ms / 1000 * max(alone), "%", extra={"engine_clips_per_s": max(alone)}))
     return out
+
+
+def frontends_section(work: Path, concurrency: int = 16, seconds: float = 15.0) -> list[Row]:
+    """Section 11: one process against `--frontends 2` on the skinny model, and where the CPU went:
+    each frontend whole (HTTP, decoding, answers), and the model process's event loop (its main
+    thread: the channel to the frontends and the queue's schedule; the passes run on threads of
+    their own, and on a GPU on the GPU)."""
+    skinny = save_random_ast(work / "skinny-frontends", tiny=True, max_length=1024, num_mel_bins=128)
+    clip = wav(make_clips(1)[0])
+    rows: list[Row] = []
+    for frontends in (1, 2):
+        server = start_server(skinny, 18180, 18181, "--onnx_cache_dir", str(work), "--backend", "onnxruntime",
+                              "--precision", "fp32", "--frontends", str(frontends))
+        try:
+            roles = server.roles
+            cpu = lambda pid: process_cpu_s(pid, main_thread_only=roles[pid] == "model")  # noqa: E731
+            before = {pid: cpu(pid) for pid in roles}
+            result = timed_clients(Load("v2", server.url, (clip,), concurrency, seconds))
+            ms = {pid: 1000 * (cpu(pid) - before[pid]) / result["requests"] for pid in roles}
+        finally:
+            local_server.stop_server(server)
+        by_role = {role: sum(v for pid, v in ms.items() if roles[pid] == role) for role in set(roles.values())}
+        extra = {"p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+                 **{f"{role}_cpu_ms_per_request": v for role, v in sorted(by_role.items())}}
+        name = "one process" if frontends == 1 else f"--frontends {frontends}"
+        rows.append(Row("frontends", f"{name}, V2 binary single clips, concurrency {concurrency}",
+                        result["requests_per_s"], "requests/s", rows[0].value if rows else None,
+                        "one process" if rows else "", extra))
+        if frontends > 1:
+            rows.append(Row("frontends", "CPU per request in the frontends (HTTP, decoding, answers)",
+                            by_role["frontend"], "ms", extra={"requests_per_s_per_frontend_core": 1000 / by_role["frontend"]}))
+            rows.append(Row("frontends", "CPU per request on the model process's event loop", by_role["model"], "ms",
+                            extra={"requests_per_s_it_can_take": 1000 / by_role["model"]}))
+    return rows
 
 
 def report(rows: list[Row]) -> str:

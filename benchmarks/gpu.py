@@ -16,20 +16,17 @@ The GPU, its driver, torch's and CUDA's versions and the host CPU head the outpu
 import logging
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Union
 
 import numpy as np
 import torch
 
-from predictor.client.protocols import V2, Endpoint, Grpc, RequestFailed
+from benchmarks.clients import Load, timed_clients
 from predictor.cpu import cpu_model_name
 
 logger = logging.getLogger(__name__)
 
 RATE = 16000
-SECONDS = 20  # per server measurement
 CONCURRENCY = 64
 MULTI_CLIPS = 32
 # 32-clip requests and 10-minute recordings in flight at once, so that their windows stay within what
@@ -38,8 +35,6 @@ MULTI_CONCURRENCY = 16
 LONG_CONCURRENCY = 8
 PRECISIONS = ("fp32", "bf16", "fp16")
 BATCHES = (1, 8, 32, 64, 128)
-
-Protocol = Union[V2, Grpc]
 
 
 def describe() -> str:
@@ -67,39 +62,6 @@ def gpu_memory_mib(pid: int) -> str:
         return f"{total[0]} (all processes)" if total else "unknown"
     except OSError:
         return "unknown"
-
-
-def timed_clients(make: Callable[[int], Protocol], concurrency: int, send: Callable[[Protocol], object],
-                  seconds: float = SECONDS) -> dict:
-    """`concurrency` clients, each with a connection of its own (`make(client's index)`), sending for `seconds`: requests
-    answered per second and their latency. A 503 (the server full) is counted and retried after
-    the time it names, as a client should; any other failure is counted, and the run goes on."""
-    deadline, latencies, refused, failed = time.monotonic() + seconds, [], [], []
-
-    def client(index: int) -> int:
-        protocol, done = make(index), 0
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            try:
-                send(protocol)
-            except RequestFailed as failure:
-                (refused if failure.status == 503 else failed).append(str(failure)[:200])
-                time.sleep(failure.retry_after_s or 1)
-                continue
-            except Exception as failure:  # noqa: BLE001 - a timeout, a reset: counted, not fatal to the run
-                failed.append(repr(failure)[:200])
-                continue
-            latencies.append(time.perf_counter() - started)
-            done += 1
-        return done
-
-    started = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        answered = sum(pool.map(client, range(concurrency)))
-    p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"), float("nan"))
-    return {"requests_per_s": answered / (time.monotonic() - started), "p50_ms": 1000 * float(p50),
-            "p99_ms": 1000 * float(p99), "requests": answered, "refused_503": len(refused), "failed": len(failed),
-            "first_failure": failed[0] if failed else None}
 
 
 def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device: str = "cuda:0") -> tuple[dict, dict]:
@@ -155,13 +117,11 @@ def pipeline_peer(model_dir: Path, clips: list[np.ndarray]) -> dict[str, float]:
 
 def server_rows(url: str, grpc_url: str, pid: int, clip: bytes, recording: bytes, windows: int) -> dict:
     """The default server over V2 binary REST and gRPC; what it holds on the GPU after."""
-    makers = {"V2 binary REST": lambda _: V2(Endpoint(url, timeout_s=300)),
-              "V2 gRPC": lambda _: Grpc(Endpoint(grpc_url, timeout_s=300))}
     results = {}
-    for protocol, make in makers.items():
-        single = timed_clients(make, CONCURRENCY, lambda p: p.send(clip, {}))
-        multi = timed_clients(make, MULTI_CONCURRENCY, lambda p: p.send_clips([clip] * MULTI_CLIPS, {}))
-        long_ = timed_clients(make, LONG_CONCURRENCY, lambda p: p.send(recording, {}))
+    for protocol, address in (("V2 binary REST", ("v2", url)), ("V2 gRPC", ("grpc", grpc_url))):
+        single = timed_clients(Load(*address, (clip,), CONCURRENCY))
+        multi = timed_clients(Load(*address, (clip,) * MULTI_CLIPS, MULTI_CONCURRENCY))
+        long_ = timed_clients(Load(*address, (recording,), LONG_CONCURRENCY))
         results[protocol] = {
             "single clips": {**single, "clips_per_s": single["requests_per_s"]},
             f"{MULTI_CLIPS}-clip requests": {**multi, "clips_per_s": multi["requests_per_s"] * MULTI_CLIPS},

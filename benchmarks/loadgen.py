@@ -35,7 +35,7 @@ import requests
 
 from benchmarks.bench import cpu_model
 from predictor.cpu import cpu_limit
-from tools.local_server import Server
+from tools.local_server import Server, process_cpu_s
 from tools.random_ast import TINY_LABELS, save_random_ast
 from tools.signals import encode, tone
 
@@ -387,11 +387,6 @@ def machine_busy_s() -> float:
     """CPU seconds the whole machine has spent busy (every core, every process), from /proc/stat."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait; guest is in user
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 class CpuShare:

@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
-from .conftest import REPO
+from benchmarks.clients import Load, timed_clients
+
+from .conftest import REPO, metric
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here: run make gpu-check itself")
@@ -15,3 +17,13 @@ def test_gpu_check_says_there_is_no_gpu_and_passes():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"gpu-check: torch {torch.__version__} (" in done.stdout and "sees no GPU here; nothing to check" in done.stdout
+
+
+def test_the_bench_clients_in_several_processes_count_what_the_server_answered(server, speech_wav):
+    """The load `make gpu-check` and the GPU bench send (benchmarks/clients.py), short, on the CPU."""
+    before = metric(server, "ast_clips_total")
+    result = timed_clients(Load("v2", server.url, (speech_wav,), concurrency=4, seconds=2.0), processes=2)
+    answered = metric(server, "ast_clips_total") - before
+    assert result["failed"] == 0 and result["client_processes"] == 2, result
+    # answers that came after the window closed are the server's, not the window's
+    assert 0 < result["requests"] <= answered and result["p50_ms"] <= result["p99_ms"], (result, answered)

@@ -8,10 +8,11 @@ README names. On a full-size random-init AST (speed and parity do not depend on 
 - bf16 and fp16 on the GPU keep a cosine of at least 0.9999 to fp32 (the engine alone);
 - a server squeezed into a sliver of the GPU's memory (--gpu_memory_fraction) with passes too big
   for it splits them, says so once, and answers a 10-minute recording whole;
-- a short bench of the server with default flags over V2 binary REST: single-clip requests at
-  concurrency 64 (clips/s, p50, p99), 32-clip requests (windows/s), against the model alone at the
-  same precision and batch, and the GPU memory the server holds; then the same single clips spread
-  over 4 server processes sharing the GPU, as pods sharing it would.
+- a short bench of the server with default flags (frontends: one per host core but one) over V2
+  binary REST: single-clip requests at concurrency 64 (clips/s, p50, p99), 32-clip requests
+  (windows/s), against the model alone at the same precision and batch, and the GPU memory the
+  server holds; then single clips to the server in one process (`--frontends 1`), the ratio the
+  frontends gain.
 It prints the GPU, its driver, torch's and CUDA's versions and the host CPU first. Where torch sees
 no GPU it says so and exits 0. Exit 1 when a check fails.
 """
@@ -21,16 +22,14 @@ import json
 import logging
 import sys
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import requests
 import torch
 
-from benchmarks.gpu import (CONCURRENCY, MULTI_CLIPS, MULTI_CONCURRENCY, cosines, describe, gpu_memory_mib,
-                            model_alone, timed_clients)
-from predictor.client.protocols import V2, Endpoint
+from benchmarks.clients import Load, timed_clients
+from benchmarks.gpu import CONCURRENCY, MULTI_CLIPS, MULTI_CONCURRENCY, cosines, describe, gpu_memory_mib, model_alone
 from predictor.config import GPU_BATCH
 from tools.local_server import Server, serving
 from tools.random_ast import save_random_ast
@@ -40,10 +39,6 @@ logger = logging.getLogger(__name__)
 
 RATE = 16000
 SQUEEZED = ("--gpu_memory_fraction", "0.02", "--max_batch_size", "512")  # about 2.8 GiB of an H200
-# Several processes feeding one GPU: one process's event loop holds Python's lock for every request
-# (docs: Performance), so pods sharing a GPU (time-slicing or MPS) are the way to more of them.
-SHARED_PROCESSES = 4
-SHARING = ("--device", "cuda", "--gpu_memory_fraction", f"{0.9 / SHARED_PROCESSES:.3f}")
 
 
 def clips() -> dict[str, bytes]:
@@ -86,26 +81,16 @@ def parity(cpu: Server, gpu: Server, recording: bytes) -> list[tuple[str, bool, 
     return checks
 
 
-def bench(gpu: Server) -> dict:
-    """The default server over V2 binary REST: single clips at concurrency 64, 32-clip requests."""
+def bench(gpu: Server, multi: bool = True) -> dict:
+    """The server over V2 binary REST: single clips at concurrency 64, 32-clip requests."""
     clip = clips()["noise"]
-    make = lambda _: V2(Endpoint(gpu.url, timeout_s=120))  # noqa: E731
-    single = timed_clients(make, CONCURRENCY, lambda v2: v2.send(clip, {}))
-    multi = timed_clients(make, MULTI_CONCURRENCY, lambda v2: v2.send_clips([clip] * MULTI_CLIPS, {}))
-    return {"precision": gpu.precision,
-            "single_clips_per_s": single["requests_per_s"], "single_p50_ms": single["p50_ms"],
-            "single_p99_ms": single["p99_ms"], "multi_clips_per_s": multi["requests_per_s"] * MULTI_CLIPS,
-            "gpu_memory_mib": gpu_memory_mib(gpu.process.pid)}
-
-
-def shared(servers: list[Server]) -> dict:
-    """Several server processes on the one GPU, as pods sharing it would be (time-slicing or MPS):
-    single clips at concurrency 64 spread over them, the clips/s of all together."""
-    clip = clips()["noise"]
-    single = timed_clients(lambda index: V2(Endpoint(servers[index % len(servers)].url, timeout_s=120)), CONCURRENCY,
-                           lambda v2: v2.send(clip, {}))
-    return {"processes": len(servers), "single_clips_per_s": single["requests_per_s"], "p50_ms": single["p50_ms"],
-            "p99_ms": single["p99_ms"], "failed": single["failed"]}
+    single = timed_clients(Load("v2", gpu.url, (clip,), CONCURRENCY))
+    speed = {"precision": gpu.precision, "single_clips_per_s": single["requests_per_s"],
+             "single_p50_ms": single["p50_ms"], "single_p99_ms": single["p99_ms"], "failed": single["failed"]}
+    if multi:
+        clips_ = timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, MULTI_CONCURRENCY))
+        speed.update(multi_clips_per_s=clips_["requests_per_s"] * MULTI_CLIPS, gpu_memory_mib=gpu_memory_mib(gpu.process.pid))
+    return speed
 
 
 def squeezed(server: Server, recording: bytes) -> tuple[str, bool, str]:
@@ -138,15 +123,15 @@ def main() -> int:
     with serving(model_dir, work / "default.log", ("--device", "cuda", *cache), timeout=600) as default:
         speed = bench(default)
     speed["vs_model_alone"] = speed["single_clips_per_s"] / alone[(speed["precision"], GPU_BATCH)]["clips_per_s"]
-    with ExitStack() as stack:
-        servers = [stack.enter_context(serving(model_dir, work / f"shared-{i}.log", (*SHARING, *cache), timeout=600))
-                   for i in range(SHARED_PROCESSES)]
-        speed["shared_gpu"] = shared(servers)
+    with serving(model_dir, work / "one-process.log", ("--device", "cuda", "--frontends", "1", *cache),
+                 timeout=600) as one:
+        speed["one_process"] = bench(one, multi=False)
+    speed["frontends_gain"] = speed["single_clips_per_s"] / speed["one_process"]["single_clips_per_s"]
     for name, passed, detail in checks:
         print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
     alone = {f"{precision} batch {batch}": round(v["clips_per_s"], 1) for (precision, batch), v in alone.items()}
     print(f"model alone, clips/s: {alone}")
-    print(f"bench (default flags, V2 binary REST; shared_gpu: {SHARED_PROCESSES} servers on the GPU): {speed}")
+    print(f"bench (default flags, V2 binary REST; one_process: --frontends 1): {speed}")
     print(json.dumps({"device": describe(), "checks": [{"check": c[0], "passed": c[1], "detail": c[2]} for c in checks],
                       "model_alone_clips_per_s": alone, "bench": speed}))
     return 0 if all(passed for _, passed, _ in checks) else 1

@@ -4,6 +4,7 @@ the same readiness check (`/v2/models/NAME/ready`) and the same stop (SIGTERM, a
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -59,11 +60,29 @@ class Server:
             raise RuntimeError(f"/metrics has {len(info)} ast_engine_info lines")
         return info[0].split('precision="', 1)[1].split('"', 1)[0]
 
+    @property
+    def roles(self) -> dict[int, str]:
+        """Each of its processes and its role, from the supervisor's start line under `--frontends`
+        (supervisor, model, frontend); one process ("server") without."""
+        started = re.search(r"Serving with \d+ frontend processes \(pids ([\d, ]+)\) and the model's process "
+                            r"\(pid (\d+)\)", self.log.read_text())
+        if not started:
+            return {self.process.pid: "server"}
+        return {self.process.pid: "supervisor", int(started[2]): "model",
+                **{int(pid): "frontend" for pid in started[1].split(",")}}
+
     def is_ready(self) -> bool:
         try:
             return requests.get(f"{self.url}/v2/models/{self.model_name}/ready", timeout=2).status_code == 200
         except requests.RequestException:  # not listening yet, or too busy loading to answer in time
             return False
+
+
+def process_cpu_s(pid: int, main_thread_only: bool = False) -> float:
+    """CPU seconds process `pid` has used (user and system), from /proc: all its threads, or its main one."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat").read_text()
+    fields = fields.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(model_dir: Path, log: Path, extra_args: Sequence[str] = (), env: Optional[dict] = None,
