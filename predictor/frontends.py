@@ -153,11 +153,11 @@ def run_model(launch: Launch, channel: str, memory: Any, told: Connection) -> No
 async def _serve_model(service: ModelService, channel: str, told: Connection) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    server = await service.serve(channel)
+    accepting = await service.serve(channel)
     told.send(True)
     told.close()
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    accepting.cancel()
 
 
 # ---- a frontend -----------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_a_remote_request_goes_through_the_model_queue_and_a_dropped_one_is_not_
     channel = str(tmp_path / "model.sock")
 
     async def main():
-        server = await ModelService(queue).serve(channel)
+        accepting = await ModelService(queue).serve(channel)
         remote = RemoteQueue(channel, QueueState.local())
         first = asyncio.create_task(remote(job(1, 1)))
         await asyncio.to_thread(compute.started.wait, 30)  # the first pass runs, and is held
@@ -121,7 +121,7 @@ def test_a_remote_request_goes_through_the_model_queue_and_a_dropped_one_is_not_
             await asyncio.sleep(0.01)
         compute.release.set()
         results = await first, await kept
-        server.close()
+        accepting.cancel()
         return results
 
     first, kept = asyncio.run(main())
