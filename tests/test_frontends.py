@@ -88,13 +88,14 @@ def test_sigterm_drains_the_frontends_then_stops(tiny_model_dir, tmp_path):
     stop_server(server)
 
 
-def test_a_frontend_that_dies_ends_the_server(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("role, name", [("frontend", "ast-frontend"), ("model", "ast-model")])
+def test_a_process_that_dies_ends_the_server(tiny_model_dir, tmp_path, role, name):
     server = start_server(tiny_model_dir, tmp_path / "server.log", ("--frontends", str(FRONTENDS)),
                           env=TEST_SERVER_ENV)
     children = child_pids(server.process.pid)
-    os.kill(next(pid for pid, role in server.roles.items() if role == "frontend"), signal.SIGKILL)
+    os.kill(next(pid for pid, its_role in server.roles.items() if its_role == role), signal.SIGKILL)
     assert server.process.wait(timeout=40) == 1
-    assert "ast-frontend" in server.log.read_text().split("stopping the server")[0].splitlines()[-1]
+    assert name in server.log.read_text().split("stopping the server")[0].splitlines()[-1]
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists() and not zombie(pid)]
     stop_server(server)
 
