@@ -142,14 +142,6 @@ class RemoteQueue:
         self._writer: Optional[asyncio.StreamWriter] = None
         self._connecting: Optional[asyncio.Task] = None
 
-    @property
-    def waiting(self) -> int:
-        return self.state.waiting
-
-    @property
-    def seconds_per_window(self) -> float:
-        return self.state.seconds_per_window
-
     async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
         """The windows' logits. The frame is written before this first awaits once connected, so
         the windows leave admission's count (`Admission.counted`) as they are sent."""

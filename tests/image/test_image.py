@@ -121,6 +121,19 @@ def test_sigterm_ends_it_with_exit_zero(container):
     assert not server.is_ready()
 
 
+def test_frontends_serve_in_the_image_and_stop_with_exit_zero(runtime, tiny_model_dir, tmp_path, tiny_pipeline,
+                                                              speech_16k):
+    """--frontends 2 as uid 1000 in the image: spawned processes, their socket and metrics under /tmp."""
+    with served(runtime, readable_copy(tiny_model_dir, tmp_path / "model"), tmp_path / "container.log",
+                ("--precision", "fp32", "--frontends", "2")) as (server, running):
+        for _ in range(4):
+            response = requests.post(server.predict_url, data=encode(speech_16k, RATE, "WAV", "PCM_16"), timeout=60)
+            assert response.status_code == 200, response.text
+            assert_same_predictions(response.json()["predictions"][0], expected(tiny_pipeline, speech_16k, 5, "softmax"))
+        assert "ast_clips_total 4.0" in requests.get(f"{server.url}/metrics", timeout=10).text
+        assert running.stop(timeout=60) == 0, running.log.read_text()[-4000:]
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="a root-owned file needs a test run as root (CI's is)")
 def test_weights_uid_1000_cannot_read_are_named(runtime, tiny_model_dir, tmp_path):
     """A weights file left root-owned with mode 600 (a copy from a root-owned volume): the server says so and exits."""
