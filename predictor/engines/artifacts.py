@@ -96,6 +96,7 @@ def run_child(module: str, args: list[str], timeout_s: float) -> subprocess.Comp
     args = [str(local.resolve()) if local.is_dir() else args[0], *args[1:]]
     python_path = os.pathsep.join(filter(None, (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH"))))
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)  # under --frontends: a child's series are not the server's
     return subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, errors="replace", env=environment, timeout=timeout_s)
 
