@@ -334,8 +334,8 @@ def gpu_section(args: argparse.Namespace, work: Path, model_dir: Path, config: A
     for (precision, batch), measured in alone.items():
         rows.append(Row("gpu model alone", f"torch {precision}, batch {batch}", measured["clips_per_s"], "clips/s",
                         base, "pipeline fp32 on the GPU", {"peak_gib": measured["peak_gib"]}))
-    for precision, cosine in gpu.cosines(logits).items():
-        rows.append(Row("gpu precision", f"{precision} vs fp32 on the GPU: min cosine of logits", cosine, ""))
+    for name, cosine in gpu.cosines(logits, config.num_labels).items():
+        rows.append(Row("gpu precision", f"{name} vs fp32 on the GPU: min cosine", cosine, ""))
     windowing = Windowing(RATE, config.max_length * HOP_LENGTH, FRAME_LENGTH)
     windows = len(windowing.starts(round(LONG_SECONDS * RATE), windowing.seconds))
     server = start_server(model_dir, 18180, 18181, "--onnx_cache_dir", str(work))

@@ -65,7 +65,8 @@ def gpu_memory_mib(pid: int) -> str:
 
 
 def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device: str = "cuda:0") -> tuple[dict, dict]:
-    """Per precision: the logits of 8 clips (for the cosine to fp32), and clips/s and peak memory per batch."""
+    """Per precision: the rows (logits, embedding) of 8 clips (for the cosines to fp32), and clips/s and
+    peak memory per batch."""
     from predictor.checkpoint import Checkpoint, load_feature_extractor
     from predictor.engines import EngineOptions, build_engine
     from predictor.features import LogMelFilterbank
@@ -93,9 +94,13 @@ def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device:
     return logits, speed
 
 
-def cosines(logits: dict) -> dict[str, float]:
-    return {precision: torch.nn.functional.cosine_similarity(logits[precision], logits["fp32"], dim=-1).min().item()
-            for precision in logits if precision != "fp32"}
+def cosines(rows: dict, num_labels: int) -> dict[str, float]:
+    """{"bf16 logits": least cosine to fp32, "bf16 embedding": ..., ...} for each precision but fp32."""
+    from predictor.engines.options import split
+
+    parts = {precision: dict(zip(("logits", "embedding"), split(r, num_labels))) for precision, r in rows.items()}
+    return {f"{precision} {part}": torch.nn.functional.cosine_similarity(values, parts["fp32"][part], dim=-1).min().item()
+            for precision, by_part in parts.items() if precision != "fp32" for part, values in by_part.items()}
 
 
 def pipeline_peer(model_dir: Path, clips: list[np.ndarray]) -> dict[str, float]:

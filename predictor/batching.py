@@ -75,7 +75,7 @@ class WindowQueue:
         self._stager: Optional[ThreadPoolExecutor] = None
 
     async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
-        """(windows, labels) logits, computed in turn with every other request's windows. The job is
+        """The engine's rows for these windows (logits, then embedding), computed in turn with every other request's windows. The job is
         queued before this first awaits (`admission` counts on that)."""
         self._start()
         job = Job(windows, asyncio.get_running_loop().create_future())

@@ -32,6 +32,7 @@ from .batching import WindowQueue
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
 from .config import Config
 from .engines import Engine, EngineOptions, ExportError, build_engine
+from .engines.options import split
 from .errors import ClientInputError, Overloaded, shown
 from .features import LogMelFilterbank
 from .ipc import RemoteQueue
@@ -52,6 +53,7 @@ class Options:
     hop_seconds: float
     aggregate: str
     return_segments: bool
+    return_embedding: bool
 
 
 @dataclass
@@ -186,13 +188,20 @@ class ASTModel(Model):
         return Logits(per_clip=list(logits.split([len(s) for s in payload.starts])), work=payload)
 
     async def postprocess(self, result: Logits, headers: Optional[dict] = None, response_headers=None) -> Union[dict, InferResponse]:
+        """Each clip's windows' rows → its labels (logits aggregated as asked), its embedding (the
+        mean of its windows': a clip's direction in embedding space, where a max per dimension
+        would mix features of different windows into a point no window is near), and segments."""
         work, options = result.work, result.work.options
-        clip_logits = torch.stack([windows.aggregate(logits, options.aggregate) for logits in result.per_clip])
+        per_clip = [split(rows, self.num_labels) for rows in result.per_clip]
+        clip_logits = torch.stack([windows.aggregate(logits, options.aggregate) for logits, _ in per_clip])
         results = [ClipResult(ranked) for ranked in self._rank(clip_logits, options)]
-        if options.return_segments:
-            for clip, logits, starts, length in zip(results, result.per_clip, work.starts, work.lengths):
+        for clip, (logits, embeddings), starts, length in zip(results, per_clip, work.starts, work.lengths):
+            if options.return_embedding:
+                clip.embedding = embeddings.mean(dim=0).numpy()
+            if options.return_segments:
                 start, end = self.windowing.times(starts, length)
-                clip.segments = Segments(start=start, end=end, ranked=self._rank(logits, options))
+                clip.segments = Segments(start=start, end=end, ranked=self._rank(logits, options),
+                                         embeddings=embeddings.numpy() if options.return_embedding else None)
         metrics.CLIPS.inc(len(work.lengths))
         metrics.AUDIO_SECONDS.inc(sum(work.lengths) / self.target.rate)
         return respond(work.request, self.name, results)
@@ -200,15 +209,17 @@ class ASTModel(Model):
     # ---- steps -------------------------------------------------------------------------------
 
     def _options(self, parameters: dict[str, Any]) -> Options:
-        segments = parameters.get("return_segments", False)
-        if not isinstance(segments, bool):
-            raise ClientInputError(f"return_segments must be true or false; got {shown(segments)}")
+        segments, embedding = (parameters.get(name, False) for name in ("return_segments", "return_embedding"))
+        for name, value in (("return_segments", segments), ("return_embedding", embedding)):
+            if not isinstance(value, bool):
+                raise ClientInputError(f"{name} must be true or false; got {shown(value)}")
         return Options(
             top_k=labels.check_top_k(parameters.get("top_k", self.default_top_k), self.num_labels),
             function=labels.check_function(parameters.get("function_to_apply", self.default_function)),
             hop_seconds=self.windowing.check_hop(parameters.get("hop_seconds", self.windowing.seconds)),
             aggregate=windows.check_aggregate(parameters.get("aggregate", "max")),
             return_segments=segments,
+            return_embedding=embedding,
         )
 
     async def _pooled(self, function: Callable[..., Any], *args: Any,

@@ -22,6 +22,8 @@ SEGMENT_START_OUTPUT = "segment_start"
 SEGMENT_END_OUTPUT = "segment_end"
 SEGMENT_LABEL_OUTPUT = "segment_label"
 SEGMENT_SCORE_OUTPUT = "segment_score"
+EMBEDDING_OUTPUT = "embedding"
+SEGMENT_EMBEDDING_OUTPUT = "segment_embedding"
 
 _RETRY_AFTER = re.compile(r"\bretry_after_s=(\d+)\b")
 

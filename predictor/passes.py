@@ -1,4 +1,5 @@
-"""One forward pass, on the device the model runs on: a batch of windows → (windows, labels) logits.
+"""One forward pass, on the device the model runs on: a batch of windows → the engine's rows (each
+window's logits, then its embedding: `engines.options.split`).
 
 A pass has two steps, so that the queue (`batching`) can prepare one while another runs:
 `stage` (on a thread of its own) and `run` (on the model's thread).

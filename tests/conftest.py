@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
-from transformers import ASTConfig, pipeline
+import torch
+from transformers import ASTConfig, ASTFeatureExtractor, ASTModel, pipeline
 
 from tools.local_server import Server, free_port, start_server, stop_server  # noqa: F401 (for the tests)
 from tools.random_ast import TINY_LABELS, save_random_ast
@@ -65,6 +66,21 @@ def full_size_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_model_dir):
     return pipeline("audio-classification", model=str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def pooler_output(tiny_model_dir):
+    """16 kHz waveform → transformers' pooled embedding of its features, (hidden,): the reference
+    for `return_embedding`, as the pipeline is for labels."""
+    model = ASTModel.from_pretrained(tiny_model_dir).eval()
+    extractor = ASTFeatureExtractor.from_pretrained(tiny_model_dir)
+
+    def embed(waveform: np.ndarray) -> np.ndarray:
+        features = extractor(waveform, sampling_rate=16000, return_tensors="pt").input_values
+        with torch.inference_mode():
+            return model(input_values=features).pooler_output[0].numpy()
+
+    return embed
 
 
 # ---- audio --------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""`predictor.engines`: ONNX Runtime against eager torch, int8 against fp32, and the export cache."""
+"""`predictor.engines`: ONNX Runtime against eager torch, int8 against fp32, and the export cache.
+Every engine's rows are its logits and its pooled embedding (`options.split`): both are held to
+transformers' `logits` and `pooler_output`."""
 
 import base64
 import json
@@ -14,6 +16,7 @@ import torch
 from transformers import ASTForAudioClassification
 
 from predictor.engines import EngineOptions, OnnxEngine, OpenVinoEngine, build_engine
+from predictor.engines.options import split
 from predictor.engines.torch_engine import TorchEngine
 from predictor.checkpoint import Checkpoint, load_feature_extractor, weight_files
 from predictor.engines.calibration import file_features, synthetic_clips
@@ -42,16 +45,24 @@ def checkpoint_of(model: ASTForAudioClassification, directory) -> Checkpoint:
     return Checkpoint(str(directory), model.config, model)
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+def cosine(a: torch.Tensor, b: torch.Tensor, num_labels: int) -> float:
+    """The least cosine over the logits and over the embeddings of the rows `a` and `b`."""
+    return min(float(torch.nn.functional.cosine_similarity(x, y, dim=-1).min())
+               for x, y in zip(split(a, num_labels), split(b, num_labels)))
+
+
+def reference_rows(model: ASTForAudioClassification, features: torch.Tensor) -> torch.Tensor:
+    """transformers' logits and pooler_output, side by side as an engine's rows are."""
+    with torch.inference_mode():
+        out = model(input_values=features)
+        pooled = model.audio_spectrogram_transformer(input_values=features).pooler_output
+    return torch.cat([out.logits, pooled], dim=1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_fp32_engines_equal_the_transformers_model(tiny_model, tiny_model_dir, features, onnx_cache, backend):
     engine = build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions(backend, "fp32", 2, onnx_cache))
-    with torch.inference_mode():
-        reference = tiny_model(input_values=features).logits
-    torch.testing.assert_close(engine(features), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(engine(features), reference_rows(tiny_model, features), atol=1e-4, rtol=0)
 
 
 def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(tiny_model, tiny_model_dir, features,
@@ -60,9 +71,7 @@ def test_a_failed_export_falls_back_to_torch_unless_onnxruntime_was_asked_for(ti
     blocked.write_text("the cache directory cannot be made under a file")
     engine = build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("auto", "fp32", 2, blocked / "cache"))
     assert isinstance(engine, TorchEngine)
-    with torch.inference_mode():
-        reference = tiny_model(input_values=features).logits
-    torch.testing.assert_close(engine(features), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(engine(features), reference_rows(tiny_model, features), atol=1e-4, rtol=0)
     with pytest.raises(ExportError, match="cannot write the cache directory"):
         build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 2, blocked / "cache"))
 
@@ -136,11 +145,10 @@ def test_openvino_runs_bf16_only_where_the_cpu_multiplies_bf16(tiny_model, tiny_
     refusal that says why, before anything is exported."""
     options = EngineOptions("openvino", "bf16", 2, tmp_path)
     if multiplies_bf16():
-        with torch.inference_mode():
-            reference = tiny_model(input_values=features).logits
+        reference = reference_rows(tiny_model, features)
         engine = build_engine(checkpoint_of(tiny_model, tiny_model_dir), options)
         first = engine(features)
-        assert cosine(first, reference).min() >= 0.9999
+        assert cosine(first, reference, tiny_model.config.num_labels) >= 0.9999
         for scale in (0.1, 10.0):  # a clip's answer is its own, whatever ran before it
             engine(features * scale)
             assert torch.equal(engine(features), first)
@@ -152,13 +160,12 @@ def test_openvino_runs_bf16_only_where_the_cpu_multiplies_bf16(tiny_model, tiny_
 
 def test_auto_serves_bf16_only_where_the_cpu_multiplies_bf16_and_fp32_elsewhere(tiny_model, tiny_model_dir, features,
                                                                                 onnx_cache, caplog):
-    with torch.inference_mode():
-        reference = tiny_model(input_values=features).logits
+    reference = reference_rows(tiny_model, features)
     with caplog.at_level(logging.WARNING, logger="predictor.engines"):
         engine = build_engine(Checkpoint.open(str(tiny_model_dir)), EngineOptions("auto", "bf16", 2, onnx_cache))
     fell_back = any("serving fp32 instead" in r.getMessage() for r in caplog.records)
     if multiplies_bf16():
-        assert not fell_back and cosine(engine(features), reference).min() >= 0.9999
+        assert not fell_back and cosine(engine(features), reference, tiny_model.config.num_labels) >= 0.9999
     else:
         assert fell_back
         torch.testing.assert_close(engine(features), reference, atol=1e-4, rtol=0)
@@ -176,7 +183,7 @@ def test_int8_is_close_to_fp32_and_independent_of_batch_mates(tiny_model_dir, fe
     loud = features.clone()
     loud[1:] *= 50  # batch-mates with far larger activations, which a shared scale would follow
     batched = engine(loud)
-    assert cosine(engine(features), fp32).min() >= 0.999
+    assert cosine(engine(features), fp32, model.config.num_labels) >= 0.999
     torch.testing.assert_close(batched[0], engine(features[:1])[0], atol=tolerance, rtol=0)
 
 
@@ -222,10 +229,11 @@ def test_int8_server_answers_a_clip_the_same_with_any_batch_mates(tiny_model_dir
 
 
 def test_bf16_is_close_to_fp32(tiny_model_dir, features):
-    fp32 = TorchEngine(ASTForAudioClassification.from_pretrained(tiny_model_dir))(features)
+    model = ASTForAudioClassification.from_pretrained(tiny_model_dir)
+    fp32 = TorchEngine(model)(features)
     bf16 = build_engine(Checkpoint.open(str(tiny_model_dir)), EngineOptions("torch", "bf16", 2))(features)
     assert bf16.dtype == torch.float32
-    assert cosine(bf16, fp32).min() >= 0.9999  # what the README promises
+    assert cosine(bf16, fp32, model.config.num_labels) >= 0.9999  # what the README promises
 
 
 def test_changed_weights_get_a_new_export(tiny_model_dir, onnx_cache, tmp_path):
@@ -320,14 +328,14 @@ def test_openvino_int8_is_calibrated_once_per_calibration_set(tiny_model_dir, sp
     synthetic = int8()
     (made,) = cache.glob("*-int8-ov-*.xml")
     assert made.with_suffix(".bin").is_file()
-    assert cosine(synthetic(features), fp32).min() >= STATIC_INT8_MIN_COSINE
+    assert cosine(synthetic(features), fp32, model.config.num_labels) >= STATIC_INT8_MIN_COSINE
     torch.testing.assert_close(synthetic(features)[:1], synthetic(features[:1]), atol=0, rtol=0)
     stamp = made.stat().st_mtime_ns
     int8()
     assert made.stat().st_mtime_ns == stamp  # kept, not quantized again
     real = int8(calibration)
     assert len(list(cache.glob("*-int8-ov-*.xml"))) == 2
-    assert cosine(real(speech), fp32[: len(speech)]).min() >= STATIC_INT8_MIN_COSINE
+    assert cosine(real(speech), fp32[: len(speech)], model.config.num_labels) >= STATIC_INT8_MIN_COSINE
     (calibration / "notes.txt").write_text("not audio")
     with pytest.raises(ExportError, match=r"(?s)quantizing the model to int8 for OpenVINO .* failed.*notes.txt: "
                                           r"could not decode audio"):

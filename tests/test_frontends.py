@@ -4,6 +4,7 @@ metrics added up; a request that goes away is not computed; admission sees every
 windows; SIGTERM drains, and a process that dies ends the server."""
 
 import asyncio
+import base64
 import os
 import signal
 import threading
@@ -59,6 +60,17 @@ def test_answers_as_one_process_does_over_http_and_grpc(fronted, tiny_pipeline, 
         for answer in answers:
             assert_same_predictions(answer, reference or answers[0])
     assert len(frontend_pids(fronted)) == FRONTENDS, "the kernel gave every connection to one frontend"
+
+
+def test_embeddings_come_through_the_channel(fronted, pooler_output, speech_16k):
+    """Each window's row crosses from the model's process whole: its logits and its embedding."""
+    body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, RATE, "WAV", "FLOAT")).decode()}],
+            "parameters": {"return_embedding": True}}
+    for _ in range(FRONTENDS):
+        response = requests.post(fronted.predict_url, json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(response.json()["predictions"][0]["embedding"], pooler_output(speech_16k),
+                                   atol=1e-4, rtol=0)
 
 
 def test_metrics_add_every_process_up(fronted, speech_16k):

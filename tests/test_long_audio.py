@@ -265,10 +265,11 @@ def test_asking_for_segment_outputs_with_return_segments_false_is_refused(long_s
     assert "output(s) ['segment_start'] need segments, but return_segments is false" in response.json()["error"]
 
 
-def test_metadata_lists_the_segment_outputs(long_server):
+def test_metadata_lists_the_optional_outputs(long_server):
     metadata = requests.get(f"{long_server.url}/v2/models/ast").json()
     assert {o["name"] for o in metadata["outputs"]} == {"label", "score", "segment_start", "segment_end",
-                                                        "segment_label", "segment_score"}
+                                                        "segment_label", "segment_score", "embedding",
+                                                        "segment_embedding"}
 
 
 @pytest.mark.parametrize("suffix, codec", [(".m4a", ["-c:a", "aac"]), (".webm", ["-c:a", "libopus"]),

@@ -28,7 +28,7 @@ from predictor.engines import EngineOptions, ExportError, build_engine
 from predictor.engines.calibration import file_features
 from predictor.engines.choice import CANDIDATES, seconds_per_window
 from predictor.engines.artifacts import OFFLINE_TIMEOUT_S
-from predictor.engines.options import precision_list
+from predictor.engines.options import precision_list, split
 from predictor.errors import ClientInputError
 from predictor.features import LogMelFilterbank
 
@@ -41,6 +41,7 @@ class Row:
     precision: str
     seconds_per_window: Optional[float] = None
     min_cosine: Optional[float] = None
+    min_embedding_cosine: Optional[float] = None
     max_score_diff: Optional[float] = None
     top5_kept: Optional[float] = None
     error: Optional[str] = None
@@ -52,7 +53,8 @@ def compare(model_dir: str, files: list[Path], precisions: list[str], threads: i
     config = checkpoint.config
     function = labels.default_function(config.problem_type, config.num_labels)
     features = file_features(files, LogMelFilterbank.from_extractor(load_feature_extractor(checkpoint.source, config)))
-    reference = build_engine(checkpoint, EngineOptions("torch", "fp32", threads, cache_dir))(features)
+    reference, reference_embedding = split(
+        build_engine(checkpoint, EngineOptions("torch", "fp32", threads, cache_dir))(features), config.num_labels)
     expected = labels.scores(reference, function)
     rows = []
     for precision in precisions:
@@ -65,9 +67,11 @@ def compare(model_dir: str, files: list[Path], precisions: list[str], threads: i
                 row.error = str(exc).splitlines()[0]
                 rows.append(row)
                 continue
-            logits = engine(features)
+            logits, embedding = split(engine(features), config.num_labels)
             row.seconds_per_window = seconds_per_window(engine, features[:1])
             row.min_cosine = float(torch.nn.functional.cosine_similarity(logits, reference, dim=-1).min())
+            row.min_embedding_cosine = float(
+                torch.nn.functional.cosine_similarity(embedding, reference_embedding, dim=-1).min())
             row.max_score_diff = float((labels.scores(logits, function) - expected).abs().max())
             row.top5_kept = float(sum(len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist()))
                                       for a, b in zip(logits, reference)) / (5 * len(reference)))
@@ -76,13 +80,14 @@ def compare(model_dir: str, files: list[Path], precisions: list[str], threads: i
 
 
 def table(rows: list[Row]) -> str:
-    lines = [f"{'engine':<12} {'precision':<9} {'s/window':>9} {'min cosine':>11} {'max score diff':>15} {'top-5 kept':>10}"]
+    lines = [f"{'engine':<12} {'precision':<9} {'s/window':>9} {'min cosine':>11} {'embedding':>10} {'max score diff':>15} "
+             f"{'top-5 kept':>10}"]
     for r in rows:
         if r.error:
             lines.append(f"{r.backend:<12} {r.precision:<9} not here: {r.error}")
         else:
             lines.append(f"{r.backend:<12} {r.precision:<9} {r.seconds_per_window:9.3f} {r.min_cosine:11.6f} "
-                         f"{r.max_score_diff:15.2e} {r.top5_kept:10.3f}")
+                         f"{r.min_embedding_cosine:10.6f} {r.max_score_diff:15.2e} {r.top5_kept:10.3f}")
     return "\n".join(lines)
 
 

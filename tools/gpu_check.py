@@ -5,7 +5,8 @@ CI has no GPU, and a session that has one has minutes of it: so this is one prep
 README names. On a full-size random-init AST (speed and parity do not depend on the weights):
 - fp32 on the GPU answers as the CPU server does, within 1e-4 (raw logits, 10 s clips);
 - a 10-minute recording gets the same windows and the same top labels on both;
-- bf16 and fp16 on the GPU keep a cosine of at least 0.9999 to fp32 (the engine alone);
+- bf16 and fp16 on the GPU keep a cosine of at least 0.9999 to fp32 in their logits and 0.999 in
+  their embeddings (the engine alone);
 - a server squeezed into a sliver of the GPU's memory (--gpu_memory_fraction) with passes too big
   for it splits them, says so once, and answers a 10-minute recording whole;
 - a short bench of the server with default flags (frontends: one per host core but one) over V2
@@ -32,7 +33,7 @@ from benchmarks.clients import Load, timed_clients
 from benchmarks.gpu import CONCURRENCY, MULTI_CLIPS, MULTI_CONCURRENCY, cosines, describe, gpu_memory_mib, model_alone
 from predictor.config import GPU_BATCH
 from tools.local_server import Server, serving
-from tools.random_ast import save_random_ast
+from tools.random_ast import AUDIOSET_NUM_LABELS, save_random_ast
 from tools.signals import encode, tone
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,9 @@ def main() -> int:
         checks = parity(cpu, gpu, recording)
     with serving(model_dir, work / "squeezed.log", ("--device", "cuda", *SQUEEZED, *cache), timeout=600) as small:
         checks.append(squeezed(small, recording))
-    logits, alone = model_alone(model_dir, batches=(GPU_BATCH,))
-    checks += [(f"{precision} logits, cosine to fp32 on the GPU", cosine >= 0.9999, f"min cosine {cosine:.6f}")
-               for precision, cosine in cosines(logits).items()]
+    rows, alone = model_alone(model_dir, batches=(GPU_BATCH,))
+    checks += [(f"{name}, cosine to fp32 on the GPU", cosine >= (0.9999 if name.endswith("logits") else 0.999),
+                f"min cosine {cosine:.6f}") for name, cosine in cosines(rows, AUDIOSET_NUM_LABELS).items()]
     with serving(model_dir, work / "default.log", ("--device", "cuda", *cache), timeout=600) as default:
         speed = bench(default)
     speed["vs_model_alone"] = speed["single_clips_per_s"] / alone[(speed["precision"], GPU_BATCH)]["clips_per_s"]

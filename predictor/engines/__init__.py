@@ -1,6 +1,7 @@
-"""What runs AST: features (batch, frames, mel bins) → logits (batch, labels).
+"""What runs AST: features (batch, frames, mel bins) → rows (batch, labels + hidden): each window's
+logits, then its pooled embedding (`options.split`).
 
-Every engine runs `ast_forward.PooledLogits` (the last layer for the pooled tokens only), one
+Every engine runs `ast_forward.PooledOutputs` (the last layer for the pooled tokens only), one
 module each; `--backend` names one, and `auto` (the default) measures them on the node and keeps
 the fastest for the precision (`choice`). Measured speeds live in `benchmarks/results/` and the
 README, by CPU.

@@ -1,4 +1,4 @@
-"""AST's forward pass, computing only what the logits read.
+"""AST's forward pass, computing only what the logits and the clip embedding read.
 
 AST classifies the mean of two tokens of the last layer (CLS and distillation). In the last
 encoder layer every token is still a key and a value for those two, but only those two need a
@@ -7,9 +7,12 @@ of all of them saves a share of the model's FLOPs (docs/performance.md has the m
 gives the same logits up to float summation order (`tests/test_ast_forward.py`).
 
 transformers' `ASTForAudioClassification` has no such option (it returns every token's hidden
-state), so `PooledLogits` calls its modules in the same order with the same weights. It works
+state), so `PooledOutputs` calls its modules in the same order with the same weights. It works
 with whatever Linear an engine has put in place (`Int8Linear` included) and is what the ONNX
-export traces.
+export traces, with two outputs: the logits, and the pooled embedding the classifier head reads
+(transformers' `ASTModel(...).pooler_output`). Both come from the same pass, so the embedding costs
+no compute; every engine hands them back as one row per window, the logits first (`options.split`),
+so the queue and the channel between processes carry one tensor.
 """
 
 import torch
@@ -37,17 +40,17 @@ def pooled_layer(layer: ASTLayer, hidden: torch.Tensor) -> torch.Tensor:
     return pooled + layer.mlp(layer.layernorm_after(pooled))
 
 
-class PooledLogits(torch.nn.Module):
-    """`model(input_values).logits`, with the last layer computed for the pooled tokens only."""
+class PooledOutputs(torch.nn.Module):
+    """`(model(input_values).logits, pooler_output)`, with the last layer computed for the pooled tokens only."""
 
     def __init__(self, model: ASTForAudioClassification):
         super().__init__()
         self.model = model
 
-    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.model.audio_spectrogram_transformer
         hidden = encoder.embeddings(input_values)
         for layer in encoder.layers[:-1]:
             hidden = layer(hidden)
-        pooled = encoder.layernorm(pooled_layer(encoder.layers[-1], hidden))
-        return self.model.classifier(pooled.mean(dim=1))
+        embedding = encoder.layernorm(pooled_layer(encoder.layers[-1], hidden)).mean(dim=1)
+        return self.model.classifier(embedding), embedding

@@ -24,8 +24,9 @@ class OnnxEngine:
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         batch = features.numpy()
-        return torch.from_numpy(np.concatenate(
-            [self.session.run(None, {"input_values": batch[i : i + 1]})[0] for i in range(len(batch))]
+        return torch.from_numpy(np.concatenate(  # logits, then the embedding (`options.split`)
+            [np.concatenate(self.session.run(None, {"input_values": batch[i : i + 1]}), axis=1)
+             for i in range(len(batch))]
         ))
 
     @staticmethod

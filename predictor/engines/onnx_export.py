@@ -54,12 +54,13 @@ def export(source: str, fp32: Path, out: Path, precision: str) -> None:
     if precision not in ("fp32", "int8-s8", "int8-u8"):
         raise ValueError(f"no ONNX export for precision {precision!r}")
     if not fp32.is_file():
-        from .ast_forward import PooledLogits
+        from .ast_forward import PooledOutputs
 
         model = Checkpoint.open(source).module()
         example = torch.zeros(1, model.config.max_length, model.config.num_mel_bins)
         atomic_write(fp32, lambda tmp: torch.onnx.export(
-            PooledLogits(model).eval(), (example,), tmp, input_names=["input_values"], output_names=["logits"],
+            PooledOutputs(model).eval(), (example,), tmp, input_names=["input_values"],
+            output_names=["logits", "embedding"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), dynamo=True,
             opset_version=ONNX_OPSET, external_data=False, verbose=False,
         ))

@@ -41,9 +41,11 @@ class OpenVinoEngine:
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         batch = features.numpy()
-        return torch.from_numpy(np.concatenate(
-            [self.request.infer({0: batch[i : i + 1]})[0].copy() for i in range(len(batch))]
-        ))
+        rows = []
+        for i in range(len(batch)):
+            outputs = self.request.infer({0: batch[i : i + 1]})
+            rows.append(np.concatenate([outputs[0], outputs[1]], axis=1))  # logits, then the embedding
+        return torch.from_numpy(np.concatenate(rows))
 
     @staticmethod
     def prepare(checkpoint: Checkpoint, options: EngineOptions) -> Path:

@@ -42,4 +42,10 @@ class EngineOptions:
 
 
 class Engine(Protocol):
-    def __call__(self, features: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, mel bins) → (batch, labels + hidden): logits, then embedding (`split`)."""
+
+
+def split(rows: torch.Tensor, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An engine's rows → (logits, embeddings): one tensor through the queue and between processes."""
+    return rows[..., :num_labels], rows[..., num_labels:]

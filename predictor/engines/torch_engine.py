@@ -3,14 +3,15 @@
 import torch
 from transformers import ASTForAudioClassification
 
-from .ast_forward import PooledLogits
+from .ast_forward import PooledOutputs
 
 
 class TorchEngine:
-    """The model on `device` (a CPU or a GPU); features come in and logits go out as float32 on the CPU."""
+    """The model on `device` (a CPU or a GPU); features come in and rows of logits and embedding
+    (`options.split`) go out as float32 on the CPU."""
 
     def __init__(self, model: ASTForAudioClassification, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-        self.logits = PooledLogits(model.to(device=device, dtype=dtype).eval())
+        self.outputs = PooledOutputs(model.to(device=device, dtype=dtype).eval())
         self.dtype, self.device = dtype, torch.device(device)
         if self.device.type == "cuda" and dtype == torch.float32:
             # fp32 means fp32, the pipeline's answers within 1e-4: torch lets cuDNN's convolutions
@@ -26,7 +27,7 @@ class TorchEngine:
             # On the CPU, the call is the one it was before GPUs: even this changes which pages glibc's
             # default malloc hands back between passes (tests/test_allocator.py measured it).
             placed = features.to(self.dtype) if self.device.type == "cpu" else features.to(self.device, self.dtype)
-            return self.logits(placed).float().cpu()
+            return torch.cat(self.outputs(placed), dim=1).float().cpu()
 
 
 class Int8Linear(torch.nn.Module):

@@ -12,10 +12,13 @@ from typing import Any, Optional
 from kserve.protocol.infer_type import InferRequest
 
 from ..audio import Clip
-from ..names import (AUDIO_INPUT, LABEL_OUTPUT, SCORE_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT,
-                     SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT, WAVEFORM_INPUT)
-SEGMENT_OUTPUTS = (SEGMENT_START_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT)
-MODEL_PARAMETERS = ("top_k", "function_to_apply", "hop_seconds", "aggregate", "return_segments")
+from ..names import (AUDIO_INPUT, EMBEDDING_OUTPUT, LABEL_OUTPUT, SCORE_OUTPUT, SEGMENT_EMBEDDING_OUTPUT,
+                     SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT,
+                     WAVEFORM_INPUT)
+SEGMENT_OUTPUTS = (SEGMENT_START_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT,
+                   SEGMENT_EMBEDDING_OUTPUT)
+EMBEDDING_OUTPUTS = (EMBEDDING_OUTPUT, SEGMENT_EMBEDDING_OUTPUT)
+MODEL_PARAMETERS = ("top_k", "function_to_apply", "hop_seconds", "aggregate", "return_segments", "return_embedding")
 
 INPUT_TYPES = [
     {"name": AUDIO_INPUT, "datatype": "BYTES", "shape": [-1]},
@@ -29,6 +32,10 @@ OUTPUT_TYPES = [
     {"name": SEGMENT_END_OUTPUT, "datatype": "FP32", "shape": [-1, -1], "optional": True},
     {"name": SEGMENT_LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1, -1, -1], "optional": True},
     {"name": SEGMENT_SCORE_OUTPUT, "datatype": "FP32", "shape": [-1, -1, -1], "optional": True},
+    # Only with return_embedding: true (or when one of them is requested): the pooled embedding the
+    # classifier reads, per clip (the mean over its windows) and, with segments, per window.
+    {"name": EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, -1], "optional": True},
+    {"name": SEGMENT_EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, -1, -1], "optional": True},
 ]
 
 

@@ -19,7 +19,8 @@ from kserve.utils.numpy_codec import to_np_dtype
 from pydantic import ValidationError
 
 from ..errors import ClientInputError, shown
-from . import AUDIO_INPUT, MODEL_PARAMETERS, OUTPUT_TYPES, SEGMENT_OUTPUTS, WAVEFORM_INPUT, AudioRequest, Clip
+from . import (AUDIO_INPUT, EMBEDDING_OUTPUTS, MODEL_PARAMETERS, OUTPUT_TYPES, SEGMENT_OUTPUTS, WAVEFORM_INPUT,
+               AudioRequest, Clip)
 
 # sampling_rate belongs to the waveform input, but tritonclient.grpc cannot set input parameters,
 # so it is taken from the request's parameters too (the input's wins).
@@ -86,10 +87,12 @@ def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
     else:
         rate = input_parameters.get(RATE_PARAMETER, request_parameters.get(RATE_PARAMETER, DEFAULT_SAMPLING_RATE))
         clips = _waveform_clips(tensor, rate)
-    requested = _requested_outputs(request) & set(SEGMENT_OUTPUTS)
-    if requested:  # asking for a segment output is asking for segments
-        if parameters.setdefault("return_segments", True) is False:
-            raise ClientInputError(f"output(s) {shown(sorted(requested))} need segments, but return_segments is false")
+    requested = _requested_outputs(request)
+    for outputs, parameter, what in ((SEGMENT_OUTPUTS, "return_segments", "segments"),
+                                     (EMBEDDING_OUTPUTS, "return_embedding", "embeddings")):
+        asked = requested & set(outputs)  # asking for such an output is asking for what it holds
+        if asked and parameters.setdefault(parameter, True) is False:
+            raise ClientInputError(f"output(s) {shown(sorted(asked))} need {what}, but {parameter} is false")
     return AudioRequest(clips=clips, parameters=parameters, v2=request)
 
 

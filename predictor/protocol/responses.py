@@ -1,4 +1,4 @@
-"""Labels, scores and segments → the V1 or V2 answer the request's protocol expects.
+"""Labels, scores, embeddings and segments → the V1 or V2 answer the request's protocol expects.
 
 kserve 0.21's `InferResponse.to_grpc` fails on numpy outputs when raw outputs are due, so gRPC
 outputs are always serialised to raw bytes here, before kserve sees them.
@@ -10,8 +10,8 @@ from typing import Optional, Union
 import numpy as np
 from kserve.protocol.infer_type import InferOutput, InferResponse
 
-from . import (LABEL_OUTPUT, OUTPUT_TYPES, SCORE_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT,
-               SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT, AudioRequest)
+from . import (EMBEDDING_OUTPUT, LABEL_OUTPUT, OUTPUT_TYPES, SCORE_OUTPUT, SEGMENT_EMBEDDING_OUTPUT,
+               SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT, AudioRequest)
 
 
 @dataclass
@@ -24,16 +24,19 @@ class Ranked:
 
 @dataclass
 class Segments:
-    """One clip's windows: seconds of the clip each covers, and each window's own top-k."""
+    """One clip's windows: seconds of the clip each covers, each window's own top-k, and (if asked
+    for) each window's embedding, (windows, hidden)."""
 
     start: np.ndarray
     end: np.ndarray
     ranked: list[Ranked]
+    embeddings: Optional[np.ndarray] = None
 
 
 @dataclass
 class ClipResult:
     ranked: Ranked
+    embedding: Optional[np.ndarray] = None
     segments: Optional[Segments] = None
 
 
@@ -45,6 +48,8 @@ def respond(request: AudioRequest, model_name: str, results: list[ClipResult]) -
         _output(LABEL_OUTPUT, np.array([r.ranked.labels for r in results], dtype=np.object_)),
         _output(SCORE_OUTPUT, np.stack([r.ranked.scores for r in results])),
     ]
+    if results[0].embedding is not None:
+        outputs.append(_output(EMBEDDING_OUTPUT, np.stack([r.embedding for r in results])))
     if results[0].segments is not None:
         outputs += _segment_outputs([r.segments for r in results])
     if request.v2.request_outputs:
@@ -64,18 +69,22 @@ def respond(request: AudioRequest, model_name: str, results: list[ClipResult]) -
 
 
 def _v1_prediction(result: ClipResult) -> Union[list, dict]:
-    """Today's list of {label, score}; with segments, {"labels": that list, "segments": [...]}."""
+    """Today's list of {label, score}; with an embedding or segments, {"labels": that list,
+    "embedding": [...], "segments": [{start, end, labels, embedding}, ...]}."""
     labels = _v1_labels(result.ranked)
-    if result.segments is None:
+    if result.segments is None and result.embedding is None:
         return labels
-    segments = result.segments
-    return {
-        "labels": labels,
-        "segments": [
-            {"start": float(start), "end": float(end), "labels": _v1_labels(ranked)}
-            for start, end, ranked in zip(segments.start, segments.end, segments.ranked)
-        ],
-    }
+    prediction: dict = {"labels": labels}
+    if result.embedding is not None:
+        prediction["embedding"] = result.embedding.tolist()
+    if result.segments is not None:
+        segments = result.segments
+        prediction["segments"] = [
+            {"start": float(start), "end": float(end), "labels": _v1_labels(ranked),
+             **({"embedding": segments.embeddings[i].tolist()} if segments.embeddings is not None else {})}
+            for i, (start, end, ranked) in enumerate(zip(segments.start, segments.end, segments.ranked))
+        ]
+    return prediction
 
 
 def _v1_labels(ranked: Ranked) -> list[dict]:
@@ -83,8 +92,9 @@ def _v1_labels(ranked: Ranked) -> list[dict]:
 
 
 def _segment_outputs(segments: list[Segments]) -> list[InferOutput]:
-    """[N, S] times and [N, S, k] labels and scores, S the most windows of any clip; a shorter
-    clip's missing windows are padded with start = end = -1, empty labels and scores of 0."""
+    """[N, S] times, [N, S, k] labels and scores and [N, S, hidden] embeddings (if asked for), S the
+    most windows of any clip; a shorter clip's missing windows are padded with start = end = -1,
+    empty labels, and scores and embeddings of 0."""
     count, k = max(len(s.start) for s in segments), len(segments[0].ranked[0].labels)
     start = np.full((len(segments), count), -1, np.float32)
     end = np.full((len(segments), count), -1, np.float32)
@@ -94,8 +104,14 @@ def _segment_outputs(segments: list[Segments]) -> list[InferOutput]:
         start[i, : len(clip.start)], end[i, : len(clip.end)] = clip.start, clip.end
         for j, ranked in enumerate(clip.ranked):
             labels[i, j], scores[i, j] = ranked.labels, ranked.scores
-    return [_output(SEGMENT_START_OUTPUT, start), _output(SEGMENT_END_OUTPUT, end),
-            _output(SEGMENT_LABEL_OUTPUT, labels), _output(SEGMENT_SCORE_OUTPUT, scores)]
+    outputs = [_output(SEGMENT_START_OUTPUT, start), _output(SEGMENT_END_OUTPUT, end),
+               _output(SEGMENT_LABEL_OUTPUT, labels), _output(SEGMENT_SCORE_OUTPUT, scores)]
+    if segments[0].embeddings is not None:
+        embeddings = np.zeros((len(segments), count, segments[0].embeddings.shape[1]), np.float32)
+        for i, clip in enumerate(segments):
+            embeddings[i, : len(clip.embeddings)] = clip.embeddings
+        outputs.append(_output(SEGMENT_EMBEDDING_OUTPUT, embeddings))
+    return outputs
 
 
 def _output(name: str, data: np.ndarray) -> InferOutput:

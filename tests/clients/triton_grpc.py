@@ -1,8 +1,8 @@
 """tritonclient.grpc in a process of its own: it and kserve register the same protobuf symbols.
 
-Reads a JSON job on stdin: {"url", "model", "clips": [base64 audio], "parameters"} or, with
-"waveform": [[floats]] (its rate, if not 16 kHz, in "parameters": tritonclient.grpc has no
-per-input parameters); prints {"ready": ..., "<output>": [...], ...} with every output the server
+Reads a JSON job on stdin: {"url", "model", "clips": [base64 audio], "parameters", "outputs" (names
+to request, optional)} or, with "waveform": [[floats]] (its rate, if not 16 kHz, in "parameters":
+tritonclient.grpc has no per-input parameters); prints {"ready": ..., "<output>": [...], ...} with every output the server
 sent (BYTES as strings), or {"error_code": ..., "error": ...}, as JSON on stdout.
 """
 
@@ -27,7 +27,8 @@ def main() -> None:
         tensor = triton_grpc.InferInput("audio", [len(clips)], "BYTES")
         tensor.set_data_from_numpy(clips)
     try:
-        result = client.infer(job["model"], [tensor], parameters=job.get("parameters") or None)
+        requested = [triton_grpc.InferRequestedOutput(name) for name in job.get("outputs", [])]
+        result = client.infer(job["model"], [tensor], outputs=requested or None, parameters=job.get("parameters") or None)
     except InferenceServerException as exc:
         print(json.dumps({"error_code": exc.status(), "error": exc.message()}))
         return
