@@ -84,6 +84,20 @@ def test_long_audio_parameters_reach_the_server_alike_on_every_protocol(server, 
             assert_same_predictions(segment["labels"], reference["labels"])
 
 
+@pytest.mark.parametrize("protocol", ["v1", "v2", "grpc"])
+def test_embedding_in_the_results_file_and_the_table(server, pooler_output, speech_16k, speech_file, tmp_path, protocol):
+    """--embedding: each record carries the file's embedding as one plain list whatever the protocol,
+    equal to transformers' pooler_output; the table shows a line for it."""
+    output = tmp_path / "embeddings.jsonl"
+    done = classify(server, protocol, speech_file, "--embedding", "--output", output)
+    assert done.returncode == 0, done.stderr
+    [record] = read_lines(output)
+    np.testing.assert_allclose(record["embedding"], pooler_output(speech_16k), atol=1e-4, rtol=0)
+    table = classify(server, protocol, speech_file, "--embedding", "--top-k", 1)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[-1].startswith(f"  embedding ({len(record['embedding'])} numbers): [")
+
+
 def test_a_bad_file_exits_non_zero_with_the_servers_message(server, tmp_path):
     path = tmp_path / "broken.wav"
     path.write_bytes(b"RIFF\x00\x00\x00\x00WAVE")

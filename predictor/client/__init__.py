@@ -4,6 +4,7 @@
     client = Client("http://localhost:8080")                        # V2 REST; protocol="v1" or "grpc"
     result = client.classify("clip.wav", top_k=3)
     result.prediction.labels                                        # [{"label": ..., "score": ...}, ...]
+    client.classify("clip.wav", return_embedding=True).prediction.embedding   # [768 floats]
     result.answer                                                   # the server's answer, unchanged
 
 `python -m predictor.client --help` (also installed as `ast-classify`) runs the same over many files.
@@ -50,14 +51,15 @@ class Client:
 
     def classify(self, audio: Union[str, Path, bytes], top_k: Optional[int] = None,
                  function_to_apply: Optional[str] = None, hop_seconds: Optional[float] = None,
-                 aggregate: Optional[str] = None, return_segments: bool = False) -> Result:
+                 aggregate: Optional[str] = None, return_segments: bool = False,
+                 return_embedding: bool = False) -> Result:
         """One file (a path or its bytes); raises `RequestFailed` with the server's message."""
         data = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
         parameters = {name: value for name, value in (("top_k", top_k), ("function_to_apply", function_to_apply),
                                                        ("hop_seconds", hop_seconds), ("aggregate", aggregate))
                       if value is not None}
-        if return_segments:
-            parameters["return_segments"] = True
+        parameters.update({name: True for name, asked in (("return_segments", return_segments),
+                                                           ("return_embedding", return_embedding)) if asked})
         reencoded = None
         if self.request_bytes(data, parameters) > self.max_request_bytes:
             from .reencode import as_model_flac  # decoding needs the server's audio libraries

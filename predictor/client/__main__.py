@@ -4,6 +4,7 @@
     ast-classify --protocol grpc --url localhost:8081 clip.m4a --json
     ast-classify recordings/ --concurrency 4 --output results.jsonl   # resumable: rerun to finish
     ast-classify long.flac --hop 5 --segments                 # each window's labels too
+    ast-classify clips/ --embedding --output embeddings.jsonl  # each file's embedding in its record
     ast-classify --url http://$INGRESS --host ast-audio.default.example.com clip.wav   # through an ingress
 
 Exit status: 0 when every file was answered, 1 when any failed (each failure is reported, the
@@ -38,6 +39,9 @@ def table(name: str, prediction: Prediction) -> str:
     for segment in prediction.segments or []:
         best = ", ".join(f"{p['label']} {p['score']:.2f}" for p in segment["labels"][:3])
         lines.append(f"  {segment['start']:8.2f} - {segment['end']:8.2f} s  {best}")
+    if prediction.embedding is not None:
+        shown = ", ".join(f"{x:.4f}" for x in prediction.embedding[:4])
+        lines.append(f"  embedding ({len(prediction.embedding)} numbers): [{shown}, ...]")
     return "\n".join(lines)
 
 
@@ -58,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default: the server's, one window)")
     parser.add_argument("--aggregate", choices=["max", "mean"], help="a long file's windows → its labels")
     parser.add_argument("--segments", action="store_true", help="each window's labels and times too")
+    parser.add_argument("--embedding", action="store_true", help="each file's embedding too (the vector the "
+                        "model's classifier reads): a line of the table, an \"embedding\" list in --json and "
+                        "--output records")
     parser.add_argument("--json", action="store_true", help="one JSON object per file (the server's answer) "
                                                              "instead of a table")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: 300)")
@@ -76,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # retries after a 503 are warnings
     client = Client(args.url, args.protocol, args.model_name, args.timeout, args.host, args.max_request_mb)
     parameters = {"top_k": args.top_k, "function_to_apply": args.function, "hop_seconds": args.hop,
-                  "aggregate": args.aggregate, "return_segments": args.segments}
+                  "aggregate": args.aggregate, "return_segments": args.segments, "return_embedding": args.embedding}
     names = list(audio_files(args.files))
     if not names:
         print(f"no audio files in {', '.join(args.files)} (looked for {', '.join(sorted(AUDIO_SUFFIXES))})",

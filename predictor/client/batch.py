@@ -1,7 +1,8 @@
 """Many files: found in folders, sent N at a time, one JSON line each, resumable.
 
 A results file (`--output`, JSON Lines) holds one object per file: `{"file", "answer"}` or
-`{"file", "error", "status"}`. A rerun with the same file skips every file whose record is final:
+`{"file", "error", "status"}`; with `--embedding`, an answer's record also holds the
+file's `"embedding"` as a plain list, the same whichever protocol carried it. A rerun with the same file skips every file whose record is final:
 an answer, or a refusal of the file itself (`final`). Every other failure (a busy or unreachable
 server, a timeout, a wrong model name) is tried again, its old record removed first, so the file
 keeps one record per audio file however many runs it took.
@@ -33,7 +34,8 @@ class Outcome:
 
     def line(self) -> dict:
         if self.result is not None:
-            return {"file": self.file, "answer": self.result.answer}
+            embedding = self.result.prediction.embedding
+            return {"file": self.file, "answer": self.result.answer, **({"embedding": embedding} if embedding else {})}
         return {"file": self.file, "error": self.error, "status": self.status}
 
 

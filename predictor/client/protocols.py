@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import requests
 
-from ..names import AUDIO_INPUT, LABEL_OUTPUT, MODEL_NAME, SCORE_OUTPUT, retry_after
+from ..names import AUDIO_INPUT, EMBEDDING_OUTPUT, LABEL_OUTPUT, MODEL_NAME, SCORE_OUTPUT, retry_after
 
 MAX_CONNECTIONS = 64
 # The V2 binary data extension's header (tritonclient and kserve send and read the same).
@@ -41,10 +41,12 @@ class RequestFailed(Exception):
 
 @dataclass
 class Prediction:
-    """A file's labels, best first, and its windows' when segments were asked for."""
+    """A file's labels, best first; its windows' when segments were asked for; its embedding when
+    that was."""
 
     labels: list[dict]
     segments: Optional[list[dict]] = None
+    embedding: Optional[list[float]] = None
 
 
 @dataclass
@@ -87,7 +89,7 @@ class V1(Rest):
     @staticmethod
     def prediction(answer: Any) -> Prediction:
         if isinstance(answer, dict):
-            return Prediction(answer["labels"], answer.get("segments"))
+            return Prediction(answer["labels"], answer.get("segments"), answer.get("embedding"))
         return Prediction(answer)
 
 
@@ -225,11 +227,12 @@ def grpc_answer(response: Any) -> dict:
 
 
 def v2_prediction(outputs: dict[str, dict]) -> Prediction:
-    """V2 outputs (flattened row-major, one file) → labels, and segments when they were sent."""
+    """V2 outputs (flattened row-major, one file) → labels, and segments and embedding when they were sent."""
     labels = [{"label": label, "score": float(score)}
               for label, score in zip(outputs[LABEL_OUTPUT]["data"], outputs[SCORE_OUTPUT]["data"])]
+    embedding = outputs[EMBEDDING_OUTPUT]["data"] if EMBEDDING_OUTPUT in outputs else None
     if "segment_start" not in outputs:
-        return Prediction(labels)
+        return Prediction(labels, embedding=embedding)
     starts, ends = outputs["segment_start"]["data"], outputs["segment_end"]["data"]
     k = outputs["segment_label"]["shape"][-1]
     segments = []
@@ -240,4 +243,4 @@ def v2_prediction(outputs: dict[str, dict]) -> Prediction:
         scores = outputs["segment_score"]["data"][index * k:(index + 1) * k]
         segments.append({"start": start, "end": end,
                          "labels": [{"label": n, "score": float(s)} for n, s in zip(names, scores)]})
-    return Prediction(labels, segments)
+    return Prediction(labels, segments, embedding)
