@@ -30,9 +30,12 @@ ratio:
   11. the host side with frontends: the model of section 9 served by one process and by
      `--frontends 2`, single-clip requests over V2 binary from clients in several processes: requests/s,
      and each process's CPU per request (what one frontend's core can take, and what the model's
-     process spends per request beyond its engine: the ceilings on a GPU node).
+     process spends per request beyond its engine: the ceilings on a GPU node);
+  12. what the embedding output costs: the full-size model's ONNX graph asked for both outputs against
+     for the logits alone, at batch 1; and the server's throughput with `return_embedding` against
+     without, over V2 binary and V1 JSON at concurrency 4.
 `--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8, `--only overhead` runs 9,
-`--only frontends` runs 11 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
+`--only frontends` runs 11, `--only embedding` runs 12 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
 a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
 check behaviour, this measures speed.
 """
@@ -82,7 +85,7 @@ logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 RATE = 16000
-SECTIONS = ("main", "long", "start", "overhead", "default", "frontends", "gpu")
+SECTIONS = ("main", "long", "start", "overhead", "default", "frontends", "embedding", "gpu")
 LONG_SECONDS = 600.0
 
 
@@ -201,11 +204,11 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def v1_b64_call(port: int) -> Callable[[bytes], None]:
+def v1_b64_call(port: int, parameters: Optional[dict] = None) -> Callable[[bytes], None]:
     session = requests.Session()
 
     def call(data: bytes) -> None:
-        body = {"instances": [{"b64": base64.b64encode(data).decode()}]}
+        body = {"instances": [{"b64": base64.b64encode(data).decode()}], **({"parameters": parameters} if parameters else {})}
         response = session.post(f"http://127.0.0.1:{port}/v1/models/ast:predict", json=body, timeout=600)
         response.raise_for_status()
 
@@ -224,7 +227,7 @@ def v1_raw_call(port: int, content_type: str = "audio/wav") -> Callable[[bytes],
     return call
 
 
-def v2_binary_call(port: int) -> Callable[[bytes], None]:
+def v2_binary_call(port: int, parameters: Optional[dict] = None) -> Callable[[bytes], None]:
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=600)
@@ -232,7 +235,7 @@ def v2_binary_call(port: int) -> Callable[[bytes], None]:
     def call(data: bytes) -> None:
         tensor = httpclient.InferInput("audio", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([data], dtype=np.object_), binary_data=True)
-        client.infer("ast", [tensor]).as_numpy("label")
+        client.infer("ast", [tensor], parameters=parameters).as_numpy("label")
 
     return call
 
@@ -316,6 +319,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += default_section(args, work, model_dir, threads)
     if args.only is None or "frontends" in args.only:
         rows += frontends_section(work)
+    if args.only is None or "embedding" in args.only:
+        rows += embedding_section(args, work, model_dir, threads)
     return rows
 
 
@@ -683,6 +688,42 @@ def frontends_section(work: Path, concurrency: int = 16, seconds: float = 15.0) 
     return rows
 
 
+def embedding_section(args: argparse.Namespace, work: Path, model_dir: Path, threads: int,
+                      concurrency: int = 4, requests_: int = 24) -> list[Row]:
+    """Section 12: the embedding is the classifier's input, so the pass computes it either way; what
+    it can cost is handing it out of the graph and answering with it. The engine rows ask one
+    exported fp32 graph for both outputs and for the logits alone; the server rows send the same
+    clips to one fp32 ONNX Runtime server with and without `return_embedding`, alternating arms."""
+    clips = make_clips(args.clips)
+    features = LogMelFilterbank.from_extractor(ASTFeatureExtractor())(clips).numpy()
+    engine = build_engine(Checkpoint.open(str(model_dir)), EngineOptions("onnxruntime", "fp32", threads, work, OFFLINE_TIMEOUT_S))
+
+    def per_second(outputs: Optional[list[str]]) -> float:
+        return len(clips) / best_of(args.repeats, lambda: [engine.session.run(outputs, {"input_values": features[i : i + 1]})
+                                                            for i in range(len(clips))])
+
+    alone = per_second(["logits"])
+    rows = [Row("embedding", "ONNX Runtime fp32, batch 1: logits and embedding", per_second(None), "clips/s", alone,
+                "logits alone")]
+    del engine
+    files = [wav(c) for c in clips]
+    server = start_server(model_dir, 18180, 18181, "--onnx_cache_dir", str(work), "--backend", "onnxruntime",
+                          "--precision", "fp32")
+    try:
+        for name, make_call in (("V2 binary", v2_binary_call), ("V1 JSON", v1_b64_call)):
+            seen: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(2):  # alternating arms, so that a drift of the machine falls on both
+                for embedding in (False, True):
+                    parameters = {"return_embedding": True} if embedding else None
+                    result = load_test(lambda: make_call(18180, parameters), files, concurrency, requests_)
+                    seen[embedding].append(result["clips_per_s"])
+            rows.append(Row("embedding", f"server, {name}, concurrency {concurrency}, with return_embedding",
+                            max(seen[True]), "clips/s", max(seen[False]), "without"))
+    finally:
+        local_server.stop_server(server)
+    return rows
+
+
 def report(rows: list[Row]) -> str:
     lines = ["| section | measurement | value | baseline | ratio | details |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -718,7 +759,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--only", choices=SECTIONS, nargs="+", default=None,
                         help="main: sections 1-6 (10 s clips); long: section 7 (10-minute clips); start: section 8 "
-                        "(time to ready); overhead: section 9 (the server's cost per clip). Default: all. "
+                        "(time to ready); overhead: section 9 (the server's cost per clip); embedding: section 12 (what the "
+                        "embedding output costs). Default: all. "
                         "A partial run does not replace latest.json.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

@@ -12,6 +12,7 @@ from predictor.__main__ import build_parser
 from predictor.config import Config, env_name
 from tools import docs_tables
 from predictor.client.__main__ import parser as client_parser
+from predictor.protocol import MODEL_PARAMETERS, OUTPUT_TYPES
 
 from .conftest import REPO
 
@@ -68,6 +69,14 @@ def test_every_client_flag_is_documented_with_its_default():
     wrong = {flag: (documented[flag], options[flag]) for flag in options
              if not documented_default_matches(documented[flag], options[flag])}
     assert not wrong, wrong
+
+
+def test_every_request_parameter_and_output_is_documented():
+    api = (REPO / "docs" / "api.md").read_text()
+    parameters = api.split("## Parameters", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", parameters, re.M))
+    assert set(MODEL_PARAMETERS) | {"sampling_rate"} == documented
+    assert not [o["name"] for o in OUTPUT_TYPES if f"`{o['name']}`" not in api]
 
 
 def test_every_server_flag_names_its_environment_variable_in_help():
