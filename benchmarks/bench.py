@@ -33,9 +33,12 @@ ratio:
      process spends per request beyond its engine: the ceilings on a GPU node);
   12. what the embedding output costs: the full-size model's ONNX graph asked for both outputs against
      for the logits alone, at batch 1; and the server's throughput with `return_embedding` against
-     without, over V2 binary and V1 JSON at concurrency 4.
+     without, over V2 binary and V1 JSON at concurrency 4;
+  13. what an explanation costs: seconds for a V1 :explain (occlusion, default grid) of a 10 s clip with
+     sound throughout, and of 10 s of silence with a 1 s tone burst (its silent cells are free),
+     against a :predict of the same clip, one request at a time.
 `--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8, `--only overhead` runs 9,
-`--only frontends` runs 11, `--only embedding` runs 12 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
+`--only frontends` runs 11, `--only embedding` runs 12, `--only explain` runs 13 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
 a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
 check behaviour, this measures speed.
 """
@@ -85,7 +88,7 @@ logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 RATE = 16000
-SECTIONS = ("main", "long", "start", "overhead", "default", "frontends", "embedding", "gpu")
+SECTIONS = ("main", "long", "start", "overhead", "default", "frontends", "embedding", "explain", "gpu")
 LONG_SECONDS = 600.0
 
 
@@ -321,6 +324,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += frontends_section(work)
     if args.only is None or "embedding" in args.only:
         rows += embedding_section(args, work, model_dir, threads)
+    if args.only is None or "explain" in args.only:
+        rows += explain_section(work, model_dir)
     return rows
 
 
@@ -724,6 +729,40 @@ def embedding_section(args: argparse.Namespace, work: Path, model_dir: Path, thr
     return rows
 
 
+def explain_section(work: Path, model_dir: Path) -> list[Row]:
+    """Section 13: an explanation is a pass per cell, so its cost is that of the cells that are not
+    silence, in windows; timed here against classifying the same clip, on one fp32 ONNX Runtime
+    server, a request at a time."""
+    sound = make_clips(1)[0]
+    burst = np.zeros_like(sound)
+    burst[2 * RATE : 3 * RATE] = sound[2 * RATE : 3 * RATE]
+    server = start_server(model_dir, 18180, 18181, "--onnx_cache_dir", str(work), "--backend", "onnxruntime",
+                          "--precision", "fp32")
+    session = requests.Session()
+
+    def call(verb: str, clip: np.ndarray) -> None:
+        session.post(f"http://127.0.0.1:18180/v1/models/ast:{verb}", data=wav(clip),
+                     headers={"Content-Type": "audio/wav"}, timeout=600).raise_for_status()
+
+    def seconds(verb: str, clip: np.ndarray) -> float:
+        """Best of two after a warm-up for a predict; one timed call for an explanation (tens of passes)."""
+        if verb == "predict":
+            return best_of(2, lambda: call(verb, clip))
+        start = time.perf_counter()
+        call(verb, clip)
+        return time.perf_counter() - start
+
+    try:
+        predict = seconds("predict", sound)
+        rows = [Row("explain", "predict, a 10 s clip of tones over noise", predict, "s")]
+        for name, clip in (("tones over noise (40 cells)", sound), ("silence with a 1 s tone burst (8 cells with sound)", burst)):
+            rows.append(Row("explain", f"explain (occlusion, default grid), 10 s of {name}", seconds("explain", clip), "s",
+                            predict, "predict"))
+    finally:
+        local_server.stop_server(server)
+    return rows
+
+
 def report(rows: list[Row]) -> str:
     lines = ["| section | measurement | value | baseline | ratio | details |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -760,7 +799,7 @@ def main() -> None:
     parser.add_argument("--only", choices=SECTIONS, nargs="+", default=None,
                         help="main: sections 1-6 (10 s clips); long: section 7 (10-minute clips); start: section 8 "
                         "(time to ready); overhead: section 9 (the server's cost per clip); embedding: section 12 (what the "
-                        "embedding output costs). Default: all. "
+                        "embedding output costs); explain: section 13 (what an explanation costs). Default: all. "
                         "A partial run does not replace latest.json.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .occlusion import Window
 from .passes import Pass
 from .queue_state import QueueState
 
@@ -40,7 +41,7 @@ RESTART_DELAY_S = 0.5
 
 @dataclass
 class Job:
-    windows: Sequence[np.ndarray]
+    windows: Sequence[Window]
     result: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
     scheduled: int = 0
@@ -74,7 +75,7 @@ class WindowQueue:
         self._thread: Optional[ThreadPoolExecutor] = None
         self._stager: Optional[ThreadPoolExecutor] = None
 
-    async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+    async def __call__(self, windows: Sequence[Window]) -> torch.Tensor:
         """The engine's rows for these windows (logits, then embedding), computed in turn with every other request's windows. The job is
         queued before this first awaits (`admission` counts on that)."""
         self._start()

@@ -142,6 +142,14 @@ class Config:
     calibration_dir: Optional[Path] = setting(None, "int8 on OpenVINO (static scales, NNCF): audio files like the "
                                               "ones you serve, to calibrate on. Default: clips the server synthesises.",
                                               Path)
+    explain_cell_seconds: float = setting(
+        1.0, "Explanations by occlusion: the time cells' width in seconds (widened where a clip would need more "
+        "than --explain_max_cells).", positive(float))
+    explain_bands: int = setting(4, "Explanations by occlusion: the band cells, equal groups of the mel bins.",
+                                 positive(int))
+    explain_max_cells: int = setting(
+        48, "Explanations by occlusion: most cells per clip, each a masked copy of the clip's window through the "
+        "model (cells that are digital silence cost nothing): the cost of an explanation in windows.", positive(int))
     log_format: str = setting("text", "text: kserve's log lines; json: one JSON object per line (time, level, logger, "
                               "message, and request_id while a request is handled). A --log_config_file wins over it.",
                               choices=LOG_FORMATS)

@@ -15,6 +15,7 @@ spectrum, Kaldi-scale mel filters from 20 Hz, natural log floored at float32 eps
 or truncate to `max_length` frames and normalise with the extractor's mean and 2x std.
 """
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
@@ -78,6 +79,12 @@ class LogMelFilterbank:
     @property
     def num_mel_bins(self) -> int:
         return self.mel_filters.shape[1]
+
+    @property
+    def silence(self) -> float:
+        """What every bin of a frame of digital silence is: the log floor, normalised (`occlusion`)."""
+        mean, scale = (self.mean, self.std * 2) if self.do_normalize else (0.0, 1.0)
+        return (math.log(MEL_FLOOR) - mean) / scale
 
     @property
     def max_samples(self) -> int:

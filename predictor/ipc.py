@@ -1,4 +1,4 @@
-"""Windows from a frontend to the model's process and logits back, over a local socket (`frontends`).
+"""Windows from a frontend to the model's process and rows back, over a local socket (`frontends`).
 
 `RemoteQueue` is what a frontend's model awaits in place of a `WindowQueue`: the same call (windows
 in, (windows, labels) logits out) and the same numbers for admission (`queue_state`). `ModelService`
@@ -7,7 +7,8 @@ so fairness and batching span every frontend's requests. A request whose caller 
 there too: the frontend says so and the model's process cancels its place in the queue.
 
 Our own protocol over a Unix socket rather than a library's: a frame is a small pickled header and
-the raw float32 samples or logits, which the model's process receives straight into their array. gRPC or
+the raw float32 samples or rows, which the model's process receives straight into their array (an
+occluded window's samples travel once, however many cells of them are masked: `occlusion`). gRPC or
 multiprocessing's queues would serialise the samples again and add a thread hop each way; both ends
 are this package, in one pod, on a socket in a directory only this server's user can reach.
 """
@@ -25,12 +26,15 @@ import torch
 
 from .batching import WindowQueue
 from .errors import Overloaded
+from .occlusion import Occluded, Window
 from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
 
 FRAME = struct.Struct("!II")  # header bytes, payload bytes
 RUN, DROP, LOGITS, FAILED = "run", "drop", "logits", "failed"
+Layout = list[tuple[int, Optional[tuple[tuple[int, int], tuple[int, int]]]]]
+"""Each window: the index of its samples among those sent, and its occluded cell (frames, bins) or None."""
 
 
 def frame(header: tuple, payload: bytes = b"") -> bytes:
@@ -98,7 +102,7 @@ class ModelService:
             while True:
                 (kind, job, *detail), payload = await receive_frame(connection)
                 if kind == RUN:
-                    jobs[job] = asyncio.ensure_future(self._run(job, detail[0], payload, connection, sending))
+                    jobs[job] = asyncio.ensure_future(self._run(job, *detail, payload, connection, sending))
                     jobs[job].add_done_callback(lambda _, job=job: jobs.pop(job, None))
                 elif kind == DROP and job in jobs:
                     jobs[job].cancel()
@@ -109,10 +113,11 @@ class ModelService:
                 task.cancel()
             connection.close()
 
-    async def _run(self, job: int, lengths: Sequence[int], payload: bytearray, connection: socket.socket,
-                   sending: asyncio.Lock) -> None:
+    async def _run(self, job: int, lengths: Sequence[int], layout: Layout, payload: bytearray,
+                   connection: socket.socket, sending: asyncio.Lock) -> None:
         samples = np.frombuffer(payload, dtype=np.float32)
-        windows = np.split(samples, np.cumsum(lengths)[:-1]) if len(lengths) > 1 else [samples]
+        sources = np.split(samples, np.cumsum(lengths)[:-1]) if len(lengths) > 1 else [samples]
+        windows = [sources[source] if cell is None else Occluded(sources[source], *cell) for source, cell in layout]
         try:
             logits = (await self.queue(windows)).float().contiguous().numpy()
             answer = frame((LOGITS, job, logits.shape), logits.tobytes())
@@ -142,14 +147,15 @@ class RemoteQueue:
         self._writer: Optional[asyncio.StreamWriter] = None
         self._connecting: Optional[asyncio.Task] = None
 
-    async def __call__(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
-        """The windows' logits. The frame is written before this first awaits once connected, so
+    async def __call__(self, windows: Sequence[Window]) -> torch.Tensor:
+        """The windows' rows. The frame is written before this first awaits once connected, so
         the windows leave admission's count (`Admission.counted`) as they are sent."""
         writer = self._writer or await self._connect()
         job = next(self._ids)
         result = self._pending[job] = asyncio.get_running_loop().create_future()
-        writer.write(frame((RUN, job, [len(w) for w in windows]),
-                           np.concatenate(windows).astype(np.float32, copy=False).tobytes()))
+        sources, layout = _layout(windows)
+        writer.write(frame((RUN, job, [len(s) for s in sources], layout),
+                           np.concatenate(sources).astype(np.float32, copy=False).tobytes()))
         try:
             await writer.drain()
             return await result
@@ -188,6 +194,20 @@ class RemoteQueue:
             for result in self._pending.values():
                 if not result.done():
                     result.set_exception(Overloaded("the server is stopping: its model's process has ended", 1))
+
+
+def _layout(windows: Sequence[Window]) -> tuple[list[np.ndarray], Layout]:
+    """The distinct sample arrays of `windows` (an occluded copy shares its window's), and the layout."""
+    sources: list[np.ndarray] = []
+    index: dict[int, int] = {}
+    layout: Layout = []
+    for window in windows:
+        samples = window.samples if isinstance(window, Occluded) else window
+        if id(samples) not in index:
+            index[id(samples)] = len(sources)
+            sources.append(samples)
+        layout.append((index[id(samples)], (window.frames, window.bins) if isinstance(window, Occluded) else None))
+    return sources, layout
 
 
 def _failure(kind: str, message: str, retry_after_s: int) -> Exception:

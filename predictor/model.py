@@ -17,15 +17,17 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 from kserve import Model
+from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from . import audio, labels, metrics, precision, protocol, windows
+from . import audio, explanations, labels, metrics, occlusion, precision, protocol, windows
 from .allocator import release_freed_memory
 from .admission import Admission
 from .batching import WindowQueue
@@ -34,7 +36,7 @@ from .config import Config
 from .engines import Engine, EngineOptions, ExportError, build_engine
 from .engines.options import split
 from .errors import ClientInputError, Overloaded, shown
-from .features import LogMelFilterbank
+from .features import HOP_LENGTH, LogMelFilterbank
 from .ipc import RemoteQueue
 from .passes import BatchedPass, CpuPass, Pass
 from .protocol.requests import parse
@@ -42,6 +44,9 @@ from .protocol.responses import ClipResult, Ranked, Segments, respond
 from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
+
+EXPLAINING: ContextVar[bool] = ContextVar("explaining", default=False)
+"""Set while kserve handles a V1 :explain: its preprocess cannot otherwise tell it from a :predict."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class Options:
     aggregate: str
     return_segments: bool
     return_embedding: bool
+    explain: bool
+    explain_format: str
 
 
 @dataclass
@@ -65,12 +72,15 @@ class Work:
     starts: list[np.ndarray]  # each clip's window starts, in samples
     lengths: list[int]  # each clip's samples at the model's rate
     windows: list[np.ndarray]  # every clip's windows, in order: views into the waveforms
+    cells: list[occlusion.Grid] = field(default_factory=list)  # with explain: each clip's (one window) grid
 
 
 @dataclass
 class Logits:
-    per_clip: list[torch.Tensor]  # (windows, labels) for each clip
+    per_clip: list[torch.Tensor]  # (windows, labels + hidden) rows for each clip
     work: Work
+    masked: list[tuple[torch.Tensor, list[int]]] = field(default_factory=list)
+    """With explain: each clip's masked copies' rows, and the index of each copy's cell in its grid."""
 
 
 class ASTModel(Model):
@@ -155,6 +165,14 @@ class ASTModel(Model):
 
     # ---- the request path ------------------------------------------------------------------
 
+    async def __call__(self, body: Any, headers: Optional[dict] = None, verb: InferenceVerb = InferenceVerb.PREDICT):
+        """kserve's own order of steps; a V1 :explain is a predict with `explain` on (`EXPLAINING`)."""
+        explaining = EXPLAINING.set(verb == InferenceVerb.EXPLAIN)
+        try:
+            return await super().__call__(body, headers, verb)
+        finally:
+            EXPLAINING.reset(explaining)
+
     def validate(self, payload: Any) -> Any:
         """kserve's check looks for V1/V2 dict keys; our preprocess has already validated."""
         return payload
@@ -163,12 +181,12 @@ class ASTModel(Model):
         """Parse; refuse a busy server's request before opening anything; read the headers (in the
         decoding pool) and refuse what the limits or the wait forbid; then decode."""
         request = parse(payload, self.config.max_clips_per_request)
-        options = self._options(request.parameters)
+        options = self._options(request.parameters, explaining=EXPLAINING.get())
         self.admission.check()
         sources = await self._pooled(self._open, request.clips,
                                      abandoned=lambda done: done.cancelled() or done.exception() or _close(done.result()))
         try:
-            cost = self._check_windows([self._declared(s) for s in sources], options.hop_seconds)
+            cost = self._check_windows([self._declared(s) for s in sources], options)
             self.admission.check(cost)
         except (ClientInputError, Overloaded):
             _close(sources)
@@ -176,16 +194,27 @@ class ASTModel(Model):
         with self.admission.counted(cost), metrics.STAGE_SECONDS.labels("decode").time():
             waveforms = await self._pooled(self._decode, sources,  # which closes them, once it runs
                                            abandoned=lambda done: done.cancelled() and _close(sources))
-        self._check_windows([len(w) for w in waveforms], options.hop_seconds)
+        self._check_windows([len(w) for w in waveforms], options)
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
         return Work(
             request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
             windows=[window for w, s in zip(waveforms, starts) for window in self.windowing.slices(w, s)],
+            cells=[self._grid(len(w)) for w in waveforms] if options.explain else [],
         )
 
     async def predict(self, payload: Work, headers: Optional[dict] = None) -> Logits:
-        logits = await self.queue(payload.windows)  # queued before this first awaits: see `admission`
-        return Logits(per_clip=list(logits.split([len(s) for s in payload.starts])), work=payload)
+        """The windows' rows; with explain, each clip's masked copies' too (its one window, each
+        with a cell of silence), in the same call: they take turns in the queue with every other
+        request's windows."""
+        copies = [occlusion.copies(window, cells) for window, cells in zip(payload.windows, payload.cells)]
+        count = len(payload.windows)
+        rows = await self.queue([*payload.windows, *(copy for masked, _ in copies for copy in masked)])  # queued
+        # before this first awaits: see `admission`
+        masked = list(zip(rows[count:].split([len(m) for m, _ in copies]), [indices for _, indices in copies]))
+        return Logits(per_clip=list(rows[:count].split([len(s) for s in payload.starts])), work=payload, masked=masked)
+
+    async def explain(self, payload: Work, headers: Optional[dict] = None) -> Logits:
+        return await self.predict(payload, headers)
 
     async def postprocess(self, result: Logits, headers: Optional[dict] = None, response_headers=None) -> Union[dict, InferResponse]:
         """Each clip's windows' rows → its labels (logits aggregated as asked), its embedding (the
@@ -202,24 +231,47 @@ class ASTModel(Model):
                 start, end = self.windowing.times(starts, length)
                 clip.segments = Segments(start=start, end=end, ranked=self._rank(logits, options),
                                          embeddings=embeddings.numpy() if options.return_embedding else None)
+        if options.explain:
+            self._explain(results, clip_logits, result.masked, work)
         metrics.CLIPS.inc(len(work.lengths))
         metrics.AUDIO_SECONDS.inc(sum(work.lengths) / self.target.rate)
         return respond(work.request, self.name, results)
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _options(self, parameters: dict[str, Any]) -> Options:
-        segments, embedding = (parameters.get(name, False) for name in ("return_segments", "return_embedding"))
-        for name, value in (("return_segments", segments), ("return_embedding", embedding)):
+    def _explain(self, results: list[ClipResult], clip_logits: torch.Tensor,
+                 masked: list[tuple[torch.Tensor, list[int]]], work: Work) -> None:
+        """Each clip's top-k labels' drops in score under each masked cell (`occlusion`)."""
+        options = work.options
+        scores = labels.scores(clip_logits, options.function)
+        ids = scores.topk(options.top_k, dim=-1).indices  # as `labels.top_k` ranks them
+        for clip, row, label_ids, (rows, indices), cells, window in zip(results, scores, ids, masked, work.cells,
+                                                                        work.windows):
+            masked_scores = labels.scores(split(rows, self.num_labels)[0], options.function)[:, label_ids]
+            relevance = occlusion.relevance(row[label_ids].numpy(), masked_scores.numpy(), indices, cells)
+            features = (self.filterbank([window])[0, : cells.frames[-1][1]].numpy()
+                        if options.explain_format == "png" else None)
+            clip.explanations = explanations.explained(clip.ranked.labels, clip.ranked.scores, relevance, cells,
+                                                       self.target.rate, self.filterbank.num_mel_bins, features)
+
+    def _options(self, parameters: dict[str, Any], explaining: bool = False) -> Options:
+        """`explaining`: a V1 :explain, which is explain: true whatever the parameters say. An
+        explanation covers a clip's one window, so its hop is the window."""
+        flags = {name: parameters.get(name, False) for name in ("return_segments", "return_embedding", "explain")}
+        for name, value in flags.items():
             if not isinstance(value, bool):
                 raise ClientInputError(f"{name} must be true or false; got {shown(value)}")
+        explain = flags["explain"] or explaining
+        hop_seconds = self.windowing.check_hop(parameters.get("hop_seconds", self.windowing.seconds))
         return Options(
             top_k=labels.check_top_k(parameters.get("top_k", self.default_top_k), self.num_labels),
             function=labels.check_function(parameters.get("function_to_apply", self.default_function)),
-            hop_seconds=self.windowing.check_hop(parameters.get("hop_seconds", self.windowing.seconds)),
+            hop_seconds=self.windowing.seconds if explain else hop_seconds,
             aggregate=windows.check_aggregate(parameters.get("aggregate", "max")),
-            return_segments=segments,
-            return_embedding=embedding,
+            return_segments=flags["return_segments"],
+            return_embedding=flags["return_embedding"],
+            explain=explain,
+            explain_format=explanations.check_format(parameters.get("explain_format", "json")),
         )
 
     async def _pooled(self, function: Callable[..., Any], *args: Any,
@@ -266,16 +318,35 @@ class ASTModel(Model):
         one window until decoded."""
         return 0 if source.frames is None else round(source.frames / source.rate * self.target.rate)
 
-    def _check_windows(self, lengths: list[int], hop_seconds: float) -> int:
-        """The request's windows, refused past the limit before they are made."""
+    def _check_windows(self, lengths: list[int], options: Options) -> int:
+        """The request's windows (with explain, each clip's masked copies too, at most), refused past
+        the limit before they are made. A length of 0 is a clip whose header did not say."""
+        hop_seconds = options.hop_seconds
         count = sum(max(1, self.windowing.count(length, hop_seconds)) for length in lengths)
-        if count > self.config.max_windows_per_request:
+        copies = 0
+        if options.explain:
+            if count > len(lengths):
+                longest = max(lengths) / self.target.rate
+                raise ClientInputError(
+                    f"an explanation covers one window ({self.windowing.seconds:g} s) of a clip; this request has a "
+                    f"clip of {longest:.2f} s: send the part to explain"
+                )
+            copies = sum(len(self._grid(length or self.filterbank.max_samples).cells) for length in lengths)
+        if count + copies > self.config.max_windows_per_request:
+            explained = f", {copies} of them masked copies to explain the clips" if copies else ""
             raise ClientInputError(
-                f"this request needs {count} windows of {self.windowing.seconds:g} s at hop_seconds "
-                f"{hop_seconds:g}; this server computes at most {self.config.max_windows_per_request} per request "
-                "(--max_windows_per_request): raise hop_seconds or send fewer seconds of audio"
+                f"this request needs {count + copies} windows of {self.windowing.seconds:g} s at hop_seconds "
+                f"{hop_seconds:g}{explained}; this server computes at most {self.config.max_windows_per_request} per "
+                "request (--max_windows_per_request): raise hop_seconds or send fewer seconds of audio"
             )
-        return count
+        return count + copies
+
+    def _grid(self, samples: int) -> occlusion.Grid:
+        """A clip's occlusion cells, as the explain_* settings lay them out."""
+        config, filterbank = self.config, self.filterbank
+        return occlusion.grid(occlusion.frames_in(samples, filterbank.max_length), filterbank.num_mel_bins,
+                              cell_frames=max(1, round(config.explain_cell_seconds * filterbank.sampling_rate / HOP_LENGTH)),
+                              bands=config.explain_bands, max_cells=config.explain_max_cells)
 
     def _warm_up(self, windows: int, runs: int) -> float:
         """Passes of whole windows of silence, the last timed: the first estimate of a window's cost

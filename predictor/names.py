@@ -24,6 +24,7 @@ SEGMENT_LABEL_OUTPUT = "segment_label"
 SEGMENT_SCORE_OUTPUT = "segment_score"
 EMBEDDING_OUTPUT = "embedding"
 SEGMENT_EMBEDDING_OUTPUT = "segment_embedding"
+EXPLANATION_OUTPUT = "explanation"
 
 _RETRY_AFTER = re.compile(r"\bretry_after_s=(\d+)\b")
 

@@ -1,5 +1,6 @@
 """One forward pass, on the device the model runs on: a batch of windows → the engine's rows (each
-window's logits, then its embedding: `engines.options.split`).
+window's logits, then its embedding: `engines.options.split`). A window may be `occlusion.Occluded`:
+its features get a cell of silence between the filterbank and the engine.
 
 A pass has two steps, so that the queue (`batching`) can prepare one while another runs:
 `stage` (on a thread of its own) and `run` (on the model's thread).
@@ -22,17 +23,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence
 
-import numpy as np
 import torch
 
 from . import metrics
 from .engines import Engine
 from .errors import Overloaded
 from .features import LogMelFilterbank
+from .occlusion import Window, samples_of, silence
 
 logger = logging.getLogger(__name__)
 
-Windows = Sequence[np.ndarray]
+Windows = Sequence[Window]
 
 
 class Pass(Protocol):
@@ -55,7 +56,7 @@ class CpuPass:
 
     def run(self, windows: Windows) -> torch.Tensor:
         with metrics.STAGE_SECONDS.labels("features").time():
-            features = self.filterbank(windows)
+            features = silence(self.filterbank(samples_of(windows)), windows, self.filterbank.silence)
         with metrics.STAGE_SECONDS.labels("model").time():
             return self.engine(features)
 
@@ -65,6 +66,7 @@ class Staged:
     samples: torch.Tensor  # (windows, samples) on the device, being copied on the copy stream
     lengths: torch.Tensor  # each window's samples, on the host
     copied: Optional[torch.Event]  # None where nothing is copied (the CPU)
+    windows: Windows  # for their occluded cells
 
 
 class BatchedPass:
@@ -87,7 +89,7 @@ class BatchedPass:
         try:
             if last_copy is not None:
                 last_copy.synchronize()  # the copy out of this buffer has finished before it is refilled
-            samples, lengths = self.filterbank.padded(windows, out=buffer)
+            samples, lengths = self.filterbank.padded(samples_of(windows), out=buffer)
             with self.accelerator.stream(self.copies):
                 on_device = samples.to(self.device, non_blocking=True)
                 copied = self.copies.record_event()
@@ -98,7 +100,7 @@ class BatchedPass:
             self.buffers.appendleft((buffer, last_copy))  # whatever failed, the buffer stays in turn
             raise
         self.buffers.append((buffer, copied))
-        return Staged(on_device, lengths, copied)
+        return Staged(on_device, lengths, copied, windows)
 
     def run(self, staged: Staged) -> torch.Tensor:
         if staged.copied is not None:
@@ -107,8 +109,9 @@ class BatchedPass:
             staged.samples.record_stream(stream)  # made on the copy stream, used on this one
         with metrics.STAGE_SECONDS.labels("model").time():  # the filterbank included: the GPU runs both
             logits, self.part = in_parts(
-                lambda start, end: self.engine(self.filterbank.batch(staged.samples[start:end],
-                                                                     staged.lengths[start:end])),
+                lambda start, end: self.engine(silence(
+                    self.filterbank.batch(staged.samples[start:end], staged.lengths[start:end]),
+                    staged.windows[start:end], self.filterbank.silence)),
                 len(staged.lengths), self.part, self._ran_out)
         return logits
 

@@ -73,6 +73,19 @@ def test_embeddings_come_through_the_channel(fronted, pooler_output, speech_16k)
                                    atol=1e-4, rtol=0)
 
 
+def test_explanations_come_through_the_channel(fronted, server):
+    """An explanation's masked copies share their window's samples (sent once) and each carries its
+    cell: the maps are those the one-process server draws."""
+    clip = np.concatenate([np.zeros(RATE, np.float32), tone(880, 2.0, RATE)])
+    body = {"instances": [{"b64": base64.b64encode(encode(clip, RATE, "WAV", "FLOAT")).decode()}],
+            "parameters": {"top_k": 2}}
+    answers = [requests.post(f"{url}/v1/models/ast:explain", json=body, timeout=60) for url in (fronted.url, server.url)]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    ours, theirs = ([e["relevance"] for e in a.json()["explanations"][0]] for a in answers)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert np.abs(ours).max() > 0
+
+
 def test_metrics_add_every_process_up(fronted, speech_16k):
     clips_before, windows_before = metric(fronted, "ast_clips_total"), metric(fronted, "ast_windows_total")
     sent = 4 * FRONTENDS

@@ -269,7 +269,7 @@ def test_metadata_lists_the_optional_outputs(long_server):
     metadata = requests.get(f"{long_server.url}/v2/models/ast").json()
     assert {o["name"] for o in metadata["outputs"]} == {"label", "score", "segment_start", "segment_end",
                                                         "segment_label", "segment_score", "embedding",
-                                                        "segment_embedding"}
+                                                        "segment_embedding", "explanation"}
 
 
 @pytest.mark.parametrize("suffix, codec", [(".m4a", ["-c:a", "aac"]), (".webm", ["-c:a", "libopus"]),

@@ -28,5 +28,6 @@ def test_the_notebook_runs_against_the_server(server, speech_wav, tmp_path, monk
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "ready: True" in text and "windows" in text and "nearest to 'the clip above':" in text
-    # the waveform, the spectrogram, the bar chart, the timeline and the audio search
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
+    assert "relevance over" in text
+    # the waveform, the spectrogram, the bar chart, the explanation, the timeline and the audio search
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 6

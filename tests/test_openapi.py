@@ -16,11 +16,8 @@ Left out, each checked against this server (`test_the_operations_left_out_answer
 - GET /v2/models/{model_name}/versions/{model_version}/ready, and any value of the `model_version` query
   parameter of /v2/models/{model_name}, .../ready and .../infer: kserve answers 501 "Model versioning not
   supported yet" by design. The parameter is pinned to the empty value, which kserve reads as absent.
-- POST /v1/models/{model_name}:explain: no explainer is configured, so kserve's `Model.explain` raises
-  NotImplementedError, a 501 by design, for any body the model's preprocess takes (a body it refuses is
-  a 400, as for :predict: `test_explain_refuses_what_predict_refuses_with_a_400`).
 Everything else is tested: /, /metrics, /v1/models, /v1/models/{model_name}, /v1/models/{model_name}:predict,
-/v2, /v2/health/live, /v2/health/ready, /v2/models, /v2/models/{model_name}, /v2/models/{model_name}/ready,
+/v1/models/{model_name}:explain, /v2, /v2/health/live, /v2/health/ready, /v2/models, /v2/models/{model_name}, /v2/models/{model_name}/ready,
 /v2/models/{model_name}/infer. KServe's schema gives :predict no request body (it reads the raw request),
 so `test_v1_predict_with_the_documented_body` adds the V1 body the README documents and runs :predict again.
 
@@ -46,7 +43,6 @@ LEFT_OUT = [
     "/v2/repository/models/{model_name}/unload",
     "/v2/repository/models/{model_name}/load",
     "/v2/models/{model_name}/versions/{model_version}/ready",
-    "/v1/models/{model_name}:explain",
 ]
 PREDICT = "/v1/models/{model_name}:predict"
 CONFIG = f"""\
@@ -121,8 +117,6 @@ def test_the_operations_left_out_answer_as_described(server):
     assert requests.get(f"{server.url}/v2/models/ast/versions/1/ready", timeout=30).status_code == 501
     assert requests.get(f"{server.url}/v2/models/ast?model_version=1", timeout=30).status_code == 501
     assert requests.get(f"{server.url}/v2/models/ast?model_version=", timeout=30).status_code == 200
-    assert requests.post(f"{server.url}/v1/models/ast:explain", data=small_wav(0.5),
-                         headers={"content-type": "audio/wav"}, timeout=60).status_code == 501
     assert requests.post(f"{server.url}/v2/repository/models/not-loaded/unload", timeout=30).status_code == 404
     assert requests.get(f"{server.url}/v2/models/ast/ready", timeout=30).status_code == 200
 
@@ -130,7 +124,7 @@ def test_the_operations_left_out_answer_as_described(server):
 @pytest.mark.parametrize("body, headers", [
     (b"", {}), (b'{"instances":[{"b64":"!!"}]}', {"content-type": "application/json"})], ids=["no-body", "bad-base64"])
 def test_explain_refuses_what_predict_refuses_with_a_400(server, body, headers):
-    """The model's preprocess runs before kserve's 501 for the missing explainer; its refusal was a 500."""
+    """:explain goes through the model's preprocess as :predict does (its refusal was once a 500)."""
     for url in (server.predict_url, f"{server.url}/v1/models/ast:explain"):
         response = requests.post(url, data=body, headers=headers, timeout=60)
         assert response.status_code == 400 and response.json()["error"], response.text

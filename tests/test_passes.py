@@ -13,6 +13,7 @@ from predictor.checkpoint import Checkpoint, load_feature_extractor
 from predictor.engines import EngineOptions, build_engine
 from predictor.errors import Overloaded
 from predictor.features import LogMelFilterbank
+from predictor.occlusion import Occluded
 from predictor.passes import BatchedPass, CpuPass, in_parts
 
 
@@ -63,6 +64,21 @@ def test_the_batched_pass_a_gpu_runs_answers_as_the_cpu_pass(tiny_passes):
     windows = windows_of_every_length(filterbank)
     for chosen in (windows, windows[1:3], windows[::-1], windows):  # more passes than buffers
         torch.testing.assert_close(batched.run(batched.stage(chosen)), per_clip.run(chosen), atol=1e-4, rtol=0)
+
+
+def test_occluded_windows_are_silenced_alike_in_both_passes(tiny_passes):
+    """An occluded window's cell is silence in the features the engine reads, on the batched pass a
+    GPU runs as on the CPU's, and masking a cell changes that window's rows and no other's."""
+    filterbank, engine = tiny_passes
+    batched, per_clip = BatchedPass(filterbank, engine, torch.device("cpu"), max_batch_size=8), CpuPass(filterbank, engine)
+    plain = windows_of_every_length(filterbank)[:3]
+    windows = [plain[0], Occluded(plain[0], (10, 60), (8, 40)), plain[1], Occluded(plain[1], (0, 5), (0, 64)), plain[2]]
+    rows = per_clip.run(windows)
+    torch.testing.assert_close(batched.run(batched.stage(windows)), rows, atol=1e-4, rtol=0)
+    assert (rows[1] - rows[0]).abs().max() > 1e-4 and (rows[3] - rows[2]).abs().max() > 1e-4
+    features = filterbank([plain[0]])
+    features[0, 10:60, 8:40] = filterbank.silence
+    torch.testing.assert_close(rows[1:2], engine(features), atol=1e-5, rtol=0)
 
 
 def test_the_queue_stages_batched_passes_ahead_and_every_request_gets_its_rows(tiny_passes):

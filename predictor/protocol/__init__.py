@@ -12,13 +12,14 @@ from typing import Any, Optional
 from kserve.protocol.infer_type import InferRequest
 
 from ..audio import Clip
-from ..names import (AUDIO_INPUT, EMBEDDING_OUTPUT, LABEL_OUTPUT, SCORE_OUTPUT, SEGMENT_EMBEDDING_OUTPUT,
-                     SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT,
-                     WAVEFORM_INPUT)
+from ..names import (AUDIO_INPUT, EMBEDDING_OUTPUT, EXPLANATION_OUTPUT, LABEL_OUTPUT, SCORE_OUTPUT,
+                     SEGMENT_EMBEDDING_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT,
+                     SEGMENT_START_OUTPUT, WAVEFORM_INPUT)
 SEGMENT_OUTPUTS = (SEGMENT_START_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT,
                    SEGMENT_EMBEDDING_OUTPUT)
 EMBEDDING_OUTPUTS = (EMBEDDING_OUTPUT, SEGMENT_EMBEDDING_OUTPUT)
-MODEL_PARAMETERS = ("top_k", "function_to_apply", "hop_seconds", "aggregate", "return_segments", "return_embedding")
+MODEL_PARAMETERS = ("top_k", "function_to_apply", "hop_seconds", "aggregate", "return_segments", "return_embedding",
+                    "explain", "explain_format")
 
 INPUT_TYPES = [
     {"name": AUDIO_INPUT, "datatype": "BYTES", "shape": [-1]},
@@ -36,6 +37,9 @@ OUTPUT_TYPES = [
     # classifier reads, per clip (the mean over its windows) and, with segments, per window.
     {"name": EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, -1], "optional": True},
     {"name": SEGMENT_EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, -1, -1], "optional": True},
+    # Only with explain: true (or when requested): for each clip's top-k labels, the explanation as
+    # JSON text (label, score, method, times, bands_hz, relevance and, with explain_format png, png).
+    {"name": EXPLANATION_OUTPUT, "datatype": "BYTES", "shape": [-1, -1], "optional": True},
 ]
 
 

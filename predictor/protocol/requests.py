@@ -19,7 +19,7 @@ from kserve.utils.numpy_codec import to_np_dtype
 from pydantic import ValidationError
 
 from ..errors import ClientInputError, shown
-from . import (AUDIO_INPUT, EMBEDDING_OUTPUTS, MODEL_PARAMETERS, OUTPUT_TYPES, SEGMENT_OUTPUTS, WAVEFORM_INPUT,
+from . import (AUDIO_INPUT, EMBEDDING_OUTPUTS, EXPLANATION_OUTPUT, MODEL_PARAMETERS, OUTPUT_TYPES, SEGMENT_OUTPUTS, WAVEFORM_INPUT,
                AudioRequest, Clip)
 
 # sampling_rate belongs to the waveform input, but tritonclient.grpc cannot set input parameters,
@@ -89,7 +89,8 @@ def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
         clips = _waveform_clips(tensor, rate)
     requested = _requested_outputs(request)
     for outputs, parameter, what in ((SEGMENT_OUTPUTS, "return_segments", "segments"),
-                                     (EMBEDDING_OUTPUTS, "return_embedding", "embeddings")):
+                                     (EMBEDDING_OUTPUTS, "return_embedding", "embeddings"),
+                                     ((EXPLANATION_OUTPUT,), "explain", "explanations")):
         asked = requested & set(outputs)  # asking for such an output is asking for what it holds
         if asked and parameters.setdefault(parameter, True) is False:
             raise ClientInputError(f"output(s) {shown(sorted(asked))} need {what}, but {parameter} is false")

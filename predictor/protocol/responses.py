@@ -1,4 +1,4 @@
-"""Labels, scores, embeddings and segments → the V1 or V2 answer the request's protocol expects.
+"""Labels, scores, embeddings, segments and explanations → the V1 or V2 answer the request's protocol expects.
 
 kserve 0.21's `InferResponse.to_grpc` fails on numpy outputs when raw outputs are due, so gRPC
 outputs are always serialised to raw bytes here, before kserve sees them.
@@ -7,10 +7,12 @@ outputs are always serialised to raw bytes here, before kserve sees them.
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import json
+
 import numpy as np
 from kserve.protocol.infer_type import InferOutput, InferResponse
 
-from . import (EMBEDDING_OUTPUT, LABEL_OUTPUT, OUTPUT_TYPES, SCORE_OUTPUT, SEGMENT_EMBEDDING_OUTPUT,
+from . import (EMBEDDING_OUTPUT, EXPLANATION_OUTPUT, LABEL_OUTPUT, OUTPUT_TYPES, SCORE_OUTPUT, SEGMENT_EMBEDDING_OUTPUT,
                SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT, AudioRequest)
 
 
@@ -38,12 +40,18 @@ class ClipResult:
     ranked: Ranked
     embedding: Optional[np.ndarray] = None
     segments: Optional[Segments] = None
+    explanations: Optional[list[dict]] = None  # one per label of `ranked`, in its order (`explanations`)
 
 
 def respond(request: AudioRequest, model_name: str, results: list[ClipResult]) -> Union[dict, InferResponse]:
-    """Each clip's labels and scores (and its segments, if asked for) → the request's protocol."""
+    """Each clip's labels and scores (and what else was asked for) → the request's protocol. V1
+    explanations come as KServe's V1 explain answer lays them out: beside the predictions, one
+    list per instance; V2 carries each label's as JSON text in a BYTES output [N, k]."""
     if request.v2 is None:
-        return {"predictions": [_v1_prediction(result) for result in results]}
+        answer: dict = {"predictions": [_v1_prediction(result) for result in results]}
+        if results[0].explanations is not None:
+            answer["explanations"] = [result.explanations for result in results]
+        return answer
     outputs = [
         _output(LABEL_OUTPUT, np.array([r.ranked.labels for r in results], dtype=np.object_)),
         _output(SCORE_OUTPUT, np.stack([r.ranked.scores for r in results])),
@@ -52,6 +60,9 @@ def respond(request: AudioRequest, model_name: str, results: list[ClipResult]) -
         outputs.append(_output(EMBEDDING_OUTPUT, np.stack([r.embedding for r in results])))
     if results[0].segments is not None:
         outputs += _segment_outputs([r.segments for r in results])
+    if results[0].explanations is not None:
+        outputs.append(_output(EXPLANATION_OUTPUT, np.array(
+            [[json.dumps(e, separators=(",", ":")) for e in r.explanations] for r in results], dtype=np.object_)))
     if request.v2.request_outputs:
         wanted = {o.name for o in request.v2.request_outputs}
         outputs = [o for o in outputs if o.name in wanted]

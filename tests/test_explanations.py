@@ -1,0 +1,155 @@
+"""Explanations by occlusion (`explain`, V1 :explain): each top label's drop in score when a cell
+(a time span x a group of mel bands) of the clip's spectrogram is silenced.
+
+The reference is the computation done by hand with transformers' own pieces: `ASTFeatureExtractor`
+on the clip, each cell set to what digital silence gives, `ASTForAudioClassification` on every
+masked copy, the label's score dropped. The grid is laid out here from the documented defaults (1 s
+time cells, 4 band groups), not read from the answer. The clip is 10 s of silence with a 1 kHz tone
+burst at 2-3 s: masking silence with silence changes nothing, so for any weights every cell outside
+the burst must be 0 and the peak must lie in the burst's time and bands.
+"""
+
+import base64
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import requests
+import torch
+import tritonclient.http as triton_http
+from PIL import Image
+from transformers import ASTFeatureExtractor, ASTForAudioClassification
+
+from predictor.features import LogMelFilterbank
+
+from .conftest import encode, expected, assert_same_predictions, run_triton_grpc, tone
+
+RATE = 16000
+TONE_HZ = 1000.0
+CELL_FRAMES, BANDS = 100, 4  # the defaults: 1 s of 10 ms frames, 4 groups of mel bins
+
+
+@pytest.fixture(scope="module")
+def burst() -> np.ndarray:
+    clip = np.zeros(10 * RATE, np.float32)
+    clip[2 * RATE:3 * RATE] = tone(TONE_HZ, 1.0, RATE)
+    return clip
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """(waveform, k) → the top-k labels and their drops, (k, times, bands), computed by hand."""
+    model = ASTForAudioClassification.from_pretrained(tiny_model_dir).eval()
+    extractor = ASTFeatureExtractor.from_pretrained(tiny_model_dir)
+    silence = (math.log(np.finfo(np.float32).eps) - extractor.mean) / (2 * extractor.std)
+
+    def drops(waveform: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+        features = extractor(waveform, sampling_rate=RATE, return_tensors="pt").input_values
+        frames, bins = 1 + (len(waveform) - 400) // 160, features.shape[2]
+        times, edges = range(0, frames, CELL_FRAMES), np.linspace(0, bins, BANDS + 1).round().astype(int)
+        masked = features.repeat(len(times) * BANDS, 1, 1)
+        for index, (start, band) in enumerate((s, b) for s in times for b in range(BANDS)):
+            masked[index, start:min(start + CELL_FRAMES, frames), edges[band]:edges[band + 1]] = silence
+        with torch.inference_mode():
+            scores = model(input_values=torch.cat([features, masked])).logits.softmax(-1)
+        top = scores[0].topk(k).indices
+        names = [model.config.id2label[int(i)] for i in top]
+        return names, (scores[0, top] - scores[1:, top]).T.reshape(k, len(times), BANDS).numpy()
+
+    return drops
+
+
+def explain_v1(server, clip: np.ndarray, **parameters) -> requests.Response:
+    body = {"instances": [{"b64": base64.b64encode(encode(clip, RATE, "WAV", "FLOAT")).decode()}],
+            "parameters": parameters}
+    return requests.post(f"{server.url}/v1/models/ast:explain", json=body, timeout=120)
+
+
+def test_silence_is_what_the_filterbank_makes_of_zeros(tiny_model_dir):
+    filterbank = LogMelFilterbank.from_extractor(ASTFeatureExtractor.from_pretrained(tiny_model_dir))
+    features = filterbank([np.zeros(RATE, np.float32)])[0, :98]
+    assert torch.equal(features, torch.full_like(features, filterbank.silence))
+
+
+def test_v1_explain_equals_the_occlusion_done_by_hand(server, tiny_pipeline, reference, burst):
+    response = explain_v1(server, burst, top_k=3)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    [labels] = answer["predictions"]
+    assert_same_predictions(labels, expected(tiny_pipeline, burst, 3, "softmax"))
+    [explained] = answer["explanations"]
+    names, drops = reference(burst, 3)
+    assert [e["label"] for e in explained] == names == [p["label"] for p in labels]
+    for explanation, label, reference_drops in zip(explained, labels, drops):
+        assert set(explanation) == {"label", "score", "method", "times", "bands_hz", "relevance"}
+        assert explanation["method"] == "occlusion" and explanation["score"] == pytest.approx(label["score"], abs=1e-6)
+        np.testing.assert_allclose(explanation["relevance"], reference_drops, atol=1e-4, rtol=0)
+    relevance = np.array(explained[0]["relevance"])
+    assert relevance.shape == (10, BANDS)
+    # Cells in silence change nothing; the peak is the burst's second and the band holding 1 kHz.
+    silent = np.ones(10, bool)
+    silent[1:3] = False  # 1-2 s holds the burst's first 25 ms (its frames reach past 2 s)
+    assert not relevance[silent].any()
+    times, bands = np.array(explained[0]["times"]), explained[0]["bands_hz"]
+    # each cell's centre: the middle of its first frame's start and its last frame's end (998 frames in 10 s)
+    assert list(times) == pytest.approx([(t + (min(t * 100 + 100, 998) - 1) * 0.01 + 0.025) / 2 for t in range(10)])
+    assert bands == sorted(bands) and bands[0] > 20 and bands[-1] < RATE / 2
+    peak_time, peak_band = np.unravel_index(np.abs(relevance).argmax(), relevance.shape)
+    assert 2 <= times[peak_time] <= 3
+    mel = lambda hz: 1127 * math.log(1 + hz / 700)  # noqa: E731
+    tone_bin = (mel(TONE_HZ) - mel(20)) / ((mel(RATE / 2) - mel(20)) / 65) - 1  # Kaldi's filter centres
+    assert peak_band == int(tone_bin // (64 / BANDS))
+
+
+def test_v2_explain_parameter_and_output(server, reference, burst):
+    """`explain: true` on V2: an `explanation` BYTES output [N, k], each element that label's JSON;
+    two clips in one request, each explained on its own grid."""
+    short = np.concatenate([np.zeros(RATE // 2, np.float32), tone(300, 1.5, RATE)])
+    client = triton_http.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
+    audio = triton_http.InferInput("audio", [2], "BYTES")
+    audio.set_data_from_numpy(np.array([encode(c, RATE, "WAV", "FLOAT") for c in (burst, short)], dtype=np.object_))
+    result = client.infer("ast", [audio], parameters={"explain": True, "top_k": 2})
+    explanation = result.as_numpy("explanation")
+    assert explanation.shape == (2, 2)
+    for clip, row in zip((burst, short), explanation):
+        names, drops = reference(clip, 2)
+        parsed = [json.loads(element) for element in row]
+        assert [e["label"] for e in parsed] == names
+        np.testing.assert_allclose([e["relevance"] for e in parsed], drops, atol=1e-4, rtol=0)
+    assert len(json.loads(explanation[1, 0])["times"]) == 2  # 2 s: two time cells
+
+
+def test_grpc_explain(server, reference, burst):
+    result = run_triton_grpc({"url": server.grpc_url, "model": "ast", "waveform": [burst.tolist()],
+                              "parameters": {"explain": True, "top_k": 1}, "outputs": ["label", "explanation"]})
+    names, drops = reference(burst, 1)
+    [[element]] = result["explanation"]
+    assert json.loads(element)["label"] == names[0] == result["label"][0][0]
+    np.testing.assert_allclose(json.loads(element)["relevance"], drops[0], atol=1e-4, rtol=0)
+
+
+def test_png_is_the_spectrogram_with_the_map_over_it(server, burst):
+    response = explain_v1(server, burst, top_k=1, explain_format="png")
+    assert response.status_code == 200, response.text
+    [[explanation]] = response.json()["explanations"]
+    picture = Image.open(io.BytesIO(base64.b64decode(explanation["png"])))
+    assert picture.format == "PNG" and picture.size == (998, 64)  # a pixel per frame and mel bin
+    pixels = np.asarray(picture.convert("RGB")).astype(int)
+    tinted = pixels[..., 0] - pixels[..., 1]  # red over grey where a cell's masking lowered the score
+    columns = np.flatnonzero(tinted.max(axis=0) > 0)
+    if np.array(explanation["relevance"]).max() > 0:
+        assert 100 <= columns.min() and columns.max() < 300  # only cells of the burst's seconds
+    else:
+        assert not columns.size
+
+
+@pytest.mark.parametrize("clip_seconds, parameters, message", [
+    (12.0, {}, "an explanation covers one window (10.24 s) of a clip"),
+    (2.0, {"explain_format": "svg"}, "explain_format must be one of json, png"),
+    (2.0, {"explain": "yes"}, "explain must be true or false"),
+])
+def test_what_cannot_be_explained_is_a_400(server, clip_seconds, parameters, message):
+    response = explain_v1(server, tone(440, clip_seconds, RATE), **parameters)
+    assert response.status_code == 400 and message in response.json()["error"], response.text
