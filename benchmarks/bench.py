@@ -35,8 +35,8 @@ ratio:
      for the logits alone, at batch 1; and the server's throughput with `return_embedding` against
      without, over V2 binary and V1 JSON at concurrency 4;
   13. what an explanation costs: seconds for a V1 :explain (occlusion, default grid) of a 10 s clip with
-     sound throughout, and of 10 s of silence with a 1 s tone burst (its silent cells are free),
-     against a :predict of the same clip, one request at a time.
+     sound throughout, and of 10 s of silence with a 1 s tone burst (its silent cells are free), and
+     by attention rollout, against a :predict of the same clip, one request at a time.
 `--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8, `--only overhead` runs 9,
 `--only frontends` runs 11, `--only embedding` runs 12, `--only explain` runs 13 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
 a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
@@ -740,16 +740,23 @@ def explain_section(work: Path, model_dir: Path) -> list[Row]:
                           "--precision", "fp32")
     session = requests.Session()
 
-    def call(verb: str, clip: np.ndarray) -> None:
-        session.post(f"http://127.0.0.1:18180/v1/models/ast:{verb}", data=wav(clip),
-                     headers={"Content-Type": "audio/wav"}, timeout=600).raise_for_status()
+    def call(verb: str, clip: np.ndarray, parameters: Optional[dict] = None) -> None:
+        url = f"http://127.0.0.1:18180/v1/models/ast:{verb}"
+        if parameters:
+            body = {"instances": [{"b64": base64.b64encode(wav(clip)).decode()}], "parameters": parameters}
+            session.post(url, json=body, timeout=600).raise_for_status()
+        else:
+            session.post(url, data=wav(clip), headers={"Content-Type": "audio/wav"}, timeout=600).raise_for_status()
 
-    def seconds(verb: str, clip: np.ndarray) -> float:
-        """Best of two after a warm-up for a predict; one timed call for an explanation (tens of passes)."""
+    def seconds(verb: str, clip: np.ndarray, parameters: Optional[dict] = None) -> float:
+        """Best of two after a warm-up for a predict; one timed call for an occlusion (tens of passes);
+        for a rollout, the second call (the first loads its encoder)."""
         if verb == "predict":
             return best_of(2, lambda: call(verb, clip))
+        if parameters:
+            call(verb, clip, parameters)
         start = time.perf_counter()
-        call(verb, clip)
+        call(verb, clip, parameters)
         return time.perf_counter() - start
 
     try:
@@ -758,6 +765,8 @@ def explain_section(work: Path, model_dir: Path) -> list[Row]:
         for name, clip in (("tones over noise (40 cells)", sound), ("silence with a 1 s tone burst (8 cells with sound)", burst)):
             rows.append(Row("explain", f"explain (occlusion, default grid), 10 s of {name}", seconds("explain", clip), "s",
                             predict, "predict"))
+        rows.append(Row("explain", "explain (rollout), 10 s of tones over noise",
+                        seconds("explain", sound, {"explain_method": "rollout"}), "s", predict, "predict"))
     finally:
         local_server.stop_server(server)
     return rows

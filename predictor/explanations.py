@@ -1,5 +1,5 @@
-"""A clip's occlusion maps (`occlusion`) → what the answer carries for each label explained, and
-the optional picture: the clip's spectrogram with a label's map over it, as a PNG.
+"""A clip's relevance maps (`occlusion`, `rollout`) → what the answer carries for each label
+explained, and the optional picture: the clip's spectrogram with a label's map over it, as a PNG.
 
 The picture is drawn with Pillow (kserve already installs it): the spectrogram in grey, low
 frequencies at the bottom, each cell tinted red by its share of the largest drop (a cell whose
@@ -18,7 +18,13 @@ from . import occlusion
 from .errors import ClientInputError, shown
 
 FORMATS = ("json", "png")
-METHOD = "occlusion"
+METHODS = ("occlusion", "rollout")
+
+
+def check_method(name: object) -> str:
+    if name not in METHODS:
+        raise ClientInputError(f"explain_method must be one of {', '.join(METHODS)}; got {shown(name)}")
+    return name  # type: ignore[return-value]
 
 
 def check_format(name: object) -> str:
@@ -27,13 +33,13 @@ def check_format(name: object) -> str:
     return name  # type: ignore[return-value]
 
 
-def explained(labels: list[str], scores: np.ndarray, relevance: np.ndarray, cells: occlusion.Grid, rate: int,
-              mel_bins: int, features: Optional[np.ndarray] = None) -> list[dict]:
+def explained(method: str, labels: list[str], scores: np.ndarray, relevance: np.ndarray, cells: occlusion.Grid,
+              rate: int, mel_bins: int, features: Optional[np.ndarray] = None) -> list[dict]:
     """One object per label: label, score, method, times (s), bands_hz, relevance [times][bands],
     and with `features` (the clip's (frames, bins) spectrogram) a base64 PNG of the map over it."""
     times, bands = occlusion.times_s(cells, rate), occlusion.bands_hz(cells, mel_bins, rate)
     return [
-        {"label": label, "score": float(score), "method": METHOD, "times": times, "bands_hz": bands,
+        {"label": label, "score": float(score), "method": method, "times": times, "bands_hz": bands,
          "relevance": drops.tolist(),
          **({"png": base64.b64encode(picture(features, drops, cells)).decode()} if features is not None else {})}
         for label, score, drops in zip(labels, scores, relevance)

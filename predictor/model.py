@@ -27,7 +27,7 @@ from kserve import Model
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from . import audio, explanations, labels, metrics, occlusion, precision, protocol, windows
+from . import audio, explanations, labels, metrics, occlusion, precision, protocol, rollout, windows
 from .allocator import release_freed_memory
 from .admission import Admission
 from .batching import WindowQueue
@@ -42,6 +42,7 @@ from .passes import BatchedPass, CpuPass, Pass
 from .protocol.requests import parse
 from .protocol.responses import ClipResult, Ranked, Segments, respond
 from .queue_state import QueueState
+from .rollout import Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Options:
     return_segments: bool
     return_embedding: bool
     explain: bool
+    explain_method: str
     explain_format: str
 
 
@@ -105,6 +107,8 @@ class ASTModel(Model):
         self.windowing: Optional[windows.Windowing] = None
         self.num_labels = 0
         self.id2label: dict[int, str] = {}
+        self.model_config: Optional[Any] = None  # the checkpoint's ASTConfig
+        self.rollout: Optional[Rollout] = None
         self.default_top_k = config.top_k
         self.default_function = "softmax"
 
@@ -120,6 +124,8 @@ class ASTModel(Model):
         self.windowing = windows.Windowing.of(self.filterbank)
         self.num_labels = model_config.num_labels
         self.id2label = {int(k): v for k, v in model_config.id2label.items()}
+        self.model_config = model_config
+        self.rollout = Rollout(source)
         self.default_function = config.function_to_apply or labels.default_function(model_config.problem_type,
                                                                                     self.num_labels)
         self.default_top_k = min(config.top_k, self.num_labels)  # the pipeline clamps top_k too
@@ -206,7 +212,8 @@ class ASTModel(Model):
         """The windows' rows; with explain, each clip's masked copies' too (its one window, each
         with a cell of silence), in the same call: they take turns in the queue with every other
         request's windows."""
-        copies = [occlusion.copies(window, cells) for window, cells in zip(payload.windows, payload.cells)]
+        copies = [occlusion.copies(window, cells) for window, cells in zip(payload.windows, payload.cells)
+                  if payload.options.explain_method == "occlusion"]
         count = len(payload.windows)
         rows = await self.queue([*payload.windows, *(copy for masked, _ in copies for copy in masked)])  # queued
         # before this first awaits: see `admission`
@@ -232,27 +239,36 @@ class ASTModel(Model):
                 clip.segments = Segments(start=start, end=end, ranked=self._rank(logits, options),
                                          embeddings=embeddings.numpy() if options.return_embedding else None)
         if options.explain:
-            self._explain(results, clip_logits, result.masked, work)
+            await self._explain(results, clip_logits, result.masked, work)
         metrics.CLIPS.inc(len(work.lengths))
         metrics.AUDIO_SECONDS.inc(sum(work.lengths) / self.target.rate)
         return respond(work.request, self.name, results)
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _explain(self, results: list[ClipResult], clip_logits: torch.Tensor,
-                 masked: list[tuple[torch.Tensor, list[int]]], work: Work) -> None:
-        """Each clip's top-k labels' drops in score under each masked cell (`occlusion`)."""
+    async def _explain(self, results: list[ClipResult], clip_logits: torch.Tensor,
+                       masked: list[tuple[torch.Tensor, list[int]]], work: Work) -> None:
+        """Each clip's top-k labels' drops in score under each masked cell (`occlusion`), or its
+        attention rollout, one map for every label (`rollout`, one pass on the decoding pool)."""
         options = work.options
-        scores = labels.scores(clip_logits, options.function)
-        ids = scores.topk(options.top_k, dim=-1).indices  # as `labels.top_k` ranks them
-        for clip, row, label_ids, (rows, indices), cells, window in zip(results, scores, ids, masked, work.cells,
-                                                                        work.windows):
-            masked_scores = labels.scores(split(rows, self.num_labels)[0], options.function)[:, label_ids]
-            relevance = occlusion.relevance(row[label_ids].numpy(), masked_scores.numpy(), indices, cells)
+        if options.explain_method == "rollout":
+            patches = await asyncio.wrap_future(self.decoding.submit(self.rollout, self.filterbank(work.windows)))
+            maps = [rollout.cell_relevance(row, self.model_config, cells) for row, cells in zip(patches, work.cells)]
+        else:
+            scores = labels.scores(clip_logits, options.function)
+            ids = scores.topk(options.top_k, dim=-1).indices  # as `labels.top_k` ranks them
+            maps = [occlusion.relevance(row[label_ids].numpy(), labels.scores(split(rows, self.num_labels)[0],
+                                                                              options.function)[:, label_ids].numpy(),
+                                        indices, cells)
+                    for row, label_ids, (rows, indices), cells in zip(scores, ids, masked, work.cells)]
+        for clip, relevance, cells, window in zip(results, maps, work.cells, work.windows):
+            if relevance.ndim == 2:  # rollout's: the same for every label
+                relevance = np.repeat(relevance[None], len(clip.ranked.labels), axis=0)
             features = (self.filterbank([window])[0, : cells.frames[-1][1]].numpy()
                         if options.explain_format == "png" else None)
-            clip.explanations = explanations.explained(clip.ranked.labels, clip.ranked.scores, relevance, cells,
-                                                       self.target.rate, self.filterbank.num_mel_bins, features)
+            clip.explanations = explanations.explained(options.explain_method, clip.ranked.labels, clip.ranked.scores,
+                                                       relevance, cells, self.target.rate,
+                                                       self.filterbank.num_mel_bins, features)
 
     def _options(self, parameters: dict[str, Any], explaining: bool = False) -> Options:
         """`explaining`: a V1 :explain, which is explain: true whatever the parameters say. An
@@ -271,6 +287,7 @@ class ASTModel(Model):
             return_segments=flags["return_segments"],
             return_embedding=flags["return_embedding"],
             explain=explain,
+            explain_method=explanations.check_method(parameters.get("explain_method", "occlusion")),
             explain_format=explanations.check_format(parameters.get("explain_format", "json")),
         )
 
@@ -331,7 +348,8 @@ class ASTModel(Model):
                     f"an explanation covers one window ({self.windowing.seconds:g} s) of a clip; this request has a "
                     f"clip of {longest:.2f} s: send the part to explain"
                 )
-            copies = sum(len(self._grid(length or self.filterbank.max_samples).cells) for length in lengths)
+            if options.explain_method == "occlusion":  # rollout's one pass runs beside the queue
+                copies = sum(len(self._grid(length or self.filterbank.max_samples).cells) for length in lengths)
         if count + copies > self.config.max_windows_per_request:
             explained = f", {copies} of them masked copies to explain the clips" if copies else ""
             raise ClientInputError(

@@ -20,9 +20,11 @@ import requests
 import torch
 import tritonclient.http as triton_http
 from PIL import Image
-from transformers import ASTFeatureExtractor, ASTForAudioClassification
+from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ASTModel
 
+from predictor import rollout
 from predictor.features import LogMelFilterbank
+from predictor.occlusion import grid
 
 from .conftest import encode, expected, assert_same_predictions, run_triton_grpc, tone
 
@@ -149,7 +151,59 @@ def test_png_is_the_spectrogram_with_the_map_over_it(server, burst):
     (12.0, {}, "an explanation covers one window (10.24 s) of a clip"),
     (2.0, {"explain_format": "svg"}, "explain_format must be one of json, png"),
     (2.0, {"explain": "yes"}, "explain must be true or false"),
+    (2.0, {"explain_method": "lime"}, "explain_method must be one of occlusion, rollout"),
 ])
 def test_what_cannot_be_explained_is_a_400(server, clip_seconds, parameters, message):
     response = explain_v1(server, tone(440, clip_seconds, RATE), **parameters)
     assert response.status_code == 400 and message in response.json()["error"], response.text
+
+
+def test_masked_copies_count_against_the_window_limit(server):
+    """Six 10 s clips at 40 cells each are 246 windows, over the default 240 a request may cost:
+    refused from the headers, before anything is decoded, saying why."""
+    body = {"instances": [{"b64": base64.b64encode(encode(tone(300 + 100 * i, 10.0, RATE), RATE, "WAV", "PCM_16")).decode()}
+                          for i in range(6)]}
+    response = requests.post(f"{server.url}/v1/models/ast:explain", json=body, timeout=60)
+    assert response.status_code == 400
+    assert "246 windows" in response.text and "240 of them masked copies" in response.text, response.text
+
+
+# ---- attention rollout ------------------------------------------------------------------------
+
+
+def test_rollout_of_uniform_attention_spreads_evenly():
+    """Two layers attending uniformly over n tokens: each is (J/n + I)/2 with the residual, their
+    product (3J/n + I)/4, so each patch holds 3/(4n) of what the pooled tokens read."""
+    n = 12
+    uniform = torch.full((1, 3, n, n), 1 / n)
+    np.testing.assert_allclose(rollout.rollout([uniform, uniform])[0].numpy(), 3 / (4 * n), rtol=1e-6)
+    identity = torch.eye(n).expand(1, 2, n, n)
+    assert not rollout.rollout([identity] * 3).any()  # the pooled tokens read only themselves
+
+
+def test_a_patchs_relevance_lands_in_the_cells_it_covers():
+    config = ASTConfig(num_mel_bins=64, max_length=300)  # patches every 10 frames and bins: 5 x 29
+    cells = grid(300, 64, cell_frames=100, bands=4, max_cells=48)
+    one = torch.zeros(5 * 29)
+    one[3 * 29 + 12] = 1.0  # bins 30-45, frames 120-135
+    relevance = rollout.cell_relevance(one, config, cells)
+    assert relevance.shape == (3, 4) and set(zip(*np.nonzero(relevance))) == {(1, 1), (1, 2)}
+    np.testing.assert_allclose(rollout.cell_relevance(torch.full((5 * 29,), 0.25), config, cells), 0.25, rtol=1e-6)
+
+
+def test_v1_explain_by_rollout(server, tiny_model_dir, burst):
+    """One pass of transformers' encoder with eager attention: the map equals rollout over its own
+    attentions, the same for every label."""
+    response = explain_v1(server, burst, top_k=2, explain_method="rollout")
+    assert response.status_code == 200, response.text
+    explained = response.json()["explanations"][0]
+    assert [e["method"] for e in explained] == ["rollout", "rollout"]
+    assert explained[0]["relevance"] == explained[1]["relevance"]
+    extractor = ASTFeatureExtractor.from_pretrained(tiny_model_dir)
+    encoder = ASTModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        attentions = encoder(input_values=extractor(burst, sampling_rate=RATE, return_tensors="pt").input_values,
+                             output_attentions=True).attentions
+    cells = grid(998, 64, CELL_FRAMES, BANDS, 48)
+    expected_map = rollout.cell_relevance(rollout.rollout(attentions)[0], encoder.config, cells)
+    np.testing.assert_allclose(explained[0]["relevance"], expected_map, atol=1e-5, rtol=0)

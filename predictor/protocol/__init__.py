@@ -19,7 +19,7 @@ SEGMENT_OUTPUTS = (SEGMENT_START_OUTPUT, SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPU
                    SEGMENT_EMBEDDING_OUTPUT)
 EMBEDDING_OUTPUTS = (EMBEDDING_OUTPUT, SEGMENT_EMBEDDING_OUTPUT)
 MODEL_PARAMETERS = ("top_k", "function_to_apply", "hop_seconds", "aggregate", "return_segments", "return_embedding",
-                    "explain", "explain_format")
+                    "explain", "explain_method", "explain_format")
 
 INPUT_TYPES = [
     {"name": AUDIO_INPUT, "datatype": "BYTES", "shape": [-1]},
