@@ -15,8 +15,8 @@ opened yet), and once the files' headers say how many windows the request will c
 `counted` counts those windows as ahead of every later request while the request decodes, so
 requests arriving together see each other before any of them is decoded. When it
 ends (decoded, or failed), the caller hands the windows to the queue without yielding to the event
-loop in between (kserve calls `predict` straight after `preprocess`), and the queue counts them
-from then on; a request that never reaches the queue (an `:explain`, a failure) leaves nothing
+loop in between (kserve calls `predict` or `explain` straight after `preprocess`), and the queue
+counts them from then on; a request that never reaches the queue (a failure) leaves nothing
 counted behind.
 
 With frontends (`frontends`), the windows ahead are those queued in the model's process and those

@@ -46,6 +46,7 @@ from .rollout import Rollout
 
 logger = logging.getLogger(__name__)
 
+ROLLOUT_WINDOWS = 2  # what an explanation by rollout is counted as: its eager pass costs about two windows
 EXPLAINING: ContextVar[bool] = ContextVar("explaining", default=False)
 """Set while kserve handles a V1 :explain: its preprocess cannot otherwise tell it from a :predict."""
 
@@ -205,7 +206,7 @@ class ASTModel(Model):
         return Work(
             request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
             windows=[window for w, s in zip(waveforms, starts) for window in self.windowing.slices(w, s)],
-            cells=[self._grid(len(w)) for w in waveforms] if options.explain else [],
+            cells=[self._grid(len(w)) for w in waveforms] if options.explain else [],  # one window each
         )
 
     async def predict(self, payload: Work, headers: Optional[dict] = None) -> Logits:
@@ -252,7 +253,7 @@ class ASTModel(Model):
         attention rollout, one map for every label (`rollout`, one pass on the decoding pool)."""
         options = work.options
         if options.explain_method == "rollout":
-            patches = await asyncio.wrap_future(self.decoding.submit(self.rollout, self.filterbank(work.windows)))
+            patches = await asyncio.wrap_future(self.decoding.submit(lambda: self.rollout(self.filterbank(work.windows))))
             maps = [rollout.cell_relevance(row, self.model_config, cells) for row, cells in zip(patches, work.cells)]
         else:
             scores = labels.scores(clip_logits, options.function)
@@ -261,14 +262,18 @@ class ASTModel(Model):
                                                                               options.function)[:, label_ids].numpy(),
                                         indices, cells)
                     for row, label_ids, (rows, indices), cells in zip(scores, ids, masked, work.cells)]
-        for clip, relevance, cells, window in zip(results, maps, work.cells, work.windows):
-            if relevance.ndim == 2:  # rollout's: the same for every label
-                relevance = np.repeat(relevance[None], len(clip.ranked.labels), axis=0)
-            features = (self.filterbank([window])[0, : cells.frames[-1][1]].numpy()
-                        if options.explain_format == "png" else None)
-            clip.explanations = explanations.explained(options.explain_method, clip.ranked.labels, clip.ranked.scores,
-                                                       relevance, cells, self.target.rate,
-                                                       self.filterbank.num_mel_bins, features)
+
+        def answer() -> None:  # the pictures' filterbank and PNGs on the decoding pool, not the event loop
+            for clip, relevance, cells, window in zip(results, maps, work.cells, work.windows):
+                if relevance.ndim == 2:  # rollout's: the same for every label
+                    relevance = np.repeat(relevance[None], len(clip.ranked.labels), axis=0)
+                features = (self.filterbank([window])[0, : cells.frames[-1][1]].numpy()
+                            if options.explain_format == "png" else None)
+                clip.explanations = explanations.explained(options.explain_method, clip.ranked.labels,
+                                                           clip.ranked.scores, relevance, cells, self.target.rate,
+                                                           self.filterbank.num_mel_bins, features)
+
+        await asyncio.wrap_future(self.decoding.submit(answer))
 
     def _options(self, parameters: dict[str, Any], explaining: bool = False) -> Options:
         """`explaining`: a V1 :explain, which is explain: true whatever the parameters say. An
@@ -348,21 +353,31 @@ class ASTModel(Model):
                     f"an explanation covers one window ({self.windowing.seconds:g} s) of a clip; this request has a "
                     f"clip of {longest:.2f} s: send the part to explain"
                 )
-            if options.explain_method == "occlusion":  # rollout's one pass runs beside the queue
-                copies = sum(len(self._grid(length or self.filterbank.max_samples).cells) for length in lengths)
+            # A clip shorter than a frame has no cell: `starts` refuses it. Rollout's pass (beside the
+            # queue, eager attention) is counted as the two windows it costs (`make bench`).
+            copies = sum((len(self._grid(length or self.windowing.length).cells) if options.explain_method == "occlusion"
+                          else ROLLOUT_WINDOWS) for length in lengths if not 0 < length < self.windowing.min_samples)
         if count + copies > self.config.max_windows_per_request:
-            explained = f", {copies} of them masked copies to explain the clips" if copies else ""
+            if copies:
+                raise ClientInputError(
+                    f"this request needs {count + copies} windows of {self.windowing.seconds:g} s, {copies} of them to "
+                    f"explain its clips ({options.explain_method}); this server computes at most "
+                    f"{self.config.max_windows_per_request} per request (--max_windows_per_request): send fewer clips "
+                    "per request, or lower --explain_max_cells"
+                )
             raise ClientInputError(
-                f"this request needs {count + copies} windows of {self.windowing.seconds:g} s at hop_seconds "
-                f"{hop_seconds:g}{explained}; this server computes at most {self.config.max_windows_per_request} per "
+                f"this request needs {count} windows of {self.windowing.seconds:g} s at hop_seconds "
+                f"{hop_seconds:g}; this server computes at most {self.config.max_windows_per_request} per "
                 "request (--max_windows_per_request): raise hop_seconds or send fewer seconds of audio"
             )
         return count + copies
 
     def _grid(self, samples: int) -> occlusion.Grid:
-        """A clip's occlusion cells, as the explain_* settings lay them out."""
+        """A clip's occlusion cells, as the explain_* settings lay them out over its one window (a
+        clip a few samples longer is cut there: the frames past it are the window's padding)."""
         config, filterbank = self.config, self.filterbank
-        return occlusion.grid(occlusion.frames_in(samples, filterbank.max_length), filterbank.num_mel_bins,
+        frames = occlusion.frames_in(min(samples, self.windowing.length), filterbank.max_length)
+        return occlusion.grid(frames, filterbank.num_mel_bins,
                               cell_frames=max(1, round(config.explain_cell_seconds * filterbank.sampling_rate / HOP_LENGTH)),
                               bands=config.explain_bands, max_cells=config.explain_max_cells)
 

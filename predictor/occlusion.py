@@ -70,18 +70,14 @@ def frames_in(samples: int, max_frames: int) -> int:
 
 def grid(frames: int, mel_bins: int, cell_frames: int, bands: int, max_cells: int) -> Grid:
     """Time cells of `cell_frames` frames (wider where `max_cells` would be passed; the last one may
-    be shorter) by `bands` equal groups of mel bins."""
+    be shorter) by `bands` equal groups of mel bins, over a clip of at least one frame."""
+    if frames < 1:
+        raise ValueError(f"a grid needs at least one frame, not {frames}")
     bands = max(1, min(bands, mel_bins, max_cells))
-    times = max(1, min(math.ceil(frames / cell_frames), max_cells // bands))
-    width = math.ceil(frames / times)
+    width = max(cell_frames, math.ceil(frames / (max_cells // bands)))
     edges = [round(b * mel_bins / bands) for b in range(bands + 1)]
     return Grid(frames=[(start, min(start + width, frames)) for start in range(0, frames, width)],
                 bins=list(zip(edges[:-1], edges[1:])))
-
-
-def cell_count(samples: int, max_frames: int, mel_bins: int, cell_frames: int, bands: int, max_cells: int) -> int:
-    """How many masked copies a clip of `samples` may need, before it is decoded (admission)."""
-    return len(grid(frames_in(samples, max_frames), mel_bins, cell_frames, bands, max_cells).cells)
 
 
 def copies(window: np.ndarray, cells: Grid) -> tuple[list[Occluded], list[int]]:

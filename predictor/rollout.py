@@ -14,6 +14,7 @@ the exported graphs the engines run), loaded on first use by the process that ta
 """
 
 import logging
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -64,11 +65,13 @@ class Rollout:
     def __init__(self, source: str):
         self.source = source
         self.encoder: Optional[ASTModel] = None
+        self.loading = threading.Lock()  # requests arriving together load it once
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """(clips, frames, mel bins) features → (clips, patches) relevance."""
-        if self.encoder is None:
-            logger.info("Loading the encoder with eager attention from %s, for explanations by rollout", self.source)
-            self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").eval()
+        with self.loading:
+            if self.encoder is None:
+                logger.info("Loading the encoder with eager attention from %s, for explanations by rollout", self.source)
+                self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").eval()
         with torch.inference_mode():
             return rollout(self.encoder(input_values=features, output_attentions=True).attentions)

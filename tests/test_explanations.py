@@ -149,6 +149,8 @@ def test_png_is_the_spectrogram_with_the_map_over_it(server, burst):
 
 @pytest.mark.parametrize("clip_seconds, parameters, message", [
     (12.0, {}, "an explanation covers one window (10.24 s) of a clip"),
+    (300 / RATE, {}, "AST needs at least 400 (one 25 ms frame)"),
+    (300 / RATE, {"explain_method": "rollout"}, "AST needs at least 400 (one 25 ms frame)"),
     (2.0, {"explain_format": "svg"}, "explain_format must be one of json, png"),
     (2.0, {"explain": "yes"}, "explain must be true or false"),
     (2.0, {"explain_method": "lime"}, "explain_method must be one of occlusion, rollout"),
@@ -158,6 +160,15 @@ def test_what_cannot_be_explained_is_a_400(server, clip_seconds, parameters, mes
     assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
+def test_a_clip_just_over_a_window_is_explained_over_its_window(server):
+    """163,840 + 200 samples is one window of 1022 frames (the filterbank's last 2 are padding):
+    the grid stops at the window's last frame."""
+    response = explain_v1(server, tone(500, (163_840 + 200) / RATE, RATE), top_k=1, explain_method="rollout")
+    assert response.status_code == 200, response.text
+    times = response.json()["explanations"][0][0]["times"]
+    assert len(times) == 11 and times[-1] == pytest.approx((10.0 + 1021 * 0.01 + 0.025) / 2)
+
+
 def test_masked_copies_count_against_the_window_limit(server):
     """Six 10 s clips at 40 cells each are 246 windows, over the default 240 a request may cost:
     refused from the headers, before anything is decoded, saying why."""
@@ -165,7 +176,7 @@ def test_masked_copies_count_against_the_window_limit(server):
                           for i in range(6)]}
     response = requests.post(f"{server.url}/v1/models/ast:explain", json=body, timeout=60)
     assert response.status_code == 400
-    assert "246 windows" in response.text and "240 of them masked copies" in response.text, response.text
+    assert "246 windows" in response.text and "240 of them to explain its clips" in response.text, response.text
 
 
 # ---- attention rollout ------------------------------------------------------------------------

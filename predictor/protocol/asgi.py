@@ -191,15 +191,15 @@ class RequestIds:
 
 
 class Outcomes:
-    """ASGI middleware: every V1 predict and V2 infer request counted by its response's status, or as
-    `disconnected` when its client left before one was sent."""
+    """ASGI middleware: every V1 predict or explain and V2 infer request counted by its response's
+    status, or as `disconnected` when its client left before one was sent."""
 
     def __init__(self, app: Any):
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path.endswith(":predict") or path.endswith("/infer")):
+        if scope["type"] != "http" or not path.endswith((":predict", ":explain", "/infer")):
             return await self.app(scope, receive, send)
         status = "disconnected"
 

@@ -88,7 +88,9 @@ class AudioDataPlane(DataPlane):
         return response
 
     async def explain(self, model_name: str, request, headers=None):
-        """No explainer: kserve answers 501, once our preprocess has taken the request (or 400)."""
+        """V1 :explain: the model's own `explain` (`ASTModel`), with the request's id as for infer."""
+        headers = {} if headers is None else headers
+        headers[request_ids.HEADER] = request_ids.adopt(headers, None)
         with _as_kserve_errors():
             return await super().explain(model_name, request, headers)
 
