@@ -15,13 +15,15 @@ the exported graphs the engines run), loaded on first use by the process that ta
 
 import logging
 import threading
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
-from transformers import ASTConfig, ASTModel
 
 from .occlusion import Grid
+
+if TYPE_CHECKING:  # transformers' modelling code takes a second or more to import: only a rollout needs it
+    from transformers import ASTConfig, ASTModel
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def overlaps(cells: list[tuple[int, int]], patches: int, stride: int) -> np.ndar
                      for first, last in cells], dtype=np.float64)
 
 
-def cell_relevance(patches: torch.Tensor, config: ASTConfig, cells: Grid) -> np.ndarray:
+def cell_relevance(patches: torch.Tensor, config: "ASTConfig", cells: Grid) -> np.ndarray:
     """One clip's (patches,) relevance, in the encoder's order (mel-bin rows of time patches) →
     (time cells, band cells): the overlap-weighted mean of the patches over each cell."""
     across = (config.num_mel_bins - PATCH) // config.frequency_stride + 1
@@ -64,13 +66,15 @@ class Rollout:
 
     def __init__(self, source: str):
         self.source = source
-        self.encoder: Optional[ASTModel] = None
+        self.encoder: Optional["ASTModel"] = None
         self.loading = threading.Lock()  # requests arriving together load it once
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """(clips, frames, mel bins) features → (clips, patches) relevance."""
         with self.loading:
             if self.encoder is None:
+                from transformers import ASTModel
+
                 logger.info("Loading the encoder with eager attention from %s, for explanations by rollout", self.source)
                 self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").eval()
         with torch.inference_mode():
