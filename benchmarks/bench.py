@@ -36,9 +36,12 @@ ratio:
      without, over V2 binary and V1 JSON at concurrency 4;
   13. what an explanation costs: seconds for a V1 :explain (occlusion, default grid) of a 10 s clip with
      sound throughout, and of 10 s of silence with a 1 s tone burst (its silent cells are free), and
-     by attention rollout, against a :predict of the same clip, one request at a time.
+     by attention rollout, against a :predict of the same clip, one request at a time;
+  14. what one more model costs: a model repository of two full-size models against one model alone
+     (fp32 ONNX Runtime, engine files cached: a restart), in seconds to ready and peak RSS.
 `--only main` runs 1-6, `--only long` runs 7, `--only start` runs 8, `--only overhead` runs 9,
-`--only frontends` runs 11, `--only embedding` runs 12, `--only explain` runs 13 (`--only main start`: both). Results go to benchmarks/results/<time>.json, and
+`--only frontends` runs 11, `--only embedding` runs 12, `--only explain` runs 13, `--only models` runs 14
+(`--only main start`: both). Results go to benchmarks/results/<time>.json, and
 a full run's (no --only) also to benchmarks/results/latest.json. Nothing here is asserted: tests
 check behaviour, this measures speed.
 """
@@ -88,7 +91,7 @@ logger = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 RATE = 16000
-SECTIONS = ("main", "long", "start", "overhead", "default", "frontends", "embedding", "explain", "gpu")
+SECTIONS = ("main", "long", "start", "overhead", "default", "frontends", "embedding", "explain", "models", "gpu")
 LONG_SECONDS = 600.0
 
 
@@ -326,6 +329,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += embedding_section(args, work, model_dir, threads)
     if args.only is None or "explain" in args.only:
         rows += explain_section(work, model_dir)
+    if args.only is None or "models" in args.only:
+        rows += models_section(work, model_dir)
     return rows
 
 
@@ -772,6 +777,35 @@ def explain_section(work: Path, model_dir: Path) -> list[Row]:
     return rows
 
 
+def models_section(work: Path, model_dir: Path) -> list[Row]:
+    """Section 14: one full-size model alone, then a repository of it and a second full-size model
+    (other weights, other labels), each started twice with the same cache: the second start is
+    what a restart (or a pod with packed engine files) pays, the first also exports."""
+    repository = work / "repository"
+    repository.mkdir()
+    (repository / "audioset").symlink_to(model_dir)
+    save_random_ast(repository / "second", [f"label {i}" for i in range(50)], seed=7)
+    measured = {}
+    for name, directory in (("one model", model_dir), ("two models", repository)):
+        for _ in range(2):
+            start = time.perf_counter()
+            server = local_server.start_server(directory, RESULTS / "server-18180.log",
+                                               ("--onnx_cache_dir", str(work / "models-cache"), "--backend",
+                                                "onnxruntime", "--precision", "fp32"), timeout=900,
+                                               http_port=18180, grpc_port=18181,
+                                               model_name="audioset" if directory == repository else "ast")
+            seconds = time.perf_counter() - start
+            rss = peak_rss_mib(server.process.pid)
+            local_server.stop_server(server)
+        measured[name] = (seconds, rss)
+    return [Row("models", "one model alone, restart: seconds to ready", measured["one model"][0], "s"),
+            Row("models", "two models from one repository, restart: seconds to ready", measured["two models"][0], "s",
+                measured["one model"][0], "one model"),
+            Row("models", "one model alone: peak RSS", measured["one model"][1], "MiB"),
+            Row("models", "two models from one repository: peak RSS", measured["two models"][1], "MiB",
+                measured["one model"][1], "one model")]
+
+
 def report(rows: list[Row]) -> str:
     lines = ["| section | measurement | value | baseline | ratio | details |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -808,7 +842,8 @@ def main() -> None:
     parser.add_argument("--only", choices=SECTIONS, nargs="+", default=None,
                         help="main: sections 1-6 (10 s clips); long: section 7 (10-minute clips); start: section 8 "
                         "(time to ready); overhead: section 9 (the server's cost per clip); embedding: section 12 (what the "
-                        "embedding output costs); explain: section 13 (what an explanation costs). Default: all. "
+                        "embedding output costs); explain: section 13 (what an explanation costs); models: section 14 "
+                        "(what one more model costs). Default: all. "
                         "A partial run does not replace latest.json.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

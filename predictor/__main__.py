@@ -20,6 +20,7 @@ from .model import ASTModel
 from .precision import PrecisionError
 from .precision import check as check_precision
 from .protocol.kserve import AudioModelServer
+from .repository import AudioModelRepository, model_names
 
 # After SIGTERM, in-flight requests get this long to finish: inside Kubernetes' default 30 s
 # terminationGracePeriodSeconds (Knative's, the revision timeout, is longer still).
@@ -64,6 +65,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     server_flags = {name: getattr(args, name) for name in SERVER_FLAGS}
     cpus = config.threads or cpu_limit()
     frontends = config.frontend_count(device.type == "cuda", cpus)
+    names = model_names(config.model_dir)
+    if names is not None:
+        if config.frontends and config.frontends > 1:
+            parser.error("--frontends above 1 serves one model: a model repository (a --model_dir of model "
+                         "directories) is served by one process")
+        return serve_repository(config, names, str(device), server_flags)
     if frontends > 1:
         return serve_with_frontends(Launch(args, config, str(device), server_flags, GRACE_PERIOD_S, frontends,
                                            threads=max(1, cpus // frontends)))
@@ -76,6 +83,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=config.max_request_bytes,
                      **server_flags).start([model])
+    return 0
+
+
+def serve_repository(config: Config, names: list[str], device: str, server_flags: dict) -> int:
+    """Every model of the repository, loaded in name order, each under its directory's name."""
+    keep_freed_memory()
+    repository = AudioModelRepository(config, threads=configure_torch_threads(config.threads), device=device)
+    models = [repository.model(name) for name in names]
+    try:
+        for model in models:
+            model.load()
+    except ModelLoadError as exc:
+        logging.getLogger(__package__).error("%s", exc)
+        return 1
+    AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=config.max_request_bytes,
+                     registered_models=repository, **server_flags).start(models)
     return 0
 
 

@@ -59,7 +59,9 @@ class Job:
 
 class WindowQueue:
     def __init__(self, passes: Pass, max_batch_size: int, max_wait_s: float, seconds_per_window: float = 1.0,
-                 state: Optional[QueueState] = None):
+                 state: Optional[QueueState] = None, forward_thread: Optional[ThreadPoolExecutor] = None):
+        """`forward_thread`: the one thread the passes run on, where several models share it
+        (`repository`): their passes take turns there. By default the queue makes its own."""
         self.passes = passes
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -72,7 +74,8 @@ class WindowQueue:
         # which does not exist yet when the model loads.
         self._arrived: Optional[asyncio.Event] = None
         self._worker: Optional[asyncio.Task] = None
-        self._thread: Optional[ThreadPoolExecutor] = None
+        self._thread: Optional[ThreadPoolExecutor] = forward_thread
+        self._closing = False
         self._stager: Optional[ThreadPoolExecutor] = None
 
     async def __call__(self, windows: Sequence[Window]) -> torch.Tensor:
@@ -97,11 +100,20 @@ class WindowQueue:
         return self.state.seconds_per_window
 
     def _start(self) -> None:
+        self._closing = False
         if self._worker is None:
-            self._arrived = asyncio.Event()
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
+            self._arrived = self._arrived or asyncio.Event()
+            self._thread = self._thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
             self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-stage")
             self._spawn()
+
+    def close(self) -> None:
+        """A model unloaded (or the server stopping): the worker finishes the windows queued, then
+        ends, letting the engine go. A request that still arrives (one that was decoding) starts
+        it again: nothing admitted is left waiting."""
+        self._closing = True
+        if self._arrived is not None:
+            self._arrived.set()
 
     def _spawn(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._serve())
@@ -111,7 +123,8 @@ class WindowQueue:
         """The worker only ends by dying (or on shutdown, cancelled): then every request that waits
         for the model would wait forever, so a new worker takes over the queue, after a pause that
         keeps a fault that persists from spinning."""
-        if worker.cancelled():
+        if worker.cancelled() or (self._closing and worker.exception() is None):
+            self._worker = None  # closed: `_start` makes a new one if a request comes
             return
         logger.error("The model queue's worker died; starting a new one", exc_info=worker.exception())
         asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._spawn)
@@ -121,6 +134,8 @@ class WindowQueue:
         while True:
             if ahead is None:
                 taken = await self._next_batch()
+                if not taken:
+                    return  # closed, and nothing was waiting
                 ahead = (taken, self._stage(taken))
             (batch, staging), ahead = ahead, None
             try:
@@ -190,6 +205,8 @@ class WindowQueue:
         loop = asyncio.get_running_loop()
         batch = self._take(self.max_batch_size)
         while not batch:
+            if self._closing:
+                return batch  # nothing left: the worker ends (`close`)
             self._arrived.clear()
             await self._arrived.wait()
             batch = self._take(self.max_batch_size)

@@ -88,16 +88,19 @@ class Logits:
 
 class ASTModel(Model):
     def __init__(self, config: Config, threads: int = 1, device: str = "cpu", state: Optional[QueueState] = None,
-                 remote: Optional[RemoteQueue] = None):
+                 remote: Optional[RemoteQueue] = None, forward_thread: Optional[ThreadPoolExecutor] = None):
         """`state`: where the queue's numbers live (shared memory in the model's process under
-        `frontends`). `remote`: in a frontend, the model's process, which then holds the engine and
-        the queue; this process only takes requests, decodes them and answers."""
+        `frontends`, shared by the models of a `repository`). `remote`: in a frontend, the model's
+        process, which then holds the engine and the queue; this process only takes requests,
+        decodes them and answers. `forward_thread`: the thread the passes of a repository's models
+        share."""
         super().__init__(config.model_name)
         self.config = config
         self.threads = threads
         self.device = device
         self.state = state or QueueState.local()
         self.remote = remote
+        self.forward_thread = forward_thread
         self.queue: Optional[Union[WindowQueue, RemoteQueue]] = None
         self.admission: Optional[Admission] = None
         self.decoding: Optional[ThreadPoolExecutor] = None
@@ -168,7 +171,14 @@ class ASTModel(Model):
         seconds_per_window = self._warm_up(max_batch_size if on_gpu else 1, runs=2 if on_gpu else 1)
         logger.info("Engine ready: %s", engine_options)
         return WindowQueue(self.passes, max_batch_size, config.max_batch_wait_ms / 1000, seconds_per_window,
-                           self.state)
+                           self.state, self.forward_thread)
+
+    def stop(self) -> None:
+        """Unloaded (the V2 repository API, or the server stopping): not ready, and its queue ends
+        once the windows admitted are computed, so that nothing holds the engine after them."""
+        self.ready = False
+        if isinstance(self.queue, WindowQueue):
+            self.queue.close()
 
     # ---- the request path ------------------------------------------------------------------
 

@@ -299,3 +299,48 @@ def test_admission_refuses_past_the_wait_or_the_windows_and_admitted_requests_fi
     big_logits, second_logits = run(main())
     torch.testing.assert_close(big_logits, logits_of(big))
     torch.testing.assert_close(second_logits, logits_of(second))
+
+
+def test_two_models_sharing_the_forward_thread_take_turns_pass_by_pass():
+    """A repository's models (`predictor.repository`): each has its own queue, all run their passes
+    on one thread. A model's long request does not hold back another model's short one: while the
+    first pass of the long one runs, the short one arrives, and runs next."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shared = ThreadPoolExecutor(max_workers=1)
+    long_model, short_model = Recording(hold_first=True), Recording()
+    order: list[str] = []
+    queues = {name: WindowQueue(Passes(lambda windows, compute=compute, name=name: (order.append(name), compute(windows))[1]),
+                                max_batch_size=1, max_wait_s=0.0, forward_thread=shared)
+              for name, compute in (("long", long_model), ("short", short_model))}
+
+    async def main():
+        long = asyncio.create_task(queues["long"](job(1, 4)))
+        await asyncio.to_thread(long_model.started.wait, 30)  # its first pass runs, and is held
+        short = asyncio.create_task(queues["short"](job(2, 1)))
+        await asyncio.sleep(0.05)  # the short request is queued on its model, waiting for the thread
+        long_model.release.set()
+        return await long, await short
+
+    long_rows, short_rows = run(main())
+    assert order[:3] == ["long", "short", "long"] and order.count("long") == 4
+    torch.testing.assert_close(long_rows, logits_of(job(1, 4)))
+    torch.testing.assert_close(short_rows, logits_of(job(2, 1)))
+
+
+def test_a_closed_queue_finishes_its_work_then_serves_again_if_asked():
+    compute = Recording()
+    queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0)
+
+    async def main():
+        first = asyncio.create_task(queue(job(1, 3)))
+        await asyncio.sleep(0)
+        queue.close()  # unloaded while a request is in: it still gets its rows
+        rows = await first
+        while queue._worker is not None:  # the worker ends once nothing is left
+            await asyncio.sleep(0.01)
+        return rows, await queue(job(2, 1))  # a late request starts it again
+
+    rows, late = run(main())
+    torch.testing.assert_close(rows, logits_of(job(1, 3)))
+    torch.testing.assert_close(late, logits_of(job(2, 1)))

@@ -17,9 +17,10 @@ Left out, each checked against this server (`test_the_operations_left_out_answer
   parameter of /v2/models/{model_name}, .../ready and .../infer: kserve answers 501 "Model versioning not
   supported yet" by design. The parameter is pinned to the empty value, which kserve reads as absent.
 Everything else is tested: /, /metrics, /v1/models, /v1/models/{model_name}, /v1/models/{model_name}:predict,
-/v1/models/{model_name}:explain, /v2, /v2/health/live, /v2/health/ready, /v2/models, /v2/models/{model_name}, /v2/models/{model_name}/ready,
-/v2/models/{model_name}/infer. KServe's schema gives :predict no request body (it reads the raw request),
-so `test_v1_predict_with_the_documented_body` adds the V1 body the README documents and runs :predict again.
+/v1/models/{model_name}:explain, /v2, /v2/health/live, /v2/health/ready, /v2/models, /v2/models/{model_name},
+/v2/models/{model_name}/ready, /v2/models/{model_name}/infer, /v2/repository/index (ours: kserve has its
+handler, not its route). KServe's schema gives :predict no request body (it reads the raw request), so
+`test_v1_predict_with_the_documented_body` adds the V1 body the README documents and runs :predict again.
 
 Bounded for `make test`: SCHEMATHESIS_MAX_EXAMPLES (default 25) examples per operation in the fuzzing
 phase (the coverage phase adds its own boundary cases, ~270 requests in all, a few seconds). Heavier:

@@ -110,6 +110,10 @@ class AudioModelServer(ModelServer):
         model_server.app.add_middleware(Outcomes)  # outermost: it sees every answer, a last-resort 500 too
         if listener is not None:
             model_server.app.add_middleware(AggregatedMetrics, registry=metrics.aggregated())
+        # The V2 repository extension's index (Triton's POST /v2/repository/index): kserve 0.21 has
+        # the handler (`ModelRepositoryExtension.index`) but no route for it.
+        model_server.app.add_api_route("/v2/repository/index", self.model_repository_extension.index,
+                                       methods=["POST"])
 
     def setup_event_loop(self) -> None:
         super().setup_event_loop()

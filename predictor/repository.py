@@ -1,0 +1,67 @@
+"""Several models in one server: `--model_dir` holding one directory per model, each what
+`save_pretrained` writes, each served under its directory's name with its own labels, engine file
+and engine choice.
+
+kserve's `ModelRepository` is the extension point: its V2 repository endpoints (`load`, `unload`)
+call it, and kserve 0.21's `load` is a stub, so `AudioModelRepository.load` builds the model from
+its directory (a model added to the volume after the start serves without a restart). The models
+share what makes them one server: the thread every forward pass runs on, so that their passes
+take turns (two busy models alternate pass by pass, each request's windows in turn within its
+model's queue), and the numbers admission reads, so that a request's wait counts every model's
+windows ahead of it.
+"""
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from kserve.model_repository import ModelRepository
+
+from .config import Config
+from .model import ASTModel
+from .queue_state import QueueState
+
+logger = logging.getLogger(__name__)
+
+
+def model_names(model_dir: str) -> Optional[list[str]]:
+    """The models of a repository: a directory holding two or more model directories (each with a
+    config.json), in name order. None where `model_dir` is one model: a model directory, one model
+    directory one level down (served under --model_name, as KServe's storage initializer may copy
+    a single model there), or a hub id."""
+    directory = Path(model_dir)
+    if not directory.is_dir() or (directory / "config.json").is_file():
+        return None
+    names = sorted(entry.name for entry in directory.iterdir() if (entry / "config.json").is_file())
+    return names if len(names) > 1 else None
+
+
+class AudioModelRepository(ModelRepository):
+    def __init__(self, config: Config, threads: int, device: str):
+        super().__init__(config.model_dir)
+        self.config, self.threads, self.device = config, threads, device
+        self.state = QueueState.local()
+        self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
+
+    def model(self, name: str) -> ASTModel:
+        """The model in the repository's `name` directory, not loaded yet."""
+        config = replace(self.config, model_dir=str(Path(self.models_dir) / name), model_name=name)
+        return ASTModel(config, threads=self.threads, device=self.device, state=self.state,
+                        forward_thread=self.forward_thread)
+
+    async def load(self, name: str) -> bool:
+        """The V2 repository API's load: the model named, built and loaded (its engine exported and
+        timed where its cache has none, off the event loop), then served. A model already served
+        is left as it is."""
+        if name in self.models:
+            return True
+        if name not in (model_names(self.models_dir) or []):
+            raise ValueError(f"no model directory '{name}' (with a config.json) in {self.models_dir}")
+        model = self.model(name)
+        await asyncio.to_thread(model.load)
+        self.update(model)
+        logger.info("Loaded model %s from the repository %s", name, self.models_dir)
+        return model.ready

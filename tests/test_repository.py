@@ -1,0 +1,112 @@
+"""Several models in one server (`predictor.repository`): a --model_dir of model directories, each
+served under its directory's name, answering exactly as that model served alone does (and as its
+own pipeline does); KServe's V2 repository API (index, load, unload) working on it."""
+
+import base64
+import shutil
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton_http
+from transformers import pipeline
+
+from predictor.__main__ import main
+from tools.random_ast import save_random_ast
+
+from .conftest import TEST_SERVER_ENV, as_predictions, assert_same_predictions, encode, expected, start_server, \
+    stop_server, tone
+
+RATE = 16000
+BIRDS = ["Bird", "Crow", "Owl", "Gull"]
+MACHINES = ["Engine", "Drill", "Saw", "Fan", "Pump", "Siren"]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repository")
+    save_random_ast(root / "birds", BIRDS, tiny=True, seed=1, max_length=1024)
+    save_random_ast(root / "machines", MACHINES, tiny=True, seed=2, max_length=1024)
+    (root / "notes").mkdir()  # a directory with no config.json is not a model
+    return root
+
+
+# Eager torch: these models' own ONNX exports would cost the suite seconds and test nothing here.
+ENV = {**TEST_SERVER_ENV, "AST_BACKEND": "torch"}
+
+
+@pytest.fixture(scope="module")
+def served(repository, tmp_path_factory):
+    server = start_server(repository, tmp_path_factory.mktemp("repository-server") / "server.log", env=ENV,
+                          model_name="birds")
+    yield server
+    stop_server(server)
+
+
+def v1(server, name: str, clip: np.ndarray, **parameters) -> requests.Response:
+    body = {"instances": [{"b64": base64.b64encode(encode(clip, RATE, "WAV", "FLOAT")).decode()}],
+            "parameters": parameters}
+    return requests.post(f"{server.url}/v1/models/{name}:predict", json=body, timeout=60)
+
+
+def test_each_model_answers_as_its_own_pipeline(served, repository, speech_16k):
+    clips = [speech_16k, tone(700, 1.5, RATE)]
+    for name, labels in (("birds", BIRDS), ("machines", MACHINES)):
+        reference = pipeline("audio-classification", model=str(repository / name))
+        for clip in clips:
+            response = v1(served, name, clip, top_k=len(labels), function_to_apply="none")
+            assert response.status_code == 200, response.text
+            [answer] = response.json()["predictions"]
+            assert {p["label"] for p in answer} == set(labels)
+            assert_same_predictions(answer, expected(reference, clip, len(labels), "none"))
+        client = triton_http.InferenceServerClient(url=f"127.0.0.1:{served.http_port}")
+        assert client.is_model_ready(name)
+        assert [o["name"] for o in client.get_model_metadata(name)["outputs"]][:2] == ["label", "score"]
+    assert requests.get(f"{served.url}/v2/models/notes/ready", timeout=10).status_code == 404
+
+
+def test_two_models_answer_exactly_as_each_alone_does(served, repository, tmp_path, speech_16k):
+    """The same V2 request to the repository's model and to a server of that model alone."""
+    alone = start_server(repository / "machines", tmp_path / "alone.log", env=ENV, model_name="machines")
+    try:
+        answers = []
+        for server in (served, alone):
+            client = triton_http.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
+            audio = triton_http.InferInput("audio", [1], "BYTES")
+            audio.set_data_from_numpy(np.array([encode(speech_16k, RATE, "WAV", "FLOAT")], dtype=np.object_))
+            result = client.infer("machines", [audio], parameters={"top_k": 3, "return_embedding": True})
+            answers.append((as_predictions(result.as_numpy("label"), result.as_numpy("score"))[0],
+                            result.as_numpy("embedding")))
+    finally:
+        stop_server(alone)
+    assert_same_predictions(answers[0][0], answers[1][0], tolerance=1e-6)
+    np.testing.assert_allclose(answers[0][1], answers[1][1], atol=1e-6, rtol=0)
+
+
+def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_path):
+    index = requests.post(f"{served.url}/v2/repository/index", timeout=10).json()
+    assert index == [{"name": "birds", "state": "Ready", "reason": ""},
+                     {"name": "machines", "state": "Ready", "reason": ""}]
+    # A third model copied onto the volume while the server runs: loaded without a restart.
+    owls = save_random_ast(tmp_path / "owls", ["Owl", "Hoot"], tiny=True, seed=3, max_length=1024)
+    shutil.copytree(owls, repository / "owls")
+    try:
+        assert requests.post(f"{served.url}/v2/repository/models/owls/load", timeout=120).status_code == 200
+        response = v1(served, "owls", tone(400, 1.0, RATE), top_k=2)
+        assert response.status_code == 200 and {p["label"] for p in response.json()["predictions"][0]} == {"Owl", "Hoot"}
+        assert requests.post(f"{served.url}/v2/repository/models/owls/unload", timeout=30).status_code == 200
+        assert v1(served, "owls", tone(400, 1.0, RATE)).status_code == 404
+        assert requests.post(f"{served.url}/v2/repository/models/owls/load", timeout=120).status_code == 200
+        assert v1(served, "owls", tone(400, 1.0, RATE)).status_code == 200  # loaded again after an unload
+    finally:
+        requests.post(f"{served.url}/v2/repository/models/owls/unload", timeout=30)
+        shutil.rmtree(repository / "owls")
+    missing = requests.post(f"{served.url}/v2/repository/models/bats/load", timeout=30)
+    assert missing.status_code == 503 and "no model directory 'bats'" in missing.text
+    assert v1(served, "birds", tone(400, 1.0, RATE)).status_code == 200  # the others serve on
+
+
+def test_frontends_serve_one_model(repository, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["--model_dir", str(repository), "--frontends", "2", "--configure_logging", "false"])
+    assert refused.value.code == 2 and "a model repository" in capsys.readouterr().err
