@@ -91,12 +91,12 @@ def serve_repository(config: Config, names: list[str], device: str, server_flags
     keep_freed_memory()
     repository = AudioModelRepository(config, threads=configure_torch_threads(config.threads), device=device)
     models = [repository.model(name) for name in names]
-    try:
-        for model in models:
+    for model in models:
+        try:
             model.load()
-    except ModelLoadError as exc:
-        logging.getLogger(__package__).error("%s", exc)
-        return 1
+        except ModelLoadError as exc:
+            logging.getLogger(__package__).error("model %s of the repository %s: %s", model.name, config.model_dir, exc)
+            return 1
     AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=config.max_request_bytes,
                      registered_models=repository, **server_flags).start(models)
     return 0

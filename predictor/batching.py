@@ -104,7 +104,7 @@ class WindowQueue:
         if self._worker is None:
             self._arrived = self._arrived or asyncio.Event()
             self._thread = self._thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
-            self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-stage")
+            self._stager = self._stager or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-stage")
             self._spawn()
 
     def close(self) -> None:
@@ -123,8 +123,13 @@ class WindowQueue:
         """The worker only ends by dying (or on shutdown, cancelled): then every request that waits
         for the model would wait forever, so a new worker takes over the queue, after a pause that
         keeps a fault that persists from spinning."""
-        if worker.cancelled() or (self._closing and worker.exception() is None):
-            self._worker = None  # closed: `_start` makes a new one if a request comes
+        if worker.cancelled():
+            return
+        if worker.exception() is None:  # it returned: closed, with nothing left then
+            if self._worker is worker:
+                self._worker = None
+            if self._fresh or self._jobs:  # a request came in as it ended
+                self._spawn()
             return
         logger.error("The model queue's worker died; starting a new one", exc_info=worker.exception())
         asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._spawn)

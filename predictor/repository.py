@@ -13,6 +13,7 @@ windows ahead of it.
 
 import asyncio
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,10 @@ from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A model's name is its directory's, in URL paths: letters, digits, '.', '_' and '-' (no ':', which
+V1 paths use before the verb; no hidden directories)."""
+
 
 def model_names(model_dir: str) -> Optional[list[str]]:
     """The models of a repository: a directory holding two or more model directories (each with a
@@ -35,8 +40,12 @@ def model_names(model_dir: str) -> Optional[list[str]]:
     directory = Path(model_dir)
     if not directory.is_dir() or (directory / "config.json").is_file():
         return None
-    names = sorted(entry.name for entry in directory.iterdir() if (entry / "config.json").is_file())
+    names = sorted(entry.name for entry in directory.iterdir() if is_model(directory, entry.name))
     return names if len(names) > 1 else None
+
+
+def is_model(directory: Path, name: str) -> bool:
+    return bool(NAME.fullmatch(name)) and (directory / name / "config.json").is_file()
 
 
 class AudioModelRepository(ModelRepository):
@@ -45,6 +54,7 @@ class AudioModelRepository(ModelRepository):
         self.config, self.threads, self.device = config, threads, device
         self.state = QueueState.local()
         self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
+        self.loading: dict[str, asyncio.Lock] = {}  # one load of a name at a time
 
     def model(self, name: str) -> ASTModel:
         """The model in the repository's `name` directory, not loaded yet."""
@@ -56,12 +66,14 @@ class AudioModelRepository(ModelRepository):
         """The V2 repository API's load: the model named, built and loaded (its engine exported and
         timed where its cache has none, off the event loop), then served. A model already served
         is left as it is."""
-        if name in self.models:
-            return True
-        if name not in (model_names(self.models_dir) or []):
-            raise ValueError(f"no model directory '{name}' (with a config.json) in {self.models_dir}")
-        model = self.model(name)
-        await asyncio.to_thread(model.load)
-        self.update(model)
+        if not is_model(Path(self.models_dir), name):
+            raise ValueError(f"no model directory '{name}' (a name of letters, digits, '.', '_' or '-', holding a "
+                             f"config.json) in {self.models_dir}")
+        async with self.loading.setdefault(name, asyncio.Lock()):
+            if name in self.models:
+                return True
+            model = self.model(name)
+            await asyncio.to_thread(model.load)
+            self.update(model)
         logger.info("Loaded model %s from the repository %s", name, self.models_dir)
         return model.ready

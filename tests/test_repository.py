@@ -101,8 +101,9 @@ def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_pa
     finally:
         requests.post(f"{served.url}/v2/repository/models/owls/unload", timeout=30)
         shutil.rmtree(repository / "owls")
-    missing = requests.post(f"{served.url}/v2/repository/models/bats/load", timeout=30)
-    assert missing.status_code == 503 and "no model directory 'bats'" in missing.text
+    for name in ("bats", ".cache"):  # no such directory; a hidden one is never a model
+        missing = requests.post(f"{served.url}/v2/repository/models/{name}/load", timeout=30)
+        assert missing.status_code == 503 and f"no model directory '{name}'" in missing.text
     assert v1(served, "birds", tone(400, 1.0, RATE)).status_code == 200  # the others serve on
 
 
