@@ -34,6 +34,7 @@ from .batching import WindowQueue
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
 from .config import Config
 from .engines import Engine, EngineOptions, ExportError, build_engine
+from .engines.artifacts import forget_failures
 from .engines.options import split
 from .errors import ClientInputError, Overloaded, shown
 from .features import HOP_LENGTH, LogMelFilterbank
@@ -120,6 +121,7 @@ class ASTModel(Model):
 
     def load(self) -> bool:
         config = self.config
+        forget_failures()
         checkpoint = Checkpoint.open(config.model_dir)
         source, model_config = checkpoint.source, checkpoint.config
         self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model_config))

@@ -85,7 +85,13 @@ def made_in_child(path: Path, module: str, args: list[str], timeout_s: float, wh
     return path
 
 
-_FAILED: dict[Path, ExportError] = {}  # this process's failed attempts, by the file they were to write
+_FAILED: dict[Path, ExportError] = {}  # this load's failed attempts, by the file they were to write
+
+
+def forget_failures() -> None:
+    """A new load (a repository's model loaded through the API) tries every file again: a failure
+    for want of time while other models served need not be for good."""
+    _FAILED.clear()
 
 
 def run_child(module: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
