@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from . import metrics
@@ -79,8 +78,8 @@ class WindowQueue:
         self._stager: Optional[ThreadPoolExecutor] = None
 
     async def __call__(self, windows: Sequence[Window]) -> torch.Tensor:
-        """The engine's rows for these windows (logits, then embedding), computed in turn with every other request's windows. The job is
-        queued before this first awaits (`admission` counts on that)."""
+        """The engine's rows for these windows (logits, then embedding), computed in turn with every
+        other request's windows. The job is queued before this first awaits (`admission` counts on that)."""
         self._start()
         job = Job(windows, asyncio.get_running_loop().create_future())
         self._fresh.append(job)

@@ -81,10 +81,20 @@ class LogMelFilterbank:
         return self.mel_filters.shape[1]
 
     @property
+    def normalisation(self) -> tuple[float, float]:
+        """(mean, scale): a log-mel value x becomes (x - mean) / scale."""
+        return (self.mean, self.std * 2) if self.do_normalize else (0.0, 1.0)
+
+    @property
     def silence(self) -> float:
         """What every bin of a frame of digital silence is: the log floor, normalised (`occlusion`)."""
-        mean, scale = (self.mean, self.std * 2) if self.do_normalize else (0.0, 1.0)
+        mean, scale = self.normalisation
         return (math.log(MEL_FLOOR) - mean) / scale
+
+    def frames(self, samples: int) -> int:
+        """The frames computed from a clip of `samples` (at least one frame's worth): those past
+        `max_length` are cut."""
+        return min(1 + (samples - FRAME_LENGTH) // HOP_LENGTH, self.max_length)
 
     @property
     def max_samples(self) -> int:
@@ -142,7 +152,7 @@ class LogMelFilterbank:
         """
         signal = samples.double()
         count, length = len(signal), signal.shape[1]
-        frames = min(1 + (length - FRAME_LENGTH) // HOP_LENGTH, self.max_length)
+        frames = self.frames(length)
         dc = (1 - PREEMPHASIS) * signal.unfold(1, FRAME_LENGTH, HOP_LENGTH)[:, :frames].mean(dim=-1, keepdim=True)
         emphasised = torch.zeros(count, length + FFT_LENGTH - FRAME_LENGTH, dtype=torch.float64, device=signal.device)
         emphasised[:, 0] = signal[:, 0]
@@ -153,7 +163,7 @@ class LogMelFilterbank:
         power = (spectrum.real.square() + spectrum.imag.square()).float()
         mel = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))
         # The extractor pads with zeros in the log domain, then normalises.
-        mean, scale = (self.mean, self.std * 2) if self.do_normalize else (0.0, 1.0)
+        mean, scale = self.normalisation
         padding = (0.0 - mean) / scale
         fbank = torch.full((count, self.max_length, self.num_mel_bins), padding, device=signal.device)
         fbank[:, :frames] = mel.sub_(mean).div_(scale)

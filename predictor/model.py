@@ -112,7 +112,6 @@ class ASTModel(Model):
         self.windowing: Optional[windows.Windowing] = None
         self.num_labels = 0
         self.id2label: dict[int, str] = {}
-        self.model_config: Optional[Any] = None  # the checkpoint's ASTConfig
         self.rollout: Optional[Rollout] = None
         self.default_top_k = config.top_k
         self.default_function = "softmax"
@@ -130,8 +129,7 @@ class ASTModel(Model):
         self.windowing = windows.Windowing.of(self.filterbank)
         self.num_labels = model_config.num_labels
         self.id2label = {int(k): v for k, v in model_config.id2label.items()}
-        self.model_config = model_config
-        self.rollout = Rollout(source)
+        self.rollout = Rollout(source, model_config)
         self.default_function = config.function_to_apply or labels.default_function(model_config.problem_type,
                                                                                     self.num_labels)
         self.default_top_k = min(config.top_k, self.num_labels)  # the pipeline clamps top_k too
@@ -225,11 +223,11 @@ class ASTModel(Model):
         """The windows' rows; with explain, each clip's masked copies' too (its one window, each
         with a cell of silence), in the same call: they take turns in the queue with every other
         request's windows."""
-        copies = [occlusion.copies(window, cells) for window, cells in zip(payload.windows, payload.cells)
-                  if payload.options.explain_method == "occlusion"]
+        occluding = payload.options.explain_method == "occlusion"
+        copies = [occlusion.copies(w, cells) for w, cells in zip(payload.windows, payload.cells)] if occluding else []
         count = len(payload.windows)
-        rows = await self.queue([*payload.windows, *(copy for masked, _ in copies for copy in masked)])  # queued
-        # before this first awaits: see `admission`
+        # queued before this first awaits: see `admission`
+        rows = await self.queue([*payload.windows, *(copy for masked, _ in copies for copy in masked)])
         masked = list(zip(rows[count:].split([len(m) for m, _ in copies]), [indices for _, indices in copies]))
         return Logits(per_clip=list(rows[:count].split([len(s) for s in payload.starts])), work=payload, masked=masked)
 
@@ -266,14 +264,14 @@ class ASTModel(Model):
         options = work.options
         if options.explain_method == "rollout":
             patches = await asyncio.wrap_future(self.decoding.submit(lambda: self.rollout(self.filterbank(work.windows))))
-            maps = [rollout.cell_relevance(row, self.model_config, cells) for row, cells in zip(patches, work.cells)]
+            maps = [rollout.cell_relevance(row, self.rollout.config, cells) for row, cells in zip(patches, work.cells)]
         else:
             scores = labels.scores(clip_logits, options.function)
             ids = scores.topk(options.top_k, dim=-1).indices  # as `labels.top_k` ranks them
-            maps = [occlusion.relevance(row[label_ids].numpy(), labels.scores(split(rows, self.num_labels)[0],
-                                                                              options.function)[:, label_ids].numpy(),
-                                        indices, cells)
-                    for row, label_ids, (rows, indices), cells in zip(scores, ids, masked, work.cells)]
+            maps = []
+            for row, label_ids, (rows, indices), cells in zip(scores, ids, masked, work.cells):
+                masked_scores = labels.scores(split(rows, self.num_labels)[0], options.function)[:, label_ids]
+                maps.append(occlusion.relevance(row[label_ids].numpy(), masked_scores.numpy(), indices, cells))
 
         def answer() -> None:  # the pictures' filterbank and PNGs on the decoding pool, not the event loop
             for clip, relevance, cells, window in zip(results, maps, work.cells, work.windows):
@@ -388,7 +386,7 @@ class ASTModel(Model):
         """A clip's occlusion cells, as the explain_* settings lay them out over its one window (a
         clip a few samples longer is cut there: the frames past it are the window's padding)."""
         config, filterbank = self.config, self.filterbank
-        frames = occlusion.frames_in(min(samples, self.windowing.length), filterbank.max_length)
+        frames = filterbank.frames(min(samples, self.windowing.length))
         return occlusion.grid(frames, filterbank.num_mel_bins,
                               cell_frames=max(1, round(config.explain_cell_seconds * filterbank.sampling_rate / HOP_LENGTH)),
                               bands=config.explain_bands, max_cells=config.explain_max_cells)

@@ -63,11 +63,6 @@ def silence(features: torch.Tensor, windows: Sequence[Window], value: float) -> 
     return features
 
 
-def frames_in(samples: int, max_frames: int) -> int:
-    """The frames the filterbank computes from a clip (more than the window holds are cut)."""
-    return min(1 + (samples - FRAME_LENGTH) // HOP_LENGTH, max_frames)
-
-
 def grid(frames: int, mel_bins: int, cell_frames: int, bands: int, max_cells: int) -> Grid:
     """Time cells of `cell_frames` frames (wider where `max_cells` would be passed; the last one may
     be shorter) by `bands` equal groups of mel bins, over a clip of at least one frame."""

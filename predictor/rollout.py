@@ -64,8 +64,8 @@ class Rollout:
     """The encoder with eager attention, loaded on first use (a second copy of the weights in this
     process: the engine's may be a graph, or on a GPU)."""
 
-    def __init__(self, source: str):
-        self.source = source
+    def __init__(self, source: str, config: "ASTConfig"):
+        self.source, self.config = source, config
         self.encoder: Optional["ASTModel"] = None
         self.loading = threading.Lock()  # requests arriving together load it once
 
