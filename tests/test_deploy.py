@@ -28,6 +28,8 @@ from predictor.config import Config
 from .conftest import (REPO, Server, assert_logits_within_precision, encode, expected, free_port, run_triton_grpc,
                        metric, stop_server, tone)
 
+pytestmark = pytest.mark.serial  # probes within their timeouts, memory peaks within the limit
+
 CRD = REPO.parent / "shared" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 INFERENCE_SERVICES = [REPO / "inferenceservice.yaml", *sorted((REPO / "deploy").glob("inferenceservice-*.yaml"))]
 GPU_SERVICE = REPO / "deploy" / "inferenceservice-gpu.yaml"

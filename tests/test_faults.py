@@ -6,9 +6,12 @@ import threading
 import time
 import uuid
 
+import pytest
 import requests
 
 from .conftest import encode, tone
+
+pytestmark = pytest.mark.serial  # a normal client served in time beside forty slow ones
 
 RATE = 16000
 WAV = encode(tone(440, 2.0, RATE), RATE, "WAV", "PCM_16")

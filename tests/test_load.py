@@ -20,6 +20,7 @@ from predictor.cpu import multiplies_bf16
 from tools.local_server import serving
 
 
+pytestmark = pytest.mark.serial  # the liveness probe within 1 s, RSS within 5 % over the soak
 LIMITS = Limits()
 
 

@@ -3,6 +3,7 @@ benchmarks and the tools start the real server, so that each goes through the sa
 the same readiness check (`/v2/models/NAME/ready`) and the same stop (SIGTERM, as the kubelet sends).
 """
 
+import itertools
 import os
 import re
 import socket
@@ -19,12 +20,30 @@ import requests
 from predictor.names import MODEL_NAME
 
 REPO = Path(__file__).resolve().parent.parent
+WORKER_PORTS_FROM, WORKER_PORTS = 20000, 500  # ports per pytest-xdist worker, from 20000 up
+_worker_turn = itertools.count()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing holds now. The kernel's pick (port 0) may be handed to another process again
+    before the server binds it, and gRPC binds with SO_REUSEPORT, so two servers could share a port
+    unnoticed; so each pytest-xdist worker takes its own block of ports below the kernel's ephemeral
+    range, in turn, and skips those still held."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    first = WORKER_PORTS_FROM + int(worker[2:]) * WORKER_PORTS
+    for _ in range(WORKER_PORTS):
+        port = first + next(_worker_turn) % WORKER_PORTS
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # where the server binds
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + WORKER_PORTS - 1}")
 
 
 @dataclass
