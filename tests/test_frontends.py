@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,9 +42,9 @@ def fronted(tiny_model_dir, tmp_path_factory):
     stop_server(server)
 
 
-def frontend_pids(server) -> set[str]:
-    """The processes that answered HTTP requests, from uvicorn's access lines (they carry the pid)."""
-    return {line.split()[5] for line in server.log.read_text().splitlines() if "uvicorn.access" in line}
+def answered_by(server) -> Counter:
+    """HTTP requests answered by each process (pid), from uvicorn's access lines (they carry the pid)."""
+    return Counter(int(line.split()[5]) for line in server.log.read_text().splitlines() if "uvicorn.access" in line)
 
 
 def test_answers_as_one_process_does_over_http_and_grpc(fronted, tiny_pipeline, speech_16k):
@@ -59,7 +60,29 @@ def test_answers_as_one_process_does_over_http_and_grpc(fronted, tiny_pipeline, 
         answers.append(outputs_of(kserve_grpc_infer(fronted, tensor))[0])
         for answer in answers:
             assert_same_predictions(answer, reference or answers[0])
-    assert len(frontend_pids(fronted)) == FRONTENDS, "the kernel gave every connection to one frontend"
+
+
+def test_every_frontend_takes_connections_on_the_shared_http_port(fronted):
+    """The port is one socket, accepted from by whichever frontend is first: which one that is, is
+    the scheduler's call (a busy machine may favour one for a while). So each frontend in turn is
+    left alone to accept, the others stopped (SIGSTOP), and must answer."""
+    frontends = [pid for pid, role in fronted.roles.items() if role == "frontend"]
+    clip = encode(tone(440, 1.0, RATE), RATE, "WAV", "PCM_16")
+    for alone in frontends:
+        before = answered_by(fronted)[alone]
+        for pid in frontends:
+            if pid != alone:
+                os.kill(pid, signal.SIGSTOP)
+        try:
+            response = requests.post(fronted.predict_url, data=clip, timeout=60)
+        finally:
+            for pid in frontends:
+                os.kill(pid, signal.SIGCONT)
+        assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 10  # its access line may follow the answer by a moment
+        while answered_by(fronted)[alone] == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answered_by(fronted)[alone] == before + 1, (alone, answered_by(fronted))
 
 
 def test_embeddings_come_through_the_channel(fronted, pooler_output, speech_16k):
