@@ -53,7 +53,7 @@ bench: install-dev peer-venv
 # so and exits 0. It runs with this repo's .venv where there is one, else with $(PYTHON) and the packages it has.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 gpu-check:
-	$(GPU_PYTHON) -m tools.gpu_check
+	$(GPU_PYTHON) -m tools.gpu_check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
 # The docs' tables of measurements, rewritten from the benchmarks/results/ files their markers name.
 docs-tables:

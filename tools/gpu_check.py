@@ -15,9 +15,11 @@ README names. On a full-size random-init AST (speed and parity do not depend on 
   server holds; then single clips to the server in one process (`--frontends 1`), the ratio the
   frontends gain.
 It prints the GPU, its driver, torch's and CUDA's versions and the host CPU first. Where torch sees
-no GPU it says so and exits 0. Exit 1 when a check fails.
+no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the results as JSON and
+each server's log there (a lent machine gives back what is written under its $OUT).
 """
 
+import argparse
 import base64
 import json
 import logging
@@ -39,6 +41,7 @@ from tools.signals import encode, tone
 logger = logging.getLogger(__name__)
 
 RATE = 16000
+LOG_TAIL_BYTES = 4 << 20
 SQUEEZED = ("--gpu_memory_fraction", "0.02", "--max_batch_size", "512")  # about 2.8 GiB of an H200
 
 
@@ -103,12 +106,35 @@ def squeezed(server: Server, recording: bytes) -> tuple[str, bool, str]:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description="The GPU path, checked (make gpu-check).")
+    parser.add_argument("--out", type=Path, help="a folder for the results (gpu-check.json) and the tail of each "
+                        "server's log, kept whether the checks pass, fail or break off")
+    out = parser.parse_args().out
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu-check: torch {torch.__version__} ({build}) sees no GPU here; nothing to check")
         return 0
     print(describe())
     work = Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
+    try:
+        results = check(work)
+    finally:
+        if out:
+            keep_logs(work, out)
+    if out:
+        (out / "gpu-check.json").write_text(json.dumps(results))
+    return 0 if all(c["passed"] for c in results["checks"]) else 1
+
+
+def keep_logs(work: Path, out: Path) -> None:
+    """The last LOG_TAIL_BYTES of each server's log, where a run on a lent machine brings files back."""
+    out.mkdir(parents=True, exist_ok=True)
+    for log in work.glob("*.log"):
+        (out / log.name).write_bytes(log.read_bytes()[-LOG_TAIL_BYTES:])
+
+
+def check(work: Path) -> dict:
+    """Every check and the bench, printed as they are summed up; the results as gpu-check.json holds them."""
     model_dir = save_random_ast(work / "ast")
     cache = ("--onnx_cache_dir", str(work / "cache"))
     recording = ten_minutes()
@@ -133,9 +159,10 @@ def main() -> int:
     alone = {f"{precision} batch {batch}": round(v["clips_per_s"], 1) for (precision, batch), v in alone.items()}
     print(f"model alone, clips/s: {alone}")
     print(f"bench (default flags, V2 binary REST; one_process: --frontends 1): {speed}")
-    print(json.dumps({"device": describe(), "checks": [{"check": c[0], "passed": c[1], "detail": c[2]} for c in checks],
-                      "model_alone_clips_per_s": alone, "bench": speed}))
-    return 0 if all(passed for _, passed, _ in checks) else 1
+    results = {"device": describe(), "checks": [{"check": c[0], "passed": c[1], "detail": c[2]} for c in checks],
+               "model_alone_clips_per_s": alone, "bench": speed}
+    print(json.dumps(results))
+    return results
 
 
 if __name__ == "__main__":
