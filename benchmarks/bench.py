@@ -30,7 +30,8 @@ ratio:
   11. the host side with frontends: the model of section 9 served by one process and by
      `--frontends 2`, single-clip requests over V2 binary from clients in several processes: requests/s,
      and each process's CPU per request (what one frontend's core can take, and what the model's
-     process spends per request beyond its engine: the ceilings on a GPU node);
+     process spends per request beyond its engine: the ceilings on a GPU node); then `--frontends 2`
+     with passes of up to 16 windows, as a GPU batches them;
   12. what the embedding output costs: the full-size model's ONNX graph asked for both outputs against
      for the logits alone, at batch 1; and the server's throughput with `return_embedding` against
      without, over V2 binary and V1 JSON at concurrency 4;
@@ -664,17 +665,21 @@ def overhead_section(work: Path, threads: int, rows: list[Row], requests_: int =
     return out
 
 
+GPU_LIKE_PASSES = ("--max_batch_size", "16", "--max_batch_wait_ms", "5")
+
+
 def frontends_section(work: Path, concurrency: int = 16, seconds: float = 15.0) -> list[Row]:
     """Section 11: one process against `--frontends 2` on the skinny model, and where the CPU went:
     each frontend whole (HTTP, decoding, answers), and the model process's event loop (its main
     thread: the channel to the frontends and the queue's schedule; the passes run on threads of
-    their own, and on a GPU on the GPU)."""
+    their own, and on a GPU on the GPU). Then the same with passes of several windows, as a GPU
+    takes them, over which the loop's cost per pass is shared."""
     skinny = save_random_ast(work / "skinny-frontends", tiny=True, max_length=1024, num_mel_bins=128)
     clip = wav(make_clips(1)[0])
     rows: list[Row] = []
-    for frontends in (1, 2):
+    for frontends, passes in ((1, ()), (2, ()), (2, GPU_LIKE_PASSES)):
         server = start_server(skinny, 18180, 18181, "--onnx_cache_dir", str(work), "--backend", "onnxruntime",
-                              "--precision", "fp32", "--frontends", str(frontends))
+                              "--precision", "fp32", "--frontends", str(frontends), *passes)
         try:
             roles = server.roles
             cpu = lambda pid: process_cpu_s(pid, main_thread_only=roles[pid] == "model")  # noqa: E731
@@ -686,14 +691,15 @@ def frontends_section(work: Path, concurrency: int = 16, seconds: float = 15.0) 
         by_role = {role: sum(v for pid, v in ms.items() if roles[pid] == role) for role in set(roles.values())}
         extra = {"p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
                  **{f"{role}_cpu_ms_per_request": v for role, v in sorted(by_role.items())}}
-        name = "one process" if frontends == 1 else f"--frontends {frontends}"
+        name = ("one process" if frontends == 1 else f"--frontends {frontends}") + (" " + " ".join(passes) if passes else "")
         rows.append(Row("frontends", f"{name}, V2 binary single clips, concurrency {concurrency}",
                         result["requests_per_s"], "requests/s", rows[0].value if rows else None,
                         "one process" if rows else "", extra))
         if frontends > 1:
-            rows.append(Row("frontends", "CPU per request in the frontends (HTTP, decoding, answers)",
+            how = f", passes of up to {passes[1]} windows" if passes else ""
+            rows.append(Row("frontends", f"CPU per request in the frontends (HTTP, decoding, answers){how}",
                             by_role["frontend"], "ms", extra={"requests_per_s_per_frontend_core": 1000 / by_role["frontend"]}))
-            rows.append(Row("frontends", "CPU per request on the model process's event loop", by_role["model"], "ms",
+            rows.append(Row("frontends", f"CPU per request on the model process's event loop{how}", by_role["model"], "ms",
                             extra={"requests_per_s_it_can_take": 1000 / by_role["model"]}))
     return rows
 

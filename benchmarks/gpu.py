@@ -6,9 +6,10 @@ CPU's where torch sees a GPU), on a full-size random-init AST and 10 s clips:
   engine sets that, bf16, fp16)
   and batch (1, 8, 32, 64, 128): clips/s and the peak GPU memory;
 - the server with default flags, end to end, over V2 binary REST and gRPC: single-clip requests at
-  concurrency 64, 32-clip requests at 16 and 10-minute recordings at 8 (clips or windows/s, p50 and
-  p99 latency), each against the model alone at the server's precision and batch; and the GPU
-  memory the server holds after them.
+  concurrency 64, then offered open loop at half the rate answered (the latency at half load),
+  32-clip requests at 16 and 10-minute recordings at 8 (clips or windows/s, p50 and p99 latency),
+  each against the model alone at the server's precision and batch; and the GPU memory the server
+  holds after them.
 The GPU, its driver, torch's and CUDA's versions and the host CPU head the output (`describe`).
 `tools/gpu_check.py` runs a short version of the server part.
 """
@@ -125,10 +126,12 @@ def server_rows(url: str, grpc_url: str, pid: int, clip: bytes, recording: bytes
     results = {}
     for protocol, address in (("V2 binary REST", ("v2", url)), ("V2 gRPC", ("grpc", grpc_url))):
         single = timed_clients(Load(*address, (clip,), CONCURRENCY))
+        half = timed_clients(Load(*address, (clip,), CONCURRENCY, rate=single["requests_per_s"] / 2))
         multi = timed_clients(Load(*address, (clip,) * MULTI_CLIPS, MULTI_CONCURRENCY))
         long_ = timed_clients(Load(*address, (recording,), LONG_CONCURRENCY))
         results[protocol] = {
             "single clips": {**single, "clips_per_s": single["requests_per_s"]},
+            "single clips at half that load": {**half, "clips_per_s": half["requests_per_s"]},
             f"{MULTI_CLIPS}-clip requests": {**multi, "clips_per_s": multi["requests_per_s"] * MULTI_CLIPS},
             "10-minute recordings": {**long_, "windows_per_s": long_["requests_per_s"] * windows},
         }

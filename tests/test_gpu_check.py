@@ -27,3 +27,15 @@ def test_the_bench_clients_in_several_processes_count_what_the_server_answered(s
     assert result["failed"] == 0 and result["client_processes"] == 2, result
     # answers that came after the window closed are the server's, not the window's
     assert 0 < result["requests"] <= answered and result["p50_ms"] <= result["p99_ms"], (result, answered)
+
+
+def test_open_loop_sends_on_its_schedule_whatever_the_answers(server, speech_wav):
+    """Open loop (the latency at half load): 10 requests a second for 2 s from 4 clients in 2
+    processes is 20 requests, however fast the server answers; a closed loop would send hundreds."""
+    before = metric(server, "ast_clips_total")
+    load = Load("v2", server.url, (speech_wav,), concurrency=4, seconds=2.0, rate=10.0)
+    result = timed_clients(load, processes=2)
+    answered = metric(server, "ast_clips_total") - before
+    assert result["failed"] == 0 and result["offered_per_s"] == 10.0, result
+    assert 0 < result["requests"] <= answered <= load.rate * load.seconds, (result, answered)
+    assert result["p50_ms"] <= result["p99_ms"], result

@@ -10,10 +10,10 @@ README names. On a full-size random-init AST (speed and parity do not depend on 
 - a server squeezed into a sliver of the GPU's memory (--gpu_memory_fraction) with passes too big
   for it splits them, says so once, and answers a 10-minute recording whole;
 - a short bench of the server with default flags (frontends: one per host core but one) over V2
-  binary REST: single-clip requests at concurrency 64 (clips/s, p50, p99), 32-clip requests
-  (windows/s), against the model alone at the same precision and batch, and the GPU memory the
-  server holds; then single clips to the server in one process (`--frontends 1`), the ratio the
-  frontends gain.
+  binary REST: single-clip requests at concurrency 64 (clips/s, p50, p99), then offered open loop
+  at half the rate answered (p50, p99 at half load), 32-clip requests (windows/s), against the
+  model alone at the same precision and batch, and the GPU memory the server holds; then single
+  clips to the server in one process (`--frontends 1`), the ratio the frontends gain.
 It prints the GPU, its driver, torch's and CUDA's versions and the host CPU first. Where torch sees
 no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the results as JSON and
 each server's log there (a lent machine gives back what is written under its $OUT).
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 RATE = 16000
 LOG_TAIL_BYTES = 4 << 20
+BENCH_SECONDS = 10.0  # per measurement: `make bench` takes longer ones
 SQUEEZED = ("--gpu_memory_fraction", "0.02", "--max_batch_size", "512")  # about 2.8 GiB of an H200
 
 
@@ -86,14 +87,18 @@ def parity(cpu: Server, gpu: Server, recording: bytes) -> list[tuple[str, bool, 
 
 
 def bench(gpu: Server, multi: bool = True) -> dict:
-    """The server over V2 binary REST: single clips at concurrency 64, 32-clip requests."""
+    """The server over V2 binary REST: single clips at concurrency 64; then (`multi`) single clips
+    offered open loop at half the rate it answered (the latency at half load), and 32-clip requests."""
     clip = clips()["noise"]
-    single = timed_clients(Load("v2", gpu.url, (clip,), CONCURRENCY))
+    single = timed_clients(Load("v2", gpu.url, (clip,), CONCURRENCY, BENCH_SECONDS))
     speed = {"precision": gpu.precision, "single_clips_per_s": single["requests_per_s"],
              "single_p50_ms": single["p50_ms"], "single_p99_ms": single["p99_ms"], "failed": single["failed"]}
     if multi:
-        clips_ = timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, MULTI_CONCURRENCY))
-        speed.update(multi_clips_per_s=clips_["requests_per_s"] * MULTI_CLIPS, gpu_memory_mib=gpu_memory_mib(gpu.process.pid))
+        half = timed_clients(Load("v2", gpu.url, (clip,), CONCURRENCY, BENCH_SECONDS, rate=single["requests_per_s"] / 2))
+        clips_ = timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, MULTI_CONCURRENCY, BENCH_SECONDS))
+        speed.update(half_load_clips_per_s=half["requests_per_s"], half_load_p50_ms=half["p50_ms"],
+                     half_load_p99_ms=half["p99_ms"], multi_clips_per_s=clips_["requests_per_s"] * MULTI_CLIPS,
+                     failed=speed["failed"] + half["failed"] + clips_["failed"], gpu_memory_mib=gpu_memory_mib(gpu.process.pid))
     return speed
 
 
