@@ -847,9 +847,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--only", choices=SECTIONS, nargs="+", default=None,
                         help="main: sections 1-6 (10 s clips); long: section 7 (10-minute clips); start: section 8 "
-                        "(time to ready); overhead: section 9 (the server's cost per clip); embedding: section 12 (what the "
-                        "embedding output costs); explain: section 13 (what an explanation costs); models: section 14 "
-                        "(what one more model costs). Default: all. "
+                        "(time to ready); overhead: section 9 (the server's cost per clip); default: section 10 (default flags "
+                        "against the peers'); frontends: section 11 (the host side with frontends); embedding: section 12 "
+                        "(what the embedding output costs); explain: section 13 (what an explanation costs); models: "
+                        "section 14 (what one more model costs); gpu: the GPU's section (benchmarks/gpu.py). Default: all. "
                         "A partial run does not replace latest.json.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
