@@ -36,9 +36,10 @@ run: install
 	AST_MODEL_DIR=$(MODEL_DIR) AST_MODEL_NAME=$(MODEL_NAME) $(BIN)/python -m predictor
 
 # The suite in two runs: the checks that bound no latency and no memory peak, spread over every core
-# (pytest-xdist: each worker has its own session, models and ONNX cache); then the ones marked serial, alone,
-# so that no other test's load is in what they measure.
-TEST_WORKERS ?= auto
+# (pytest-xdist: each worker has its own session, models and ONNX cache; one per core, at most 4, each worker's
+# servers taking a GiB or two); then the ones marked serial, alone, so that no other test's load is in what they
+# measure.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$((n < 4 ? n : 4)))
 test: install-dev
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not image and not serial"
 	$(BIN)/python -m pytest -m "serial and not image"
