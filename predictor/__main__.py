@@ -20,7 +20,7 @@ from .model import ASTModel
 from .precision import PrecisionError
 from .precision import check as check_precision
 from .protocol.kserve import AudioModelServer
-from .repository import AudioModelRepository, model_names
+from .repository import AudioModelRepository, VolumeIndex, model_names
 
 # After SIGTERM, in-flight requests get this long to finish: inside Kubernetes' default 30 s
 # terminationGracePeriodSeconds (Knative's, the revision timeout, is longer still).
@@ -98,7 +98,8 @@ def serve_repository(config: Config, names: list[str], device: str, server_flags
             logging.getLogger(__package__).error("model %s of the repository %s: %s", model.name, config.model_dir, exc)
             return 1
     AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=config.max_request_bytes,
-                     registered_models=repository, **server_flags).start(models)
+                     registered_models=repository, repository_extension=VolumeIndex(repository),
+                     **server_flags).start(models)
     return 0
 
 

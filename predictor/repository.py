@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from kserve.model_repository import ModelRepository
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
 from .config import Config
 from .model import ASTModel
@@ -40,8 +41,13 @@ def model_names(model_dir: str) -> Optional[list[str]]:
     directory = Path(model_dir)
     if not directory.is_dir() or (directory / "config.json").is_file():
         return None
-    names = sorted(entry.name for entry in directory.iterdir() if is_model(directory, entry.name))
+    names = on_volume(directory)
     return names if len(names) > 1 else None
+
+
+def on_volume(directory: Path) -> list[str]:
+    """The model directories in `directory`, by name."""
+    return sorted(entry.name for entry in directory.iterdir() if is_model(directory, entry.name))
 
 
 def is_model(directory: Path, name: str) -> bool:
@@ -77,3 +83,21 @@ class AudioModelRepository(ModelRepository):
             self.update(model)
         logger.info("Loaded model %s from the repository %s", name, self.models_dir)
         return model.ready
+
+
+class VolumeIndex(ModelRepositoryExtension):
+    """kserve's V2 repository API, whose index also lists the model directories on the volume that
+    are not served (unloaded, or copied there after the start), `NotReady` and "not loaded", as
+    Triton's index lists a repository's unloaded models: what a client may load."""
+
+    def __init__(self, repository: AudioModelRepository):
+        super().__init__(repository)
+        self.repository = repository
+
+    async def index(self, filter_ready: Optional[bool] = False) -> list[dict[str, str]]:
+        listed = await super().index(filter_ready)
+        if not filter_ready:
+            served = {entry["name"] for entry in listed}
+            listed += [{"name": name, "state": "NotReady", "reason": "not loaded"}
+                       for name in on_volume(Path(self.repository.models_dir)) if name not in served]
+        return sorted(listed, key=lambda entry: entry["name"])

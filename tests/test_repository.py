@@ -83,19 +83,30 @@ def test_two_models_answer_exactly_as_each_alone_does(served, repository, tmp_pa
     np.testing.assert_allclose(answers[0][1], answers[1][1], atol=1e-6, rtol=0)
 
 
+def index_of(server, **query) -> list[dict]:
+    response = requests.post(f"{server.url}/v2/repository/index", params=query, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
 def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_path):
-    index = requests.post(f"{served.url}/v2/repository/index", timeout=10).json()
+    index = index_of(served)
     assert index == [{"name": "birds", "state": "Ready", "reason": ""},
                      {"name": "machines", "state": "Ready", "reason": ""}]
     # A third model copied onto the volume while the server runs: loaded without a restart.
     owls = save_random_ast(tmp_path / "owls", ["Owl", "Hoot"], tiny=True, seed=3, max_length=1024)
     shutil.copytree(owls, repository / "owls")
     try:
+        # listed as there to load, not served; the ready ones alone without it
+        assert index_of(served) == [*index, {"name": "owls", "state": "NotReady", "reason": "not loaded"}]
+        assert index_of(served, filter_ready=True) == index
         assert requests.post(f"{served.url}/v2/repository/models/owls/load", timeout=120).status_code == 200
+        assert index_of(served)[-1] == {"name": "owls", "state": "Ready", "reason": ""}
         response = v1(served, "owls", tone(400, 1.0, RATE), top_k=2)
         assert response.status_code == 200 and {p["label"] for p in response.json()["predictions"][0]} == {"Owl", "Hoot"}
         assert requests.post(f"{served.url}/v2/repository/models/owls/unload", timeout=30).status_code == 200
         assert v1(served, "owls", tone(400, 1.0, RATE)).status_code == 404
+        assert index_of(served)[-1] == {"name": "owls", "state": "NotReady", "reason": "not loaded"}
         assert requests.post(f"{served.url}/v2/repository/models/owls/load", timeout=120).status_code == 200
         assert v1(served, "owls", tone(400, 1.0, RATE)).status_code == 200  # loaded again after an unload
     finally:

@@ -33,6 +33,7 @@ from kserve.errors import (InferenceError, InvalidInput, ModelNotFound, ModelNot
 from kserve.model_server import ModelServer
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from starlette.responses import JSONResponse
 
 from .. import metrics
@@ -98,9 +99,13 @@ class AudioDataPlane(DataPlane):
 class AudioModelServer(ModelServer):
     """kserve's ModelServer, routing requests through `AudioDataPlane`, with our gRPC message limit."""
 
-    def __init__(self, max_message_bytes: int, listener: Optional[socket.socket] = None, **kwargs: Any):
+    def __init__(self, max_message_bytes: int, listener: Optional[socket.socket] = None,
+                 repository_extension: Optional[ModelRepositoryExtension] = None, **kwargs: Any):
+        """`repository_extension`: the V2 repository API's handlers, where kserve's own are not enough."""
         super().__init__(**kwargs)
         self.listener = listener
+        if repository_extension is not None:
+            self.model_repository_extension = repository_extension
         self.dataplane = AudioDataPlane(model_registry=self.registered_models)
         # kserve's GRPCServer takes its limits from kserve's own parse of the command line.
         model_server.args.grpc_max_receive_message_length = max_message_bytes
