@@ -66,5 +66,20 @@ WINDOW_WAIT_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 REQUESTS = Counter("ast_requests", "Inference requests by how they ended: the HTTP status, or the gRPC status name",
                    ["protocol", "code"])
-ENGINE = Gauge("ast_engine_info", "The engine serving the model, its precision and device", ["backend", "precision",
-               "device"], multiprocess_mode="livemax")
+ENGINE = Gauge("ast_engine_info", "The engine serving each model, its precision and device", ["model", "backend",
+               "precision", "device"], multiprocess_mode="livemax")
+_engines: dict[str, tuple[str, str, str]] = {}  # each model served: its ENGINE labels but the name
+
+
+def engine_serving(model: str, backend: str, precision: str, device: str) -> None:
+    """`model`'s one `ast_engine_info` series (a model loaded again replaces its own)."""
+    engine_stopped(model)
+    _engines[model] = (backend, precision, device)
+    ENGINE.labels(model, backend, precision, device).set(1)
+
+
+def engine_stopped(model: str) -> None:
+    """`model` unloaded: its series goes."""
+    labels = _engines.pop(model, None)
+    if labels is not None:
+        ENGINE.remove(model, *labels)

@@ -156,7 +156,7 @@ class ASTModel(Model):
                                        cache_dir=config.onnx_cache_dir, start_timeout_s=config.start_timeout_s,
                                        calibration_dir=config.calibration_dir, device=self.device)
         try:
-            self.engine = build_engine(checkpoint, engine_options)
+            self.engine = build_engine(checkpoint, engine_options, serving=self.name)
         except ExportError as exc:
             raise ModelLoadError(f"{exc}\nPass --backend torch (or AST_BACKEND=torch) to serve with eager PyTorch "
                                  "instead.") from exc
@@ -179,6 +179,7 @@ class ASTModel(Model):
         self.ready = False
         if isinstance(self.queue, WindowQueue):
             self.queue.close()
+            metrics.engine_stopped(self.name)
 
     # ---- the request path ------------------------------------------------------------------
 

@@ -69,7 +69,8 @@ def test_a_few_requests_are_counted(server):
     assert delta(before, after, "ast_requests_total", protocol="grpc", code="INVALID_ARGUMENT") == 1
     assert after[("ast_queued_windows", ())] == after[("ast_queue_wait_seconds", ())] == 0
     # the test server runs ONNX Runtime by name (conftest), in fp32
-    assert after[("ast_engine_info", (("backend", "onnxruntime"), ("device", "cpu"), ("precision", "fp32")))] == 1
+    assert after[("ast_engine_info", (("backend", "onnxruntime"), ("device", "cpu"), ("model", "ast"),
+                                      ("precision", "fp32")))] == 1
 
 
 def test_requests_that_never_reach_the_queue_leave_no_wait_behind(server):

@@ -25,6 +25,7 @@ what was measured where, before you rely on it.
 
 import logging
 from dataclasses import replace
+from typing import Optional
 
 import torch
 
@@ -45,10 +46,12 @@ __all__ = ["BACKENDS", "PRECISIONS", "Engine", "EngineOptions", "ExportError", "
            "build_engine"]
 
 
-def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
+def build_engine(checkpoint: Checkpoint, options: EngineOptions, serving: Optional[str] = None) -> Engine:
     """The engine `options` ask for; with `auto`, the fastest for the precision on this node
     (`choice`). An engine asked for by name that cannot be built here raises `ExportError`.
     Only the torch engine (and an export not yet made) loads the checkpoint's torch module.
+    `serving`: the name of the model it will serve, shown with the engine in `ast_engine_info`
+    (engines built for a tool or a benchmark serve none).
 
     `auto` with bf16 on a CPU that does not multiply bf16 natively serves fp32 instead, with a
     warning: torch's emulated bf16 is several times slower than fp32 there (README, Performance), and
@@ -67,7 +70,8 @@ def build_engine(checkpoint: Checkpoint, options: EngineOptions) -> Engine:
     else:
         backend, engine = options.backend, _build(checkpoint, options)
     logger.info("Engine: %s, %s, on %s", backend, options.precision, options.device)
-    metrics.ENGINE.labels(backend, options.precision, options.device).set(1)
+    if serving is not None:
+        metrics.engine_serving(serving, backend, options.precision, options.device)
     return engine
 
 
