@@ -162,13 +162,17 @@ class ASTModel(Model):
                                  "instead.") from exc
         device = torch.device(self.device)
         max_batch_size = config.batch_size(on_gpu)
-        if on_gpu:
-            if config.gpu_memory_fraction:
-                torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
-            self.passes = BatchedPass(self.filterbank, self.engine, device, max_batch_size)
-        else:
-            self.passes = CpuPass(self.filterbank, self.engine)
-        seconds_per_window = self._warm_up(max_batch_size if on_gpu else 1, runs=2 if on_gpu else 1)
+        try:
+            if on_gpu:
+                if config.gpu_memory_fraction:
+                    torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
+                self.passes = BatchedPass(self.filterbank, self.engine, device, max_batch_size)
+            else:
+                self.passes = CpuPass(self.filterbank, self.engine)
+            seconds_per_window = self._warm_up(max_batch_size if on_gpu else 1, runs=2 if on_gpu else 1)
+        except BaseException:
+            metrics.engine_stopped(self.name)  # built, but it will serve nothing
+            raise
         logger.info("Engine ready: %s", engine_options)
         return WindowQueue(self.passes, max_batch_size, config.max_batch_wait_ms / 1000, seconds_per_window,
                            self.state, self.forward_thread)

@@ -67,6 +67,7 @@ def test_every_frontend_takes_connections_on_the_shared_http_port(fronted):
     the scheduler's call (a busy machine may favour one for a while). So each frontend in turn is
     left alone to accept, the others stopped (SIGSTOP), and must answer."""
     frontends = [pid for pid, role in fronted.roles.items() if role == "frontend"]
+    assert len(frontends) == FRONTENDS, fronted.roles
     clip = encode(tone(440, 1.0, RATE), RATE, "WAV", "PCM_16")
     for alone in frontends:
         before = answered_by(fronted)[alone]

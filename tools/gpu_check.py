@@ -93,7 +93,7 @@ def bench(gpu: Server, multi: bool = True) -> dict:
     single = timed_clients(Load("v2", gpu.url, (clip,), CONCURRENCY, BENCH_SECONDS))
     speed = {"precision": gpu.precision, "single_clips_per_s": single["requests_per_s"],
              "single_p50_ms": single["p50_ms"], "single_p99_ms": single["p99_ms"], "failed": single["failed"]}
-    if multi:
+    if multi and single["requests"]:  # nothing answered: no half of it to offer
         half = timed_clients(Load("v2", gpu.url, (clip,), CONCURRENCY, BENCH_SECONDS, rate=single["requests_per_s"] / 2))
         clips_ = timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, MULTI_CONCURRENCY, BENCH_SECONDS))
         speed.update(half_load_clips_per_s=half["requests_per_s"], half_load_p50_ms=half["p50_ms"],
@@ -158,7 +158,8 @@ def check(work: Path) -> dict:
     with serving(model_dir, work / "one-process.log", ("--device", "cuda", "--frontends", "1", *cache),
                  timeout=600) as one:
         speed["one_process"] = bench(one, multi=False)
-    speed["frontends_gain"] = speed["single_clips_per_s"] / speed["one_process"]["single_clips_per_s"]
+    one_process = speed["one_process"]["single_clips_per_s"]
+    speed["frontends_gain"] = speed["single_clips_per_s"] / one_process if one_process else None
     for name, passed, detail in checks:
         print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
     alone = {f"{precision} batch {batch}": round(v["clips_per_s"], 1) for (precision, batch), v in alone.items()}

@@ -20,7 +20,7 @@ import requests
 from predictor.names import MODEL_NAME
 
 REPO = Path(__file__).resolve().parent.parent
-WORKER_PORTS_FROM, WORKER_PORTS = 20000, 500  # ports per pytest-xdist worker, from 20000 up
+WORKER_PORTS_FROM, WORKER_PORTS, WORKER_BLOCKS = 20000, 500, 25  # per pytest-xdist worker, below 32768
 _worker_turn = itertools.count()
 
 
@@ -34,7 +34,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
-    first = WORKER_PORTS_FROM + int(worker[2:]) * WORKER_PORTS
+    first = WORKER_PORTS_FROM + int(worker[2:]) % WORKER_BLOCKS * WORKER_PORTS
     for _ in range(WORKER_PORTS):
         port = first + next(_worker_turn) % WORKER_PORTS
         with socket.socket() as s:
@@ -72,7 +72,7 @@ class Server:
 
     @property
     def precision(self) -> str:
-        """The precision the server resolved (`--precision auto` by default), from `ast_engine_info`."""
+        """The precision a server of one model resolved (`--precision auto` by default), from `ast_engine_info`."""
         info = [line for line in requests.get(f"{self.url}/metrics", timeout=10).text.splitlines()
                 if line.startswith("ast_engine_info{")]
         if len(info) != 1:
