@@ -85,7 +85,10 @@ def test_requests_that_never_reach_the_queue_leave_no_wait_behind(server):
 
 
 def test_the_dashboard_reads_series_the_server_has(server):
-    """deploy/grafana-dashboard.json: every series its queries name is on /metrics, with the labels they select."""
+    """deploy/grafana-dashboard.json: every series its queries name is on /metrics, with the labels they select
+    (after a request of its own: a labelled series appears with its first sample, whatever ran before)."""
+    answer = requests.post(server.predict_url, data=encode(tone(440, 1.0, RATE), RATE, "WAV", "PCM_16"), timeout=60)
+    assert answer.status_code == 200, answer.text
     dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     assert len(expressions) >= 8
