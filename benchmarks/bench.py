@@ -665,7 +665,7 @@ def overhead_section(work: Path, threads: int, rows: list[Row], requests_: int =
     return out
 
 
-GPU_LIKE_PASSES = ("--max_batch_size", "16", "--max_batch_wait_ms", "5")
+GPU_LIKE_BATCH = 16  # windows per pass in section 11's last run, as a GPU takes them
 
 
 def frontends_section(work: Path, concurrency: int = 16, seconds: float = 15.0) -> list[Row]:
@@ -677,7 +677,8 @@ def frontends_section(work: Path, concurrency: int = 16, seconds: float = 15.0) 
     skinny = save_random_ast(work / "skinny-frontends", tiny=True, max_length=1024, num_mel_bins=128)
     clip = wav(make_clips(1)[0])
     rows: list[Row] = []
-    for frontends, passes in ((1, ()), (2, ()), (2, GPU_LIKE_PASSES)):
+    for frontends, batch in ((1, 1), (2, 1), (2, GPU_LIKE_BATCH)):
+        passes = ("--max_batch_size", str(batch), "--max_batch_wait_ms", "5") if batch > 1 else ()
         server = start_server(skinny, 18180, 18181, "--onnx_cache_dir", str(work), "--backend", "onnxruntime",
                               "--precision", "fp32", "--frontends", str(frontends), *passes)
         try:
@@ -696,7 +697,7 @@ def frontends_section(work: Path, concurrency: int = 16, seconds: float = 15.0) 
                         result["requests_per_s"], "requests/s", rows[0].value if rows else None,
                         "one process" if rows else "", extra))
         if frontends > 1:
-            how = f", passes of up to {passes[1]} windows" if passes else ""
+            how = f", passes of up to {batch} windows" if batch > 1 else ""
             rows.append(Row("frontends", f"CPU per request in the frontends (HTTP, decoding, answers){how}",
                             by_role["frontend"], "ms", extra={"requests_per_s_per_frontend_core": 1000 / by_role["frontend"]}))
             rows.append(Row("frontends", f"CPU per request on the model process's event loop{how}", by_role["model"], "ms",

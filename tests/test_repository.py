@@ -16,6 +16,7 @@ from tools.random_ast import save_random_ast
 
 from .conftest import TEST_SERVER_ENV, as_predictions, assert_same_predictions, encode, expected, start_server, \
     stop_server, tone
+from .test_metrics import samples
 
 RATE = 16000
 BIRDS = ["Bird", "Crow", "Owl", "Gull"]
@@ -89,13 +90,9 @@ def index_of(server, **query) -> list[dict]:
     return response.json()
 
 
-def engines_of(server) -> set[str]:
-    """The models `ast_engine_info` has a series for (one each)."""
-    lines = [line for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines()
-             if line.startswith("ast_engine_info{")]
-    models = [line.split('model="', 1)[1].split('"', 1)[0] for line in lines]
-    assert len(models) == len(set(models)), lines
-    return set(models)
+def engines_of(server) -> list[str]:
+    """The model of each `ast_engine_info` series, in name order."""
+    return sorted(dict(labels)["model"] for name, labels in samples(server) if name == "ast_engine_info")
 
 
 def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_path):
@@ -111,13 +108,13 @@ def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_pa
         assert index_of(served, filter_ready=True) == index
         assert requests.post(f"{served.url}/v2/repository/models/owls/load", timeout=120).status_code == 200
         assert index_of(served)[-1] == {"name": "owls", "state": "Ready", "reason": ""}
-        assert engines_of(served) == {"birds", "machines", "owls"}
+        assert engines_of(served) == ["birds", "machines", "owls"]
         response = v1(served, "owls", tone(400, 1.0, RATE), top_k=2)
         assert response.status_code == 200 and {p["label"] for p in response.json()["predictions"][0]} == {"Owl", "Hoot"}
         assert requests.post(f"{served.url}/v2/repository/models/owls/unload", timeout=30).status_code == 200
         assert v1(served, "owls", tone(400, 1.0, RATE)).status_code == 404
         assert index_of(served)[-1] == {"name": "owls", "state": "NotReady", "reason": "not loaded"}
-        assert engines_of(served) == {"birds", "machines"}
+        assert engines_of(served) == ["birds", "machines"]
         assert requests.post(f"{served.url}/v2/repository/models/owls/load", timeout=120).status_code == 200
         assert v1(served, "owls", tone(400, 1.0, RATE)).status_code == 200  # loaded again after an unload
     finally:
