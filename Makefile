@@ -51,10 +51,11 @@ bench: install-dev peer-venv
 	PEER_PYTHON=$(PEER_VENV)/bin/python $(BIN)/python -m benchmarks.bench
 
 # The GPU path on a machine with an NVIDIA GPU and a CUDA build of torch (tools/gpu_check.py); elsewhere it says
-# so and exits 0. It runs with this repo's .venv where there is one, else with $(PYTHON) and the packages it has.
+# so and exits 0 (GPU_CHECK_ARGS=--rehearse: the same run on the CPU, short). It runs with this repo's .venv where
+# there is one, else with $(PYTHON) and the packages it has.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 gpu-check:
-	$(GPU_PYTHON) -m tools.gpu_check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
+	$(GPU_PYTHON) -m tools.gpu_check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)
 
 # The docs' tables of measurements, rewritten from the benchmarks/results/ files their markers name.
 docs-tables:

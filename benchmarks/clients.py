@@ -2,8 +2,12 @@
 sending requests is bound by its own GIL (a request costs a client a millisecond or more of CPU),
 so a single one cannot offer the thousand requests a second a GPU server is measured at. Each
 process runs `concurrency / processes` threads, each with a connection of its own, all sending for
-the same wall-clock window; latencies and failures come back to be merged. This module imports no
-torch, so the processes start in a moment.
+the same wall-clock window; latencies and failures come back to be merged.
+
+The processes are `python -m benchmarks.clients`, each handed its share over a pipe, rather than a
+multiprocessing pool: a spawned pool worker imports the caller's main module first (the bench's
+and gpu-check's: torch and transformers, seconds on a small host), and this module imports no
+torch, so they start in a moment. The window opens once every one of them says it is ready.
 
 Closed loop (the default), each client sends its next request when its last is answered: the
 server's throughput at that concurrency. Open loop (`rate`), requests leave on a fixed schedule
@@ -12,12 +16,15 @@ because every client was still waiting counts its wait too: the latency a given 
 """
 
 import itertools
-import multiprocessing
 import os
+import pickle
 import random
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Union
 
 import numpy as np
@@ -25,7 +32,8 @@ import numpy as np
 from predictor.client.protocols import V2, Endpoint, Grpc, RequestFailed
 
 SECONDS = 20  # per measurement
-START_DELAY_S = 3.0  # for every process to be up before the window opens
+START_DELAY_S = 0.5  # from when every process is ready, for their threads to be up before the window opens
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,25 @@ def timed_clients(load: Load, processes: int = 0) -> dict:
     retried after the time it names, as a client should; any other failure is counted, and the run
     goes on. `processes`: default, one per 8 clients, at most half the host's cores."""
     processes = processes or max(1, min(-(-load.concurrency // 8), (os.cpu_count() or 2) // 2))
-    start = time.time() + START_DELAY_S
     shares = [load.concurrency // processes + (i < load.concurrency % processes) for i in range(processes)]
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = list(pool.map(_clients, [load] * processes, shares, [start] * processes))
+    children = [subprocess.Popen([sys.executable, "-m", "benchmarks.clients"], cwd=REPO, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE) for _ in shares]
+    try:
+        for child, share in zip(children, shares):
+            pickle.dump((load, share), child.stdin)
+            child.stdin.flush()
+        for child in children:
+            if child.stdout.readline() != b"ready\n":
+                raise RuntimeError(f"a client process ended before it was ready (exit {child.wait()})")
+        start = time.time() + START_DELAY_S
+        for child in children:
+            pickle.dump(start, child.stdin)
+            child.stdin.flush()
+        parts = [pickle.load(child.stdout) for child in children]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
     latencies = np.concatenate([part["latencies"] for part in parts])
     failed = [failure for part in parts for failure in part["failed"]]
     p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"), float("nan"))
@@ -108,3 +131,19 @@ def _protocol(load: Load) -> Union[V2, Grpc]:
     endpoint = Endpoint(load.address, timeout_s=300)
     return V2(endpoint) if load.protocol == "v2" else Grpc(endpoint)
 
+
+
+def _client_process() -> None:
+    """`python -m benchmarks.clients`: its share (a pickled Load and a thread count) on stdin, `ready`
+    once imported, then the start time on stdin, and its results pickled on stdout."""
+    channel, sys.stdout = sys.stdout.buffer, sys.stderr  # nothing printed may corrupt the results
+    load, threads = pickle.load(sys.stdin.buffer)
+    channel.write(b"ready\n")
+    channel.flush()
+    start = pickle.load(sys.stdin.buffer)
+    pickle.dump(_clients(load, threads, start), channel)
+    channel.flush()
+
+
+if __name__ == "__main__":
+    _client_process()

@@ -67,7 +67,8 @@ def gpu_memory_mib(pid: int) -> str:
 
 def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device: str = "cuda:0") -> tuple[dict, dict]:
     """Per precision: the rows (logits, embedding) of 8 clips (for the cosines to fp32), and clips/s and
-    peak memory per batch."""
+    peak GPU memory per batch (none on the CPU, where `make gpu-check --rehearse` runs it)."""
+    on_gpu = torch.device(device).type == "cuda"
     from predictor.checkpoint import Checkpoint, load_feature_extractor
     from predictor.engines import EngineOptions, build_engine
     from predictor.features import LogMelFilterbank
@@ -82,16 +83,18 @@ def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device:
         logits[precision] = engine(features[:8])
         for batch in batches:
             engine(features[:batch])
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            if on_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             runs = max(3, 256 // batch)
             started = time.perf_counter()
             for _ in range(runs):
                 engine(features[:batch])  # the logits come back to the host: each call ends synchronised
             speed[(precision, batch)] = {"clips_per_s": runs * batch / (time.perf_counter() - started),
-                                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+                                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
         del engine
-        torch.cuda.empty_cache()
+        if on_gpu:
+            torch.cuda.empty_cache()
     return logits, speed
 
 

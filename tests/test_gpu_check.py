@@ -1,5 +1,7 @@
-"""`make gpu-check` where torch sees no GPU (CI, and most of our machines): it says so and passes."""
+"""`make gpu-check` where torch sees no GPU (CI, and most of our machines): it says so and passes;
+its rehearsal on the CPU runs every step of the GPU's run; the bench clients it sends load with."""
 
+import json
 import subprocess
 import sys
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks.clients import Load, timed_clients
+from predictor.config import GPU_BATCH
 
 from .conftest import REPO, metric
 
@@ -17,6 +20,23 @@ def test_gpu_check_says_there_is_no_gpu_and_passes():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"gpu-check: torch {torch.__version__} (" in done.stdout and "sees no GPU here; nothing to check" in done.stdout
+
+
+def test_gpu_check_rehearses_its_whole_run_on_the_cpu(tmp_path):
+    """A session has minutes of a GPU: every server of the run starts, every check and bench step
+    answers, and the results and logs are written, before a GPU is ever lent."""
+    done = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--rehearse", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert results["device"].startswith("rehearsal on the CPU"), results
+    checks = [check["check"] for check in results["checks"] if check["passed"]]
+    assert len(checks) == len(results["checks"]) == 6 and "10-minute recording: same windows and top labels" in checks
+    assert set(results["model_alone_clips_per_s"]) == {f"{p} batch {GPU_BATCH}" for p in ("fp32", "bf16")}, results
+    bench = results["bench"]
+    answered = [bench[name] for name in ("single_clips_per_s", "half_load_clips_per_s", "multi_clips_per_s")]
+    assert min(answered) > 0 and bench["one_process"]["single_clips_per_s"] > 0 and bench["failed"] == 0, bench
+    assert sorted(log.name for log in tmp_path.glob("*.log")) == ["cpu.log", "default.log", "gpu.log", "one-process.log"]
 
 
 def test_the_bench_clients_in_several_processes_count_what_the_server_answered(server, speech_wav):

@@ -17,6 +17,12 @@ README names. On a full-size random-init AST (speed and parity do not depend on 
 It prints the GPU, its driver, torch's and CUDA's versions and the host CPU first. Where torch sees
 no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the results as JSON and
 each server's log there (a lent machine gives back what is written under its $OUT).
+
+`--rehearse` runs the same sequence on the CPU, in a minute or two: a tiny model with AudioSet's
+input and labels, measurements of 3 s, bf16 beside fp32, no memory to squeeze. It proves the
+run itself (every server starts, every step and the bench complete, gpu-check.json is written),
+where a mistake would otherwise surface only minutes into a session's few minutes of a GPU; its
+numbers say nothing about a GPU. The tests run it.
 """
 
 import argparse
@@ -25,6 +31,7 @@ import json
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +39,10 @@ import requests
 import torch
 
 from benchmarks.clients import Load, timed_clients
-from benchmarks.gpu import CONCURRENCY, MULTI_CLIPS, MULTI_CONCURRENCY, cosines, describe, gpu_memory_mib, model_alone
+from benchmarks.gpu import (CONCURRENCY, MULTI_CLIPS, MULTI_CONCURRENCY, PRECISIONS, cosines, describe, gpu_memory_mib,
+                            model_alone)
 from predictor.config import GPU_BATCH
+from predictor.cpu import cpu_model_name
 from tools.local_server import Server, serving
 from tools.random_ast import AUDIOSET_NUM_LABELS, save_random_ast
 from tools.signals import encode, tone
@@ -42,8 +51,25 @@ logger = logging.getLogger(__name__)
 
 RATE = 16000
 LOG_TAIL_BYTES = 4 << 20
-BENCH_SECONDS = 10.0  # per measurement: `make bench` takes longer ones
 SQUEEZED = ("--gpu_memory_fraction", "0.02", "--max_batch_size", "512")  # about 2.8 GiB of an H200
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run takes: the GPU's, or the rehearsal's on the CPU."""
+
+    device: str
+    precisions: tuple[str, ...]
+    bench_seconds: float  # per measurement: `make bench` takes longer ones
+    concurrency: tuple[int, int]  # clients sending single clips, and 32-clip requests
+    tiny: bool  # a tiny model with AudioSet's input and labels, rather than AudioSet AST's geometry
+    squeeze: bool  # a GPU's memory to squeeze (--gpu_memory_fraction)
+    serving: tuple[str, ...] = ()  # on the CPU: the GPU's engine and the GPU default's shape (frontends, passes)
+
+
+ON_GPU = Plan("cuda", PRECISIONS, 10.0, (CONCURRENCY, MULTI_CONCURRENCY), tiny=False, squeeze=True)
+REHEARSAL = Plan("cpu", ("fp32", "bf16"), 3.0, (16, 2), tiny=True, squeeze=False,
+                 serving=("--backend", "torch", "--frontends", "2", "--max_batch_size", "16"))
 
 
 def clips() -> dict[str, bytes]:
@@ -86,20 +112,22 @@ def parity(cpu: Server, gpu: Server, recording: bytes) -> list[tuple[str, bool, 
     return checks
 
 
-def bench(gpu: Server, multi: bool = True) -> dict:
-    """The server over V2 binary REST: single clips at concurrency 64; then (`multi`) single clips
-    offered open loop at half the rate it answered (the latency at half load), and 32-clip requests."""
-    clip = clips()["noise"]
-    single = timed_clients(Load("v2", gpu.url, (clip,), CONCURRENCY, BENCH_SECONDS))
-    speed = {"precision": gpu.precision, "single_clips_per_s": single["requests_per_s"],
-             "single_p50_ms": single["p50_ms"], "single_p99_ms": single["p99_ms"], "failed": single["failed"]}
-    if multi and single["requests"]:  # nothing answered: no half of it to offer
-        half = timed_clients(Load("v2", gpu.url, (clip,), CONCURRENCY, BENCH_SECONDS, rate=single["requests_per_s"] / 2))
-        clips_ = timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, MULTI_CONCURRENCY, BENCH_SECONDS))
-        speed.update(half_load_clips_per_s=half["requests_per_s"], half_load_p50_ms=half["p50_ms"],
-                     half_load_p99_ms=half["p99_ms"], multi_clips_per_s=clips_["requests_per_s"] * MULTI_CLIPS,
-                     failed=speed["failed"] + half["failed"] + clips_["failed"], gpu_memory_mib=gpu_memory_mib(gpu.process.pid))
-    return speed
+def bench(gpu: Server, plan: Plan, multi: bool = True) -> dict:
+    """The server over V2 binary REST: single clips (at concurrency 64 on a GPU); then (`multi`)
+    single clips offered open loop at half the rate it answered (the latency at half load), and
+    32-clip requests. `failed`: failures other than 503s, which are counted apart (`refused_503`)."""
+    clip, (concurrency, multi_concurrency) = clips()["noise"], plan.concurrency
+    runs = [timed_clients(Load("v2", gpu.url, (clip,), concurrency, plan.bench_seconds))]
+    speed = {"precision": gpu.precision, "single_clips_per_s": runs[0]["requests_per_s"],
+             "single_p50_ms": runs[0]["p50_ms"], "single_p99_ms": runs[0]["p99_ms"]}
+    if multi and runs[0]["requests"]:  # nothing answered: no half of it to offer
+        runs.append(timed_clients(Load("v2", gpu.url, (clip,), concurrency, plan.bench_seconds,
+                                       rate=speed["single_clips_per_s"] / 2)))
+        runs.append(timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, multi_concurrency, plan.bench_seconds)))
+        speed.update(half_load_clips_per_s=runs[1]["requests_per_s"], half_load_p50_ms=runs[1]["p50_ms"],
+                     half_load_p99_ms=runs[1]["p99_ms"], multi_clips_per_s=runs[2]["requests_per_s"] * MULTI_CLIPS,
+                     gpu_memory_mib=gpu_memory_mib(gpu.process.pid))
+    return {**speed, "failed": sum(run["failed"] for run in runs), "refused_503": sum(run["refused_503"] for run in runs)}
 
 
 def squeezed(server: Server, recording: bytes) -> tuple[str, bool, str]:
@@ -114,20 +142,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="The GPU path, checked (make gpu-check).")
     parser.add_argument("--out", type=Path, help="a folder for the results (gpu-check.json) and the tail of each "
                         "server's log, kept whether the checks pass, fail or break off")
-    out = parser.parse_args().out
-    if not torch.cuda.is_available():
+    parser.add_argument("--rehearse", action="store_true", help="the same run on the CPU, with a tiny model and "
+                        "short measurements: that the run itself goes through, whatever the machine")
+    args = parser.parse_args()
+    if args.rehearse:
+        plan, machine = REHEARSAL, f"rehearsal on the CPU ({cpu_model_name()}), torch {torch.__version__}"
+    elif torch.cuda.is_available():
+        plan, machine = ON_GPU, describe()
+    else:
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu-check: torch {torch.__version__} ({build}) sees no GPU here; nothing to check")
         return 0
-    print(describe())
+    print(machine)
     work = Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
     try:
-        results = check(work)
+        results = {"device": machine, **check(work, plan)}
     finally:
-        if out:
-            keep_logs(work, out)
-    if out:
-        (out / "gpu-check.json").write_text(json.dumps(results))
+        if args.out:
+            keep_logs(work, args.out)
+    print(json.dumps(results))
+    if args.out:
+        (args.out / "gpu-check.json").write_text(json.dumps(results))
     return 0 if all(c["passed"] for c in results["checks"]) else 1
 
 
@@ -138,26 +173,28 @@ def keep_logs(work: Path, out: Path) -> None:
         (out / log.name).write_bytes(log.read_bytes()[-LOG_TAIL_BYTES:])
 
 
-def check(work: Path) -> dict:
+def check(work: Path, plan: Plan) -> dict:
     """Every check and the bench, printed as they are summed up; the results as gpu-check.json holds them."""
-    model_dir = save_random_ast(work / "ast")
+    model_dir = save_random_ast(work / "ast", **({"tiny": True, "max_length": 1024, "num_mel_bins": 128}
+                                                if plan.tiny else {}))
     cache = ("--onnx_cache_dir", str(work / "cache"))
+    on_device = ("--device", plan.device, *plan.serving, *cache)
     recording = ten_minutes()
     with serving(model_dir, work / "cpu.log", ("--device", "cpu", "--backend", "torch", "--precision", "fp32", *cache),
                  timeout=600) as cpu, \
-            serving(model_dir, work / "gpu.log", ("--device", "cuda", "--precision", "fp32", *cache), timeout=600) as gpu:
+            serving(model_dir, work / "gpu.log", (*on_device, "--precision", "fp32"), timeout=600) as gpu:
         checks = parity(cpu, gpu, recording)
-    with serving(model_dir, work / "squeezed.log", ("--device", "cuda", *SQUEEZED, *cache), timeout=600) as small:
-        checks.append(squeezed(small, recording))
-    rows, alone = model_alone(model_dir, batches=(GPU_BATCH,))
+    if plan.squeeze:
+        with serving(model_dir, work / "squeezed.log", (*on_device, *SQUEEZED), timeout=600) as small:
+            checks.append(squeezed(small, recording))
+    rows, alone = model_alone(model_dir, plan.precisions, batches=(GPU_BATCH,), device=plan.device)
     checks += [(f"{name}, cosine to fp32 on the GPU", cosine >= (0.9999 if name.endswith("logits") else 0.999),
                 f"min cosine {cosine:.6f}") for name, cosine in cosines(rows, AUDIOSET_NUM_LABELS).items()]
-    with serving(model_dir, work / "default.log", ("--device", "cuda", *cache), timeout=600) as default:
-        speed = bench(default)
+    with serving(model_dir, work / "default.log", on_device, timeout=600) as default:
+        speed = bench(default, plan)
     speed["vs_model_alone"] = speed["single_clips_per_s"] / alone[(speed["precision"], GPU_BATCH)]["clips_per_s"]
-    with serving(model_dir, work / "one-process.log", ("--device", "cuda", "--frontends", "1", *cache),
-                 timeout=600) as one:
-        speed["one_process"] = bench(one, multi=False)
+    with serving(model_dir, work / "one-process.log", (*on_device, "--frontends", "1"), timeout=600) as one:
+        speed["one_process"] = bench(one, plan, multi=False)
     one_process = speed["one_process"]["single_clips_per_s"]
     speed["frontends_gain"] = speed["single_clips_per_s"] / one_process if one_process else None
     for name, passed, detail in checks:
@@ -165,10 +202,8 @@ def check(work: Path) -> dict:
     alone = {f"{precision} batch {batch}": round(v["clips_per_s"], 1) for (precision, batch), v in alone.items()}
     print(f"model alone, clips/s: {alone}")
     print(f"bench (default flags, V2 binary REST; one_process: --frontends 1): {speed}")
-    results = {"device": describe(), "checks": [{"check": c[0], "passed": c[1], "detail": c[2]} for c in checks],
-               "model_alone_clips_per_s": alone, "bench": speed}
-    print(json.dumps(results))
-    return results
+    return {"checks": [{"check": c[0], "passed": c[1], "detail": c[2]} for c in checks],
+            "model_alone_clips_per_s": alone, "bench": speed}
 
 
 if __name__ == "__main__":
