@@ -314,6 +314,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     if torch.cuda.is_available() and (args.only is None or "gpu" in args.only):
         return gpu_section(args, work, model_dir, config)
+    if args.only and "gpu" in args.only:
+        logger.warning("--only gpu: torch %s sees no GPU here, so the GPU section does not run", torch.__version__)
     if args.only is None or "main" in args.only:
         rows += clip_sections(args, work, model_dir, config, threads)
     if args.only is None or "long" in args.only:
