@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev peer-venv run test random-model bench docs-tables gpu-check gpu-wheels timeline pack-model load soak fuzz fuzz-api image image-test
+.PHONY: install install-dev peer-venv run test random-model bench docs-tables gpu-check gpu-rehearsal gpu-wheels timeline pack-model load soak fuzz fuzz-api image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,8 @@ run: install
 # measure.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$((n < 4 ? n : 4)))
 test: install-dev
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not image and not serial"
-	$(BIN)/python -m pytest -m "serial and not image"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not image and not serial and not rehearsal"
+	$(BIN)/python -m pytest -m "serial and not image and not rehearsal"
 
 random-model: install
 	$(BIN)/python -m tools.random_ast models/ast-random
@@ -56,6 +56,10 @@ bench: install-dev peer-venv
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 gpu-check:
 	$(GPU_PYTHON) -m tools.gpu_check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)
+# make gpu-check and the bench's GPU section, rehearsed on the CPU (--rehearse), as tests: .ci/run runs them after
+# make test, whose time they would double.
+gpu-rehearsal: install-dev
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m rehearsal
 
 # The docs' tables of measurements, rewritten from the benchmarks/results/ files their markers name.
 docs-tables:

@@ -309,13 +309,14 @@ def run(args: argparse.Namespace) -> list[Row]:
     threads = cpu_limit()
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="ast-bench-"))
+    if args.rehearse or (torch.cuda.is_available() and (args.only is None or "gpu" in args.only)):
+        return gpu_section(work, gpu.REHEARSAL if args.rehearse else gpu.ON_GPU)
+    if args.only and "gpu" in args.only:
+        logger.warning("--only gpu: torch %s sees no GPU here, so the GPU section does not run (--rehearse: on the "
+                       "CPU, short)", torch.__version__)
     model_dir = save_random_ast(work / "ast")
     config = ASTConfig.from_pretrained(model_dir)
     rows: list[Row] = []
-    if torch.cuda.is_available() and (args.only is None or "gpu" in args.only):
-        return gpu_section(args, work, model_dir, config)
-    if args.only and "gpu" in args.only:
-        logger.warning("--only gpu: torch %s sees no GPU here, so the GPU section does not run", torch.__version__)
     if args.only is None or "main" in args.only:
         rows += clip_sections(args, work, model_dir, config, threads)
     if args.only is None or "long" in args.only:
@@ -337,18 +338,21 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def gpu_section(args: argparse.Namespace, work: Path, model_dir: Path, config: ASTConfig) -> list[Row]:
+def gpu_section(work: Path, plan: gpu.Plan) -> list[Row]:
     """On a machine with a GPU (`benchmarks/gpu.py`): the pipeline there, the model alone per
-    precision and batch, the default server end to end."""
-    logger.info("%s", gpu.describe())
-    clips = make_clips(64)
+    precision and batch, the default server end to end. Rehearsed on the CPU (`plan`), short."""
+    logger.info("%s", gpu.describe(plan))
+    model_dir = plan.save_model(work / "ast")
+    config = ASTConfig.from_pretrained(model_dir)
+    clips = make_clips(64 if plan.on_gpu else 8)
     rows = []
-    peer = gpu.pipeline_peer(model_dir, clips)
+    peer = gpu.pipeline_peer(model_dir, clips, plan.device)
     base = peer["fp32, one clip at a time"]
     for name, rate in peer.items():
         rows.append(Row("gpu peer", f"transformers pipeline on the GPU, {name}", rate, "clips/s", base,
                         "pipeline fp32 on the GPU"))
-    logits, alone = gpu.model_alone(model_dir)
+    logits, alone = gpu.model_alone(model_dir, plan.precisions, gpu.BATCHES if plan.on_gpu else (1, GPU_BATCH),
+                                    plan.device)
     for (precision, batch), measured in alone.items():
         rows.append(Row("gpu model alone", f"torch {precision}, batch {batch}", measured["clips_per_s"], "clips/s",
                         base, "pipeline fp32 on the GPU", {"peak_gib": measured["peak_gib"]}))
@@ -356,11 +360,12 @@ def gpu_section(args: argparse.Namespace, work: Path, model_dir: Path, config: A
         rows.append(Row("gpu precision", f"{name} vs fp32 on the GPU: min cosine", cosine, ""))
     windowing = Windowing(RATE, config.max_length * HOP_LENGTH, FRAME_LENGTH)
     windows = len(windowing.starts(round(LONG_SECONDS * RATE), windowing.seconds))
-    server = start_server(model_dir, 18180, 18181, "--onnx_cache_dir", str(work))
+    server = local_server.start_server(model_dir, work / "server.log", ("--device", plan.device, *plan.serving,
+                                                                        "--onnx_cache_dir", str(work)), timeout=600)
     try:
         served = server.precision
         results = gpu.server_rows(server.url, server.grpc_url, server.process.pid, wav(clips[0]),
-                                  wav(make_clips(1, LONG_SECONDS)[0]), windows)
+                                  wav(make_clips(1, LONG_SECONDS)[0]), windows, plan)
     finally:
         local_server.stop_server(server)
     reference = alone[(served, GPU_BATCH)]["clips_per_s"]
@@ -855,9 +860,13 @@ def main() -> None:
                         "(what the embedding output costs); explain: section 13 (what an explanation costs); models: "
                         "section 14 (what one more model costs); gpu: the GPU's section (benchmarks/gpu.py). Default: all. "
                         "A partial run does not replace latest.json.")
+    parser.add_argument("--rehearse", action="store_true", help="the GPU's section on the CPU, short, with a tiny "
+                        "model: that the run goes through before a GPU is lent (make gpu-rehearsal); its numbers say "
+                        "nothing of a GPU")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results are written")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     cpu = cpu_model()
     logger.info("CPU: %s", cpu)
@@ -869,11 +878,11 @@ def main() -> None:
               "cpu": cpu, "cpus": cpu_limit(), "node_cpus": os.cpu_count(),
               "load_average": {"before": load_before, "after": os.getloadavg()}, "args": vars(args),
               "rows": [{**asdict(r), "ratio": r.ratio} for r in rows], "table": table}
-    paths = [RESULTS / f"{result['time'].replace(':', '')}.json"]
-    if args.only is None:  # latest.json is a full run's
-        paths.append(RESULTS / "latest.json")
+    paths = [args.results / f"{result['time'].replace(':', '')}.json"]
+    if args.only is None and not args.rehearse:  # latest.json is a full run's
+        paths.append(args.results / "latest.json")
     for path in paths:
-        path.write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(result, indent=1, default=str))  # default: --results, a path
         logger.info("wrote %s", path)
 
 

@@ -11,19 +11,21 @@ CPU's where torch sees a GPU), on a full-size random-init AST and 10 s clips:
   each against the model alone at the server's precision and batch; and the GPU memory the server
   holds after them.
 The GPU, its driver, torch's and CUDA's versions and the host CPU head the output (`describe`).
-`tools/gpu_check.py` runs a short version of the server part.
+`tools/gpu_check.py` runs a short version of the server part. Both rehearse on the CPU (`Plan`).
 """
 
 import logging
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.clients import Load, timed_clients
+from benchmarks.clients import SECONDS, Load, timed_clients
 from predictor.cpu import cpu_model_name
+from tools.random_ast import save_random_ast
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +38,43 @@ MULTI_CONCURRENCY = 16
 LONG_CONCURRENCY = 8
 PRECISIONS = ("fp32", "bf16", "fp16")
 BATCHES = (1, 8, 32, 64, 128)
+GPU_CHECK_SECONDS = 10.0  # per measurement in `make gpu-check`: the bench's are longer
 
 
-def describe() -> str:
+@dataclass(frozen=True)
+class Plan:
+    """Where a GPU run runs, on what and for how long: the GPU, or a rehearsal on the CPU
+    (`make gpu-check GPU_CHECK_ARGS=--rehearse`, `bench --only gpu --rehearse`). A session has
+    minutes of a GPU, so the run's own mistakes are found here first: a tiny model with AudioSet's
+    input and labels, measurements of seconds, loads a 2-core host answers inside them, the GPU's
+    engine and the shape of its default (frontends, passes). A rehearsal's numbers say nothing of a GPU."""
+
+    device: str
+    precisions: tuple[str, ...]
+    check_seconds: float  # per measurement, gpu-check's
+    bench_seconds: float  # per measurement, the bench's
+    concurrency: int  # clients sending single clips
+    multi_concurrency: int  # 32-clip requests in flight
+    long_concurrency: int  # 10-minute recordings in flight
+    tiny: bool
+    serving: tuple[str, ...] = ()  # flags the servers take beyond --device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
+
+    def save_model(self, directory: Path) -> Path:
+        return save_random_ast(directory, **({"tiny": True, "max_length": 1024, "num_mel_bins": 128} if self.tiny else {}))
+
+
+ON_GPU = Plan("cuda", PRECISIONS, GPU_CHECK_SECONDS, SECONDS, CONCURRENCY, MULTI_CONCURRENCY, LONG_CONCURRENCY, tiny=False)
+REHEARSAL = Plan("cpu", ("fp32", "bf16"), 3.0, 3.0, 16, 2, 1, tiny=True,
+                 serving=("--backend", "torch", "--frontends", "2", "--max_batch_size", "16"))
+
+
+def describe(plan: Plan = ON_GPU) -> str:
+    if not plan.on_gpu:
+        return f"rehearsal on the CPU ({cpu_model_name()}), torch {torch.__version__}"
     properties = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -107,34 +143,35 @@ def cosines(rows: dict, num_labels: int) -> dict[str, float]:
             for precision, by_part in parts.items() if precision != "fp32" for part, values in by_part.items()}
 
 
-def pipeline_peer(model_dir: Path, clips: list[np.ndarray]) -> dict[str, float]:
+def pipeline_peer(model_dir: Path, clips: list[np.ndarray], device: str = "cuda") -> dict[str, float]:
     """The transformers pipeline on the GPU, as a user would run it: clips/s per configuration."""
     from transformers import pipeline
 
     rates = {}
     for name, options, batch in (("fp32, one clip at a time", {}, 1), ("fp32, batch_size 32", {}, 32),
                                  ("fp16, batch_size 32", {"dtype": torch.float16}, 32)):
-        classify = pipeline("audio-classification", model=str(model_dir), device=0, **options)
+        classify = pipeline("audio-classification", model=str(model_dir), device=device, **options)
         classify(clips[:batch], batch_size=batch)  # warm-up
         started = time.perf_counter()
         classify(clips, batch_size=batch)
         rates[name] = len(clips) / (time.perf_counter() - started)
         del classify
-        torch.cuda.empty_cache()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     return rates
 
 
-def server_rows(url: str, grpc_url: str, pid: int, clip: bytes, recording: bytes, windows: int) -> dict:
+def server_rows(url: str, grpc_url: str, pid: int, clip: bytes, recording: bytes, windows: int, plan: Plan) -> dict:
     """The default server over V2 binary REST and gRPC; what it holds on the GPU after."""
-    results = {}
+    results, seconds = {}, plan.bench_seconds
     for protocol, address in (("V2 binary REST", ("v2", url)), ("V2 gRPC", ("grpc", grpc_url))):
-        single = timed_clients(Load(*address, (clip,), CONCURRENCY))
+        single = timed_clients(Load(*address, (clip,), plan.concurrency, seconds))
         results[protocol] = {"single clips": {**single, "clips_per_s": single["requests_per_s"]}}
         if single["requests"]:  # nothing answered: no half of it to offer
-            half = timed_clients(Load(*address, (clip,), CONCURRENCY, rate=single["requests_per_s"] / 2))
+            half = timed_clients(Load(*address, (clip,), plan.concurrency, seconds, rate=single["requests_per_s"] / 2))
             results[protocol]["single clips at half that load"] = {**half, "clips_per_s": half["requests_per_s"]}
-        multi = timed_clients(Load(*address, (clip,) * MULTI_CLIPS, MULTI_CONCURRENCY))
-        long_ = timed_clients(Load(*address, (recording,), LONG_CONCURRENCY))
+        multi = timed_clients(Load(*address, (clip,) * MULTI_CLIPS, plan.multi_concurrency, seconds))
+        long_ = timed_clients(Load(*address, (recording,), plan.long_concurrency, seconds))
         results[protocol].update({
             f"{MULTI_CLIPS}-clip requests": {**multi, "clips_per_s": multi["requests_per_s"] * MULTI_CLIPS},
             "10-minute recordings": {**long_, "windows_per_s": long_["requests_per_s"] * windows},

@@ -22,6 +22,7 @@ def test_gpu_check_says_there_is_no_gpu_and_passes():
     assert f"gpu-check: torch {torch.__version__} (" in done.stdout and "sees no GPU here; nothing to check" in done.stdout
 
 
+@pytest.mark.rehearsal
 def test_gpu_check_rehearses_its_whole_run_on_the_cpu(tmp_path):
     """A session has minutes of a GPU: every server of the run starts, every check and bench step
     answers, and the results and logs are written, before a GPU is ever lent."""
@@ -38,6 +39,23 @@ def test_gpu_check_rehearses_its_whole_run_on_the_cpu(tmp_path):
     assert min(answered) > 0 and bench["one_process"]["single_clips_per_s"] > 0 and bench["failed"] == 0, bench
     assert 0 < bench["ready_s"] < 600, bench
     assert sorted(log.name for log in tmp_path.glob("*.log")) == ["cpu.log", "default.log", "gpu.log", "one-process.log"]
+
+
+@pytest.mark.rehearsal
+def test_the_gpu_bench_section_rehearses_on_the_cpu(tmp_path):
+    """The bench's GPU section (a second call on a lent machine) goes through on the CPU: the pipeline
+    peer, the model alone, the server over both protocols and every load, a results file."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--only", "gpu", "--rehearse", "--results",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [written] = tmp_path.glob("*.json")
+    rows = json.loads(written.read_text())["rows"]
+    sections = [row["section"] for row in rows]
+    assert [sections.count(s) for s in ("gpu peer", "gpu model alone", "gpu precision")] == [3, 4, 2], rows
+    assert all(row["value"] > 0 for row in rows if row["section"] in ("gpu peer", "gpu model alone")), rows
+    assert all(row["value"] >= 0.999 for row in rows if row["section"] == "gpu precision"), rows
+    served = [row for row in rows if row["section"] == "gpu server" and "failed" in row["extra"]]
+    assert len(served) == 8 and all(row["value"] > 0 and row["extra"]["failed"] == 0 for row in served), served
 
 
 def test_the_bench_clients_in_several_processes_count_what_the_server_answered(server, speech_wav):

@@ -24,7 +24,7 @@ each server's log there (a lent machine gives back what is written under its $OU
 input and labels, measurements of 3 s, bf16 beside fp32, no memory to squeeze. It proves the
 run itself (every server starts, every step and the bench complete, gpu-check.json is written),
 where a mistake would otherwise surface only minutes into a session's few minutes of a GPU; its
-numbers say nothing about a GPU. The tests run it.
+numbers say nothing about a GPU. `make gpu-rehearsal` runs it as a test.
 """
 
 import argparse
@@ -34,7 +34,6 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +41,10 @@ import requests
 import torch
 
 from benchmarks.clients import Load, timed_clients
-from benchmarks.gpu import (CONCURRENCY, MULTI_CLIPS, MULTI_CONCURRENCY, PRECISIONS, cosines, describe, gpu_memory_mib,
-                            model_alone)
+from benchmarks.gpu import MULTI_CLIPS, ON_GPU, REHEARSAL, Plan, cosines, describe, gpu_memory_mib, model_alone
 from predictor.config import GPU_BATCH
-from predictor.cpu import cpu_model_name
 from tools.local_server import Server, serving
-from tools.random_ast import AUDIOSET_NUM_LABELS, save_random_ast
+from tools.random_ast import AUDIOSET_NUM_LABELS
 from tools.signals import encode, tone
 
 logger = logging.getLogger(__name__)
@@ -56,23 +53,6 @@ RATE = 16000
 LOG_TAIL_BYTES = 4 << 20
 SQUEEZED = ("--gpu_memory_fraction", "0.02", "--max_batch_size", "512")  # about 2.8 GiB of an H200
 
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run takes: the GPU's, or the rehearsal's on the CPU."""
-
-    device: str
-    precisions: tuple[str, ...]
-    bench_seconds: float  # per measurement: `make bench` takes longer ones
-    concurrency: tuple[int, int]  # clients sending single clips, and 32-clip requests
-    tiny: bool  # a tiny model with AudioSet's input and labels, rather than AudioSet AST's geometry
-    squeeze: bool  # a GPU's memory to squeeze (--gpu_memory_fraction)
-    serving: tuple[str, ...] = ()  # on the CPU: the GPU's engine and the GPU default's shape (frontends, passes)
-
-
-ON_GPU = Plan("cuda", PRECISIONS, 10.0, (CONCURRENCY, MULTI_CONCURRENCY), tiny=False, squeeze=True)
-REHEARSAL = Plan("cpu", ("fp32", "bf16"), 3.0, (16, 2), tiny=True, squeeze=False,
-                 serving=("--backend", "torch", "--frontends", "2", "--max_batch_size", "16"))
 
 
 def clips() -> dict[str, bytes]:
@@ -119,14 +99,14 @@ def bench(gpu: Server, plan: Plan, multi: bool = True) -> dict:
     """The server over V2 binary REST: single clips (at concurrency 64 on a GPU); then (`multi`)
     single clips offered open loop at half the rate it answered (the latency at half load), and
     32-clip requests. `failed`: failures other than 503s, which are counted apart (`refused_503`)."""
-    clip, (concurrency, multi_concurrency) = clips()["noise"], plan.concurrency
-    runs = [timed_clients(Load("v2", gpu.url, (clip,), concurrency, plan.bench_seconds))]
+    clip, seconds = clips()["noise"], plan.check_seconds
+    runs = [timed_clients(Load("v2", gpu.url, (clip,), plan.concurrency, seconds))]
     speed = {"precision": gpu.precision, "single_clips_per_s": runs[0]["requests_per_s"],
              "single_p50_ms": runs[0]["p50_ms"], "single_p99_ms": runs[0]["p99_ms"]}
     if multi and runs[0]["requests"]:  # nothing answered: no half of it to offer
-        runs.append(timed_clients(Load("v2", gpu.url, (clip,), concurrency, plan.bench_seconds,
+        runs.append(timed_clients(Load("v2", gpu.url, (clip,), plan.concurrency, seconds,
                                        rate=speed["single_clips_per_s"] / 2)))
-        runs.append(timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, multi_concurrency, plan.bench_seconds)))
+        runs.append(timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, plan.multi_concurrency, seconds)))
         speed.update(half_load_clips_per_s=runs[1]["requests_per_s"], half_load_p50_ms=runs[1]["p50_ms"],
                      half_load_p99_ms=runs[1]["p99_ms"], multi_clips_per_s=runs[2]["requests_per_s"] * MULTI_CLIPS,
                      gpu_memory_mib=gpu_memory_mib(gpu.process.pid))
@@ -149,13 +129,14 @@ def main() -> int:
                         "short measurements: that the run itself goes through, whatever the machine")
     args = parser.parse_args()
     if args.rehearse:
-        plan, machine = REHEARSAL, f"rehearsal on the CPU ({cpu_model_name()}), torch {torch.__version__}"
+        plan = REHEARSAL
     elif torch.cuda.is_available():
-        plan, machine = ON_GPU, describe()
+        plan = ON_GPU
     else:
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu-check: torch {torch.__version__} ({build}) sees no GPU here; nothing to check")
         return 0
+    machine = describe(plan)
     print(machine)
     work = Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
     try:
@@ -178,8 +159,7 @@ def keep_logs(work: Path, out: Path) -> None:
 
 def check(work: Path, plan: Plan) -> dict:
     """Every check and the bench, printed as they are summed up; the results as gpu-check.json holds them."""
-    model_dir = save_random_ast(work / "ast", **({"tiny": True, "max_length": 1024, "num_mel_bins": 128}
-                                                if plan.tiny else {}))
+    model_dir = plan.save_model(work / "ast")
     cache = ("--onnx_cache_dir", str(work / "cache"))
     on_device = ("--device", plan.device, *plan.serving, *cache)
     recording = ten_minutes()
@@ -187,7 +167,7 @@ def check(work: Path, plan: Plan) -> dict:
                  timeout=600) as cpu, \
             serving(model_dir, work / "gpu.log", (*on_device, "--precision", "fp32"), timeout=600) as gpu:
         checks = parity(cpu, gpu, recording)
-    if plan.squeeze:
+    if plan.on_gpu:
         with serving(model_dir, work / "squeezed.log", (*on_device, *SQUEEZED), timeout=600) as small:
             checks.append(squeezed(small, recording))
     rows, alone = model_alone(model_dir, plan.precisions, batches=(GPU_BATCH,), device=plan.device)
