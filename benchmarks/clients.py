@@ -132,7 +132,6 @@ def _protocol(load: Load) -> Union[V2, Grpc]:
     return V2(endpoint) if load.protocol == "v2" else Grpc(endpoint)
 
 
-
 def _client_process() -> None:
     """`python -m benchmarks.clients`: its share (a pickled Load and a thread count) on stdin, `ready`
     once imported, then the start time on stdin, and its results pickled on stdout."""

@@ -56,7 +56,7 @@ class Plan:
     concurrency: int  # clients sending single clips
     multi_concurrency: int  # 32-clip requests in flight
     long_concurrency: int  # 10-minute recordings in flight
-    tiny: bool
+    tiny: bool  # a tiny model with AudioSet's input and labels; else AudioSet AST's whole geometry
     serving: tuple[str, ...] = ()  # flags the servers take beyond --device
 
     @property
@@ -103,7 +103,7 @@ def gpu_memory_mib(pid: int) -> str:
 
 def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device: str = "cuda:0") -> tuple[dict, dict]:
     """Per precision: the rows (logits, embedding) of 8 clips (for the cosines to fp32), and clips/s and
-    peak GPU memory per batch (none on the CPU, where `make gpu-check --rehearse` runs it)."""
+    peak GPU memory per batch (none on the CPU, in a rehearsal)."""
     on_gpu = torch.device(device).type == "cuda"
     from predictor.checkpoint import Checkpoint, load_feature_extractor
     from predictor.engines import EngineOptions, build_engine
@@ -144,7 +144,8 @@ def cosines(rows: dict, num_labels: int) -> dict[str, float]:
 
 
 def pipeline_peer(model_dir: Path, clips: list[np.ndarray], device: str = "cuda") -> dict[str, float]:
-    """The transformers pipeline on the GPU, as a user would run it: clips/s per configuration."""
+    """The transformers pipeline on the GPU (the CPU in a rehearsal), as a user would run it: clips/s
+    per configuration."""
     from transformers import pipeline
 
     rates = {}

@@ -54,7 +54,6 @@ LOG_TAIL_BYTES = 4 << 20
 SQUEEZED = ("--gpu_memory_fraction", "0.02", "--max_batch_size", "512")  # about 2.8 GiB of an H200
 
 
-
 def clips() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     return {
