@@ -197,10 +197,12 @@ def ast_gflops(config: ASTConfig, pooled_last_layer: bool = False) -> float:
 # ---- the server ---------------------------------------------------------------------------
 
 
+QUIET = ("--enable_latency_logging", "false")  # kserve logs every request's latency by default: a cost per request
+
+
 def start_server(model_dir: Path, http_port: int, grpc_port: int, *flags: str) -> Server:
-    """The server on the given ports, its log in results/, latency logging off (it costs per request)."""
-    return local_server.start_server(model_dir, RESULTS / f"server-{http_port}.log",
-                                     ("--enable_latency_logging", "false", *flags), timeout=600,
+    """The server on the given ports, its log in results/, latency logging off."""
+    return local_server.start_server(model_dir, RESULTS / f"server-{http_port}.log", (*QUIET, *flags), timeout=600,
                                      http_port=http_port, grpc_port=grpc_port)
 
 
@@ -360,7 +362,7 @@ def gpu_section(work: Path, plan: gpu.Plan) -> list[Row]:
         rows.append(Row("gpu precision", f"{name} vs fp32 on the GPU: min cosine", cosine, ""))
     windowing = Windowing(RATE, config.max_length * HOP_LENGTH, FRAME_LENGTH)
     windows = len(windowing.starts(round(LONG_SECONDS * RATE), windowing.seconds))
-    server = local_server.start_server(model_dir, work / "server.log", ("--device", plan.device, *plan.serving,
+    server = local_server.start_server(model_dir, work / "server.log", (*QUIET, "--device", plan.device, *plan.serving,
                                                                         "--onnx_cache_dir", str(work)), timeout=600)
     try:
         served = server.precision
@@ -860,11 +862,14 @@ def main() -> None:
                         "(what the embedding output costs); explain: section 13 (what an explanation costs); models: "
                         "section 14 (what one more model costs); gpu: the GPU's section (benchmarks/gpu.py). Default: all. "
                         "A partial run does not replace latest.json.")
-    parser.add_argument("--rehearse", action="store_true", help="the GPU's section on the CPU, short, with a tiny "
-                        "model: that the run goes through before a GPU is lent (make gpu-rehearsal); its numbers say "
-                        "nothing of a GPU")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results are written")
+    parser.add_argument("--rehearse", action="store_true", help="with --only gpu: the GPU's section on the CPU, "
+                        "short, with a tiny model: that the run goes through before a GPU is lent (make gpu-rehearsal); "
+                        "its numbers say nothing of a GPU")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results file is written (the CPU "
+                        "sections' server logs stay in benchmarks/results)")
     args = parser.parse_args()
+    if args.rehearse and args.only != ["gpu"]:
+        parser.error("--rehearse rehearses the GPU's section alone: give --only gpu")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args.results.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()

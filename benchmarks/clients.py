@@ -4,10 +4,12 @@ so a single one cannot offer the thousand requests a second a GPU server is meas
 process runs `concurrency / processes` threads, each with a connection of its own, all sending for
 the same wall-clock window; latencies and failures come back to be merged.
 
-The processes are `python -m benchmarks.clients`, each handed its share over a pipe, rather than a
+The processes are `python -m benchmarks.clients`, each handed its share on stdin and answering on
+a pipe of its own (whatever a library prints on its stdout stays there), rather than a
 multiprocessing pool: a spawned pool worker imports the caller's main module first (the bench's
 and gpu-check's: torch and transformers, seconds on a small host), and this module imports no
-torch, so they start in a moment. The window opens once every one of them says it is ready.
+torch, so they start in a moment. The window opens once every one of them says it is ready, its
+clients made.
 
 Closed loop (the default), each client sends its next request when its last is answered: the
 server's throughput at that concurrency. Open loop (`rate`), requests leave on a fixed schedule
@@ -25,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 
@@ -52,24 +54,25 @@ def timed_clients(load: Load, processes: int = 0) -> dict:
     goes on. `processes`: default, one per 8 clients, at most half the host's cores."""
     processes = processes or max(1, min(-(-load.concurrency // 8), (os.cpu_count() or 2) // 2))
     shares = [load.concurrency // processes + (i < load.concurrency % processes) for i in range(processes)]
-    children = [subprocess.Popen([sys.executable, "-m", "benchmarks.clients"], cwd=REPO, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE) for _ in shares]
+    children = [_spawn() for _ in shares]
     try:
-        for child, share in zip(children, shares):
+        for (child, _), share in zip(children, shares):
             pickle.dump((load, share), child.stdin)
             child.stdin.flush()
-        for child in children:
-            if child.stdout.readline() != b"ready\n":
-                raise RuntimeError(f"a client process ended before it was ready (exit {child.wait()})")
+        for child, answers in children:
+            if answers.readline() != b"ready\n":  # the end of the pipe: the process ended
+                raise RuntimeError(f"a client process ended before it was ready (exit {child.poll()})")
         start = time.time() + START_DELAY_S
-        for child in children:
+        for child, _ in children:
             pickle.dump(start, child.stdin)
             child.stdin.flush()
-        parts = [pickle.load(child.stdout) for child in children]
+        parts = [pickle.load(answers) for _, answers in children]
     finally:
-        for child in children:
+        for child, answers in children:
             child.kill()
             child.wait()
+            child.stdin.close()
+            answers.close()
     latencies = np.concatenate([part["latencies"] for part in parts])
     failed = [failure for part in parts for failure in part["failed"]]
     p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"), float("nan"))
@@ -79,15 +82,24 @@ def timed_clients(load: Load, processes: int = 0) -> dict:
             "first_failure": failed[0] if failed else None, "client_processes": processes}
 
 
-def _clients(load: Load, threads: int, start: float) -> dict:
-    """One process's share: `threads` clients from `start` for `load.seconds`."""
-    deadline = start + load.seconds
+def _spawn() -> tuple[subprocess.Popen, BinaryIO]:
+    """A client process, and the pipe it answers on."""
+    read, write = os.pipe()
+    child = subprocess.Popen([sys.executable, "-m", "benchmarks.clients", str(write)], cwd=REPO,
+                             stdin=subprocess.PIPE, pass_fds=(write,))
+    os.close(write)
+    return child, os.fdopen(read, "rb")
+
+
+def _clients(load: Load, protocols: list[Union[V2, Grpc]], start: float) -> dict:
+    """One process's share: a client per protocol (each its own connection) from `start` for `load.seconds`."""
+    threads, deadline = len(protocols), start + load.seconds
     latencies: list[float] = []
     failed: list[str] = []
     refused = [0]
 
     def client(index: int) -> None:
-        protocol = _protocol(load)
+        protocol = protocols[index]
         time.sleep(max(0.0, start - time.time()))
         for scheduled in _schedule(load, threads, index, start):
             if scheduled >= deadline:
@@ -132,17 +144,18 @@ def _protocol(load: Load) -> Union[V2, Grpc]:
     return V2(endpoint) if load.protocol == "v2" else Grpc(endpoint)
 
 
-def _client_process() -> None:
-    """`python -m benchmarks.clients`: its share (a pickled Load and a thread count) on stdin, `ready`
-    once imported, then the start time on stdin, and its results pickled on stdout."""
-    channel, sys.stdout = sys.stdout.buffer, sys.stderr  # nothing printed may corrupt the results
-    load, threads = pickle.load(sys.stdin.buffer)
-    channel.write(b"ready\n")
-    channel.flush()
-    start = pickle.load(sys.stdin.buffer)
-    pickle.dump(_clients(load, threads, start), channel)
-    channel.flush()
+def _client_process(answers_fd: int) -> None:
+    """`python -m benchmarks.clients FD`: its share (a pickled Load and a thread count) on stdin;
+    `ready` on FD once its clients are made (gRPC's import and channels too: not in the window),
+    then the start time on stdin, and its results pickled on FD."""
+    with os.fdopen(answers_fd, "wb") as answers:
+        load, threads = pickle.load(sys.stdin.buffer)
+        protocols = [_protocol(load) for _ in range(threads)]
+        answers.write(b"ready\n")
+        answers.flush()
+        start = pickle.load(sys.stdin.buffer)
+        pickle.dump(_clients(load, protocols, start), answers)
 
 
 if __name__ == "__main__":
-    _client_process()
+    _client_process(int(sys.argv[1]))

@@ -68,7 +68,7 @@ class Plan:
 
 
 ON_GPU = Plan("cuda", PRECISIONS, GPU_CHECK_SECONDS, SECONDS, CONCURRENCY, MULTI_CONCURRENCY, LONG_CONCURRENCY, tiny=False)
-REHEARSAL = Plan("cpu", ("fp32", "bf16"), 3.0, 3.0, 16, 2, 1, tiny=True,
+REHEARSAL = Plan("cpu", ("fp32", "bf16"), 5.0, 5.0, 16, 2, 1, tiny=True,
                  serving=("--backend", "torch", "--frontends", "2", "--max_batch_size", "16"))
 
 

@@ -21,7 +21,7 @@ no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the 
 each server's log there (a lent machine gives back what is written under its $OUT).
 
 `--rehearse` runs the same sequence on the CPU, in a minute or two: a tiny model with AudioSet's
-input and labels, measurements of 3 s, bf16 beside fp32, no memory to squeeze. It proves the
+input and labels, measurements of 5 s, bf16 beside fp32, no memory to squeeze. It proves the
 run itself (every server starts, every step and the bench complete, gpu-check.json is written),
 where a mistake would otherwise surface only minutes into a session's few minutes of a GPU; its
 numbers say nothing about a GPU. `make gpu-rehearsal` runs it as a test.
