@@ -2,8 +2,13 @@
 its rehearsal on the CPU runs every step of the GPU's run; the bench clients it sends load with."""
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +44,22 @@ def test_gpu_check_rehearses_its_whole_run_on_the_cpu(tmp_path):
     assert min(answered) > 0 and bench["one_process"]["single_clips_per_s"] > 0 and bench["failed"] == 0, bench
     assert bench["ready_s"] > 0, bench  # recorded: the 20 s is a GPU's target
     assert sorted(log.name for log in tmp_path.glob("*.log")) == ["cpu.log", "default.log", "gpu.log", "one-process.log"]
+
+
+@pytest.mark.rehearsal
+def test_gpu_check_stopped_by_sigterm_stops_its_servers_and_keeps_their_logs(tmp_path):
+    """`timeout` ends a run ahead of a lent machine's own limit (which kills outright): what the
+    servers logged until then comes back, and no server is left behind."""
+    run = subprocess.Popen([sys.executable, "-m", "tools.gpu_check", "--rehearse", "--out", str(tmp_path)], cwd=REPO,
+                           stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert run.stdout.readline().startswith("rehearsal on the CPU")
+    time.sleep(15)  # the model is written and the first servers are starting or serving
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    assert (tmp_path / "cpu.log").stat().st_size > 0 and not (tmp_path / "gpu-check.json").exists()
+    logged = (tmp_path / "cpu.log").read_text()
+    pids = [int(pid) for pid in re.findall(r"^\S+ \S+ (\d+) ", logged, re.MULTILINE)]
+    assert pids and not [pid for pid in set(pids) if Path(f"/proc/{pid}").exists()], pids
 
 
 @pytest.mark.rehearsal

@@ -31,6 +31,7 @@ import argparse
 import base64
 import json
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -135,6 +136,7 @@ def main() -> int:
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu-check: torch {torch.__version__} ({build}) sees no GPU here; nothing to check")
         return 0
+    signal.signal(signal.SIGTERM, stopped)
     machine = describe(plan)
     print(machine)
     work = Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
@@ -147,6 +149,12 @@ def main() -> int:
     if args.out:
         (args.out / "gpu-check.json").write_text(json.dumps(results))
     return 0 if all(c["passed"] for c in results["checks"]) else 1
+
+
+def stopped(signum: int, _frame) -> None:
+    """SIGTERM (`timeout` ahead of a lent machine's own limit, which would kill outright): unwind, so
+    that the servers stop and their logs are kept under --out."""
+    raise SystemExit(128 + signum)
 
 
 def keep_logs(work: Path, out: Path) -> None:
