@@ -17,8 +17,9 @@ README names. On a full-size random-init AST (speed and parity do not depend on 
   batch, and the GPU memory the server holds; then single clips to the server in one process
   (`--frontends 1`), the ratio the frontends gain.
 It prints the GPU, its driver, torch's and CUDA's versions and the host CPU first. Where torch sees
-no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the results as JSON and
-each server's log there (a lent machine gives back what is written under its $OUT).
+no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the results as JSON,
+written after each step (`complete` once all have run), and each server's log there, also when the
+run is stopped by SIGTERM (a lent machine gives back what is written under its $OUT).
 
 `--rehearse` runs the same sequence on the CPU, in a minute or two: a tiny model with AudioSet's
 input and labels, measurements of 5 s, bf16 beside fp32, no memory to squeeze. It proves the
@@ -35,7 +36,9 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import requests
@@ -137,18 +140,42 @@ def main() -> int:
         print(f"gpu-check: torch {torch.__version__} ({build}) sees no GPU here; nothing to check")
         return 0
     signal.signal(signal.SIGTERM, stopped)
-    machine = describe(plan)
-    print(machine)
+    report = Report(describe(plan), args.out)
+    print(report.device)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
     try:
-        results = {"device": machine, **check(work, plan)}
+        check(work, plan, report)
     finally:
         if args.out:
             keep_logs(work, args.out)
-    print(json.dumps(results))
-    if args.out:
-        (args.out / "gpu-check.json").write_text(json.dumps(results))
-    return 0 if all(c["passed"] for c in results["checks"]) else 1
+    print(json.dumps(report.whole))
+    return 0 if all(c["passed"] for c in report.results["checks"]) else 1
+
+
+@dataclass
+class Report:
+    """The checks printed as they pass or fail, and gpu-check.json (under --out) written after each
+    step, `complete` at the end: a run cut short still brings back what it checked."""
+
+    device: str
+    out: Optional[Path]
+    results: dict = field(default_factory=lambda: {"checks": [], "complete": False})
+
+    @property
+    def whole(self) -> dict:
+        return {"device": self.device, **self.results}
+
+    def checked(self, checks: list[tuple[str, bool, str]]) -> None:
+        for name, passed, detail in checks:
+            print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
+        self.add(checks=self.results["checks"] + [{"check": n, "passed": p, "detail": d} for n, p, d in checks])
+
+    def add(self, **parts) -> None:
+        self.results.update(parts)
+        if self.out:
+            (self.out / "gpu-check.json").write_text(json.dumps(self.whole))
 
 
 def stopped(signum: int, _frame) -> None:
@@ -159,13 +186,12 @@ def stopped(signum: int, _frame) -> None:
 
 def keep_logs(work: Path, out: Path) -> None:
     """The last LOG_TAIL_BYTES of each server's log, where a run on a lent machine brings files back."""
-    out.mkdir(parents=True, exist_ok=True)
     for log in work.glob("*.log"):
         (out / log.name).write_bytes(log.read_bytes()[-LOG_TAIL_BYTES:])
 
 
-def check(work: Path, plan: Plan) -> dict:
-    """Every check and the bench, printed as they are summed up; the results as gpu-check.json holds them."""
+def check(work: Path, plan: Plan, report: Report) -> None:
+    """Every check and the bench, into `report` as they end."""
     model_dir = plan.save_model(work / "ast")
     cache = ("--onnx_cache_dir", str(work / "cache"))
     on_device = ("--device", plan.device, *plan.serving, *cache)
@@ -173,28 +199,27 @@ def check(work: Path, plan: Plan) -> dict:
     with serving(model_dir, work / "cpu.log", ("--device", "cpu", "--backend", "torch", "--precision", "fp32", *cache),
                  timeout=600) as cpu, \
             serving(model_dir, work / "gpu.log", (*on_device, "--precision", "fp32"), timeout=600) as gpu:
-        checks = parity(cpu, gpu, recording)
+        report.checked(parity(cpu, gpu, recording))
     if plan.on_gpu:
         with serving(model_dir, work / "squeezed.log", (*on_device, *SQUEEZED), timeout=600) as small:
-            checks.append(squeezed(small, recording))
+            report.checked([squeezed(small, recording)])
     rows, alone = model_alone(model_dir, plan.precisions, batches=(GPU_BATCH,), device=plan.device)
-    checks += [(f"{name}, cosine to fp32 on the GPU", cosine >= (0.9999 if name.endswith("logits") else 0.999),
-                f"min cosine {cosine:.6f}") for name, cosine in cosines(rows, AUDIOSET_NUM_LABELS).items()]
+    report.checked([(f"{name}, cosine to fp32 on the GPU", cosine >= (0.9999 if name.endswith("logits") else 0.999),
+                     f"min cosine {cosine:.6f}") for name, cosine in cosines(rows, AUDIOSET_NUM_LABELS).items()])
+    clips_per_s = {f"{precision} batch {batch}": round(v["clips_per_s"], 1) for (precision, batch), v in alone.items()}
+    print(f"model alone, clips/s: {clips_per_s}")
+    report.add(model_alone_clips_per_s=clips_per_s)
     started = time.monotonic()
     with serving(model_dir, work / "default.log", on_device, timeout=600) as default:
         speed = {"ready_s": time.monotonic() - started, **bench(default, plan)}
     speed["vs_model_alone"] = speed["single_clips_per_s"] / alone[(speed["precision"], GPU_BATCH)]["clips_per_s"]
+    report.add(bench=speed)
     with serving(model_dir, work / "one-process.log", (*on_device, "--frontends", "1"), timeout=600) as one:
         speed["one_process"] = bench(one, plan, multi=False)
     one_process = speed["one_process"]["single_clips_per_s"]
     speed["frontends_gain"] = speed["single_clips_per_s"] / one_process if one_process else None
-    for name, passed, detail in checks:
-        print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
-    alone = {f"{precision} batch {batch}": round(v["clips_per_s"], 1) for (precision, batch), v in alone.items()}
-    print(f"model alone, clips/s: {alone}")
     print(f"bench (default flags, V2 binary REST; one_process: --frontends 1): {speed}")
-    return {"checks": [{"check": c[0], "passed": c[1], "detail": c[2]} for c in checks],
-            "model_alone_clips_per_s": alone, "bench": speed}
+    report.add(bench=speed, complete=True)
 
 
 if __name__ == "__main__":
