@@ -360,6 +360,7 @@ def gpu_section(work: Path, plan: gpu.Plan) -> list[Row]:
                         base, "pipeline fp32 on the GPU", {"peak_gib": measured["peak_gib"]}))
     for name, cosine in gpu.cosines(logits, config.num_labels).items():
         rows.append(Row("gpu precision", f"{name} vs fp32 on the GPU: min cosine", cosine, ""))
+    logger.info("before the server (in the output of a run cut short):\n%s", report(rows))
     windowing = Windowing(RATE, config.max_length * HOP_LENGTH, FRAME_LENGTH)
     windows = len(windowing.starts(round(LONG_SECONDS * RATE), windowing.seconds))
     server = local_server.start_server(model_dir, work / "server.log", (*QUIET, "--device", plan.device, *plan.serving,
