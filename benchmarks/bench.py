@@ -84,7 +84,7 @@ from predictor.windows import Windowing
 from tools import local_server
 from tools.local_server import Server, process_cpu_s
 from tools.pack_model import size_mb
-from tools.random_ast import save_random_ast
+from tools.random_ast import AUDIOSET_INPUT, save_random_ast
 
 from . import gpu
 
@@ -348,13 +348,12 @@ def gpu_section(work: Path, plan: gpu.Plan) -> list[Row]:
     config = ASTConfig.from_pretrained(model_dir)
     clips = make_clips(64 if plan.on_gpu else 8)
     rows = []
-    peer = gpu.pipeline_peer(model_dir, clips, plan.device)
+    peer = gpu.pipeline_peer(model_dir, clips, plan)
     base = peer["fp32, one clip at a time"]
     for name, rate in peer.items():
         rows.append(Row("gpu peer", f"transformers pipeline on the GPU, {name}", rate, "clips/s", base,
                         "pipeline fp32 on the GPU"))
-    logits, alone = gpu.model_alone(model_dir, plan.precisions, gpu.BATCHES if plan.on_gpu else (1, GPU_BATCH),
-                                    plan.device)
+    logits, alone = gpu.model_alone(model_dir, plan, gpu.BATCHES if plan.on_gpu else (1, GPU_BATCH))
     for (precision, batch), measured in alone.items():
         rows.append(Row("gpu model alone", f"torch {precision}, batch {batch}", measured["clips_per_s"], "clips/s",
                         base, "pipeline fp32 on the GPU", {"peak_gib": measured["peak_gib"]}))
@@ -650,7 +649,7 @@ def overhead_section(work: Path, threads: int, rows: list[Row], requests_: int =
     alone (the mean over the same clips: the server's figure is a mean too), on a model whose forward
     pass takes milliseconds; then, for each precision section 2 timed, that overhead over the fastest
     engine's seconds per clip alone (the server's target: at most 10 %)."""
-    skinny = save_random_ast(work / "skinny", tiny=True, max_length=1024, num_mel_bins=128)
+    skinny = save_random_ast(work / "skinny", tiny=True, **AUDIOSET_INPUT)
     clips = make_clips(8)
     features = LogMelFilterbank.from_extractor(ASTFeatureExtractor())(clips)
     engine = build_engine(Checkpoint.open(str(skinny)), EngineOptions("onnxruntime", "fp32", threads, work, OFFLINE_TIMEOUT_S))
@@ -684,7 +683,7 @@ def frontends_section(work: Path, concurrency: int = 16, seconds: float = 15.0) 
     thread: the channel to the frontends and the queue's schedule; the passes run on threads of
     their own, and on a GPU on the GPU). Then the same with passes of several windows, as a GPU
     takes them, over which the loop's cost per pass is shared."""
-    skinny = save_random_ast(work / "skinny-frontends", tiny=True, max_length=1024, num_mel_bins=128)
+    skinny = save_random_ast(work / "skinny-frontends", tiny=True, **AUDIOSET_INPUT)
     clip = wav(make_clips(1)[0])
     rows: list[Row] = []
     for frontends, batch in ((1, 1), (2, 1), (2, GPU_LIKE_BATCH)):
@@ -885,7 +884,7 @@ def main() -> None:
               "load_average": {"before": load_before, "after": os.getloadavg()}, "args": vars(args),
               "rows": [{**asdict(r), "ratio": r.ratio} for r in rows], "table": table}
     paths = [args.results / f"{result['time'].replace(':', '')}.json"]
-    if args.only is None and not args.rehearse:  # latest.json is a full run's
+    if args.only is None:  # latest.json is a full run's
         paths.append(args.results / "latest.json")
     for path in paths:
         path.write_text(json.dumps(result, indent=1, default=str))  # default: --results, a path

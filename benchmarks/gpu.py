@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.clients import SECONDS, Load, timed_clients
 from predictor.cpu import cpu_model_name
-from tools.random_ast import save_random_ast
+from tools.random_ast import AUDIOSET_INPUT, save_random_ast
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Plan:
         return self.device != "cpu"
 
     def save_model(self, directory: Path) -> Path:
-        return save_random_ast(directory, **({"tiny": True, "max_length": 1024, "num_mel_bins": 128} if self.tiny else {}))
+        return save_random_ast(directory, **({"tiny": True, **AUDIOSET_INPUT} if self.tiny else {}))
 
 
 ON_GPU = Plan("cuda", PRECISIONS, GPU_CHECK_SECONDS, SECONDS, CONCURRENCY, MULTI_CONCURRENCY, LONG_CONCURRENCY, tiny=False)
@@ -72,7 +72,7 @@ REHEARSAL = Plan("cpu", ("fp32", "bf16"), 5.0, 5.0, 16, 2, 1, tiny=True,
                  serving=("--backend", "torch", "--frontends", "2", "--max_batch_size", "16"))
 
 
-def describe(plan: Plan = ON_GPU) -> str:
+def describe(plan: Plan) -> str:
     if not plan.on_gpu:
         return f"rehearsal on the CPU ({cpu_model_name()}), torch {torch.__version__}"
     properties = torch.cuda.get_device_properties(0)
@@ -101,10 +101,9 @@ def gpu_memory_mib(pid: int) -> str:
         return "unknown"
 
 
-def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device: str = "cuda:0") -> tuple[dict, dict]:
-    """Per precision: the rows (logits, embedding) of 8 clips (for the cosines to fp32), and clips/s and
-    peak GPU memory per batch (none on the CPU, in a rehearsal)."""
-    on_gpu = torch.device(device).type == "cuda"
+def model_alone(model_dir: Path, plan: Plan, batches: tuple[int, ...]) -> tuple[dict, dict]:
+    """Per precision of the plan: the rows (logits, embedding) of 8 clips (for the cosines to fp32),
+    and clips/s and peak GPU memory per batch (none on the CPU, in a rehearsal)."""
     from predictor.checkpoint import Checkpoint, load_feature_extractor
     from predictor.engines import EngineOptions, build_engine
     from predictor.features import LogMelFilterbank
@@ -112,14 +111,14 @@ def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device:
     checkpoint = Checkpoint.open(str(model_dir))
     filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(checkpoint.source, checkpoint.config))
     features = filterbank([np.random.default_rng(seed % 8).standard_normal(10 * RATE).astype(np.float32) * 0.1
-                           for seed in range(max(batches))]).to(device)
+                           for seed in range(max(batches))]).to(plan.device)
     logits, speed = {}, {}
-    for precision in precisions:
-        engine = build_engine(checkpoint.unloaded(), EngineOptions("torch", precision, device=device))
+    for precision in plan.precisions:
+        engine = build_engine(checkpoint.unloaded(), EngineOptions("torch", precision, device=plan.device))
         logits[precision] = engine(features[:8])
         for batch in batches:
             engine(features[:batch])
-            if on_gpu:
+            if plan.on_gpu:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             runs = max(3, 256 // batch)
@@ -127,9 +126,9 @@ def model_alone(model_dir: Path, precisions=PRECISIONS, batches=BATCHES, device:
             for _ in range(runs):
                 engine(features[:batch])  # the logits come back to the host: each call ends synchronised
             speed[(precision, batch)] = {"clips_per_s": runs * batch / (time.perf_counter() - started),
-                                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
+                                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if plan.on_gpu else None}
         del engine
-        if on_gpu:
+        if plan.on_gpu:
             torch.cuda.empty_cache()
     return logits, speed
 
@@ -143,7 +142,7 @@ def cosines(rows: dict, num_labels: int) -> dict[str, float]:
             for precision, by_part in parts.items() if precision != "fp32" for part, values in by_part.items()}
 
 
-def pipeline_peer(model_dir: Path, clips: list[np.ndarray], device: str = "cuda") -> dict[str, float]:
+def pipeline_peer(model_dir: Path, clips: list[np.ndarray], plan: Plan) -> dict[str, float]:
     """The transformers pipeline on the GPU (the CPU in a rehearsal), as a user would run it: clips/s
     per configuration."""
     from transformers import pipeline
@@ -151,13 +150,13 @@ def pipeline_peer(model_dir: Path, clips: list[np.ndarray], device: str = "cuda"
     rates = {}
     for name, options, batch in (("fp32, one clip at a time", {}, 1), ("fp32, batch_size 32", {}, 32),
                                  ("fp16, batch_size 32", {"dtype": torch.float16}, 32)):
-        classify = pipeline("audio-classification", model=str(model_dir), device=device, **options)
+        classify = pipeline("audio-classification", model=str(model_dir), device=plan.device, **options)
         classify(clips[:batch], batch_size=batch)  # warm-up
         started = time.perf_counter()
         classify(clips, batch_size=batch)
         rates[name] = len(clips) / (time.perf_counter() - started)
         del classify
-        if torch.device(device).type == "cuda":
+        if plan.on_gpu:
             torch.cuda.empty_cache()
     return rates
 

@@ -203,7 +203,7 @@ def check(work: Path, plan: Plan, report: Report) -> None:
     if plan.on_gpu:
         with serving(model_dir, work / "squeezed.log", (*on_device, *SQUEEZED), timeout=600) as small:
             report.checked([squeezed(small, recording)])
-    rows, alone = model_alone(model_dir, plan.precisions, batches=(GPU_BATCH,), device=plan.device)
+    rows, alone = model_alone(model_dir, plan, batches=(GPU_BATCH,))
     report.checked([(f"{name}, cosine to fp32 on the GPU", cosine >= (0.9999 if name.endswith("logits") else 0.999),
                      f"min cosine {cosine:.6f}") for name, cosine in cosines(rows, AUDIOSET_NUM_LABELS).items()])
     clips_per_s = {f"{precision} batch {batch}": round(v["clips_per_s"], 1) for (precision, batch), v in alone.items()}
