@@ -21,7 +21,7 @@ no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the 
 written after each step (`complete` once all have run), and each server's log there, also when the
 run is stopped by SIGTERM (a lent machine gives back what is written under its $OUT).
 
-`--rehearse` runs the same sequence on the CPU, in a minute or two: a tiny model with AudioSet's
+`--rehearse` runs the same sequence on the CPU, short: a tiny model with AudioSet's
 input and labels, measurements of 5 s, bf16 beside fp32, no memory to squeeze. It proves the
 run itself (every server starts, every step and the bench complete, gpu-check.json is written),
 where a mistake would otherwise surface only minutes into a session's few minutes of a GPU; its
