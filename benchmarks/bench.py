@@ -308,11 +308,17 @@ def load_test(make_call: Callable[[], Callable[[bytes], None]], files: list[byte
 
 
 def run(args: argparse.Namespace) -> list[Row]:
+    """The sections asked for, their models and engine files in a scratch folder removed after
+    (a full run writes a gigabyte or more there)."""
+    with tempfile.TemporaryDirectory(prefix="ast-bench-") as scratch:
+        return sections(args, Path(scratch))
+
+
+def sections(args: argparse.Namespace, work: Path) -> list[Row]:
     threads = cpu_limit()
     torch.set_num_threads(threads)
-    work = Path(tempfile.mkdtemp(prefix="ast-bench-"))
     if args.rehearse or (torch.cuda.is_available() and (args.only is None or "gpu" in args.only)):
-        return gpu_section(work, gpu.REHEARSAL if args.rehearse else gpu.ON_GPU)
+        return gpu_section(work, gpu.REHEARSAL if args.rehearse else gpu.ON_GPU, args.results / "server-gpu.log")
     if args.only and "gpu" in args.only:
         logger.warning("--only gpu: torch %s sees no GPU here, so the GPU section does not run (--rehearse: on the "
                        "CPU, short)", torch.__version__)
@@ -340,9 +346,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def gpu_section(work: Path, plan: gpu.Plan) -> list[Row]:
+def gpu_section(work: Path, plan: gpu.Plan, log: Path) -> list[Row]:
     """On a machine with a GPU (`benchmarks/gpu.py`): the pipeline there, the model alone per
-    precision and batch, the default server end to end. Rehearsed on the CPU (`plan`), short."""
+    precision and batch, the default server end to end (its log in `log`, beside the results, which
+    a lent machine brings back). Rehearsed on the CPU (`plan`), short."""
     logger.info("%s", gpu.describe(plan))
     model_dir = plan.save_model(work / "ast")
     config = ASTConfig.from_pretrained(model_dir)
@@ -362,8 +369,8 @@ def gpu_section(work: Path, plan: gpu.Plan) -> list[Row]:
     logger.info("before the server (in the output of a run cut short):\n%s", report(rows))
     windowing = Windowing(RATE, config.max_length * HOP_LENGTH, FRAME_LENGTH)
     windows = len(windowing.starts(round(LONG_SECONDS * RATE), windowing.seconds))
-    server = local_server.start_server(model_dir, work / "server.log", (*QUIET, "--device", plan.device, *plan.serving,
-                                                                        "--onnx_cache_dir", str(work)), timeout=600)
+    server = local_server.start_server(model_dir, log, (*QUIET, "--device", plan.device, *plan.serving,
+                                                         "--onnx_cache_dir", str(work)), timeout=600)
     try:
         served = server.precision
         results = gpu.server_rows(server.url, server.grpc_url, server.process.pid, wav(clips[0]),
@@ -865,8 +872,8 @@ def main() -> None:
     parser.add_argument("--rehearse", action="store_true", help="with --only gpu: the GPU's section on the CPU, "
                         "short, with a tiny model: that the run goes through before a GPU is lent (make gpu-rehearsal); "
                         "its numbers say nothing of a GPU")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results file is written (the CPU "
-                        "sections' server logs stay in benchmarks/results)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results file (and the GPU "
+                        "section's server log) is written; the CPU sections' server logs stay in benchmarks/results")
     args = parser.parse_args()
     if args.rehearse and args.only != ["gpu"]:
         parser.error("--rehearse rehearses the GPU's section alone: give --only gpu")

@@ -19,6 +19,13 @@ from predictor.config import GPU_BATCH
 from .conftest import REPO, metric
 
 
+def scratch(tmp_path: Path) -> Path:
+    """A temporary directory of the run's own (TMPDIR), to find what it leaves there."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    return temp
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here: run make gpu-check itself")
 def test_gpu_check_says_there_is_no_gpu_and_passes():
     done = subprocess.run([sys.executable, "-m", "tools.gpu_check"], cwd=REPO, capture_output=True, text=True,
@@ -31,9 +38,11 @@ def test_gpu_check_says_there_is_no_gpu_and_passes():
 def test_gpu_check_rehearses_its_whole_run_on_the_cpu(tmp_path):
     """A session has minutes of a GPU: every server of the run starts, every check and bench step
     answers, and the results and logs are written, before a GPU is ever lent."""
+    temp = scratch(tmp_path)
     done = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--rehearse", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(temp)})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert not list(temp.iterdir()), "the model and engine files are left behind"
     results = json.loads((tmp_path / "gpu-check.json").read_text())
     assert results["device"].startswith("rehearsal on the CPU") and results["complete"] is True, results
     checks = [check["check"] for check in results["checks"] if check["passed"]]
@@ -51,8 +60,10 @@ def test_gpu_check_stopped_by_sigterm_stops_its_servers_and_keeps_their_logs(tmp
     """`timeout` ends a run ahead of a lent machine's own limit (which kills outright): what the
     servers logged until then comes back, the results so far are marked incomplete, and no server
     is left behind."""
+    temp = scratch(tmp_path)
     run = subprocess.Popen([sys.executable, "-m", "tools.gpu_check", "--rehearse", "--out", str(tmp_path)], cwd=REPO,
-                           stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(temp)})
     assert run.stdout.readline().startswith("rehearsal on the CPU")
     time.sleep(15)  # the model is written and the first servers are starting or serving
     run.send_signal(signal.SIGTERM)
@@ -63,15 +74,20 @@ def test_gpu_check_stopped_by_sigterm_stops_its_servers_and_keeps_their_logs(tmp
     logged = (tmp_path / "cpu.log").read_text()
     pids = [int(pid) for pid in re.findall(r"^\S+ \S+ (\d+) ", logged, re.MULTILINE)]
     assert pids and not [pid for pid in set(pids) if Path(f"/proc/{pid}").exists()], pids
+    assert not list(temp.iterdir()), "the model and engine files are left behind"
 
 
 @pytest.mark.rehearsal
 def test_the_gpu_bench_section_rehearses_on_the_cpu(tmp_path):
     """The bench's GPU section (a second call on a lent machine) goes through on the CPU: the pipeline
     peer, the model alone, the server over both protocols and every load, a results file."""
+    temp = scratch(tmp_path)
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--only", "gpu", "--rehearse", "--results",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(temp)})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert not list(temp.iterdir()), "the model and engine files are left behind"
+    assert "Engine ready" in (tmp_path / "server-gpu.log").read_text()
     [written] = tmp_path.glob("*.json")
     rows = json.loads(written.read_text())["rows"]
     sections = [row["section"] for row in rows]

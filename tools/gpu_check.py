@@ -18,8 +18,9 @@ README names. On a full-size random-init AST (speed and parity do not depend on 
   (`--frontends 1`), the ratio the frontends gain.
 It prints the GPU, its driver, torch's and CUDA's versions and the host CPU first. Where torch sees
 no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the results as JSON,
-written after each step (`complete` once all have run), and each server's log there, also when the
-run is stopped by SIGTERM (a lent machine gives back what is written under its $OUT).
+written after each step (`complete` once all have run), and the tail of each server's log there, also
+when the run is stopped by SIGTERM (a lent machine gives back what is written under its $OUT); the
+model and engine files are removed at the end.
 
 `--rehearse` runs the same sequence on the CPU, short: a tiny model with AudioSet's
 input and labels, measurements of 5 s, bf16 beside fp32, no memory to squeeze. It proves the
@@ -38,7 +39,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import requests
@@ -127,7 +127,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description="The GPU path, checked (make gpu-check).")
     parser.add_argument("--out", type=Path, help="a folder for the results (gpu-check.json) and the tail of each "
-                        "server's log, kept whether the checks pass, fail or break off")
+                        "server's log, kept whether the checks pass, fail or break off (default: a new folder in the "
+                        "temporary directory, named at the end)")
     parser.add_argument("--rehearse", action="store_true", help="the same run on the CPU, with a tiny model and "
                         "short measurements: that the run itself goes through, whatever the machine")
     args = parser.parse_args()
@@ -140,27 +141,28 @@ def main() -> int:
         print(f"gpu-check: torch {torch.__version__} ({build}) sees no GPU here; nothing to check")
         return 0
     signal.signal(signal.SIGTERM, stopped)
-    report = Report(describe(plan), args.out)
+    out = args.out or Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(describe(plan), out)
     print(report.device)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
-    try:
-        check(work, plan, report)
-    finally:
-        if args.out:
-            keep_logs(work, args.out)
+    # the model and engine files (gigabytes on a GPU) go with the scratch folder; the logs' tails stay
+    with tempfile.TemporaryDirectory(prefix="ast-gpu-check-scratch-") as scratch:
+        try:
+            check(Path(scratch), plan, report)
+        finally:
+            keep_logs(Path(scratch), out)
+            print(f"results and the servers' logs in {out}")
     print(json.dumps(report.whole))
     return 0 if all(c["passed"] for c in report.results["checks"]) else 1
 
 
 @dataclass
 class Report:
-    """The checks printed as they pass or fail, and gpu-check.json (under --out) written after each
+    """The checks printed as they pass or fail, and gpu-check.json (in `out`) written after each
     step, `complete` at the end: a run cut short still brings back what it checked."""
 
     device: str
-    out: Optional[Path]
+    out: Path
     results: dict = field(default_factory=lambda: {"checks": [], "complete": False})
 
     @property
@@ -174,8 +176,7 @@ class Report:
 
     def add(self, **parts) -> None:
         self.results.update(parts)
-        if self.out:
-            (self.out / "gpu-check.json").write_text(json.dumps(self.whole))
+        (self.out / "gpu-check.json").write_text(json.dumps(self.whole))
 
 
 def stopped(signum: int, _frame) -> None:
