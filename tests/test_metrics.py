@@ -9,22 +9,11 @@ import grpc
 import pytest
 import requests
 from kserve import InferInput
-from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import REPO, encode, metric, raw_http, tone
 from .test_grpc import kserve_grpc_infer
 
 RATE = 16000
-
-
-def samples(server) -> Counter:
-    """Every sample on /metrics, keyed by its name and labels."""
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    found: Counter = Counter()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] += sample.value
-    return found
 
 
 def delta(before: Counter, after: Counter, name: str, **labels: str) -> float:
@@ -35,7 +24,7 @@ def delta(before: Counter, after: Counter, name: str, **labels: str) -> float:
 def test_a_few_requests_are_counted(server):
     """3 clips over HTTP (one request with two: 3 s and 12 s; one with a 1 s clip), one over gRPC,
     and refusals: a broken file over both, a body over the size limit."""
-    before = samples(server)
+    before = server.samples()
     body = {"instances": [{"b64": base64.b64encode(encode(tone(440, s, RATE), RATE, "WAV", "PCM_16")).decode()}
                           for s in (3.0, 12.0)]}
     assert requests.post(server.predict_url, json=body, timeout=60).status_code == 200
@@ -47,7 +36,7 @@ def test_a_few_requests_are_counted(server):
     kserve_grpc_infer(server, InferInput("audio", [1], "BYTES", data=[encode(tone(300, 2.0, RATE), RATE, "WAV", "PCM_16")]))
     with pytest.raises(grpc.RpcError):
         kserve_grpc_infer(server, InferInput("audio", [1], "BYTES", data=[b"RIFF....WAVEnot audio"]))
-    after = samples(server)
+    after = server.samples()
 
     assert delta(before, after, "ast_clips_total") == 4
     assert delta(before, after, "ast_audio_seconds_total") == pytest.approx(3 + 12 + 1 + 2)
@@ -93,7 +82,7 @@ def test_the_dashboard_reads_series_the_server_has(server):
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     assert len(expressions) >= 8
     named = {name for expr in expressions for name in re.findall(r"\b(ast_[a-z_]+)\b", expr)}
-    served = {name for name, _ in samples(server)}
+    served = {name for name, _ in server.samples()}
     assert named and named <= served, named - served
-    stages = {dict(labels).get("stage") for name, labels in samples(server) if name == "ast_stage_seconds_count"}
+    stages = {dict(labels).get("stage") for name, labels in server.samples() if name == "ast_stage_seconds_count"}
     assert {"decode", "features", "model"} <= stages

@@ -16,7 +16,6 @@ from tools.random_ast import save_random_ast
 
 from .conftest import TEST_SERVER_ENV, as_predictions, assert_same_predictions, encode, expected, start_server, \
     stop_server, tone
-from .test_metrics import samples
 
 RATE = 16000
 BIRDS = ["Bird", "Crow", "Owl", "Gull"]
@@ -92,7 +91,7 @@ def index_of(server, **query) -> list[dict]:
 
 def engines_of(server) -> list[str]:
     """The model of each `ast_engine_info` series, in name order."""
-    return sorted(dict(labels)["model"] for name, labels in samples(server) if name == "ast_engine_info")
+    return sorted(dict(labels)["model"] for name, labels in server.samples() if name == "ast_engine_info")
 
 
 def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_path):

@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from predictor.names import MODEL_NAME
 
@@ -70,14 +72,21 @@ class Server:
     def infer_url(self) -> str:
         return f"{self.url}/v2/models/{self.model_name}/infer"
 
+    def samples(self) -> Counter:
+        """Every sample on /metrics (prometheus_client's parser), keyed by its name and labels."""
+        found: Counter = Counter()
+        for family in text_string_to_metric_families(requests.get(f"{self.url}/metrics", timeout=10).text):
+            for sample in family.samples:
+                found[(sample.name, tuple(sorted(sample.labels.items())))] += sample.value
+        return found
+
     @property
     def precision(self) -> str:
         """The precision a server of one model resolved (`--precision auto` by default), from `ast_engine_info`."""
-        info = [line for line in requests.get(f"{self.url}/metrics", timeout=10).text.splitlines()
-                if line.startswith("ast_engine_info{")]
+        info = [dict(labels)["precision"] for name, labels in self.samples() if name == "ast_engine_info"]
         if len(info) != 1:
-            raise RuntimeError(f"/metrics has {len(info)} ast_engine_info lines")
-        return info[0].split('precision="', 1)[1].split('"', 1)[0]
+            raise RuntimeError(f"/metrics has {len(info)} ast_engine_info series")
+        return info[0]
 
     @property
     def roles(self) -> dict[int, str]:
