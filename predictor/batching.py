@@ -67,6 +67,7 @@ class WindowQueue:
         self.state = state or QueueState.local()
         """The windows waiting and the time per window, where admission reads them (`queue_state`)."""
         self.state.seconds_per_window = seconds_per_window  # the model's warm-up pass: the first request's estimate
+        self._waiting = 0  # this queue's own windows waiting: `state` counts every model's (`repository`)
         self._fresh: deque[Job] = deque()  # no window taken yet: first in line
         self._jobs: deque[Job] = deque()  # the round robin of jobs that have had a window
         # Made on first use: the event, the task and the thread belong to the server's event loop,
@@ -90,8 +91,9 @@ class WindowQueue:
 
     @property
     def waiting(self) -> int:
-        """Windows of admitted requests not yet handed to a pass."""
-        return self.state.waiting
+        """Windows of admitted requests not yet handed to a pass, in this queue (those of every model
+        of a repository are `state.waiting`, what admission reads)."""
+        return self._waiting
 
     @property
     def seconds_per_window(self) -> float:
@@ -245,5 +247,6 @@ class WindowQueue:
         return taken
 
     def _count_waiting(self, change: int) -> None:
+        self._waiting += change
         self.state.waiting += change
         metrics.QUEUED_WINDOWS.inc(change)

@@ -3,6 +3,7 @@ own rows back, and abandoned work is never computed. Passes wait on events, neve
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -12,6 +13,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from predictor.batching import WindowQueue
+from predictor.queue_state import QueueState
 from predictor.admission import Admission
 from predictor.errors import Overloaded
 
@@ -305,8 +307,6 @@ def test_two_models_sharing_the_forward_thread_take_turns_pass_by_pass():
     """A repository's models (`predictor.repository`): each has its own queue, all run their passes
     on one thread. A model's long request does not hold back another model's short one: while the
     first pass of the long one runs, the short one arrives, and runs next."""
-    from concurrent.futures import ThreadPoolExecutor
-
     shared = ThreadPoolExecutor(max_workers=1)
     long_model, short_model = Recording(hold_first=True), Recording()
     order: list[str] = []
@@ -326,6 +326,44 @@ def test_two_models_sharing_the_forward_thread_take_turns_pass_by_pass():
     assert order[:3] == ["long", "short", "long"] and order.count("long") == 4
     torch.testing.assert_close(long_rows, logits_of(job(1, 4)))
     torch.testing.assert_close(short_rows, logits_of(job(2, 1)))
+
+
+def test_a_model_unloaded_mid_pass_while_another_has_a_full_batch_waiting_keeps_the_loop_turning():
+    """A repository on a GPU: every model's queue counts into one state (admission's), and stages a
+    full batch ahead while its pass runs. A model closed (unloaded) during its pass, while another
+    model has a full batch of its own waiting, must neither take that batch nor spin on it: the
+    event loop keeps serving, and every request gets its rows."""
+    shared, state = ThreadPoolExecutor(max_workers=1), QueueState.local()
+    held, other = Recording(hold_first=True), Recording()
+    closing = WindowQueue(Passes(held, ahead=True), max_batch_size=2, max_wait_s=0.0, state=state,
+                          forward_thread=shared)
+    busy = WindowQueue(Passes(other, ahead=True), max_batch_size=2, max_wait_s=0.0, state=state,
+                       forward_thread=shared)
+    jobs = [job(tag, 2) for tag in (2, 3, 4)]
+
+    async def main():
+        first = asyncio.create_task(closing(job(1, 1)))
+        await asyncio.to_thread(held.started.wait, 30)  # its pass runs, held, holding the shared thread
+        rest = []
+        for windows in jobs:  # the first is taken, the second staged ahead, the third waits
+            rest.append(asyncio.create_task(busy(windows)))
+            await asyncio.sleep(0.05)
+        assert busy.waiting == 2 and closing.waiting == 0 and state.waiting == 2
+        closing.close()
+        await asyncio.sleep(0.05)  # the loop turns: a queue spinning on the other's windows would hold it
+        held.release.set()
+        return await first, await asyncio.gather(*rest)
+
+    outcome: list = []
+    loop = threading.Thread(target=lambda: outcome.append(run(main())), daemon=True)
+    loop.start()
+    loop.join(timeout=60)
+    assert not loop.is_alive(), "the event loop is stuck"
+    first, rest = outcome[0]
+    torch.testing.assert_close(first, logits_of(job(1, 1)))
+    for windows, rows in zip(jobs, rest):
+        torch.testing.assert_close(rows, logits_of(windows))
+    assert state.waiting == 0
 
 
 def test_a_closed_queue_finishes_its_work_then_serves_again_if_asked():
