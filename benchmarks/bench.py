@@ -373,8 +373,7 @@ def gpu_section(work: Path, plan: gpu.Plan, log: Path) -> list[Row]:
                                                          "--onnx_cache_dir", str(work)), timeout=600)
     try:
         served = server.precision
-        results = gpu.server_rows(server.url, server.grpc_url, server.process.pid, wav(clips[0]),
-                                  wav(make_clips(1, LONG_SECONDS)[0]), windows, plan)
+        results = gpu.server_rows(server, wav(clips[0]), wav(make_clips(1, LONG_SECONDS)[0]), windows, plan)
     finally:
         local_server.stop_server(server)
     reference = alone[(served, GPU_BATCH)]["clips_per_s"]

@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.clients import SECONDS, Load, timed_clients
 from predictor.cpu import cpu_model_name
+from tools.local_server import Server
 from tools.random_ast import AUDIOSET_INPUT, save_random_ast
 
 logger = logging.getLogger(__name__)
@@ -85,15 +86,17 @@ def describe(plan: Plan) -> str:
             f"{torch.__version__}, CUDA {torch.version.cuda}, host CPU {cpu_model_name()}")
 
 
-def gpu_memory_mib(pid: int) -> str:
-    """What nvidia-smi says process `pid` holds on the GPU (its whole context, not only tensors);
-    where it lists other PIDs (a container), the GPU's memory in use, every process's together."""
+def gpu_memory_mib(server: Server) -> str:
+    """What nvidia-smi says the server's processes hold on the GPU (their whole contexts, not only
+    tensors: with frontends, the model's process holds it, not the one started); where it lists
+    other PIDs (a container), the GPU's memory in use, every process's together."""
     try:
         listing = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=30).stdout
-        used = [line.split(",")[1].strip() for line in listing.splitlines() if line.split(",")[0].strip() == str(pid)]
+        pids = {str(pid) for pid in server.roles}
+        used = [int(line.split(",")[1]) for line in listing.splitlines() if line.split(",")[0].strip() in pids]
         if used:
-            return used[0]
+            return str(sum(used))
         total = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
         return f"{total[0]} (all processes)" if total else "unknown"
@@ -161,10 +164,10 @@ def pipeline_peer(model_dir: Path, clips: list[np.ndarray], plan: Plan) -> dict[
     return rates
 
 
-def server_rows(url: str, grpc_url: str, pid: int, clip: bytes, recording: bytes, windows: int, plan: Plan) -> dict:
+def server_rows(server: Server, clip: bytes, recording: bytes, windows: int, plan: Plan) -> dict:
     """The default server over V2 binary REST and gRPC; what it holds on the GPU after."""
     results, seconds = {}, plan.bench_seconds
-    for protocol, address in (("V2 binary REST", ("v2", url)), ("V2 gRPC", ("grpc", grpc_url))):
+    for protocol, address in (("V2 binary REST", ("v2", server.url)), ("V2 gRPC", ("grpc", server.grpc_url))):
         single = timed_clients(Load(*address, (clip,), plan.concurrency, seconds))
         results[protocol] = {"single clips": {**single, "clips_per_s": single["requests_per_s"]}}
         if single["requests"]:  # nothing answered: no half of it to offer
@@ -176,5 +179,5 @@ def server_rows(url: str, grpc_url: str, pid: int, clip: bytes, recording: bytes
             f"{MULTI_CLIPS}-clip requests": {**multi, "clips_per_s": multi["requests_per_s"] * MULTI_CLIPS},
             "10-minute recordings": {**long_, "windows_per_s": long_["requests_per_s"] * windows},
         })
-    results["gpu_memory_mib"] = gpu_memory_mib(pid)
+    results["gpu_memory_mib"] = gpu_memory_mib(server)
     return results

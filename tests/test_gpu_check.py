@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from benchmarks.clients import Load, timed_clients
+from benchmarks.gpu import gpu_memory_mib
 from predictor.config import GPU_BATCH
+from tools.local_server import Server
 
 from .conftest import REPO, metric
 
@@ -96,6 +98,29 @@ def test_the_gpu_bench_section_rehearses_on_the_cpu(tmp_path):
     assert all(row["value"] >= 0.999 for row in rows if row["section"] == "gpu precision"), rows
     served = [row for row in rows if row["section"] == "gpu server" and "failed" in row["extra"]]
     assert len(served) == 8 and all(row["value"] > 0 and row["extra"]["failed"] == 0 for row in served), served
+
+
+def test_the_gpu_memory_a_server_holds_is_its_processes_as_nvidia_smi_lists_them(tmp_path, monkeypatch):
+    """With frontends, the model's process holds the GPU, not the one started: the memory reported is
+    that of every process of the server that nvidia-smi lists (here a stand-in nvidia-smi, as a
+    container shows it, with another process's too); none listed, the GPU's whole use, said so."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    smi = bin_ / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$1" in --query-compute-apps*) printf "%s" "$APPS";; *) echo 9000;; esac\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    log = tmp_path / "server.log"
+    log.write_text("Serving with 2 frontend processes (pids 11, 12) and the model's process (pid 13)\n")
+    started = subprocess.Popen(["true"])
+    started.wait()
+    server = Server(started, 0, 0, log)
+    monkeypatch.setenv("APPS", "13, 2000\n99, 7000\n")
+    assert gpu_memory_mib(server) == "2000"
+    monkeypatch.setenv("APPS", f"{started.pid}, 500\n13, 2000\n")
+    assert gpu_memory_mib(server) == "2500"
+    monkeypatch.setenv("APPS", "99, 7000\n")
+    assert gpu_memory_mib(server) == "9000 (all processes)"
 
 
 def test_the_bench_clients_in_several_processes_count_what_the_server_answered(server, speech_wav):

@@ -112,7 +112,7 @@ def bench(gpu: Server, plan: Plan, multi: bool = True) -> dict:
         runs.append(timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, plan.multi_concurrency, seconds)))
         speed.update(half_load_clips_per_s=runs[1]["requests_per_s"], half_load_p50_ms=runs[1]["p50_ms"],
                      half_load_p99_ms=runs[1]["p99_ms"], multi_clips_per_s=runs[2]["requests_per_s"] * MULTI_CLIPS,
-                     gpu_memory_mib=gpu_memory_mib(gpu.process.pid))
+                     gpu_memory_mib=gpu_memory_mib(gpu))
     return {**speed, "failed": sum(run["failed"] for run in runs), "refused_503": sum(run["refused_503"] for run in runs)}
 
 
