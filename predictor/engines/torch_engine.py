@@ -15,12 +15,10 @@ class TorchEngine:
         self.dtype, self.device = dtype, torch.device(device)
         if self.device.type == "cuda" and dtype == torch.float32:
             # fp32 means fp32, the pipeline's answers within 1e-4: torch lets cuDNN's convolutions
-            # (AST's patch embedding) take TF32 on Ampere and later unless told otherwise.
-            if hasattr(torch.backends.cudnn, "conv"):  # torch 2.9 on; older builds name it allow_tf32
-                torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "ieee"
-                torch.backends.cuda.matmul.fp32_precision = "ieee"  # all alike: reads of the old flag stay valid
-            else:
-                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            # (AST's patch embedding) take TF32 on Ampere and later unless told otherwise. Through the
+            # flags every torch has: from 2.9, setting the newer fp32_precision to "ieee" makes reads
+            # of these raise (torch's own cudnn.flags() among them), while these keep both consistent.
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
