@@ -13,7 +13,8 @@ A pass has two steps, so that the queue (`batching`) can prepare one while anoth
   filterbank over the whole pass on the GPU (`features.LogMelFilterbank.batch`), then the engine.
   A pass that runs out of GPU memory is split in halves and retried (`in_parts`), and later passes
   keep the size that fitted: logged once, never a dead server or a hung request; a single window
-  that does not fit is answered 503. It is written against torch's device modules, so on a CPU
+  that does not fit is answered 503. A copy with no room beside the pass in flight is left on the
+  host, and made part by part by its own pass. It is written against torch's device modules, so on a CPU
   (no pinned memory, no copy, streams and events that do nothing) the tests run it whole; the
   server uses it on GPUs only, since clip by clip measured faster on CPUs (`features`).
 """
@@ -63,7 +64,7 @@ class CpuPass:
 
 @dataclass
 class Staged:
-    samples: torch.Tensor  # (windows, samples) on the device, being copied on the copy stream
+    samples: torch.Tensor  # (windows, samples) on the device, being copied on the copy stream; or on the host
     lengths: torch.Tensor  # each window's samples, on the host
     copied: Optional[torch.Event]  # None where nothing is copied (the CPU)
     windows: Windows  # for their occluded cells
@@ -90,12 +91,16 @@ class BatchedPass:
             if last_copy is not None:
                 last_copy.synchronize()  # the copy out of this buffer has finished before it is refilled
             samples, lengths = self.filterbank.padded(samples_of(windows), out=buffer)
-            with self.accelerator.stream(self.copies):
-                on_device = samples.to(self.device, non_blocking=True)
-                copied = self.copies.record_event()
-        except torch.OutOfMemoryError as exc:
-            self.buffers.appendleft((buffer, last_copy))
-            raise Overloaded("the GPU has no memory left to take a pass now", 1) from exc
+            try:
+                with self.accelerator.stream(self.copies):
+                    on_device = samples.to(self.device, non_blocking=True)
+                    copied = self.copies.record_event()
+            except torch.OutOfMemoryError:
+                # No room beside the pass in flight: `run` copies them itself, part by part, once
+                # that pass has let its memory go. The buffer is for the next pass's padding.
+                staged = Staged(samples.clone(), lengths, None, windows)
+                self.buffers.appendleft((buffer, None))
+                return staged
         except BaseException:
             self.buffers.appendleft((buffer, last_copy))  # whatever failed, the buffer stays in turn
             raise
@@ -110,7 +115,7 @@ class BatchedPass:
         with metrics.STAGE_SECONDS.labels("model").time():  # the filterbank included: the GPU runs both
             logits, self.part = in_parts(
                 lambda start, end: self.engine(silence(
-                    self.filterbank.batch(staged.samples[start:end], staged.lengths[start:end]),
+                    self.filterbank.batch(staged.samples[start:end].to(self.device), staged.lengths[start:end]),
                     staged.windows[start:end], self.filterbank.silence)),
                 len(staged.lengths), self.part, self._ran_out)
         return logits

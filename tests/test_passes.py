@@ -105,3 +105,26 @@ def test_a_staging_that_fails_leaves_both_buffers_in_turn(tiny_passes):
     windows = windows_of_every_length(filterbank)[:4]
     for _ in range(3):
         torch.testing.assert_close(batched.run(batched.stage(windows)), per_clip.run(windows), atol=1e-4, rtol=0)
+
+
+def test_a_copy_with_no_room_beside_the_pass_in_flight_is_made_by_its_own_pass(tiny_passes, monkeypatch):
+    """Staged while another pass holds the GPU's memory, the copy runs out of it: the windows stay on
+    the host and their own pass copies them, part by part: same rows, no 503, and the buffers keep
+    their turn."""
+    filterbank, engine = tiny_passes
+    batched, per_clip = BatchedPass(filterbank, engine, torch.device("cpu"), max_batch_size=8), CpuPass(filterbank, engine)
+    windows = windows_of_every_length(filterbank)
+    copy = torch.Tensor.to
+
+    def no_room_for_the_staging_copy(tensor, *args, **kwargs):
+        if kwargs.get("non_blocking"):  # the copy stream's: the GPU's memory is the pass in flight's
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return copy(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", no_room_for_the_staging_copy)
+    staged = [batched.stage(windows) for _ in range(3)]  # more than the buffers: each kept its turn
+    monkeypatch.undo()
+    assert all(s.copied is None for s in staged)
+    for each in staged:
+        torch.testing.assert_close(batched.run(each), per_clip.run(windows), atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched.run(batched.stage(windows)), per_clip.run(windows), atol=1e-4, rtol=0)
