@@ -28,6 +28,13 @@ def scratch(tmp_path: Path) -> Path:
     return temp
 
 
+def on_device(run: str, out: Path, temp: Path) -> subprocess.CompletedProcess:
+    """`tools/on_device.sh`, the command a lent GPU machine runs, rehearsed on the CPU: this Python
+    has the packages, so no wheels are installed."""
+    return subprocess.run(["bash", "tools/on_device.sh", run, "--rehearse"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(temp)})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here: run make gpu-check itself")
 def test_gpu_check_says_there_is_no_gpu_and_passes():
     done = subprocess.run([sys.executable, "-m", "tools.gpu_check"], cwd=REPO, capture_output=True, text=True,
@@ -39,10 +46,10 @@ def test_gpu_check_says_there_is_no_gpu_and_passes():
 @pytest.mark.rehearsal
 def test_gpu_check_rehearses_its_whole_run_on_the_cpu(tmp_path):
     """A session has minutes of a GPU: every server of the run starts, every check and bench step
-    answers, and the results and logs are written, before a GPU is ever lent."""
+    answers, and the results and logs are written, before a GPU is ever lent; through the command
+    that machine runs."""
     temp = scratch(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--rehearse", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(temp)})
+    done = on_device("check", tmp_path, temp)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert not list(temp.iterdir()), "the model and engine files are left behind"
     results = json.loads((tmp_path / "gpu-check.json").read_text())
@@ -59,24 +66,41 @@ def test_gpu_check_rehearses_its_whole_run_on_the_cpu(tmp_path):
 
 @pytest.mark.rehearsal
 def test_gpu_check_stopped_by_sigterm_stops_its_servers_and_keeps_their_logs(tmp_path):
-    """`timeout` ends a run ahead of a lent machine's own limit (which kills outright): what the
-    servers logged until then comes back, the results so far are marked incomplete, and no server
-    is left behind."""
+    """`timeout` ends a run ahead of a lent machine's own limit (which kills outright), here with
+    one server serving and the next starting: what the servers logged until then comes back, the
+    results so far are marked incomplete, and no server or file of theirs is left behind."""
     temp = scratch(tmp_path)
     run = subprocess.Popen([sys.executable, "-m", "tools.gpu_check", "--rehearse", "--out", str(tmp_path)], cwd=REPO,
                            stdout=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(temp)})
     assert run.stdout.readline().startswith("rehearsal on the CPU")
-    time.sleep(15)  # the model is written and the first servers are starting or serving
+    deadline = time.monotonic() + 300
+    while not list(temp.glob("*/gpu.log")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the CPU's server is serving, the GPU's (rehearsed) is being started
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=120) == 128 + signal.SIGTERM
-    assert (tmp_path / "cpu.log").stat().st_size > 0
+    assert (tmp_path / "cpu.log").stat().st_size > 0 and (tmp_path / "gpu.log").exists()
     partial = tmp_path / "gpu-check.json"  # what was checked before the stop, if anything was
     assert not partial.exists() or json.loads(partial.read_text())["complete"] is False
-    logged = (tmp_path / "cpu.log").read_text()
+    logged = "".join(log.read_text() for log in tmp_path.glob("*.log"))  # every server started until then
     pids = [int(pid) for pid in re.findall(r"^\S+ \S+ (\d+) ", logged, re.MULTILINE)]
     assert pids and not [pid for pid in set(pids) if Path(f"/proc/{pid}").exists()], pids
+    assert not serving_from(temp), "a server started from the run's model is still running"
     assert not list(temp.iterdir()), "the model and engine files are left behind"
+
+
+def serving_from(folder: Path) -> list[str]:
+    """The command lines of the processes running with a path under `folder` in theirs (a server
+    just started has logged no pid yet)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if str(folder) in command:
+            found.append(command)
+    return found
 
 
 @pytest.mark.rehearsal
@@ -84,9 +108,7 @@ def test_the_gpu_bench_section_rehearses_on_the_cpu(tmp_path):
     """The bench's GPU section (a second call on a lent machine) goes through on the CPU: the pipeline
     peer, the model alone, the server over both protocols and every load, a results file."""
     temp = scratch(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--only", "gpu", "--rehearse", "--results",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TMPDIR": str(temp)})
+    done = on_device("bench", tmp_path, temp)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert not list(temp.iterdir()), "the model and engine files are left behind"
     assert "Engine ready" in (tmp_path / "server-gpu.log").read_text()

@@ -126,14 +126,17 @@ def start_server(model_dir: Path, log: Path, extra_args: Sequence[str] = (), env
                                    env={**os.environ, **(env or {})})
     server = Server(process, http_port, grpc_port, log, model_name)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-        if server.is_ready():
-            return server
-        time.sleep(0.1)  # time to ready is measured through this (benchmarks/bench.py)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text(errors='replace')[-4000:]}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+            if server.is_ready():
+                return server
+            time.sleep(0.1)  # time to ready is measured through this (benchmarks/bench.py)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text(errors='replace')[-4000:]}")
+    except BaseException:  # not ready in time, or the caller stopped while waiting (SIGTERM, Ctrl-C): no orphan
+        stop_server(server)
+        raise
 
 
 def stop_server(server: Server) -> None:
