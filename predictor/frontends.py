@@ -86,11 +86,16 @@ def serve(launch: Launch) -> int:
         told.close()
         if not _model_ready(model, ready, stopping):
             return _stop([], model, failed=not stopping)
-        listener = socket.create_server(("0.0.0.0", launch.server_flags["http_port"]), backlog=2048)
-        frontends = [SPAWN.Process(target=run_frontend, args=(launch, index, listener, channel, memory),
-                                   name=f"ast-frontend-{index}") for index in range(launch.frontends)]
-        for frontend in frontends:
-            frontend.start()
+        frontends: list[multiprocessing.Process] = []
+        try:
+            listener = socket.create_server(("0.0.0.0", launch.server_flags["http_port"]), backlog=2048)
+            for index in range(launch.frontends):
+                frontends.append(SPAWN.Process(target=run_frontend, args=(launch, index, listener, channel, memory),
+                                               name=f"ast-frontend-{index}"))
+                frontends[-1].start()
+        except BaseException:  # the port taken, say: the processes started must not outlive this one
+            _stop([f for f in frontends if f.pid is not None], model, failed=True)
+            raise
         listener.close()  # the frontends hold it now: once they close theirs, new connections are refused
         logger.info("Serving with %d frontend processes (pids %s) and the model's process (pid %d)",
                     len(frontends), ", ".join(str(f.pid) for f in frontends), model.pid)

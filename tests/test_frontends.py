@@ -6,7 +6,9 @@ windows; SIGTERM drains, and a process that dies ends the server."""
 import asyncio
 import base64
 import os
+import re
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -150,6 +152,19 @@ def test_a_process_that_dies_ends_the_server(tiny_model_dir, tmp_path, role, nam
     assert name in server.log.read_text().split("stopping the server")[0].splitlines()[-1]
     assert_outlived_by_none(children)
     stop_server(server)
+
+
+def test_a_taken_http_port_ends_the_server_and_its_model_process(tiny_model_dir, tmp_path):
+    """The supervisor binds the HTTP port once the model's process is ready: taken, the server says
+    so and exits 1, the model's process with it, rather than waiting on it forever."""
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        with pytest.raises(RuntimeError, match="server exited with 1"):
+            start_server(tiny_model_dir, tmp_path / "server.log", ("--frontends", str(FRONTENDS)), env=TEST_SERVER_ENV,
+                         http_port=taken.getsockname()[1], timeout=90)
+    logged = (tmp_path / "server.log").read_text()
+    assert "Address already in use" in logged, logged[-2000:]
+    pids = {int(pid) for pid in re.findall(r"^\S+ \S+ (\d+) ", logged, re.MULTILINE)}  # the model process logged
+    assert pids and not [pid for pid in pids if Path(f"/proc/{pid}").exists()], pids
 
 
 # ---- the channel between the processes, in one event loop ------------------------------------
