@@ -101,7 +101,6 @@ class WindowQueue:
         return self.state.seconds_per_window
 
     def _start(self) -> None:
-        self._closing = False
         if self._worker is None:
             self._arrived = self._arrived or asyncio.Event()
             self._thread = self._thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
@@ -111,7 +110,8 @@ class WindowQueue:
     def close(self) -> None:
         """A model unloaded (or the server stopping): the worker finishes the windows queued, then
         ends, letting the engine go. A request that still arrives (one that was decoding) starts
-        it again: nothing admitted is left waiting."""
+        it again, until that request is answered: nothing admitted is left waiting, and nothing
+        is left holding the engine."""
         self._closing = True
         if self._arrived is not None:
             self._arrived.set()

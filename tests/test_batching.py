@@ -377,8 +377,14 @@ def test_a_closed_queue_finishes_its_work_then_serves_again_if_asked():
         rows = await first
         while queue._worker is not None:  # the worker ends once nothing is left
             await asyncio.sleep(0.01)
-        return rows, await queue(job(2, 1))  # a late request starts it again
+        late = await queue(job(2, 1))  # a late request starts it again
+        for _ in range(500):  # and it ends again: an unloaded model's engine is let go
+            if queue._worker is None:
+                break
+            await asyncio.sleep(0.01)
+        return rows, late, queue._worker
 
-    rows, late = run(main())
+    rows, late, worker = run(main())
+    assert worker is None, "the worker of a closed queue outlived its last request"
     torch.testing.assert_close(rows, logits_of(job(1, 3)))
     torch.testing.assert_close(late, logits_of(job(2, 1)))
