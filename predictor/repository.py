@@ -60,7 +60,7 @@ class AudioModelRepository(ModelRepository):
         self.config, self.threads, self.device = config, threads, device
         self.state = QueueState.local()
         self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
-        self.loading: dict[str, asyncio.Lock] = {}  # one load of a name at a time
+        self.loading: dict[str, asyncio.Task] = {}  # one load of a name at a time, whoever waits for it
 
     def model(self, name: str) -> ASTModel:
         """The model in the repository's `name` directory, not loaded yet."""
@@ -71,16 +71,23 @@ class AudioModelRepository(ModelRepository):
     async def load(self, name: str) -> bool:
         """The V2 repository API's load: the model named, built and loaded (its engine exported and
         timed where its cache has none, off the event loop), then served. A model already served
-        is left as it is."""
+        is left as it is; a load under way is waited for. A load goes on when its caller stops
+        waiting (a client's timeout, during an export that takes minutes): it ends served, as
+        asked, rather than thrown away for the next try to start over."""
         if not is_model(Path(self.models_dir), name):
             raise ValueError(f"no model directory '{name}' (a name of letters, digits, '.', '_' or '-', holding a "
                              f"config.json) in {self.models_dir}")
-        async with self.loading.setdefault(name, asyncio.Lock()):
-            if name in self.models:
-                return True
-            model = self.model(name)
-            await asyncio.to_thread(model.load)
-            self.update(model)
+        if name in self.models:
+            return True
+        if name not in self.loading:
+            self.loading[name] = asyncio.get_running_loop().create_task(self._load(name))
+            self.loading[name].add_done_callback(lambda _: self.loading.pop(name))
+        return await asyncio.shield(self.loading[name])
+
+    async def _load(self, name: str) -> bool:
+        model = self.model(name)
+        await asyncio.to_thread(model.load)
+        self.update(model)
         logger.info("Loaded model %s from the repository %s", name, self.models_dir)
         return model.ready
 

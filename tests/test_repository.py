@@ -4,11 +4,15 @@ own pipeline does); KServe's V2 repository API (index, load, unload) working on 
 
 import base64
 import shutil
+import time
 
+import grpc
 import numpy as np
 import pytest
 import requests
 import tritonclient.http as triton_http
+from kserve.protocol.grpc.grpc_predict_v2_pb2 import RepositoryModelLoadRequest
+from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from transformers import pipeline
 
 from predictor.__main__ import main
@@ -123,6 +127,27 @@ def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_pa
         missing = requests.post(f"{served.url}/v2/repository/models/{name}/load", timeout=30)
         assert missing.status_code == 503 and f"no model directory '{name}'" in missing.text
     assert v1(served, "birds", tone(400, 1.0, RATE)).status_code == 200  # the others serve on
+
+
+def test_a_load_its_client_stopped_waiting_for_is_served_once_done(served, repository, full_size_dir):
+    """A load can take minutes (an engine exported and timed), past a client's deadline, which over
+    gRPC cancels the call: the load goes on, once, and the model serves when it is done, without a
+    second load asked for it."""
+    (repository / "big").symlink_to(full_size_dir)
+    try:
+        with grpc.insecure_channel(served.grpc_url) as channel, pytest.raises(grpc.RpcError) as gone:
+            GRPCInferenceServiceStub(channel).RepositoryModelLoad(RepositoryModelLoadRequest(model_name="big"),
+                                                                  timeout=0.5)  # AST's whole geometry: seconds
+        assert gone.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 120
+        while {"name": "big", "state": "Ready", "reason": ""} not in index_of(served) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert {"name": "big", "state": "Ready", "reason": ""} in index_of(served)
+        assert requests.post(f"{served.url}/v2/repository/models/big/load", timeout=30).status_code == 200
+        assert served.log.read_text().count("Loaded model big from the repository") == 1
+    finally:
+        requests.post(f"{served.url}/v2/repository/models/big/unload", timeout=30)
+        (repository / "big").unlink()
 
 
 def test_frontends_serve_one_model(repository, capsys):
