@@ -169,7 +169,11 @@ class ASTModel(Model):
                 self.passes = BatchedPass(self.filterbank, self.engine, device, max_batch_size)
             else:
                 self.passes = CpuPass(self.filterbank, self.engine)
-            seconds_per_window = self._warm_up(max_batch_size if on_gpu else 1, runs=2 if on_gpu else 1)
+            windows, runs = (max_batch_size, 2) if on_gpu else (1, 1)
+            if self.forward_thread:  # loaded beside a repository's other models: in turn with their passes
+                seconds_per_window = self.forward_thread.submit(self._warm_up, windows, runs).result()
+            else:
+                seconds_per_window = self._warm_up(windows, runs)
         except BaseException:
             metrics.engine_stopped(self.name)  # built, but it will serve nothing
             raise
@@ -400,7 +404,9 @@ class ASTModel(Model):
         """Passes of whole windows of silence, the last timed: the first estimate of a window's cost
         (admission's wait). On a GPU a whole batch, twice: the first pass pays for CUDA's, cuBLAS's
         and cuFFT's set-up, and a batch that does not fit shows at start, split and logged, not on
-        a request."""
+        a request. A repository's model runs it on the thread the models' passes share: beside a
+        pass of another (a V2 load while it serves), it would time the contention, and on a GPU two
+        full passes at once may not fit."""
         silence = [np.zeros(self.filterbank.max_samples, dtype=np.float32)] * windows
         for _ in range(runs):
             started = time.monotonic()

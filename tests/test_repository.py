@@ -4,7 +4,10 @@ own pipeline does); KServe's V2 repository API (index, load, unload) working on 
 
 import base64
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -16,6 +19,8 @@ from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceSt
 from transformers import pipeline
 
 from predictor.__main__ import main
+from predictor.config import Config
+from predictor.model import ASTModel
 from tools.random_ast import save_random_ast
 
 from .conftest import TEST_SERVER_ENV, as_predictions, assert_same_predictions, encode, expected, start_server, \
@@ -148,6 +153,26 @@ def test_a_load_its_client_stopped_waiting_for_is_served_once_done(served, repos
     finally:
         requests.post(f"{served.url}/v2/repository/models/big/unload", timeout=30)
         (repository / "big").unlink()
+
+
+def test_a_model_loaded_beside_others_warms_up_in_turn_with_their_passes(repository):
+    """A V2 load while the repository's other models serve: the new model's warm-up pass waits its
+    turn on the thread their passes share (another model's pass holds it here), rather than running
+    beside it, timing the contention (and, on a GPU, perhaps not fitting)."""
+    shared, release, order = ThreadPoolExecutor(max_workers=1), threading.Event(), []
+    shared.submit(lambda: (release.wait(30), order.append("another model's pass")))
+    model = ASTModel(replace(Config(), model_dir=str(repository / "birds"), model_name="birds", backend="torch"),
+                     forward_thread=shared)
+    loading = threading.Thread(target=lambda: (model.load(), order.append("loaded")))
+    loading.start()
+    loading.join(timeout=3)  # a tiny model: loaded by then, unless it waits for its turn
+    release.set()
+    loading.join(timeout=60)
+    try:
+        assert order == ["another model's pass", "loaded"] and model.ready, order
+    finally:
+        model.stop()
+        shared.shutdown()
 
 
 def test_frontends_serve_one_model(repository, capsys):
