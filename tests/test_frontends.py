@@ -154,6 +154,20 @@ def test_a_process_that_dies_ends_the_server(tiny_model_dir, tmp_path, role, nam
     stop_server(server)
 
 
+def test_a_server_that_does_not_stop_is_killed_with_every_process_it_started(tiny_model_dir, tmp_path):
+    """The harness's stop (tests, benchmarks, gpu-check): a supervisor that does not end on SIGTERM
+    (stopped here) is killed with the model's and the frontends' processes, not alone, which would
+    leave them running and holding their memory."""
+    server = start_server(tiny_model_dir, tmp_path / "server.log", ("--frontends", str(FRONTENDS)),
+                          env=TEST_SERVER_ENV)
+    children = child_pids(server.process.pid)
+    assert set(server.roles.values()) == {"supervisor", "model", "frontend"}
+    os.kill(server.process.pid, signal.SIGSTOP)
+    stop_server(server, timeout=1)
+    assert server.process.returncode == -signal.SIGKILL
+    assert_outlived_by_none(children)
+
+
 def test_a_taken_http_port_ends_the_server_and_its_model_process(tiny_model_dir, tmp_path):
     """The supervisor binds the HTTP port once the model's process is ready: taken, the server says
     so and exits 1, the model's process with it, rather than waiting on it forever."""

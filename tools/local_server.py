@@ -6,6 +6,7 @@ the same readiness check (`/v2/models/NAME/ready`) and the same stop (SIGTERM, a
 import itertools
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def start_server(model_dir: Path, log: Path, extra_args: Sequence[str] = (), env
                "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra_args]
     with open(log, "wb") as handle:
         process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
     server = Server(process, http_port, grpc_port, log, model_name)
     deadline = time.monotonic() + timeout
     try:
@@ -139,12 +140,15 @@ def start_server(model_dir: Path, log: Path, extra_args: Sequence[str] = (), env
         raise
 
 
-def stop_server(server: Server) -> None:
+def stop_server(server: Server, timeout: float = 30) -> None:
+    """SIGTERM, as the kubelet sends; a server not stopped after `timeout` s gets SIGKILL, with every
+    process it started (its own session: under --frontends, the supervisor killed alone would
+    leave the model's process holding its memory)."""
     server.process.terminate()
     try:
-        server.process.wait(timeout=30)
+        server.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        server.process.kill()
+        os.killpg(server.process.pid, signal.SIGKILL)
         server.process.wait()
 
 
