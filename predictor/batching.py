@@ -145,8 +145,10 @@ class WindowQueue:
                 ahead = (taken, self._stage(taken))
             (batch, staging), ahead = ahead, None
             try:
-                running = asyncio.get_running_loop().run_in_executor(self._thread, self._run, await staging,
-                                                                     len(batch))
+                staged = await staging
+                if all(job.abandoned for job, _ in batch):
+                    continue  # every request of it went away while it was staged: nothing to compute
+                running = asyncio.get_running_loop().run_in_executor(self._thread, self._run, staged, len(batch))
                 if self.passes.ahead:
                     ahead = await self._full_batch_during(running)
                 logits = await running

@@ -143,6 +143,30 @@ def test_requests_gone_while_a_pass_runs_are_not_staged_ahead():
     assert [p[0] for p in compute.passes] == [1, 4] and passes.staged == [[1], [4]]
 
 
+def test_a_batch_staged_ahead_whose_requests_all_went_away_is_not_computed():
+    """A full batch staged while a pass runs, then every one of its callers leaves: the GPU computes
+    nothing for them, and the next request is served."""
+    compute = Recording(hold_first=True)
+    passes = Passes(compute, ahead=True)
+    queue = WindowQueue(passes, max_batch_size=2, max_wait_s=0.0)
+    last = job(4, 1)
+
+    async def main():
+        first = asyncio.create_task(queue(job(1, 1)))
+        await asyncio.to_thread(compute.started.wait, 30)
+        gone = asyncio.create_task(queue(job(2, 2)))
+        while len(passes.staged) < 2:  # staged during the first pass
+            await asyncio.sleep(0.01)
+        gone.cancel()
+        compute.release.set()
+        await first
+        return await asyncio.wait_for(queue(last), 30)
+
+    torch.testing.assert_close(run(main()), logits_of(last))
+    assert passes.staged == [[1], [2, 2], [4]] and [p[0] for p in compute.passes] == [1, 4]
+    assert queue.waiting == 0
+
+
 def test_a_short_request_is_not_held_back_by_a_long_one():
     """Batch size 1: a 1-window request sent while a 20-window request runs is computed right after
     the pass in flight, and answered first."""
