@@ -119,33 +119,11 @@ def test_a_full_batch_waiting_is_staged_while_a_pass_runs_and_the_rest_waits_for
     assert passes.staged == compute.passes == [[1], [2, 3], [2]]
 
 
-def test_requests_gone_while_a_pass_runs_are_not_staged_ahead():
-    """Windows enough for a full batch, all of requests whose callers left during the pass: nothing
-    is staged for them, and a request after them is served."""
-    compute = Recording(hold_first=True)
-    passes = Passes(compute, ahead=True)
-    queue = WindowQueue(passes, max_batch_size=2, max_wait_s=0.0)
-    last = job(4, 1)
-
-    async def main():
-        first = asyncio.create_task(queue(job(1, 1)))
-        await asyncio.to_thread(compute.started.wait, 30)
-        gone = [asyncio.create_task(queue(job(tag, 2))) for tag in (2, 3)]
-        await asyncio.sleep(0)
-        for request in gone:
-            request.cancel()
-        await asyncio.sleep(0.05)
-        compute.release.set()
-        await first
-        return await asyncio.wait_for(queue(last), 30)
-
-    torch.testing.assert_close(run(main()), logits_of(last))
-    assert [p[0] for p in compute.passes] == [1, 4] and passes.staged == [[1], [4]]
-
-
-def test_a_batch_staged_ahead_whose_requests_all_went_away_is_not_computed():
-    """A full batch staged while a pass runs, then every one of its callers leaves: the GPU computes
-    nothing for them, and the next request is served."""
+@pytest.mark.parametrize("leave", ["before it is staged", "once it is staged"])
+def test_requests_gone_while_a_pass_runs_are_neither_staged_nor_computed(leave):
+    """A full batch arrives while a pass runs, and its callers leave: before it is staged, nothing is
+    staged for them; after, the batch staged is not computed. Either way the GPU computes nothing
+    for them, and a request after them is served."""
     compute = Recording(hold_first=True)
     passes = Passes(compute, ahead=True)
     queue = WindowQueue(passes, max_batch_size=2, max_wait_s=0.0)
@@ -155,16 +133,18 @@ def test_a_batch_staged_ahead_whose_requests_all_went_away_is_not_computed():
         first = asyncio.create_task(queue(job(1, 1)))
         await asyncio.to_thread(compute.started.wait, 30)
         gone = asyncio.create_task(queue(job(2, 2)))
-        while len(passes.staged) < 2:  # staged during the first pass
+        await asyncio.sleep(0)
+        while leave == "once it is staged" and len(passes.staged) < 2:
             await asyncio.sleep(0.01)
         gone.cancel()
+        await asyncio.sleep(0.05)
         compute.release.set()
         await first
         return await asyncio.wait_for(queue(last), 30)
 
     torch.testing.assert_close(run(main()), logits_of(last))
-    assert passes.staged == [[1], [2, 2], [4]] and [p[0] for p in compute.passes] == [1, 4]
-    assert queue.waiting == 0
+    assert [p[0] for p in compute.passes] == [1, 4] and queue.waiting == 0
+    assert passes.staged == ([[1], [4]] if leave == "before it is staged" else [[1], [2, 2], [4]])
 
 
 def test_a_short_request_is_not_held_back_by_a_long_one():
