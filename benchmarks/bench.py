@@ -877,6 +877,7 @@ def main() -> None:
     if args.rehearse and args.only != ["gpu"]:
         parser.error("--rehearse rehearses the GPU's section alone: give --only gpu")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    local_server.unwind_on_sigterm()  # a run cut short (timeout on a lent machine) stops its servers
     args.results.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     cpu = cpu_model()

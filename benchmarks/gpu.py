@@ -89,18 +89,20 @@ def describe(plan: Plan) -> str:
 def gpu_memory_mib(server: Server) -> str:
     """What nvidia-smi says the server's processes hold on the GPU (their whole contexts, not only
     tensors: with frontends, the model's process holds it, not the one started); where it lists
-    other PIDs (a container), the GPU's memory in use, every process's together."""
+    other PIDs (a container), the GPU's memory in use, every process's together. Never an error:
+    it comes after every measurement of a run."""
     try:
         listing = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=30).stdout
         pids = {str(pid) for pid in server.roles}
-        used = [int(line.split(",")[1]) for line in listing.splitlines() if line.split(",")[0].strip() in pids]
+        rows = [[part.strip() for part in line.split(",")] for line in listing.splitlines()]
+        used = [int(row[1]) for row in rows if len(row) > 1 and row[0] in pids and row[1].isdigit()]  # "[N/A]" on some
         if used:
             return str(sum(used))
         total = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
         return f"{total[0]} (all processes)" if total else "unknown"
-    except OSError:
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 

@@ -86,7 +86,11 @@ class AudioModelRepository(ModelRepository):
 
     async def _load(self, name: str) -> bool:
         model = self.model(name)
-        await asyncio.to_thread(model.load)
+        try:
+            await asyncio.to_thread(model.load)
+        except Exception:  # said here too: its caller may have stopped waiting
+            logger.exception("Loading model %s from the repository %s failed", name, self.models_dir)
+            raise
         self.update(model)
         logger.info("Loaded model %s from the repository %s", name, self.models_dir)
         return model.ready

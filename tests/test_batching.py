@@ -341,28 +341,40 @@ def test_a_model_unloaded_mid_pass_while_another_has_a_full_batch_waiting_keeps_
     held, other = Recording(hold_first=True), Recording()
     closing = WindowQueue(Passes(held, ahead=True), max_batch_size=2, max_wait_s=0.0, state=state,
                           forward_thread=shared)
-    busy = WindowQueue(Passes(other, ahead=True), max_batch_size=2, max_wait_s=0.0, state=state,
-                       forward_thread=shared)
+    busy_passes = Passes(other, ahead=True)
+    busy = WindowQueue(busy_passes, max_batch_size=2, max_wait_s=0.0, state=state, forward_thread=shared)
     jobs = [job(tag, 2) for tag in (2, 3, 4)]
 
     async def main():
         first = asyncio.create_task(closing(job(1, 1)))
         await asyncio.to_thread(held.started.wait, 30)  # its pass runs, held, holding the shared thread
-        rest = []
-        for windows in jobs:  # the first is taken, the second staged ahead, the third waits
-            rest.append(asyncio.create_task(busy(windows)))
-            await asyncio.sleep(0.05)
-        assert busy.waiting == 2 and closing.waiting == 0 and state.waiting == 2
-        closing.close()
-        await asyncio.sleep(0.05)  # the loop turns: a queue spinning on the other's windows would hold it
-        held.release.set()
+        try:
+            rest = []
+            for staged, windows in enumerate(jobs, start=1):  # the first is staged, the second staged ahead
+                rest.append(asyncio.create_task(busy(windows)))
+                while len(busy_passes.staged) < min(staged, 2) or busy.waiting < 2 * (staged == 3):
+                    await asyncio.sleep(0.01)  # and the third waits
+            assert busy.waiting == 2 and closing.waiting == 0 and state.waiting == 2
+            closing.close()
+            await asyncio.sleep(0.05)  # the loop turns: a queue spinning on the other's windows would hold it
+        finally:
+            held.release.set()
         return await first, await asyncio.gather(*rest)
 
     outcome: list = []
-    loop = threading.Thread(target=lambda: outcome.append(run(main())), daemon=True)
+
+    def serve() -> None:
+        try:
+            outcome.append(run(main()))
+        except BaseException as failure:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(failure)
+
+    loop = threading.Thread(target=serve, daemon=True)
     loop.start()
     loop.join(timeout=60)
     assert not loop.is_alive(), "the event loop is stuck"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
     first, rest = outcome[0]
     torch.testing.assert_close(first, logits_of(job(1, 1)))
     for windows, rows in zip(jobs, rest):

@@ -165,7 +165,8 @@ def test_a_model_loaded_beside_others_warms_up_in_turn_with_their_passes(reposit
                      forward_thread=shared)
     loading = threading.Thread(target=lambda: (model.load(), order.append("loaded")))
     loading.start()
-    loading.join(timeout=3)  # a tiny model: loaded by then, unless it waits for its turn
+    while loading.is_alive() and not shared._work_queue.qsize():  # its warm-up waits its turn, or it loaded
+        time.sleep(0.01)
     release.set()
     loading.join(timeout=60)
     try:

@@ -33,7 +33,6 @@ import argparse
 import base64
 import json
 import logging
-import signal
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ import torch
 from benchmarks.clients import Load, timed_clients
 from benchmarks.gpu import MULTI_CLIPS, ON_GPU, REHEARSAL, Plan, cosines, describe, gpu_memory_mib, model_alone
 from predictor.config import GPU_BATCH
-from tools.local_server import Server, serving
+from tools.local_server import Server, serving, unwind_on_sigterm
 from tools.random_ast import AUDIOSET_NUM_LABELS
 from tools.signals import encode, tone
 
@@ -140,7 +139,7 @@ def main() -> int:
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu-check: torch {torch.__version__} ({build}) sees no GPU here; nothing to check")
         return 0
-    signal.signal(signal.SIGTERM, stopped)
+    unwind_on_sigterm()  # the servers stop, their logs are kept under --out
     out = args.out or Path(tempfile.mkdtemp(prefix="ast-gpu-check-"))
     out.mkdir(parents=True, exist_ok=True)
     report = Report(describe(plan), out)
@@ -177,12 +176,6 @@ class Report:
     def add(self, **parts) -> None:
         self.results.update(parts)
         (self.out / "gpu-check.json").write_text(json.dumps(self.whole))
-
-
-def stopped(signum: int, _frame) -> None:
-    """SIGTERM (`timeout` ahead of a lent machine's own limit, which would kill outright): unwind, so
-    that the servers stop and their logs are kept under --out."""
-    raise SystemExit(128 + signum)
 
 
 def keep_logs(work: Path, out: Path) -> None:

@@ -3,6 +3,7 @@ benchmarks and the tools start the real server, so that each goes through the sa
 the same readiness check (`/v2/models/NAME/ready`) and the same stop (SIGTERM, as the kubelet sends).
 """
 
+import contextlib
 import itertools
 import os
 import re
@@ -12,11 +13,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import psutil
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -124,7 +125,7 @@ def start_server(model_dir: Path, log: Path, extra_args: Sequence[str] = (), env
                "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra_args]
     with open(log, "wb") as handle:
         process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+                                   env={**os.environ, **(env or {})})
     server = Server(process, http_port, grpc_port, log, model_name)
     deadline = time.monotonic() + timeout
     try:
@@ -140,19 +141,33 @@ def start_server(model_dir: Path, log: Path, extra_args: Sequence[str] = (), env
         raise
 
 
+def unwind_on_sigterm() -> None:
+    """SIGTERM (`timeout`'s, ahead of a lent machine's own limit, which kills outright) ends this
+    process by SystemExit, so that its `finally` blocks run: the servers it started stop, their logs
+    are kept, its temporary folders go."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def stop_server(server: Server, timeout: float = 30) -> None:
     """SIGTERM, as the kubelet sends; a server not stopped after `timeout` s gets SIGKILL, with every
-    process it started (its own session: under --frontends, the supervisor killed alone would
-    leave the model's process holding its memory)."""
+    process it started (under --frontends, the supervisor killed alone would leave the model's
+    process holding its memory). Servers stay in their caller's process group, so that a signal to
+    the group (`timeout`'s, a terminal's Ctrl-C) reaches them however the caller ends."""
     server.process.terminate()
     try:
         server.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
+        try:
+            started = psutil.Process(server.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:  # it ended just now
+            started = []
+        for process in [server.process, *started]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()
         server.process.wait()
 
 
-@contextmanager
+@contextlib.contextmanager
 def serving(model_dir: Path, log: Path, extra_args: Sequence[str] = (), **options) -> Iterator[Server]:
     """`start_server` for the length of a `with` block."""
     server = start_server(model_dir, log, extra_args, **options)
