@@ -62,9 +62,9 @@ class Windowing:
             raise ClientInputError(
                 f"clip is {samples} samples at {self.rate} Hz; AST needs at least {self.min_samples} (one 25 ms frame)"
             )
-        last = samples - self.min_samples  # a window must start early enough to hold one frame
-        starts = np.round(np.arange(self.count(samples, hop_seconds) + 1) * hop_seconds * self.rate).astype(np.int64)
-        return starts[starts <= last]
+        # Each start k x hop is at most samples - min_samples (`count`), so its window holds a frame;
+        # rounded, it stays there. The windows are the ones counted, budgeted and admitted.
+        return np.round(np.arange(self.count(samples, hop_seconds)) * hop_seconds * self.rate).astype(np.int64)
 
     def slices(self, waveform: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
         """Views into the waveform, one per window: no copies."""

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from predictor.errors import ClientInputError
 from predictor.windows import Windowing, aggregate, check_aggregate
@@ -43,10 +45,13 @@ def test_bad_hops_are_refused(hop):
         AUDIOSET.check_hop(hop)
 
 
-@pytest.mark.parametrize("samples", [400, 401, 163_840, 1_000_000])
-@pytest.mark.parametrize("hop", [1 / 16000, 1 / 3, 2.5, 10.24])
+@given(samples=st.integers(400, 2_000_000), hop=st.floats(1 / 16000, 10.24) | st.floats(1, 20).map(lambda n: n / 16000))
+@example(samples=401, hop=1.3 / 16000)  # a second start rounds down to the last one allowed
 def test_windows_are_counted_before_they_are_made(samples, hop):
-    assert AUDIOSET.count(samples, hop) == len(AUDIOSET.starts(samples, hop))
+    """What admission and the window limit count is what is computed (hops of fractional samples
+    included), and every window holds at least one frame."""
+    starts = AUDIOSET.starts(samples, hop)
+    assert AUDIOSET.count(samples, hop) == len(starts) and starts[-1] <= samples - 400 and starts[0] == 0
 
 
 def test_a_clip_shorter_than_a_frame_is_refused():
