@@ -36,12 +36,20 @@ def check_format(name: object) -> str:
 def explained(method: str, labels: list[str], scores: np.ndarray, relevance: np.ndarray, cells: occlusion.Grid,
               rate: int, mel_bins: int, features: Optional[np.ndarray] = None) -> list[dict]:
     """One object per label: label, score, method, times (s), bands_hz, relevance [times][bands],
-    and with `features` (the clip's (frames, bins) spectrogram) a base64 PNG of the map over it."""
+    and with `features` (the clip's (frames, bins) spectrogram) a base64 PNG of the map over it,
+    drawn once per distinct map (rollout's is every label's)."""
     times, bands = occlusion.times_s(cells, rate), occlusion.bands_hz(cells, mel_bins, rate)
+    drawn: dict[bytes, str] = {}
+
+    def png(drops: np.ndarray) -> str:
+        key = drops.tobytes()
+        if key not in drawn:
+            drawn[key] = base64.b64encode(picture(features, drops, cells)).decode()
+        return drawn[key]
+
     return [
         {"label": label, "score": float(score), "method": method, "times": times, "bands_hz": bands,
-         "relevance": drops.tolist(),
-         **({"png": base64.b64encode(picture(features, drops, cells)).decode()} if features is not None else {})}
+         "relevance": drops.tolist(), **({"png": png(drops)} if features is not None else {})}
         for label, score, drops in zip(labels, scores, relevance)
     ]
 

@@ -77,5 +77,6 @@ class Rollout:
 
                 logger.info("Loading the encoder with eager attention from %s, for explanations by rollout", self.source)
                 self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").eval()
-        with torch.inference_mode():
-            return rollout(self.encoder(input_values=features, output_attentions=True).attentions)
+        with torch.inference_mode():  # a clip at a time: every layer's attentions of a clip are held at once
+            return torch.cat([rollout(self.encoder(input_values=clip[None], output_attentions=True).attentions)
+                              for clip in features])

@@ -25,8 +25,9 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassificati
 from predictor import rollout
 from predictor.features import LogMelFilterbank
 from predictor.occlusion import grid
+from tools.local_server import serving
 
-from .conftest import encode, expected, assert_same_predictions, run_triton_grpc, tone
+from .conftest import TEST_SERVER_ENV, assert_same_predictions, encode, expected, run_triton_grpc, tone
 
 RATE = 16000
 TONE_HZ = 1000.0
@@ -130,6 +131,22 @@ def test_grpc_explain(server, reference, burst):
     [[element]] = result["explanation"]
     assert json.loads(element)["label"] == names[0] == result["label"][0][0]
     np.testing.assert_allclose(json.loads(element)["relevance"], drops[0], atol=1e-4, rtol=0)
+
+
+def test_pictures_past_grpcs_8_mib_come_back_over_grpc(tiny_model_dir, tmp_path):
+    """Explanations' pictures of a few clips make an answer past kserve's default gRPC send limit
+    (8 MiB): it comes back whole, as over REST, rather than refused once computed."""
+    noise = [encode((0.1 * np.random.default_rng(seed).standard_normal(10 * RATE)).astype(np.float32), RATE, "WAV",
+                    "FLOAT") for seed in range(10)]
+    with serving(tiny_model_dir, tmp_path / "server.log", env={**TEST_SERVER_ENV, "AST_MAX_CLIPS_PER_REQUEST": "10"}) \
+            as server:
+        result = run_triton_grpc({"url": server.grpc_url, "model": "ast",
+                                  "clips": [base64.b64encode(clip).decode() for clip in noise],
+                                  "parameters": {"explain": True, "explain_method": "rollout", "explain_format": "png",
+                                                 "top_k": 10}, "outputs": ["explanation"]})
+    assert "error" not in result, result
+    pictures = [json.loads(element)["png"] for row in result["explanation"] for element in row]
+    assert len(pictures) == 100 and sum(map(len, pictures)) > 8 << 20
 
 
 def test_png_is_the_spectrogram_with_the_map_over_it(server, burst):

@@ -107,8 +107,11 @@ class AudioModelServer(ModelServer):
         if repository_extension is not None:
             self.model_repository_extension = repository_extension
         self.dataplane = AudioDataPlane(model_registry=self.registered_models)
-        # kserve's GRPCServer takes its limits from kserve's own parse of the command line.
+        # kserve's GRPCServer takes its limits from kserve's own parse of the command line. Answers
+        # have none, as over REST (gRPC's own is 2 GiB): explanations' pictures pass kserve's 8 MiB
+        # default, which would refuse them once computed.
         model_server.args.grpc_max_receive_message_length = max_message_bytes
+        model_server.args.grpc_max_send_message_length = -1
         model_server.app.add_middleware(CancelOnDisconnect)
         model_server.app.add_middleware(BodyLimit, max_bytes=max_message_bytes)
         model_server.app.add_middleware(RequestIds)
