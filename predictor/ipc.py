@@ -108,6 +108,8 @@ class ModelService:
                     jobs[job].cancel()
         except ConnectionError:
             pass  # the frontend has gone, and with it every caller of its requests
+        except Exception:  # noqa: BLE001 - this connection ends (its frontend connects again); the others go on
+            logger.exception("A frontend's connection failed; closing it")
         finally:
             for task in list(jobs.values()):
                 task.cancel()
@@ -157,7 +159,10 @@ class RemoteQueue:
         writer.write(frame((RUN, job, [len(s) for s in sources], layout),
                            np.concatenate(sources).astype(np.float32, copy=False).tobytes()))
         try:
-            await writer.drain()
+            try:
+                await writer.drain()
+            except ConnectionError as exc:  # closed under it: the next request connects again
+                raise Overloaded("the model's process is not taking requests now", 1) from exc
             return await result
         except asyncio.CancelledError:
             if not writer.is_closing():
@@ -167,10 +172,15 @@ class RemoteQueue:
             self._pending.pop(job, None)
 
     async def _connect(self) -> asyncio.StreamWriter:
-        """One connection per frontend, made by the first request (the event loop is the server's)."""
+        """One connection per frontend, made by the first request (the event loop is the server's),
+        and again by the first after it closed."""
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(asyncio.open_unix_connection(self.path))
-        reader, writer = await asyncio.shield(self._connecting)
+        try:
+            reader, writer = await asyncio.shield(self._connecting)
+        except OSError as exc:
+            self._connecting = None  # the next request tries again
+            raise Overloaded("the model's process is not taking requests now", 1) from exc
         if self._writer is None:
             self._writer = writer
             asyncio.ensure_future(self._read(reader))
@@ -191,6 +201,7 @@ class RemoteQueue:
             logger.error("The model's process has closed its connection; failing the %d requests waiting for it",
                          len(self._pending))
         finally:
+            self._writer = self._connecting = None  # a later request connects again
             for result in self._pending.values():
                 if not result.done():
                     result.set_exception(Overloaded("the server is stopping: its model's process has ended", 1))

@@ -22,6 +22,7 @@ import torch
 
 from predictor.batching import WindowQueue
 from predictor.config import Config
+from predictor.errors import Overloaded
 from predictor.ipc import ModelService, RemoteQueue
 from predictor.queue_state import QueueState
 
@@ -210,6 +211,36 @@ def test_a_remote_request_goes_through_the_model_queue_and_a_dropped_one_is_not_
     torch.testing.assert_close(first, logits_of(job(1, 1)))
     torch.testing.assert_close(kept, logits_of(job(3, 1)))
     assert compute.passes == [[1.0], [3.0]]
+
+
+def test_a_frontend_connects_again_once_the_model_process_has_closed_its_connection(tmp_path):
+    """The channel closed under a frontend (the model's process ended one connection): while nothing
+    listens, its requests are a 503 (retry), not a 500; once the model's process listens, the next
+    request connects again and is answered."""
+    compute = Recording()
+    queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0)
+    channel = tmp_path / "model.sock"
+
+    async def main():
+        accepting = await ModelService(queue).serve(str(channel))
+        remote = RemoteQueue(str(channel), QueueState.local())
+        first = await remote(job(1, 1))
+        accepting.cancel()  # its connections close, and it listens no more
+        for _ in range(500):  # the frontend reads the end of its connection
+            if remote._writer is None:
+                break
+            await asyncio.sleep(0.01)
+        channel.unlink()
+        with pytest.raises(Overloaded, match="the model's process is not taking requests now"):
+            await remote(job(2, 1))
+        accepting = await ModelService(queue).serve(str(channel))
+        again = await asyncio.wait_for(remote(job(3, 1)), 30)
+        accepting.cancel()
+        return first, again
+
+    first, again = asyncio.run(main())
+    torch.testing.assert_close(first, logits_of(job(1, 1)))
+    torch.testing.assert_close(again, logits_of(job(3, 1)))
 
 
 def test_admission_in_one_process_sees_what_another_has_reserved():
