@@ -219,6 +219,20 @@ def test_a_patchs_relevance_lands_in_the_cells_it_covers():
     np.testing.assert_allclose(rollout.cell_relevance(torch.full((5 * 29,), 0.25), config, cells), 0.25, rtol=1e-6)
 
 
+def test_rollout_of_several_clips_is_each_clips_own(tiny_model_dir, burst):
+    """Clips are rolled out one at a time (every layer's attentions of a clip are held at once):
+    each clip's relevance is what its own pass of the encoder gives."""
+    extractor = ASTFeatureExtractor.from_pretrained(tiny_model_dir)
+    features = extractor([burst, tone(440, 3.0, RATE), burst[::-1].copy()], sampling_rate=RATE,
+                         return_tensors="pt").input_values
+    encoder = ASTModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    relevance = rollout.Rollout(str(tiny_model_dir), encoder.config)(features)
+    with torch.inference_mode():
+        for clip, row in zip(features, relevance):
+            own = rollout.rollout(encoder(input_values=clip[None], output_attentions=True).attentions)[0]
+            torch.testing.assert_close(row, own, atol=1e-6, rtol=0)
+
+
 def test_v1_explain_by_rollout(server, tiny_model_dir, burst):
     """One pass of transformers' encoder with eager attention: the map equals rollout over its own
     attentions, the same for every label."""
