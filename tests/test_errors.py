@@ -100,6 +100,9 @@ V2_CASES = {
                          "does not fit"),
     "waveform-rate-zero": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1000], "data": [0.0] * 1000,
                                         "parameters": {"sampling_rate": 0}}]}, "sampling_rate 0 Hz"),
+    "waveform-rate-huge": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1000], "data": [0.0] * 1000,
+                                        "parameters": {"sampling_rate": 1e300}}]},
+                           "sampling_rate 100000000000000005...6386865459400540160 Hz, outside"),  # not 301 digits
     "waveform-rate-string": ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 1000],
                                           "data": [0.0] * 1000, "parameters": {"sampling_rate": "fast"}}]},
                              "sampling_rate must be an integer"),

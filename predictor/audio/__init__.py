@@ -125,7 +125,7 @@ def check_sampling_rate(rate: object) -> int:
 
 def _check_rate_range(rate: int, what: str) -> None:
     if not MIN_SAMPLING_RATE <= rate <= MAX_SAMPLING_RATE:
-        raise ClientInputError(f"{what} {rate} Hz, outside {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz")
+        raise ClientInputError(f"{what} {shown(rate)} Hz, outside {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz")
 
 
 __all__ = ["Clip", "SampleBudget", "Source", "Target", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]
