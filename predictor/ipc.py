@@ -31,6 +31,8 @@ from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
 
+NOT_TAKING = "the model's process is not taking requests now"  # no connection to it: a 503
+
 FRAME = struct.Struct("!II")  # header bytes, payload bytes
 RUN, DROP, LOGITS, FAILED = "run", "drop", "logits", "failed"
 Layout = list[tuple[int, Optional[tuple[tuple[int, int], tuple[int, int]]]]]
@@ -162,7 +164,7 @@ class RemoteQueue:
             try:
                 await writer.drain()
             except ConnectionError as exc:  # closed under it: the next request connects again
-                raise Overloaded("the model's process is not taking requests now", 1) from exc
+                raise Overloaded(NOT_TAKING, 1) from exc
             return await result
         except asyncio.CancelledError:
             if not writer.is_closing():
@@ -180,7 +182,7 @@ class RemoteQueue:
             reader, writer = await asyncio.shield(self._connecting)
         except OSError as exc:
             self._connecting = None  # the next request tries again
-            raise Overloaded("the model's process is not taking requests now", 1) from exc
+            raise Overloaded(NOT_TAKING, 1) from exc
         if self._writer is None:
             self._writer = writer
             asyncio.ensure_future(self._read(reader))

@@ -7,6 +7,7 @@ espeak-ng (speech) and numpy (tones, noise), and written to each container by so
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -127,6 +128,13 @@ def metric(server, name: str) -> float:
         if line.startswith(f"{name} "):
             return float(line.split()[1])
     raise AssertionError(f"no {name} on /metrics")
+
+
+def assert_every_logger_ended(logged: str) -> None:
+    """Every process that wrote a line of this log (the server's format puts its pid third) has
+    ended: none left behind holding memory or ports."""
+    pids = {int(pid) for pid in re.findall(r"^\S+ \S+ (\d+) ", logged, re.MULTILINE)}
+    assert pids and not [pid for pid in pids if Path(f"/proc/{pid}").exists()], pids
 
 
 def raw_http(server, head: bytes, chunks=()) -> bytes:

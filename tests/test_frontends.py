@@ -6,7 +6,6 @@ windows; SIGTERM drains, and a process that dies ends the server."""
 import asyncio
 import base64
 import os
-import re
 import signal
 import socket
 import threading
@@ -26,7 +25,8 @@ from predictor.errors import Overloaded
 from predictor.ipc import ModelService, RemoteQueue
 from predictor.queue_state import QueueState
 
-from .conftest import TEST_SERVER_ENV, assert_same_predictions, encode, expected, metric, start_server, stop_server, tone
+from .conftest import (TEST_SERVER_ENV, assert_every_logger_ended, assert_same_predictions, encode, expected, metric,
+                       start_server, stop_server, tone)
 from .test_batching import Passes, Recording, job, logits_of
 from .test_grpc import kserve_grpc_infer, outputs_of
 
@@ -178,8 +178,7 @@ def test_a_taken_http_port_ends_the_server_and_its_model_process(tiny_model_dir,
                          http_port=taken.getsockname()[1], timeout=90)
     logged = (tmp_path / "server.log").read_text()
     assert "Address already in use" in logged, logged[-2000:]
-    pids = {int(pid) for pid in re.findall(r"^\S+ \S+ (\d+) ", logged, re.MULTILINE)}  # the model process logged
-    assert pids and not [pid for pid in pids if Path(f"/proc/{pid}").exists()], pids
+    assert_every_logger_ended(logged)  # the model's process logged
 
 
 # ---- the channel between the processes, in one event loop ------------------------------------

@@ -3,7 +3,6 @@ its rehearsal on the CPU runs every step of the GPU's run; the bench clients it 
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from benchmarks.gpu import gpu_memory_mib
 from predictor.config import GPU_BATCH
 from tools.local_server import Server
 
-from .conftest import REPO, metric
+from .conftest import REPO, assert_every_logger_ended, metric
 
 
 def scratch(tmp_path: Path) -> Path:
@@ -88,9 +87,7 @@ def test_gpu_check_stopped_by_sigterm_stops_its_servers_and_keeps_their_logs(tmp
     assert (tmp_path / "cpu.log").stat().st_size > 0 and (tmp_path / "gpu.log").exists()
     partial = tmp_path / "gpu-check.json"  # what was checked before the stop, if anything was
     assert not partial.exists() or json.loads(partial.read_text())["complete"] is False
-    logged = "".join(log.read_text() for log in tmp_path.glob("*.log"))  # every server started until then
-    pids = [int(pid) for pid in re.findall(r"^\S+ \S+ (\d+) ", logged, re.MULTILINE)]
-    assert pids and not [pid for pid in set(pids) if Path(f"/proc/{pid}").exists()], pids
+    assert_every_logger_ended("".join(log.read_text() for log in tmp_path.glob("*.log")))  # every server until then
     assert not serving_from(temp), "a server started from the run's model is still running"
     assert not ours(temp), "the model and engine files are left behind"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (no network, no make; docs/development.md): gpu-check ("check") or the
 # bench's GPU section ("bench"), their results and logs in $OUT, under `timeout` ahead of the
-# machine's own 600 s limit, which kills outright (gpu-check unwinds on timeout's SIGTERM). First,
+# machine's own 600 s limit, which kills outright (both unwind on timeout's SIGTERM). First,
 # where the Python lacks them, the wheels carried in .whl (make gpu-wheels) are installed, once a
 # machine. Further arguments go to the run (--rehearse: the same on the CPU, as the tests run it).
 set -euo pipefail
