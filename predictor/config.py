@@ -150,6 +150,10 @@ class Config:
     explain_max_cells: int = setting(
         48, "Explanations by occlusion: most cells per clip, each a masked copy of the clip's window through the "
         "model (cells that are digital silence cost nothing): the cost of an explanation in windows.", positive(int))
+    explain_max_pictures: int = setting(
+        64, "Explanations as pictures (explain_format png): most pictures one request may ask for, clips x top_k; "
+        "each is drawn on the host and carried in the answer as a base64 PNG of a pixel per frame and mel bin.",
+        positive(int))
     log_format: str = setting("text", "text: kserve's log lines; json: one JSON object per line (time, level, logger, "
                               "message, and request_id while a request is handled). A --log_config_file wins over it.",
                               choices=LOG_FORMATS)

@@ -33,6 +33,17 @@ def check_format(name: object) -> str:
     return name  # type: ignore[return-value]
 
 
+def check_pictures(clips: int, top_k: int, most: int) -> None:
+    """An answer carries a picture per clip and label explained (rollout's map is every label's,
+    drawn once, but each label carries it): each a PNG of a pixel per frame and mel bin in base64,
+    and drawing them is host work admission does not count. Refused before anything is opened past `most`."""
+    if clips * top_k > most:
+        raise ClientInputError(
+            f"explain_format png answers a picture for each clip and label explained: this request asks for "
+            f"{clips} clips x top_k {top_k} = {clips * top_k}, and this server draws at most {most} per request "
+            "(--explain_max_pictures): ask for fewer labels (top_k) or clips, or explain_format json")
+
+
 def explained(method: str, labels: list[str], scores: np.ndarray, relevance: np.ndarray, cells: occlusion.Grid,
               rate: int, mel_bins: int, features: Optional[np.ndarray] = None) -> list[dict]:
     """One object per label: label, score, method, times (s), bands_hz, relevance [times][bands],

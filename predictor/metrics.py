@@ -59,6 +59,8 @@ STAGE_SECONDS = Histogram(
     "ast_stage_seconds", "Time per step: decode (a request's clips to 16 kHz mono), features (the filterbank "
     "of a forward pass's windows), model (the engine's forward pass)", ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+STAGE_SECONDS.labels("decode")  # at 0 before the first request, as the unlabelled series are (a pass's stages
+# depend on the device: they appear with the first pass, the warm-up's)
 BATCH_WINDOWS = Histogram("ast_batch_windows", "Windows per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 WINDOW_WAIT_SECONDS = Histogram(
     "ast_window_wait_seconds", "Time from a request reaching the model's queue to the pass that takes each of its "

@@ -41,7 +41,7 @@ from .features import HOP_LENGTH, LogMelFilterbank
 from .ipc import RemoteQueue
 from .passes import BatchedPass, CpuPass, Pass
 from .protocol.requests import parse
-from .protocol.responses import ClipResult, Ranked, Segments, respond
+from .protocol.responses import ClipResult, Ranked, Segments, check_padded_segments, respond
 from .queue_state import QueueState
 from .rollout import Rollout
 
@@ -111,6 +111,7 @@ class ASTModel(Model):
         self.target: Optional[audio.Target] = None
         self.windowing: Optional[windows.Windowing] = None
         self.num_labels = 0
+        self.hidden_size = 0
         self.id2label: dict[int, str] = {}
         self.rollout: Optional[Rollout] = None
         self.default_top_k = config.top_k
@@ -128,6 +129,7 @@ class ASTModel(Model):
         self.target = audio.Target(rate, config.max_audio_seconds, config.max_channels)
         self.windowing = windows.Windowing.of(self.filterbank)
         self.num_labels = model_config.num_labels
+        self.hidden_size = model_config.hidden_size
         self.id2label = {int(k): v for k, v in model_config.id2label.items()}
         self.rollout = Rollout(source, model_config)
         self.default_function = config.function_to_apply or labels.default_function(model_config.problem_type,
@@ -208,11 +210,13 @@ class ASTModel(Model):
         decoding pool) and refuse what the limits or the wait forbid; then decode."""
         request = parse(payload, self.config.max_clips_per_request)
         options = self._options(request.parameters, explaining=EXPLAINING.get())
+        if options.explain and options.explain_format == "png":
+            explanations.check_pictures(len(request.clips), options.top_k, self.config.explain_max_pictures)
         self.admission.check()
         sources = await self._pooled(self._open, request.clips,
                                      abandoned=lambda done: done.cancelled() or done.exception() or _close(done.result()))
         try:
-            cost = self._check_windows([self._declared(s) for s in sources], options)
+            cost = self._check_windows([self._declared(s) for s in sources], request, options)
             self.admission.check(cost)
         except (ClientInputError, Overloaded):
             _close(sources)
@@ -220,7 +224,7 @@ class ASTModel(Model):
         with self.admission.counted(cost), metrics.STAGE_SECONDS.labels("decode").time():
             waveforms = await self._pooled(self._decode, sources,  # which closes them, once it runs
                                            abandoned=lambda done: done.cancelled() and _close(sources))
-        self._check_windows([len(w) for w in waveforms], options)
+        self._check_windows([len(w) for w in waveforms], request, options)
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
         return Work(
             request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
@@ -359,11 +363,17 @@ class ASTModel(Model):
         one window until decoded."""
         return 0 if source.frames is None else round(source.frames / source.rate * self.target.rate)
 
-    def _check_windows(self, lengths: list[int], options: Options) -> int:
+    def _check_windows(self, lengths: list[int], request: protocol.AudioRequest, options: Options) -> int:
         """The request's windows (with explain, each clip's masked copies too, at most), refused past
-        the limit before they are made. A length of 0 is a clip whose header did not say."""
+        the limit before they are made, and a V2 answer's padded segments past theirs. A length of
+        0 is a clip whose header did not say."""
         hop_seconds = options.hop_seconds
-        count = sum(max(1, self.windowing.count(length, hop_seconds)) for length in lengths)
+        per_clip = [max(1, self.windowing.count(length, hop_seconds)) for length in lengths]
+        count = sum(per_clip)
+        if options.return_segments and request.v2 is not None:
+            hidden = self.hidden_size if options.return_embedding else 0
+            check_padded_segments(per_clip, options.top_k + hidden,
+                                  self.config.max_windows_per_request * (self.num_labels + hidden))
         copies = 0
         if options.explain:
             if count > len(lengths):

@@ -133,20 +133,27 @@ def test_grpc_explain(server, reference, burst):
     np.testing.assert_allclose(json.loads(element)["relevance"], drops[0], atol=1e-4, rtol=0)
 
 
-def test_pictures_past_grpcs_8_mib_come_back_over_grpc(tiny_model_dir, tmp_path):
+def test_pictures_past_grpcs_8_mib_come_back_over_grpc_up_to_their_limit(tiny_model_dir, tmp_path):
     """Explanations' pictures of a few clips make an answer past kserve's default gRPC send limit
-    (8 MiB): it comes back whole, as over REST, rather than refused once computed."""
+    (8 MiB): it comes back whole, as over REST, rather than refused once computed. A picture more
+    than --explain_max_pictures is refused before anything is opened, naming the limit."""
     noise = [encode((0.1 * np.random.default_rng(seed).standard_normal(10 * RATE)).astype(np.float32), RATE, "WAV",
-                    "FLOAT") for seed in range(10)]
-    with serving(tiny_model_dir, tmp_path / "server.log", env={**TEST_SERVER_ENV, "AST_MAX_CLIPS_PER_REQUEST": "10"}) \
-            as server:
-        result = run_triton_grpc({"url": server.grpc_url, "model": "ast",
-                                  "clips": [base64.b64encode(clip).decode() for clip in noise],
-                                  "parameters": {"explain": True, "explain_method": "rollout", "explain_format": "png",
-                                                 "top_k": 10}, "outputs": ["explanation"]})
+                    "FLOAT") for seed in range(11)]
+    env = {**TEST_SERVER_ENV, "AST_MAX_CLIPS_PER_REQUEST": "11", "AST_EXPLAIN_MAX_PICTURES": "99"}
+    with serving(tiny_model_dir, tmp_path / "server.log", env=env) as server:
+        def explain(clips: list[bytes], top_k: int) -> dict:
+            return run_triton_grpc({"url": server.grpc_url, "model": "ast",
+                                    "clips": [base64.b64encode(clip).decode() for clip in clips],
+                                    "parameters": {"explain": True, "explain_method": "rollout", "explain_format": "png",
+                                                   "top_k": top_k}, "outputs": ["explanation"]})
+
+        refused = explain([b"not audio"] * 11, 10)  # refused for its pictures: nothing was opened
+        assert refused.get("error_code") == "StatusCode.INVALID_ARGUMENT", refused
+        assert "11 clips x top_k 10 = 110, and this server draws at most 99 per request" in refused["error"]
+        result = explain(noise, 9)
     assert "error" not in result, result
     pictures = [json.loads(element)["png"] for row in result["explanation"] for element in row]
-    assert len(pictures) == 100 and sum(map(len, pictures)) > 8 << 20
+    assert len(pictures) == 99 and sum(map(len, pictures)) > 8 << 20
 
 
 def test_png_is_the_spectrogram_with_the_map_over_it(server, burst):

@@ -17,6 +17,7 @@ import pytest
 import requests
 import soundfile as sf
 import tritonclient.http as triton_http
+from transformers import ASTConfig
 from tritonclient.utils import InferenceServerException
 
 from predictor import audio
@@ -179,6 +180,56 @@ def test_v2_segments_over_grpc_with_tritonclient(long_server, tiny_pipeline, une
                               "parameters": {"return_segments": True, "top_k": 2}})
     assert "error" not in result, result
     check_v2_segments(result, uneven_clips, tiny_pipeline, 2)
+
+
+def test_a_fractional_hop_from_tritonclient_grpc(long_server, three_parts):
+    """tritonclient.grpc sends a Python float as Triton's double_param, a field kserve's gRPC
+    protocol lacks: it is read, not dropped (which answered at the default hop, saying nothing)."""
+    result = run_triton_grpc({"url": long_server.grpc_url, "model": "ast",
+                              "clips": [b64(encode(three_parts, RATE, "WAV", "FLOAT"))],
+                              "parameters": {"return_segments": True, "hop_seconds": 2.5, "top_k": 3}})
+    assert "error" not in result, result
+    [answer] = v1(long_server, [three_parts], return_segments=True, hop_seconds=2.5, top_k=3)
+    np.testing.assert_allclose(result["segment_start"][0], [s["start"] for s in answer["segments"]], rtol=1e-6)
+    assert result["segment_label"][0] == [[p["label"] for p in s["labels"]] for s in answer["segments"]]
+
+
+def test_v2_segments_padded_past_the_largest_unpadded_answer_are_refused(long_server, three_parts, tiny_model_dir):
+    """V2 pads every clip's segments to the clip with most windows. One 30.72 s clip at a hop of
+    0.5 s beside four 1 s clips is within the 100 windows a request may cost, but padded, at every
+    label, it would hold more values than 100 unpadded segments at every label: refused from the
+    headers, before decoding, over REST and gRPC. Fewer labels, or V1 (not padded), are answered."""
+    clips = [three_parts, *(tone(300 + 100 * i, 1.0, RATE) for i in range(4))]
+    encoded = [b64(encode(c, RATE, "WAV", "PCM_16")) for c in clips]
+    [long, *_] = v1(long_server, clips, hop_seconds=0.5, return_segments=True, top_k=ALL)
+    windows, most = len(long["segments"]), 100 * ALL
+    fewer = most // (5 * windows)  # the most labels whose padded answer fits
+    assert 1 <= fewer < ALL and windows + 4 <= 100
+
+    def v2_json(top_k: int, **extra) -> requests.Response:
+        body = {"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [5], "data": encoded}],
+                "parameters": {"return_segments": True, "hop_seconds": 0.5, "top_k": top_k, **extra}}
+        return requests.post(long_server.infer_url, json=body, timeout=120)
+
+    message = f"5 clips x {windows} segments x {ALL} values = {5 * windows * ALL}, and this server answers at most {most}"
+    before = decodes_begun(long_server)
+    refused = v2_json(ALL)
+    assert refused.status_code == 400 and message in refused.json()["error"], refused.text
+    over_grpc = run_triton_grpc({"url": long_server.grpc_url, "model": "ast", "clips": encoded,
+                                 "parameters": {"return_segments": True, "hop_seconds": 0.5, "top_k": ALL}})
+    assert over_grpc["error_code"] == "StatusCode.INVALID_ARGUMENT" and message in over_grpc["error"], over_grpc
+    assert decodes_begun(long_server) == before
+    # Each segment's embedding counts too, against 100 unpadded segments' labels and embeddings.
+    hidden = ASTConfig.from_pretrained(tiny_model_dir).hidden_size
+    assert 5 * windows * (1 + hidden) > 100 * (ALL + hidden)
+    with_embeddings = v2_json(1, return_embedding=True)
+    assert with_embeddings.status_code == 400, with_embeddings.text
+    assert f"5 clips x {windows} segments x {1 + hidden} values" in with_embeddings.json()["error"]
+    assert v2_json(fewer + 1).status_code == 400
+    answered = v2_json(fewer)
+    assert answered.status_code == 200, answered.text
+    shapes = {o["name"]: o["shape"] for o in answered.json()["outputs"]}
+    assert shapes["segment_label"] == [5, windows, fewer]
 
 
 def test_ten_minutes_over_grpc_and_v1(long_server, tiny_pipeline, tmp_path):

@@ -8,11 +8,13 @@ parse that extension here and keep the bytes (`parse_binary_extension`).
 import base64
 import binascii
 import struct
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 import numpy as np
 import orjson
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
+from google.protobuf.unknown_fields import UnknownFieldSet
+from kserve.protocol.grpc.grpc_predict_v2_pb2 import InferParameter
 from kserve.protocol.infer_type import InferInput, InferRequest, deserialize_bytes_tensor, to_http_parameters
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from kserve.utils.numpy_codec import to_np_dtype
@@ -72,11 +74,11 @@ def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
         _check_count(tensor.shape[0] if len(tensor.shape) > 1 or tensor.name == AUDIO_INPUT else 1, max_clips)
     if tensor.name not in INPUT_PARAMETERS:
         raise ClientInputError(f"unknown input {shown(tensor.name)}; inputs are '{AUDIO_INPUT}' and '{WAVEFORM_INPUT}'")
-    input_parameters = to_http_parameters(tensor.parameters or {})
+    input_parameters = _http_parameters(tensor.parameters or {})
     unknown = set(input_parameters) - set(INPUT_PARAMETERS[tensor.name])
     if unknown:
         raise ClientInputError(f"unknown parameter(s) {shown(sorted(unknown))} on input '{tensor.name}'")
-    request_parameters = to_http_parameters(request.parameters or {})
+    request_parameters = _http_parameters(request.parameters or {})
     parameters = _model_parameters(request_parameters, PROTOCOL_PARAMETERS + (RATE_PARAMETER,))
     if request.from_grpc:
         parameters = _grpc_numbers(parameters)
@@ -97,9 +99,29 @@ def _parse_v2(request: InferRequest, max_clips: int) -> AudioRequest:
     return AudioRequest(clips=clips, parameters=parameters, v2=request)
 
 
+# Triton's InferParameter fields that kserve's lacks: (field number, protobuf wire type) → value.
+TRITON_PARAMETERS = {(4, 1): lambda bits: struct.unpack("<d", struct.pack("<Q", bits))[0],  # double_param
+                     (5, 0): lambda value: value}  # uint64_param
+
+
+def _http_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """kserve's `to_http_parameters`, and the parameters it drops: tritonclient.grpc sends a
+    Python float as Triton's double_param, which kserve's InferParameter (bool, int64, string) does
+    not have, so it arrives as an unknown field and `hop_seconds=2.5` would vanish, answered at the
+    default hop. Read from the unknown fields here."""
+    converted = to_http_parameters(parameters)
+    for key, value in parameters.items():
+        if isinstance(value, InferParameter) and key not in converted:
+            for unknown in UnknownFieldSet(value):
+                read = TRITON_PARAMETERS.get((unknown.field_number, unknown.wire_type))
+                if read is not None:
+                    converted[key] = read(unknown.data)
+    return converted
+
+
 def _grpc_numbers(parameters: dict) -> dict:
-    """kserve's gRPC InferParameter holds bool, int64 or string, no double: there a fractional
-    hop_seconds can only come as text ("2.5"), so it is read as a number."""
+    """kserve's own gRPC client has no double either (it refuses a float): there a fractional
+    hop_seconds comes as text ("2.5"), so it is read as a number."""
     hop = parameters.get("hop_seconds")
     if isinstance(hop, str):
         try:

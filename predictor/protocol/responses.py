@@ -12,6 +12,7 @@ import json
 import numpy as np
 from kserve.protocol.infer_type import InferOutput, InferResponse
 
+from ..errors import ClientInputError
 from . import (EMBEDDING_OUTPUT, EXPLANATION_OUTPUT, LABEL_OUTPUT, OUTPUT_TYPES, SCORE_OUTPUT, SEGMENT_EMBEDDING_OUTPUT,
                SEGMENT_END_OUTPUT, SEGMENT_LABEL_OUTPUT, SEGMENT_SCORE_OUTPUT, SEGMENT_START_OUTPUT, AudioRequest)
 
@@ -100,6 +101,22 @@ def _v1_prediction(result: ClipResult) -> Union[list, dict]:
 
 def _v1_labels(ranked: Ranked) -> list[dict]:
     return [{"label": label, "score": float(score)} for label, score in zip(ranked.labels, ranked.scores)]
+
+
+def check_padded_segments(windows: list[int], values: int, most: int) -> None:
+    """A V2 answer's segments are tensors padded to the clip with most windows, so one long clip
+    among many short ones multiplies the answer: 64 clips, one of them 177 windows, at every label
+    would be 6M strings, whose encoding holds the event loop for seconds. Refused, before anything
+    is decoded, past `most` values (what an unpadded answer within the request limits may hold);
+    `values`: each segment's (top_k labels and scores, and its embedding if asked for)."""
+    padded = len(windows) * max(windows) * values
+    if padded > most:
+        raise ClientInputError(
+            f"V2 pads every clip's segments to the most windows of any clip: this request's segment outputs would "
+            f"hold {len(windows)} clips x {max(windows)} segments x {values} values = {padded}, and this server "
+            f"answers at most {most}, what --max_windows_per_request unpadded segments at every label hold: send the "
+            "long clips in a request of their own, ask for fewer labels (top_k), or use V1, whose segments are not "
+            "padded")
 
 
 def _segment_outputs(segments: list[Segments]) -> list[InferOutput]:
