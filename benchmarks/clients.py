@@ -82,6 +82,18 @@ def timed_clients(load: Load, processes: int = 0) -> dict:
             "first_failure": failed[0] if failed else None, "client_processes": processes}
 
 
+def single_clips(protocol: str, address: str, clip: bytes, concurrency: int, seconds: float,
+                 half_load: bool = True) -> list[dict]:
+    """Single-clip requests, closed loop at `concurrency`; then (`half_load`) offered open loop at
+    half the rate answered: the latency a server sees at half its load. Nothing answered, there is
+    no half of it to offer."""
+    runs = [timed_clients(Load(protocol, address, (clip,), concurrency, seconds))]
+    if half_load and runs[0]["requests"]:
+        runs.append(timed_clients(Load(protocol, address, (clip,), concurrency, seconds,
+                                       rate=runs[0]["requests_per_s"] / 2)))
+    return runs
+
+
 def _spawn() -> tuple[subprocess.Popen, BinaryIO]:
     """A client process, and the pipe it answers on."""
     read, write = os.pipe()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.clients import SECONDS, Load, timed_clients
+from benchmarks.clients import SECONDS, Load, single_clips, timed_clients
 from predictor.cpu import cpu_model_name
 from tools.local_server import Server
 from tools.random_ast import AUDIOSET_INPUT, save_random_ast
@@ -170,11 +170,9 @@ def server_rows(server: Server, clip: bytes, recording: bytes, windows: int, pla
     """The default server over V2 binary REST and gRPC; what it holds on the GPU after."""
     results, seconds = {}, plan.bench_seconds
     for protocol, address in (("V2 binary REST", ("v2", server.url)), ("V2 gRPC", ("grpc", server.grpc_url))):
-        single = timed_clients(Load(*address, (clip,), plan.concurrency, seconds))
-        results[protocol] = {"single clips": {**single, "clips_per_s": single["requests_per_s"]}}
-        if single["requests"]:  # nothing answered: no half of it to offer
-            half = timed_clients(Load(*address, (clip,), plan.concurrency, seconds, rate=single["requests_per_s"] / 2))
-            results[protocol]["single clips at half that load"] = {**half, "clips_per_s": half["requests_per_s"]}
+        runs = single_clips(*address, clip, plan.concurrency, seconds)
+        results[protocol] = {name: {**run, "clips_per_s": run["requests_per_s"]}
+                             for name, run in zip(("single clips", "single clips at half that load"), runs)}
         multi = timed_clients(Load(*address, (clip,) * MULTI_CLIPS, plan.multi_concurrency, seconds))
         long_ = timed_clients(Load(*address, (recording,), plan.long_concurrency, seconds))
         results[protocol].update({

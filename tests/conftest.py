@@ -121,13 +121,14 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
     assert still_alive, f"the server died during the tests:\n{running.log.read_text()[-4000:]}"
 
 
-def metric(server, name: str) -> float:
-    """One of the server's own series (Prometheus, on kserve's /metrics), by its name and labels as
-    the exposition writes them: `ast_queued_windows`, `ast_stage_seconds_count{stage="decode"}`."""
-    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name} on /metrics")
+def metric(server: Server, name: str, **labels: str) -> float:
+    """One of the server's own series (Prometheus, on kserve's /metrics), by its name and labels:
+    `metric(server, "ast_stage_seconds_count", stage="decode")`."""
+    samples = server.samples()
+    key = (name, tuple(sorted(labels.items())))
+    if key not in samples:
+        raise AssertionError(f"no {name} {labels or ''} on /metrics")
+    return samples[key]
 
 
 def assert_every_logger_ended(logged: str) -> None:

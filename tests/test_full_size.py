@@ -111,11 +111,11 @@ MAX_QUEUE_SECONDS = Config().max_queue_seconds / 3
 
 def model_seconds(server) -> tuple[float, float]:
     """The engine's passes so far: (seconds in all, count)."""
-    return (metric(server, 'ast_stage_seconds_sum{stage="model"}'), metric(server, 'ast_stage_seconds_count{stage="model"}'))
+    return (metric(server, "ast_stage_seconds_sum", stage="model"), metric(server, "ast_stage_seconds_count", stage="model"))
 
 
 def decodes(server) -> float:
-    return metric(server, 'ast_stage_seconds_count{stage="decode"}')
+    return metric(server, "ast_stage_seconds_count", stage="decode")
 
 
 @pytest.fixture

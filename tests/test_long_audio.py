@@ -271,7 +271,7 @@ def test_bad_long_audio_parameters(long_server, three_parts, parameters, message
 
 
 def decodes_begun(server) -> float:
-    return metric(server, 'ast_stage_seconds_count{stage="decode"}')
+    return metric(server, "ast_stage_seconds_count", stage="decode")
 
 
 def test_the_request_sample_budget_refuses_before_decoding(long_server):

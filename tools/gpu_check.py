@@ -43,7 +43,7 @@ import numpy as np
 import requests
 import torch
 
-from benchmarks.clients import Load, timed_clients
+from benchmarks.clients import Load, single_clips, timed_clients
 from benchmarks.gpu import MULTI_CLIPS, ON_GPU, REHEARSAL, Plan, cosines, describe, gpu_memory_mib, model_alone
 from predictor.config import GPU_BATCH
 from tools.local_server import Server, serving, unwind_on_sigterm
@@ -102,12 +102,10 @@ def bench(gpu: Server, plan: Plan, multi: bool = True) -> dict:
     single clips offered open loop at half the rate it answered (the latency at half load), and
     32-clip requests. `failed`: failures other than 503s, which are counted apart (`refused_503`)."""
     clip, seconds = clips()["noise"], plan.check_seconds
-    runs = [timed_clients(Load("v2", gpu.url, (clip,), plan.concurrency, seconds))]
+    runs = single_clips("v2", gpu.url, clip, plan.concurrency, seconds, half_load=multi)
     speed = {"precision": gpu.precision, "single_clips_per_s": runs[0]["requests_per_s"],
              "single_p50_ms": runs[0]["p50_ms"], "single_p99_ms": runs[0]["p99_ms"]}
-    if multi and runs[0]["requests"]:  # nothing answered: no half of it to offer
-        runs.append(timed_clients(Load("v2", gpu.url, (clip,), plan.concurrency, seconds,
-                                       rate=speed["single_clips_per_s"] / 2)))
+    if len(runs) > 1:  # at half load too: then 32-clip requests
         runs.append(timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, plan.multi_concurrency, seconds)))
         speed.update(half_load_clips_per_s=runs[1]["requests_per_s"], half_load_p50_ms=runs[1]["p50_ms"],
                      half_load_p99_ms=runs[1]["p99_ms"], multi_clips_per_s=runs[2]["requests_per_s"] * MULTI_CLIPS,
