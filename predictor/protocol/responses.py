@@ -7,9 +7,8 @@ outputs are always serialised to raw bytes here, before kserve sees them.
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import json
-
 import numpy as np
+import orjson
 from kserve.protocol.infer_type import InferOutput, InferResponse
 
 from ..errors import ClientInputError
@@ -63,7 +62,7 @@ def respond(request: AudioRequest, model_name: str, results: list[ClipResult]) -
         outputs += _segment_outputs([r.segments for r in results])
     if results[0].explanations is not None:
         outputs.append(_output(EXPLANATION_OUTPUT, np.array(
-            [[json.dumps(e, separators=(",", ":")) for e in r.explanations] for r in results], dtype=np.object_)))
+            [[orjson.dumps(e).decode() for e in r.explanations] for r in results], dtype=np.object_)))
     if request.v2.request_outputs:
         wanted = {o.name for o in request.v2.request_outputs}
         outputs = [o for o in outputs if o.name in wanted]
