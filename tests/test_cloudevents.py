@@ -4,6 +4,7 @@ answered as CloudEvents with the same predictions as a plain V1 request."""
 import base64
 import json
 
+import pytest
 import requests
 
 from .conftest import encode, tone
@@ -34,12 +35,13 @@ def test_binary_cloudevent_with_audio_data(server):
     assert answer.json()["predictions"] == plain_predictions(server)
 
 
-def test_structured_cloudevent(server):
+@pytest.mark.parametrize("content_type", ["application/cloudevents+json", "application/cloudevents+json; charset=utf-8"])
+def test_structured_cloudevent(server, content_type):
     event = {"specversion": "1.0", "id": "event-2", "source": "urn:test", "type": "audio.recorded",
              "datacontenttype": "application/json", "data": V1}
-    answer = requests.post(server.predict_url, data=json.dumps(event), timeout=60,
-                           headers={"content-type": "application/cloudevents+json"})
+    answer = requests.post(server.predict_url, data=json.dumps(event), timeout=60, headers={"content-type": content_type})
     assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/cloudevents+json"
     body = answer.json()
     assert body["specversion"] == "1.0" and body["data"]["predictions"] == plain_predictions(server)
 

@@ -156,6 +156,20 @@ def test_pictures_past_grpcs_8_mib_come_back_over_grpc_up_to_their_limit(tiny_mo
     assert len(pictures) == 99 and sum(map(len, pictures)) > 8 << 20
 
 
+def test_explain_answers_with_its_own_headers(server, burst):
+    """A V1 :explain of raw audio, uploaded chunked: the answer is JSON with its own length, not
+    the request's headers sent back (its audio content type, its chunked transfer-encoding beside
+    the answer's content-length, which HTTP/1.1 forbids, and whatever else the client sent)."""
+    wav = encode(burst, RATE, "WAV", "PCM_16")
+    response = requests.post(f"{server.url}/v1/models/ast:explain", data=iter([wav[:1000], wav[1000:]]), timeout=120,
+                             headers={"content-type": "audio/wav", "x-client-secret": "abc"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert "x-client-secret" not in response.headers and "transfer-encoding" not in response.headers
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.json()["explanations"][0][0]["method"] == "occlusion"
+
+
 def test_png_is_the_spectrogram_with_the_map_over_it(server, burst):
     response = explain_v1(server, burst, top_k=1, explain_format="png")
     assert response.status_code == 200, response.text

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 import soxr
 from kserve import InferenceGRPCClient, InferInput, InferRequest
+from kserve.protocol.grpc.grpc_predict_v2_pb2 import InferParameter
 from kserve.protocol.infer_type import RequestedOutput
 
 from .conftest import as_predictions, assert_same_predictions, encode, expected, run_triton_grpc, tone
@@ -96,8 +97,9 @@ def test_tritonclient_grpc_bad_input_is_invalid_argument(server):
         (InferInput("audio", [1], "BYTES", data=[b"x"]), {"function_to_apply": "relu"}, "function_to_apply"),
         (InferInput("audio", [1], "BYTES", data=[b"x"]), {"temperature": "1"}, "unknown parameter"),
         (InferInput("audio", [1], "BYTES", data=[b"x"]), {"hop_seconds": "soon"}, "hop_seconds must be a number"),
+        (InferInput("audio", [1], "BYTES", data=[b"x"]), {"top_k": InferParameter()}, "parameter 'top_k' has no value"),
     ],
-    ids=["not-audio", "shape", "dtype", "input-name", "top_k", "function", "parameter", "hop-text"],
+    ids=["not-audio", "shape", "dtype", "input-name", "top_k", "function", "parameter", "hop-text", "no-value"],
 )
 def test_kserve_grpc_bad_input(server, tensor, parameters, message):
     with pytest.raises(grpc.RpcError) as error:

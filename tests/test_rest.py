@@ -14,6 +14,7 @@ import pytest
 import requests
 import soxr
 import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from .conftest import TINY_LABELS, as_predictions, assert_same_predictions, encode, expected, tone
@@ -180,6 +181,24 @@ def test_tritonclient_http_json_outputs(server, tiny_pipeline, speech_16k):
     result = client.infer("ast", [audio], outputs=outputs)
     actual = as_predictions(result.as_numpy("label"), result.as_numpy("score"))[0]
     assert_same_predictions(actual, expected(tiny_pipeline, speech_16k, 5, "softmax"))
+
+
+def test_tritonclient_classification_extension_is_refused_naming_top_k(server, speech_16k):
+    """tritonclient's class_count asks for Triton's classification extension; served silently as
+    plain outputs it would not be what the client parses. A 400 that says where the top labels are."""
+    client = triton_http.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
+    audio = triton_http.InferInput("audio", [1], "BYTES")
+    audio.set_data_from_numpy(np.array([encode(speech_16k, RATE, "WAV", "FLOAT")], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as error:
+        client.infer("ast", [audio], outputs=[triton_http.InferRequestedOutput("score", class_count=3)])
+    assert error.value.status() == "400"
+    assert "Triton's classification extension (class_count) is not served" in error.value.message()
+    assert "set the top_k parameter" in error.value.message()
+    body = {"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(encode(speech_16k, RATE, "WAV", "FLOAT")).decode()]}],
+            "outputs": [{"name": "label", "parameters": {"colour": "red"}}]}
+    response = requests.post(server.infer_url, json=body, timeout=60)
+    assert response.status_code == 400 and "unknown parameter(s) ['colour'] on requested output 'label'" in response.text
 
 
 def test_kserve_rest_client_v1_and_v2(server, tiny_pipeline, speech_16k):

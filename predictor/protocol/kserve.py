@@ -6,7 +6,9 @@ request through), each workaround tested end to end:
 - kserve's V1 path decodes `application/octet-stream` as JSON, and leaves JSON sent with any
   content type not on its exact list (`application/json; charset=utf-8`, `text/plain`) undecoded;
   we read a V1 body as audio unless it is, or looks like, JSON;
-- CloudEvents in either mode, read per the spec (`cloudevents`);
+- CloudEvents in either mode, read per the spec (`cloudevents`), and answered as one whatever
+  parameters the structured event's content type carries;
+- a V1 :explain answers with its own headers, not the request's (`AudioDataPlane.explain`);
 - our `ClientInputError` becomes kserve's `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT).
 `AudioModelServer` routes through it, sets the gRPC receive limit (which kserve reads only from
 its own command line), and adds our ASGI middlewares (`asgi`) to kserve's FastAPI app: the same
@@ -30,6 +32,7 @@ from kserve import model_server
 from kserve.constants.constants import PredictorProtocol
 from kserve.errors import (InferenceError, InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady,
                            UnsupportedProtocol)
+from kserve.model import InferenceVerb
 from kserve.model_server import ModelServer
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
@@ -63,6 +66,14 @@ class AudioDataPlane(DataPlane):
                 return load_json(body), attributes
             return super().decode(body, headers, protocol_version, model_name)
 
+    def encode(self, model_name, response, headers, req_attributes: dict):
+        """kserve answers a structured CloudEvent with one only for the exact content type; the
+        event we read may carry parameters (`; charset=utf-8`), and gets an event back too."""
+        content_type = (headers or {}).get("content-type", "")
+        if cloudevents.media_type(content_type) == cloudevents.STRUCTURED:
+            headers = {**headers, "content-type": cloudevents.STRUCTURED}
+        return super().encode(model_name, response, headers, req_attributes)
+
     def decode_inference_request(self, body, headers: dict, model_name: str) -> InferRequest:
         if isinstance(body, bytes):
             with _as_kserve_errors():
@@ -89,11 +100,15 @@ class AudioDataPlane(DataPlane):
         return response
 
     async def explain(self, model_name: str, request, headers=None):
-        """V1 :explain: the model's own `explain` (`ASTModel`), with the request's id as for infer."""
+        """V1 :explain: the model's own `explain` (`ASTModel`), with the request's id as for infer.
+        kserve's `DataPlane.explain` answers with the request's own headers as the response's (its
+        content type, a chunked upload's transfer-encoding beside the answer's content-length), so
+        the model is called here as `DataPlane.infer` calls it: the answer's headers are its own."""
         headers = {} if headers is None else headers
         headers[request_ids.HEADER] = request_ids.adopt(headers, None)
         with _as_kserve_errors():
-            return await super().explain(model_name, request, headers)
+            model = await self.get_model(model_name)
+            return await model(request, verb=InferenceVerb.EXPLAIN, headers=headers)
 
 
 class AudioModelServer(ModelServer):

@@ -29,6 +29,7 @@ from . import (AUDIO_INPUT, EMBEDDING_OUTPUTS, EXPLANATION_OUTPUT, MODEL_PARAMET
 RATE_PARAMETER = "sampling_rate"
 # Set by V2 clients themselves (tritonclient, kserve's clients) and honoured by kserve's encoder.
 PROTOCOL_PARAMETERS = ("binary_data_output",)
+OUTPUT_PARAMETERS = ("binary_data",)
 INPUT_PARAMETERS = {AUDIO_INPUT: ("binary_data_size",), WAVEFORM_INPUT: ("binary_data_size", RATE_PARAMETER)}
 DEFAULT_SAMPLING_RATE = 16_000
 WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")
@@ -116,6 +117,8 @@ def _http_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
                 read = TRITON_PARAMETERS.get((unknown.field_number, unknown.wire_type))
                 if read is not None:
                     converted[key] = read(unknown.data)
+            if key not in converted:
+                raise ClientInputError(f"parameter {shown(key)} has no value (a gRPC InferParameter with none set)")
     return converted
 
 
@@ -140,6 +143,15 @@ def _requested_outputs(request: InferRequest) -> set[str]:
         raise ClientInputError(
             f"unknown requested output(s) {shown(sorted(unknown))}; outputs are {', '.join(o['name'] for o in OUTPUT_TYPES)}"
         )
+    for output in request.request_outputs or []:
+        parameters = set(_http_parameters(output.parameters or {})) - set(OUTPUT_PARAMETERS)
+        if "classification" in parameters:  # tritonclient's InferRequestedOutput(class_count=k)
+            raise ClientInputError(
+                f"requested output {shown(output.name)}: Triton's classification extension (class_count) is not "
+                "served; the 'label' and 'score' outputs already hold each clip's top labels: set the top_k parameter")
+        if parameters:
+            raise ClientInputError(f"unknown parameter(s) {shown(sorted(parameters))} on requested output "
+                                   f"{shown(output.name)}; an output takes binary_data")
     return wanted
 
 
