@@ -170,7 +170,12 @@ def binary_request(header: dict, payload: bytes, json_length=None) -> tuple[byte
         ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 999}}]},
          b"\x00" * 10, "binary_data_size 999 does not fit"),
         ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 8}}]},
-         struct.pack("<I", 1000) + b"abcd", "not a valid BYTES tensor"),
+         struct.pack("<I", 1000) + b"abcd", "element 0 declares 1000 bytes, 996 more than follow"),
+        # A MiB of zeros is 262,144 empty elements: read up to the one declared, not each of them.
+        ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 1 << 20}}]},
+         b"\x00" * (1 << 20), f"declares shape [1] (1 elements) but its data does not fit it: {(1 << 20) - 4} bytes follow"),
+        ({"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1, 262144], "parameters": {"binary_data_size": 1 << 20}}]},
+         b"\x00" * (1 << 20), "input 'audio' must have shape [N] with N ≥ 1, got [1, 262144]"),
         ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": 7}}]},
          b"\x00" * 7, "not a valid FP32 tensor"),
         ({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": 8}}]},
@@ -186,7 +191,7 @@ def binary_request(header: dict, payload: bytes, json_length=None) -> tuple[byte
         ({"id": 5, "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, b"",
          "malformed binary V2 request header: id"),
     ],
-    ids=["size-overflow", "bytes-length", "fp32-size", "shape", "no-data", "inputs-not-list", "parameters-list",
+    ids=["size-overflow", "bytes-length", "bytes-past-the-shape", "bytes-2d", "fp32-size", "shape", "no-data", "inputs-not-list", "parameters-list",
          "shape-int", "input-parameters-str", "id-int"],
 )
 def test_v2_bad_binary_request(server, header, payload, message):
