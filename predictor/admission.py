@@ -10,10 +10,12 @@ with `Overloaded` (503 and `Retry-After`, gRPC UNAVAILABLE) when that wait passe
 `--max_queued_windows`, a memory bound (each waiting window holds its samples). Nothing is
 refused while nothing is ahead, so one request up to the per-request limits always runs.
 
-The check is made twice, both times without decoding: as soon as the request is parsed (nothing
-opened yet), and once the files' headers say how many windows the request will cost. Then
-`counted` counts those windows as ahead of every later request while the request decodes, so
-requests arriving together see each other before any of them is decoded. When it
+The check is made twice without decoding: as soon as the request is parsed (nothing opened yet),
+and once the files' headers say how many windows the request will cost. Then `counted` counts
+those windows as ahead of every later request while the request decodes, so requests arriving
+together see each other before any of them is decoded. A file whose header does not say how long
+it is (MP3, a FLAC written to a pipe) counts as one window until decoded, so a request that turns
+out to have more is checked a third time, with the windows it has, before they are queued. When it
 ends (decoded, or failed), the caller hands the windows to the queue without yielding to the event
 loop in between (kserve calls `predict` or `explain` straight after `preprocess`), and the queue
 counts them from then on; a request that never reaches the queue (a failure) leaves nothing

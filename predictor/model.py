@@ -222,9 +222,11 @@ class ASTModel(Model):
             _close(sources)
             raise
         with self.admission.counted(cost), metrics.STAGE_SECONDS.labels("decode").time():
-            waveforms = await self._pooled(self._decode, sources,  # which closes them, once it runs
+            waveforms = await self._pooled(self._decode, sources, options.hop_seconds,  # which closes them
                                            abandoned=lambda done: done.cancelled() and _close(sources))
-        self._check_windows([len(w) for w in waveforms], request, options)
+        decoded = self._check_windows([len(w) for w in waveforms], request, options)
+        if decoded > cost:  # a header did not say, or understated: admitted for fewer windows than it has
+            self.admission.check(decoded)
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
         return Work(
             request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
@@ -344,16 +346,25 @@ class ASTModel(Model):
             raise
         return sources
 
-    def _decode(self, sources: list[audio.Source]) -> list[np.ndarray]:
+    def _decode(self, sources: list[audio.Source], hop_seconds: float) -> list[np.ndarray]:
         """Each clip in turn, the request's budget charged with the samples decoding finds (a header
-        may not say, or may understate)."""
+        may not say, or may understate), and each clip stopped once its windows, beside the other
+        clips' (as declared, or decoded), pass --max_windows_per_request: the budget counts samples
+        at each file's rate, so 600 s at 1 kHz in a file that does not say so would otherwise be
+        decoded and upsampled whole before its windows were counted."""
         with ExitStack() as stack:
             for source in sources:
                 stack.enter_context(closing(source.blocks))
             budget = audio.SampleBudget(self.config.max_request_samples)
+            windows = [max(1, self.windowing.count(self._declared(source), hop_seconds)) for source in sources]
+            most = self.config.max_windows_per_request
             waveforms = []
-            for source in sources:
-                waveforms.append(self.target.waveform(source, budget))
+            for index, source in enumerate(sources):
+                left = max(1, most - (sum(windows) - windows[index]))
+                beyond = (self.windowing.beyond(left, hop_seconds),
+                          _too_many_windows(f"more than {most}", self.windowing.seconds, hop_seconds, most))
+                waveforms.append(self.target.waveform(source, budget, beyond))
+                windows[index] = max(1, self.windowing.count(len(waveforms[-1]), hop_seconds))
                 logger.debug("decoded %d frames at %d Hz (%d channels) with %s", source.decoded, source.rate,
                              source.channels, source.reader)
             return waveforms
@@ -394,11 +405,8 @@ class ASTModel(Model):
                     f"{self.config.max_windows_per_request} per request (--max_windows_per_request): send fewer clips "
                     "per request, or lower --explain_max_cells"
                 )
-            raise ClientInputError(
-                f"this request needs {count} windows of {self.windowing.seconds:g} s at hop_seconds "
-                f"{hop_seconds:g}; this server computes at most {self.config.max_windows_per_request} per "
-                "request (--max_windows_per_request): raise hop_seconds or send fewer seconds of audio"
-            )
+            raise ClientInputError(_too_many_windows(str(count), self.windowing.seconds, hop_seconds,
+                                                     self.config.max_windows_per_request))
         return count + copies
 
     def _grid(self, samples: int) -> occlusion.Grid:
@@ -432,6 +440,12 @@ class ASTModel(Model):
 
     def get_output_types(self) -> list[dict]:
         return protocol.OUTPUT_TYPES
+
+
+def _too_many_windows(count: str, window_seconds: float, hop_seconds: float, most: int) -> str:
+    return (f"this request needs {count} windows of {window_seconds:g} s at hop_seconds {hop_seconds:g}; this server "
+            f"computes at most {most} per request (--max_windows_per_request): raise hop_seconds or send fewer "
+            "seconds of audio")
 
 
 def _close(sources: list[audio.Source]) -> None:

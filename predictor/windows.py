@@ -56,6 +56,11 @@ class Windowing:
             return 1  # refused by `starts`, with the reason
         return int(np.floor((samples - self.min_samples) / (hop_seconds * self.rate) + 1e-9)) + 1
 
+    def beyond(self, windows: int, hop_seconds: float) -> int:
+        """A length in samples that no clip of at most `windows` windows reaches (`count` gives it
+        more): where decoding a clip whose header did not say how long it is may stop."""
+        return self.min_samples + int(np.ceil(windows * hop_seconds * self.rate))
+
     def starts(self, samples: int, hop_seconds: float) -> np.ndarray:
         """First sample of each window of a clip `samples` long."""
         if samples < self.min_samples:

@@ -17,11 +17,11 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-import requests
 import soundfile as sf
 import torch
 from transformers import ASTConfig, ASTFeatureExtractor, ASTModel, pipeline
 
+from predictor import audio
 from tools.local_server import Server, free_port, start_server, stop_server  # noqa: F401 (for the tests)
 from tools.random_ast import TINY_LABELS, save_random_ast
 from tools.signals import encode, tone  # noqa: F401 (for the tests)
@@ -164,6 +164,16 @@ def run_triton_grpc(job: dict) -> dict:
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def streamed_flac(seconds: float, rate: int = 16000) -> bytes:
+    """Silence as FLAC written to a pipe, as a recorder streaming to a server does: its header
+    states no length, so only decoding finds out how long it is."""
+    out = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                          f"anullsrc=r={rate}:cl=mono", "-t", str(seconds), "-f", "flac", "-"],
+                         check=True, capture_output=True, timeout=60).stdout
+    assert audio.open_clip(out, audio.Target(rate, max_seconds=seconds)).frames is None
+    return out
 
 
 def expected(pipe, waveform: np.ndarray, top_k: int, function: str) -> list[dict]:

@@ -19,7 +19,7 @@ from predictor.config import Config
 from predictor.names import retry_after
 
 from .conftest import (assert_same_predictions, encode, expected, metric, run_triton_grpc, start_server,
-                       stop_server)
+                       stop_server, streamed_flac)
 
 pytestmark = pytest.mark.serial  # a flood answered within its bound, window counts while a pass runs
 
@@ -84,6 +84,26 @@ def test_a_short_clip_is_answered_while_a_long_one_is_classified(torch_server):
     # should the short clip have reached the queue only after that pass ended.
     assert after - before <= 3, (before, after)
     assert windows_done(server) == start + 8 + 1
+
+
+def test_a_clip_of_unstated_length_is_admitted_again_for_the_windows_it_has(torch_server):
+    """A request whose file does not state its length is admitted as one window (its header says
+    no more); once decoded it has 240, and with windows still ahead of it they would take the queue
+    past --max_queued_windows (240 on a CPU): 503 with Retry-After, before any of them is queued,
+    while the request ahead is answered."""
+    server = torch_server
+    unstated = {"instances": [{"b64": base64.b64encode(streamed_flac(60)).decode()}], "parameters": {"hop_seconds": 0.25}}
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(requests.post, server.predict_url, timeout=600, json={
+            "instances": [{"b64": base64.b64encode(noise_wav(20, 7)).decode()}], "parameters": {"hop_seconds": 2.5}})
+        while queued_windows(server) < 4:  # 8 windows, the first ones being classified
+            assert not ahead.done(), ahead.result().text
+            time.sleep(0.05)
+        refused = requests.post(server.predict_url, json=unstated, timeout=600)
+        assert refused.status_code == 503, refused.text
+        assert "this request's 240 windows would make" in refused.json()["error"]
+        assert "(--max_queued_windows)" in refused.json()["error"] and int(refused.headers["Retry-After"]) >= 1
+        assert ahead.result().status_code == 200
 
 
 def test_a_client_that_goes_away_stops_using_the_model(torch_server):

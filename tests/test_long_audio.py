@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from predictor import audio
 
 from .conftest import (TINY_LABELS, assert_same_predictions, encode, expected, metric, raw_http, run_triton_grpc,
-                       start_server, stop_server, tone)
+                       start_server, stop_server, streamed_flac, tone)
 
 RATE = 16000
 WINDOW = 163_840
@@ -287,24 +287,29 @@ def test_the_request_sample_budget_refuses_before_decoding(long_server):
     assert decodes_begun(long_server) == before
 
 
-def streamed_flac(tmp_path, seconds: float) -> bytes:
-    """Silence as FLAC written to a pipe, as a recorder streaming to a server does: its header
-    states no length, so only decoding finds out how long it is."""
-    out = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                          f"anullsrc=r={RATE}:cl=mono", "-t", str(seconds), "-f", "flac", "-"],
-                         check=True, capture_output=True, timeout=60).stdout
-    assert audio.open_clip(out, audio.Target(RATE, max_seconds=600)).frames is None
-    return out
-
-
-def test_the_request_sample_budget_is_enforced_while_decoding(long_server, tmp_path):
+def test_the_request_sample_budget_is_enforced_while_decoding(long_server):
     """Two clips of 400 s whose headers say nothing: the second passes the budget while it is being
     decoded, and decoding stops there."""
-    clip = streamed_flac(tmp_path, 400)
+    clip = streamed_flac(400)
     response = requests.post(long_server.predict_url, json={"instances": [{"b64": b64(clip)}] * 2}, timeout=60)
     assert response.status_code == 400
     assert ("the request's audio decodes to more than 9,600,000 samples (1 channel(s) at 16000 Hz in this clip, after "
             "6,400,000 samples before it)") in response.json()["error"], response.text
+
+
+def test_a_clip_of_unstated_length_stops_decoding_at_the_window_limit(long_server):
+    """600 s at 1 kHz whose header says nothing: 600,000 samples, well within the sample budget
+    (counted at the file's rate), but 9.6 million at the model's 16 kHz, 600 windows at a hop of
+    1 s. Decoding stops once the clip passes the 100 windows a request may cost, rather than
+    upsampling all of it and counting after."""
+    clip = streamed_flac(600, rate=1000)
+    response = requests.post(long_server.predict_url, json={"instances": [{"b64": b64(clip)}],
+                                                            "parameters": {"hop_seconds": 1.0}}, timeout=60)
+    assert response.status_code == 400
+    assert ("this request needs more than 100 windows of 10.24 s at hop_seconds 1; this server computes at most 100 "
+            "per request (--max_windows_per_request)") in response.json()["error"], response.text
+    within = requests.post(long_server.predict_url, json={"instances": [{"b64": b64(clip)}]}, timeout=60)
+    assert within.status_code == 200, within.text  # 59 windows at the default hop
 
 
 def test_asking_for_segment_outputs_with_return_segments_false_is_refused(long_server, three_parts):

@@ -1,5 +1,7 @@
 """`predictor.windows`: where windows start, what they cover, and how their logits pool."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,16 @@ def test_windows_are_counted_before_they_are_made(samples, hop):
     included), and every window holds at least one frame."""
     starts = AUDIOSET.starts(samples, hop)
     assert AUDIOSET.count(samples, hop) == len(starts) and starts[-1] <= samples - 400 and starts[0] == 0
+
+
+@given(windows=st.integers(1, 300), hop=st.floats(1 / 16000, 10.24) | st.floats(1, 20).map(lambda n: n / 16000))
+def test_decoding_stops_only_past_every_clip_of_so_many_windows(windows, hop):
+    """`beyond`, where decoding a clip of unstated length stops: a clip that long has more than
+    `windows` windows (and a longer one too: the count only grows with the length), and one a hop
+    shorter has no more."""
+    beyond = AUDIOSET.beyond(windows, hop)
+    assert AUDIOSET.count(beyond, hop) > windows
+    assert AUDIOSET.count(beyond - math.ceil(hop * 16000) - 1, hop) <= windows
 
 
 def test_a_clip_shorter_than_a_frame_is_refused():

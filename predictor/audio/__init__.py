@@ -53,12 +53,19 @@ class Target:
     def clip_limit(self) -> str:
         return f"this server accepts at most {self.max_seconds:g} s per clip (--max_audio_seconds)"
 
-    def waveform(self, source: Source, budget: Optional[SampleBudget] = None) -> np.ndarray:
-        """Decode and resample; decoding stops past the clip limit or what is left of `budget`."""
-        max_frames = math.floor(self.max_seconds * source.rate)
-        refusal = f"audio is longer than {self.max_seconds:g} s; {self.clip_limit}"
-        if budget is not None and budget.frames_left(source.channels) < max_frames:
-            max_frames, refusal = budget.frames_left(source.channels), budget.refusal(source)
+    def waveform(self, source: Source, budget: Optional[SampleBudget] = None,
+                 beyond: Optional[tuple[int, str]] = None) -> np.ndarray:
+        """Decode and resample; decoding stops past the clip limit, what is left of `budget`, or
+        `beyond`: a length at this rate the clip must not reach, and the refusal that names why.
+        The budget counts samples at the file's rate, so a file at a low rate that does not state
+        its length is bounded at the model's rate by `beyond` alone."""
+        limits = [(math.floor(self.max_seconds * source.rate), f"audio is longer than {self.max_seconds:g} s; "
+                   f"{self.clip_limit}")]
+        if budget is not None:
+            limits.append((budget.frames_left(source.channels), budget.refusal(source)))
+        if beyond is not None:  # frames whose resampling passes it, give or take soxr's rounding
+            limits.append((math.ceil(beyond[0] * source.rate / self.rate) + 2, beyond[1]))
+        max_frames, refusal = min(limits, key=lambda limit: limit[0])
         try:
             return to_mono(source, self.rate, max_frames, refusal)
         finally:
