@@ -34,9 +34,12 @@ decoding compete for the same cores) stretches their wait in proportion, until t
 average has caught up.
 """
 
+import asyncio
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from . import metrics
 from .errors import Overloaded
@@ -86,6 +89,57 @@ class Admission:
             yield
         finally:
             self.state.reserved -= windows
+
+
+T = TypeVar("T")
+
+
+class Backlog:
+    """Work beside the model's queue, on this process's CPU whatever the device: explanations by
+    rollout, an eager pass of the encoder for its attentions (no engine hands them out). Against a
+    GPU's windows it costs thousands of them, so counting it in windows, as the queue's wait does,
+    says nothing there; on the decoding pool it would hold up other requests' decoding for as long.
+    So it has a thread of its own and a wait of its own: the items waiting or running times the
+    time an item has been taking (a running average from the caller's first estimate), past
+    `max_wait_s` refused with `Overloaded`, as the queue's wait is."""
+
+    def __init__(self, what: str, max_wait_s: float, seconds_per_item: float):
+        self.what = what
+        self.max_wait_s = max_wait_s
+        self.seconds_per_item = seconds_per_item
+        self.items = 0
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-backlog")
+
+    def check(self) -> None:
+        wait = self.items * self.seconds_per_item
+        if self.items and wait > self.max_wait_s:
+            raise Overloaded(
+                f"the server is busy: {self.what} would wait about {wait:.1f} s for the {self.items} ahead of it, and "
+                f"this server admits them while that wait is at most {self.max_wait_s:g} s (--max_queue_seconds)",
+                _seconds(wait - self.max_wait_s))
+
+    async def run(self, items: int, function: Callable[[], T]) -> T:
+        """`function()` on the backlog's thread, counted as `items` until it has run (a caller that
+        stops waiting leaves it counted while it runs)."""
+        loop = asyncio.get_running_loop()
+
+        def timed() -> T:
+            started = time.monotonic()
+            result = function()
+            self.seconds_per_item += 0.2 * ((time.monotonic() - started) / items - self.seconds_per_item)
+            return result
+
+        def done(_: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._release, items)
+
+        self.items += items
+        future = self.thread.submit(timed)
+        future.add_done_callback(done)
+        return await asyncio.wrap_future(future)
+
+    def _release(self, items: int) -> None:
+        self.items -= items
 
 
 def _seconds(wait: float) -> int:

@@ -29,7 +29,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from . import audio, explanations, labels, metrics, occlusion, precision, protocol, rollout, windows
 from .allocator import release_freed_memory
-from .admission import Admission
+from .admission import Admission, Backlog
 from .batching import WindowQueue
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
 from .config import Config
@@ -104,6 +104,7 @@ class ASTModel(Model):
         self.forward_thread = forward_thread
         self.queue: Optional[Union[WindowQueue, RemoteQueue]] = None
         self.admission: Optional[Admission] = None
+        self.rollouts: Optional[Backlog] = None
         self.decoding: Optional[ThreadPoolExecutor] = None
         self.engine: Optional[Engine] = None
         self.passes: Optional[Pass] = None
@@ -140,6 +141,8 @@ class ASTModel(Model):
         del checkpoint  # and its torch module, if it was loaded and no torch engine holds it
         release_freed_memory()
         self.admission = Admission(self.queue.state, config.max_queue_seconds, config.queued_windows(on_gpu))
+        self.rollouts = Backlog("an explanation by rollout", config.max_queue_seconds,
+                                ROLLOUT_WINDOWS * self.queue.state.seconds_per_window)  # until one is timed
         self.decoding = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ast-decode")
         logger.info("Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d%s",
                     source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
@@ -212,6 +215,8 @@ class ASTModel(Model):
         options = self._options(request.parameters, explaining=EXPLAINING.get())
         if options.explain and options.explain_format == "png":
             explanations.check_pictures(len(request.clips), options.top_k, self.config.explain_max_pictures)
+        if options.explain and options.explain_method == "rollout":
+            self.rollouts.check()
         self.admission.check()
         sources = await self._pooled(self._open, request.clips,
                                      abandoned=lambda done: done.cancelled() or done.exception() or _close(done.result()))
@@ -275,10 +280,10 @@ class ASTModel(Model):
     async def _explain(self, results: list[ClipResult], clip_logits: torch.Tensor,
                        masked: list[tuple[torch.Tensor, list[int]]], work: Work) -> None:
         """Each clip's top-k labels' drops in score under each masked cell (`occlusion`), or its
-        attention rollout, one map for every label (`rollout`, one pass on the decoding pool)."""
+        attention rollout, one map for every label (`rollout`, one pass on a thread of its own: `Backlog`)."""
         options = work.options
         if options.explain_method == "rollout":
-            patches = await asyncio.wrap_future(self.decoding.submit(lambda: self.rollout(self.filterbank(work.windows))))
+            patches = await self.rollouts.run(len(work.windows), lambda: self.rollout(self.filterbank(work.windows)))
             maps = [rollout.cell_relevance(row, self.rollout.config, cells) for row, cells in zip(patches, work.cells)]
         else:
             scores = labels.scores(clip_logits, options.function)
