@@ -15,7 +15,8 @@ and once the files' headers say how many windows the request will cost. Then `co
 those windows as ahead of every later request while the request decodes, so requests arriving
 together see each other before any of them is decoded. A file whose header does not say how long
 it is (MP3, a FLAC written to a pipe) counts as one window until decoded, so a request that turns
-out to have more is checked a third time, with the windows it has, before they are queued. When it
+out to have more is checked a third time, with the windows it has, against the memory bound
+(`--max_queued_windows`), before they are queued. When it
 ends (decoded, or failed), the caller hands the windows to the queue without yielding to the event
 loop in between (kserve calls `predict` or `explain` straight after `preprocess`), and the queue
 counts them from then on; a request that never reaches the queue (a failure) leaves nothing
@@ -39,6 +40,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
 from . import metrics
@@ -61,17 +63,19 @@ class Admission:
     def wait_s(self) -> float:
         return self.windows_ahead * self.state.seconds_per_window
 
-    def check(self, windows: int = 0) -> None:
+    def check(self, windows: int = 0, wait: bool = True) -> None:
         """Refuse now if the wait a new request faces passes the bound, or if its `windows` would
-        take the windows waiting past their bound."""
+        take the windows waiting past their bound. Without `wait`, the second alone: a request
+        found to have more windows once decoded was admitted to its wait already, and the requests
+        admitted since counted it as it was then."""
         ahead = self.windows_ahead
         if not ahead:
             return
-        per_window, wait = self.state.seconds_per_window, self.wait_s
-        if wait > self.max_wait_s:
-            retry = _seconds(wait - self.max_wait_s)
+        per_window, waiting = self.state.seconds_per_window, self.wait_s
+        if wait and waiting > self.max_wait_s:
+            retry = _seconds(waiting - self.max_wait_s)
             raise Overloaded(
-                f"the server is busy: a new request would wait about {wait:.1f} s for the {ahead} windows ahead of "
+                f"the server is busy: a new request would wait about {waiting:.1f} s for the {ahead} windows ahead of "
                 f"it, and this server admits requests while that wait is at most {self.max_wait_s:g} s "
                 "(--max_queue_seconds)", retry)
         if ahead + windows > self.max_windows:
@@ -94,52 +98,72 @@ class Admission:
 T = TypeVar("T")
 
 
+@dataclass
+class Reserved:
+    """A request's items in a `Backlog`, from its admission until they have run, or until the
+    request ends without running them."""
+
+    backlog: "Backlog"
+    items: int
+    running: bool = False
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.backlog.items -= self.items
+
+
 class Backlog:
     """Work beside the model's queue, on this process's CPU whatever the device: explanations by
     rollout, an eager pass of the encoder for its attentions (no engine hands them out). Against a
     GPU's windows it costs thousands of them, so counting it in windows, as the queue's wait does,
     says nothing there; on the decoding pool it would hold up other requests' decoding for as long.
-    So it has a thread of its own and a wait of its own: the items waiting or running times the
-    time an item has been taking (a running average from the caller's first estimate), past
-    `max_wait_s` refused with `Overloaded`, as the queue's wait is."""
+    So it has a thread of its own and a wait of its own: the items admitted and not yet run times
+    the time an item takes (the caller's estimate until one has been timed, then a running
+    average), past `max_wait_s` refused with `Overloaded`, as the queue's wait is. Items count
+    from admission, so requests arriving together see each other, as `Admission.counted` does."""
 
     def __init__(self, what: str, max_wait_s: float, seconds_per_item: float):
         self.what = what
         self.max_wait_s = max_wait_s
         self.seconds_per_item = seconds_per_item
+        self.timed = False
         self.items = 0
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-backlog")
 
-    def check(self) -> None:
+    def reserve(self, items: int) -> Reserved:
+        """`items` counted from now, unless the wait ahead of them passes the bound."""
         wait = self.items * self.seconds_per_item
         if self.items and wait > self.max_wait_s:
             raise Overloaded(
                 f"the server is busy: {self.what} would wait about {wait:.1f} s for the {self.items} ahead of it, and "
                 f"this server admits them while that wait is at most {self.max_wait_s:g} s (--max_queue_seconds)",
                 _seconds(wait - self.max_wait_s))
+        self.items += items
+        return Reserved(self, items)
 
-    async def run(self, items: int, function: Callable[[], T]) -> T:
-        """`function()` on the backlog's thread, counted as `items` until it has run (a caller that
-        stops waiting leaves it counted while it runs)."""
+    async def run(self, reserved: Reserved, function: Callable[[], T]) -> T:
+        """`function()` on the backlog's thread; `reserved` stays counted until it has run (a
+        caller that stops waiting leaves it counted while it runs)."""
         loop = asyncio.get_running_loop()
 
         def timed() -> T:
             started = time.monotonic()
             result = function()
-            self.seconds_per_item += 0.2 * ((time.monotonic() - started) / items - self.seconds_per_item)
+            seconds = (time.monotonic() - started) / reserved.items
+            self.seconds_per_item += (0.2 if self.timed else 1.0) * (seconds - self.seconds_per_item)
+            self.timed = True
             return result
 
         def done(_: object) -> None:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._release, items)
+                loop.call_soon_threadsafe(reserved.release)
 
-        self.items += items
+        reserved.running = True
         future = self.thread.submit(timed)
         future.add_done_callback(done)
         return await asyncio.wrap_future(future)
-
-    def _release(self, items: int) -> None:
-        self.items -= items
 
 
 def _seconds(wait: float) -> int:

@@ -29,7 +29,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from . import audio, explanations, labels, metrics, occlusion, precision, protocol, rollout, windows
 from .allocator import release_freed_memory
-from .admission import Admission, Backlog
+from .admission import Admission, Backlog, Reserved
 from .batching import WindowQueue
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
 from .config import Config
@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 ROLLOUT_WINDOWS = 2  # what an explanation by rollout is counted as: its eager pass costs about two windows
 EXPLAINING: ContextVar[bool] = ContextVar("explaining", default=False)
 """Set while kserve handles a V1 :explain: its preprocess cannot otherwise tell it from a :predict."""
+HELD: ContextVar[list[Reserved]] = ContextVar("held")
+"""What a request holds in a `Backlog` (set per request by `__call__`, which lets go of what was
+never run however the request ends)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Work:
     lengths: list[int]  # each clip's samples at the model's rate
     windows: list[np.ndarray]  # every clip's windows, in order: views into the waveforms
     cells: list[occlusion.Grid] = field(default_factory=list)  # with explain: each clip's (one window) grid
+    rollouts: Optional[Reserved] = None  # with explain by rollout: its clips in the rollouts' backlog
 
 
 @dataclass
@@ -142,7 +146,7 @@ class ASTModel(Model):
         release_freed_memory()
         self.admission = Admission(self.queue.state, config.max_queue_seconds, config.queued_windows(on_gpu))
         self.rollouts = Backlog("an explanation by rollout", config.max_queue_seconds,
-                                ROLLOUT_WINDOWS * self.queue.state.seconds_per_window)  # until one is timed
+                                ROLLOUT_WINDOWS * self.queue.state.seconds_per_window)  # until one is timed: a CPU's
         self.decoding = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ast-decode")
         logger.info("Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d%s",
                     source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
@@ -198,10 +202,14 @@ class ASTModel(Model):
 
     async def __call__(self, body: Any, headers: Optional[dict] = None, verb: InferenceVerb = InferenceVerb.PREDICT):
         """kserve's own order of steps; a V1 :explain is a predict with `explain` on (`EXPLAINING`)."""
-        explaining = EXPLAINING.set(verb == InferenceVerb.EXPLAIN)
+        explaining, held = EXPLAINING.set(verb == InferenceVerb.EXPLAIN), HELD.set([])
         try:
             return await super().__call__(body, headers, verb)
         finally:
+            for reserved in HELD.get():
+                if not reserved.running:
+                    reserved.release()
+            HELD.reset(held)
             EXPLAINING.reset(explaining)
 
     def validate(self, payload: Any) -> Any:
@@ -215,8 +223,10 @@ class ASTModel(Model):
         options = self._options(request.parameters, explaining=EXPLAINING.get())
         if options.explain and options.explain_format == "png":
             explanations.check_pictures(len(request.clips), options.top_k, self.config.explain_max_pictures)
+        rollouts = None
         if options.explain and options.explain_method == "rollout":
-            self.rollouts.check()
+            rollouts = self.rollouts.reserve(len(request.clips))
+            HELD.get().append(rollouts)
         self.admission.check()
         sources = await self._pooled(self._open, request.clips,
                                      abandoned=lambda done: done.cancelled() or done.exception() or _close(done.result()))
@@ -227,16 +237,17 @@ class ASTModel(Model):
             _close(sources)
             raise
         with self.admission.counted(cost), metrics.STAGE_SECONDS.labels("decode").time():
-            waveforms = await self._pooled(self._decode, sources, options.hop_seconds,  # which closes them
+            waveforms = await self._pooled(self._decode, sources, options,  # which closes them
                                            abandoned=lambda done: done.cancelled() and _close(sources))
         decoded = self._check_windows([len(w) for w in waveforms], request, options)
         if decoded > cost:  # a header did not say, or understated: admitted for fewer windows than it has
-            self.admission.check(decoded)
+            self.admission.check(decoded, wait=False)
         starts = [self.windowing.starts(len(w), options.hop_seconds) for w in waveforms]
         return Work(
             request=request, options=options, starts=starts, lengths=[len(w) for w in waveforms],
             windows=[window for w, s in zip(waveforms, starts) for window in self.windowing.slices(w, s)],
             cells=[self._grid(len(w)) for w in waveforms] if options.explain else [],  # one window each
+            rollouts=rollouts,
         )
 
     async def predict(self, payload: Work, headers: Optional[dict] = None) -> Logits:
@@ -283,7 +294,7 @@ class ASTModel(Model):
         attention rollout, one map for every label (`rollout`, one pass on a thread of its own: `Backlog`)."""
         options = work.options
         if options.explain_method == "rollout":
-            patches = await self.rollouts.run(len(work.windows), lambda: self.rollout(self.filterbank(work.windows)))
+            patches = await self.rollouts.run(work.rollouts, lambda: self.rollout(self.filterbank(work.windows)))
             maps = [rollout.cell_relevance(row, self.rollout.config, cells) for row, cells in zip(patches, work.cells)]
         else:
             scores = labels.scores(clip_logits, options.function)
@@ -351,23 +362,27 @@ class ASTModel(Model):
             raise
         return sources
 
-    def _decode(self, sources: list[audio.Source], hop_seconds: float) -> list[np.ndarray]:
+    def _decode(self, sources: list[audio.Source], options: Options) -> list[np.ndarray]:
         """Each clip in turn, the request's budget charged with the samples decoding finds (a header
         may not say, or may understate), and each clip stopped once its windows, beside the other
-        clips' (as declared, or decoded), pass --max_windows_per_request: the budget counts samples
-        at each file's rate, so 600 s at 1 kHz in a file that does not say so would otherwise be
-        decoded and upsampled whole before its windows were counted."""
+        clips' (as declared, or decoded), pass --max_windows_per_request, or to explain, once it
+        passes its one window: the budget counts samples at each file's rate, so 600 s at 1 kHz in
+        a file that does not say so would otherwise be decoded and upsampled whole before its
+        windows were counted."""
+        hop_seconds, most = options.hop_seconds, self.config.max_windows_per_request
         with ExitStack() as stack:
             for source in sources:
                 stack.enter_context(closing(source.blocks))
             budget = audio.SampleBudget(self.config.max_request_samples)
             windows = [max(1, self.windowing.count(self._declared(source), hop_seconds)) for source in sources]
-            most = self.config.max_windows_per_request
             waveforms = []
             for index, source in enumerate(sources):
-                left = max(1, most - (sum(windows) - windows[index]))
-                beyond = (self.windowing.beyond(left, hop_seconds),
-                          _too_many_windows(f"more than {most}", self.windowing.seconds, hop_seconds, most))
+                if options.explain:
+                    beyond = (self.windowing.beyond(1, hop_seconds), self._explains_one_window("longer than that"))
+                else:
+                    left = max(1, most - (sum(windows) - windows[index]))
+                    beyond = (self.windowing.beyond(left, hop_seconds),
+                              _too_many_windows(f"more than {most}", self.windowing.seconds, hop_seconds, most))
                 waveforms.append(self.target.waveform(source, budget, beyond))
                 windows[index] = max(1, self.windowing.count(len(waveforms[-1]), hop_seconds))
                 logger.debug("decoded %d frames at %d Hz (%d channels) with %s", source.decoded, source.rate,
@@ -386,18 +401,10 @@ class ASTModel(Model):
         hop_seconds = options.hop_seconds
         per_clip = [max(1, self.windowing.count(length, hop_seconds)) for length in lengths]
         count = sum(per_clip)
-        if options.return_segments and request.v2 is not None:
-            hidden = self.hidden_size if options.return_embedding else 0
-            check_padded_segments(per_clip, options.top_k + hidden,
-                                  self.config.max_windows_per_request * (self.num_labels + hidden))
         copies = 0
         if options.explain:
             if count > len(lengths):
-                longest = max(lengths) / self.target.rate
-                raise ClientInputError(
-                    f"an explanation covers one window ({self.windowing.seconds:g} s) of a clip; this request has a "
-                    f"clip of {longest:.2f} s: send the part to explain"
-                )
+                raise ClientInputError(self._explains_one_window(f"of {max(lengths) / self.target.rate:.2f} s"))
             # A clip shorter than a frame has no cell: `starts` refuses it. Rollout's pass (beside the
             # queue, eager attention) is counted as the two windows it costs (`make bench`).
             copies = sum((len(self._grid(length or self.windowing.length).cells) if options.explain_method == "occlusion"
@@ -412,7 +419,15 @@ class ASTModel(Model):
                 )
             raise ClientInputError(_too_many_windows(str(count), self.windowing.seconds, hop_seconds,
                                                      self.config.max_windows_per_request))
+        if options.return_segments and request.v2 is not None:
+            hidden = self.hidden_size if options.return_embedding else 0
+            check_padded_segments(per_clip, options.top_k + hidden,
+                                  self.config.max_windows_per_request * (self.num_labels + hidden))
         return count + copies
+
+    def _explains_one_window(self, clip: str) -> str:
+        return (f"an explanation covers one window ({self.windowing.seconds:g} s) of a clip; this request has a clip "
+                f"{clip}: send the part to explain")
 
     def _grid(self, samples: int) -> occlusion.Grid:
         """A clip's occlusion cells, as the explain_* settings lay them out over its one window (a

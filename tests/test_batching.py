@@ -307,34 +307,40 @@ def test_admission_refuses_past_the_wait_or_the_windows_and_admitted_requests_fi
     torch.testing.assert_close(second_logits, logits_of(second))
 
 
-def test_a_backlog_refuses_past_its_wait_counts_what_runs_and_learns_its_time():
-    """Rollouts beside the queue: 3 clips waiting or running at an estimate of 1 s each are a wait
-    of 3 s, past a bound of 2 s: refused with a retry time. A caller that stops waiting leaves its
-    clips counted until they have run; then the measured time replaces the estimate, and the
-    backlog admits again."""
+def test_a_backlog_counts_from_admission_until_run_and_takes_its_first_timing():
+    """Rollouts beside the queue: 3 clips admitted at an estimate of 1 s each are a wait of 3 s,
+    past a bound of 2 s, from their admission on, before they run: the next request is refused
+    with a retry time. A request that ends before running lets its clips go; one whose caller stops
+    waiting while they run keeps them counted until they have run. The first timing replaces the
+    estimate, and the backlog admits again."""
     backlog = Backlog("an explanation by rollout", max_wait_s=2.0, seconds_per_item=1.0)
     release = threading.Event()
 
-    async def main():
-        backlog.check()  # nothing ahead
-        first = asyncio.create_task(backlog.run(3, lambda: release.wait(30)))
-        await asyncio.sleep(0.05)
+    def refused() -> Overloaded:
         with pytest.raises(Overloaded, match=r"an explanation by rollout would wait about 3.0 s for the 3 ahead of "
                                              r"it, and this server admits them while that wait is at most 2 s "
-                                             r"\(--max_queue_seconds\)") as refused:
-            backlog.check()
-        assert refused.value.retry_after_s == 1
-        first.cancel()  # its client left: its pass runs on, and is counted until it ends
+                                             r"\(--max_queue_seconds\)") as refusal:
+            backlog.reserve(1)
+        return refusal.value
+
+    async def main():
+        never_run = backlog.reserve(3)  # nothing ahead
+        assert refused().retry_after_s == 1
+        never_run.release()  # its request failed before its rollout
+        first = backlog.reserve(3)
+        running = asyncio.create_task(backlog.run(first, lambda: release.wait(30)))
         await asyncio.sleep(0.05)
-        assert backlog.items == 3
+        refused()
+        running.cancel()  # its client left: the pass runs on, and is counted until it ends
+        await asyncio.sleep(0.05)
+        assert first.running and backlog.items == 3  # a request that ends now leaves them (ASTModel.__call__)
         release.set()
         while backlog.items:
             await asyncio.sleep(0.01)
-        backlog.check()
-        return await backlog.run(2, lambda: "done")
+        return await backlog.run(backlog.reserve(2), lambda: "done")
 
     assert run(main()) == "done"
-    assert backlog.items == 0 and backlog.seconds_per_item < 1.0
+    assert backlog.items == 0 and backlog.timed and backlog.seconds_per_item < 0.1
 
 
 def test_two_models_sharing_the_forward_thread_take_turns_pass_by_pass():

@@ -66,3 +66,26 @@ def test_an_event_missing_required_attributes_is_a_client_error(server):
     answer = requests.post(server.predict_url, data=json.dumps({"specversion": "1.0", "data": V1}), timeout=60,
                            headers={"content-type": "application/cloudevents+json"})
     assert answer.status_code == 400 and "not a valid CloudEvent" in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_explain_of_a_cloudevent_is_a_cloudevent(server, mode):
+    """V1 :explain answers an event in the event's mode, as :predict does, without sending the
+    request's own headers back."""
+    if mode == "binary":
+        answer = requests.post(server.url + "/v1/models/ast:explain", data=WAV, timeout=120,
+                               headers={**CE_HEADERS, "content-type": "audio/wav"})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["ce-specversion"] == "1.0" and answer.headers["content-type"] == "application/json"
+        assert "ce-source" in answer.headers and answer.headers["ce-id"] != CE_HEADERS["ce-id"]
+        body = answer.json()
+    else:
+        event = {"specversion": "1.0", "id": "event-4", "source": "urn:test", "type": "audio.recorded",
+                 "datacontenttype": "audio/wav", "data_base64": V1["instances"][0]["b64"]}
+        answer = requests.post(server.url + "/v1/models/ast:explain", data=json.dumps(event), timeout=120,
+                               headers={"content-type": "application/cloudevents+json"})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == "application/cloudevents+json"
+        body = answer.json()["data"]
+    assert body["predictions"] == plain_predictions(server)
+    assert [e["label"] for e in body["explanations"][0]] == [p["label"] for p in body["predictions"][0]]

@@ -27,7 +27,7 @@ from predictor.features import LogMelFilterbank
 from predictor.occlusion import grid
 from tools.local_server import serving
 
-from .conftest import TEST_SERVER_ENV, assert_same_predictions, encode, expected, run_triton_grpc, tone
+from .conftest import TEST_SERVER_ENV, assert_same_predictions, encode, expected, run_triton_grpc, streamed_flac, tone
 
 RATE = 16000
 TONE_HZ = 1000.0
@@ -196,6 +196,16 @@ def test_png_is_the_spectrogram_with_the_map_over_it(server, burst):
 def test_what_cannot_be_explained_is_a_400(server, clip_seconds, parameters, message):
     response = explain_v1(server, tone(440, clip_seconds, RATE), **parameters)
     assert response.status_code == 400 and message in response.json()["error"], response.text
+
+
+def test_a_clip_of_unstated_length_is_decoded_for_one_window_at_most(server):
+    """To explain, a clip whose header does not say how long it is stops decoding once it passes
+    the one window an explanation covers (here 60 s at 1 kHz, upsampled to 16 kHz), saying so."""
+    body = {"instances": [{"b64": base64.b64encode(streamed_flac(60, rate=1000)).decode()}]}
+    response = requests.post(f"{server.url}/v1/models/ast:explain", json=body, timeout=60)
+    assert response.status_code == 400
+    assert ("an explanation covers one window (10.24 s) of a clip; this request has a clip longer than that: send the "
+            "part to explain") in response.json()["error"], response.text
 
 
 def test_a_clip_just_over_a_window_is_explained_over_its_window(server):

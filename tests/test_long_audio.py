@@ -226,6 +226,12 @@ def test_v2_segments_padded_past_the_largest_unpadded_answer_are_refused(long_se
     assert with_embeddings.status_code == 400, with_embeddings.text
     assert f"5 clips x {windows} segments x {1 + hidden} values" in with_embeddings.json()["error"]
     assert v2_json(fewer + 1).status_code == 400
+    # One clip past the window limit is refused for its windows, not for padding it does not have.
+    body = {"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "data": encoded[:1]}],
+            "parameters": {"return_segments": True, "return_embedding": True, "hop_seconds": 0.1, "top_k": ALL}}
+    alone = requests.post(long_server.infer_url, json=body, timeout=120)
+    needed = len(range(0, 3 * WINDOW - 400 + 1, 1600))
+    assert alone.status_code == 400 and f"this request needs {needed} windows" in alone.json()["error"], alone.text
     answered = v2_json(fewer)
     assert answered.status_code == 200, answered.text
     shapes = {o["name"]: o["shape"] for o in answered.json()["outputs"]}

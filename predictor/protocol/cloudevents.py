@@ -7,7 +7,7 @@ the data is then what a plain V1 body would be: audio bytes (`datacontenttype` a
 `data_base64` in a structured event), or JSON.
 """
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from cloudevents.exceptions import GenericException
 from cloudevents.http import from_http
@@ -18,8 +18,12 @@ from ..errors import ClientInputError, shown
 STRUCTURED = "application/cloudevents+json"
 
 
-def is_cloudevent(headers: Mapping[str, str]) -> bool:
-    return has_binary_headers(headers) or media_type(headers.get("content-type", "")) == STRUCTURED
+def mode(headers: Mapping[str, str]) -> Optional[str]:
+    """How a request is a CloudEvent: "binary" (its attributes in ce-* headers), "structured" (the
+    event in the body, its content type with or without parameters), or None: it is not one."""
+    if has_binary_headers(headers):
+        return "binary"
+    return "structured" if media_type(headers.get("content-type", "")) == STRUCTURED else None
 
 
 def media_type(content_type: str) -> str:

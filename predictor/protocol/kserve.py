@@ -26,6 +26,7 @@ import functools
 import logging
 import socket
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterator, Optional
 
 from kserve import model_server
@@ -37,6 +38,7 @@ from kserve.model_server import ModelServer
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+from kserve.utils.utils import create_response_cloudevent
 from starlette.responses import JSONResponse
 
 from .. import metrics
@@ -47,16 +49,23 @@ from .requests import load_json, parse_binary_extension
 
 logger = logging.getLogger(__name__)
 
+CLOUDEVENT_MODE: ContextVar[Optional[str]] = ContextVar("cloudevent_mode", default=None)
+"""How a V1 request came as a CloudEvent ("binary", "structured"), or None: set by `decode`, read by
+`encode` of the same request."""
+
 
 class AudioDataPlane(DataPlane):
     """kserve's DataPlane with raw audio bodies, binary BYTES inputs and our client errors."""
 
     def decode(self, body, headers, protocol_version: str = PredictorProtocol.REST_V1.value, model_name=None):
         headers = headers or {}
+        CLOUDEVENT_MODE.set(None)
         with _as_kserve_errors():
             if protocol_version == PredictorProtocol.REST_V1.value and isinstance(body, (bytes, bytearray)):
                 attributes: dict = {}
-                if cloudevents.is_cloudevent(headers):
+                mode = cloudevents.mode(headers)
+                CLOUDEVENT_MODE.set(mode)
+                if mode is not None:
                     body, content_type, attributes = cloudevents.unwrap(body, headers)
                     headers = {"content-type": content_type}
                 if _is_raw_audio(body, headers):
@@ -67,12 +76,16 @@ class AudioDataPlane(DataPlane):
             return super().decode(body, headers, protocol_version, model_name)
 
     def encode(self, model_name, response, headers, req_attributes: dict):
-        """kserve answers a structured CloudEvent with one only for the exact content type; the
-        event we read may carry parameters (`; charset=utf-8`), and gets an event back too."""
-        content_type = (headers or {}).get("content-type", "")
-        if cloudevents.media_type(content_type) == cloudevents.STRUCTURED:
-            headers = {**headers, "content-type": cloudevents.STRUCTURED}
-        return super().encode(model_name, response, headers, req_attributes)
+        """A V1 CloudEvent is answered with one in its mode, as `decode` read it. kserve decides
+        from the headers it is handed here: the request's for :predict, but for :explain the
+        answer's (which were the request's: `explain`), and for a structured event only with the
+        exact content type, where ours may carry parameters (`; charset=utf-8`)."""
+        mode = CLOUDEVENT_MODE.get()
+        if mode is None:
+            return super().encode(model_name, response, headers, req_attributes)
+        headers, body = create_response_cloudevent(model_name, response, req_attributes, mode == "binary")
+        headers["content-type"] = "application/json" if mode == "binary" else cloudevents.STRUCTURED
+        return body, headers
 
     def decode_inference_request(self, body, headers: dict, model_name: str) -> InferRequest:
         if isinstance(body, bytes):
