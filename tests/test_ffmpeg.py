@@ -196,6 +196,34 @@ def test_an_audio_codec_off_the_list_is_refused_by_us_and_by_ffmpeg(tmp_path, mo
         open_ffmpeg(data)
 
 
+def test_sample_tables_that_declare_more_samples_than_bytes_are_refused_before_ffmpeg_opens_them(tmp_path):
+    """An M4A whose `stsz` says 80 million samples of one byte (a few bytes changed): FFmpeg would
+    index every one of them as it opened the file, gigabytes for a file of a few KB. The file as
+    the CLI made it opens; the changed one is refused from its tables, saying so."""
+    data = make(tmp_path, 16000, 1, ".m4a", "-c:a", "aac")
+    assert open_ffmpeg(data).frames
+    changed = bytearray(data)
+    at = changed.index(b"stsz") + 4
+    changed[at + 4 : at + 12] = (1).to_bytes(4, "big") + (80_000_000).to_bytes(4, "big")  # size 1, count
+    with pytest.raises(ClientInputError, match=f"the MP4 file's sample tables declare 80,000,000 samples in a file of "
+                                               f"{len(data):,} bytes"):
+        open_ffmpeg(bytes(changed))
+
+
+def test_alac_frames_past_the_longest_are_refused_before_one_is_decoded(tmp_path):
+    """ALAC's configuration states its frame length (the ffmpeg CLI writes 4096); one frame of 16.7M
+    samples of silence costs a few bytes and would be decoded whole. Refused from the configuration."""
+    data = make(tmp_path, 16000, 1, ".m4a", "-c:a", "alac")
+    assert open_ffmpeg(data).frames
+    changed = bytearray(data)
+    at = changed.index((36).to_bytes(4, "big") + b"alac") + 8  # the `alac` atom FFmpeg keeps: size, type, version
+    assert int.from_bytes(changed[at + 4 : at + 8], "big") == 4096
+    changed[at + 4 : at + 8] = (1 << 24).to_bytes(4, "big")
+    with pytest.raises(ClientInputError, match="the ALAC stream's frames are 16,777,216 samples long; this server "
+                                               "decodes frames of at most 65,536"):
+        open_ffmpeg(bytes(changed))
+
+
 def test_truncated_files_are_refused(tmp_path):
     """A file whose header promises more than its body holds is an error, not a shorter clip."""
     at_end = make(tmp_path, 44100, 2, ".m4a", "-c:a", "aac")  # ffmpeg's default: the index after the samples

@@ -19,12 +19,14 @@ Python then checks the container and codec again before decoding.
 
 import io
 import logging
+import struct
 from typing import Iterator, Optional
 
 import av
 import numpy as np
 
 from ..errors import ClientInputError, UnsupportedAudio
+from .mp4 import check_sample_tables
 from .source import Source
 
 logger = logging.getLogger(__name__)
@@ -50,12 +52,15 @@ OPTIONS = {
 TRUNCATION_SLACK_SECONDS = 0.25
 """Codec priming, padding and a partial last frame come to less; a file cut short misses more."""
 AV_ERRORS = (av.FFmpegError, ValueError, EOFError, OSError)
+MAX_FRAME_LENGTH = 65_536
+"""Samples per channel in one ALAC frame (`_check_frame_length`)."""
 
 
 def open_ffmpeg(data: bytes) -> Source:
     """Open the first audio stream of an audio (or video) file; its samples decode as `blocks` are read."""
     if not data:
         raise ClientInputError("audio is empty (0 bytes)")
+    check_sample_tables(data)
     try:
         container = av.open(io.BytesIO(data), container_options=OPTIONS, metadata_errors="replace",
                             io_open=_refuse_io)
@@ -94,6 +99,7 @@ def _open_stream(container: av.container.InputContainer) -> Source:
                                f"container) is not one this server decodes")
     codec.options = {"codec_whitelist": OPTIONS["codec_whitelist"]}
     codec.open(strict=False)
+    _check_frame_length(codec)
     rate, channels = codec.sample_rate, codec.channels
     if rate <= 0 or channels <= 0:
         raise ClientInputError(f"the audio stream (in FFmpeg's {name} container) states no sample rate or channels")
@@ -137,6 +143,20 @@ def _blocks(container: av.container.InputContainer, stream: av.AudioStream, rate
         raise ClientInputError(f"audio is corrupt or truncated after {decoded} frames: {_reason(exc)}") from None
     finally:
         container.close()
+
+
+def _check_frame_length(codec: av.CodecContext) -> None:
+    """ALAC states its frame length in its configuration (FFmpeg reads it from the `alac` atom it
+    keeps as extradata: size, type, version, then the length), up to 16.7M samples a channel, and
+    a frame is decoded and converted whole before a limit sees a block of it: a frame of silence
+    that long costs a few bytes and gigabytes of memory. Encoders write 4096; FLAC's largest
+    block, 65,535, is where a frame stops being audio anyone records."""
+    if codec.name != "alac" or len(codec.extradata or b"") < 16:
+        return
+    (length,) = struct.unpack_from(">I", codec.extradata, 12)
+    if length > MAX_FRAME_LENGTH:
+        raise ClientInputError(f"the ALAC stream's frames are {length:,} samples long; this server decodes frames of "
+                               f"at most {MAX_FRAME_LENGTH:,}")
 
 
 def _refuse_io(url: str, flags: int, options: dict) -> None:
