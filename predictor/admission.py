@@ -124,13 +124,15 @@ class Backlog:
     average), past `max_wait_s` refused with `Overloaded`, as the queue's wait is. Items count
     from admission, so requests arriving together see each other, as `Admission.counted` does."""
 
-    def __init__(self, what: str, max_wait_s: float, seconds_per_item: float):
+    def __init__(self, what: str, max_wait_s: float, seconds_per_item: float, thread: ThreadPoolExecutor):
+        """`thread`: one worker, the backlog's (shared by a repository's models, whose rollouts
+        take turns there)."""
         self.what = what
         self.max_wait_s = max_wait_s
         self.seconds_per_item = seconds_per_item
         self.timed = False
         self.items = 0
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-backlog")
+        self.thread = thread
 
     def reserve(self, items: int) -> Reserved:
         """`items` counted from now, unless the wait ahead of them passes the bound."""

@@ -91,21 +91,40 @@ class Logits:
     """With explain: each clip's masked copies' rows, and the index of each copy's cell in its grid."""
 
 
+@dataclass(frozen=True)
+class Threads:
+    """The threads a model's work runs on: its passes' one thread, the pool that reads and decodes
+    requests' files (and draws explanations' pictures), and the rollouts' one thread. The models of
+    a `repository` share one set, so that several models use the cores one model would: their
+    passes take turns, and decoding stays a pool sized to the cores."""
+
+    forward: ThreadPoolExecutor
+    decoding: ThreadPoolExecutor
+    rollouts: ThreadPoolExecutor
+
+    @classmethod
+    def make(cls, decoding_threads: int) -> "Threads":
+        return cls(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward"),
+                   ThreadPoolExecutor(max_workers=decoding_threads, thread_name_prefix="ast-decode"),
+                   ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-rollout"))
+
+
 class ASTModel(Model):
     def __init__(self, config: Config, threads: int = 1, device: str = "cpu", state: Optional[QueueState] = None,
-                 remote: Optional[RemoteQueue] = None, forward_thread: Optional[ThreadPoolExecutor] = None):
+                 remote: Optional[RemoteQueue] = None, shared: Optional[Threads] = None):
         """`state`: where the queue's numbers live (shared memory in the model's process under
         `frontends`, shared by the models of a `repository`). `remote`: in a frontend, the model's
         process, which then holds the engine and the queue; this process only takes requests,
-        decodes them and answers. `forward_thread`: the thread the passes of a repository's models
-        share."""
+        decodes them and answers. `shared`: the threads of a repository's models; by default the
+        model makes its own."""
         super().__init__(config.model_name)
         self.config = config
         self.threads = threads
         self.device = device
         self.state = state or QueueState.local()
         self.remote = remote
-        self.forward_thread = forward_thread
+        self.shared = shared
+        self.pools: Optional[Threads] = None
         self.queue: Optional[Union[WindowQueue, RemoteQueue]] = None
         self.admission: Optional[Admission] = None
         self.rollouts: Optional[Backlog] = None
@@ -126,6 +145,7 @@ class ASTModel(Model):
 
     def load(self) -> bool:
         config = self.config
+        self.pools = self.shared or Threads.make(self.threads)
         forget_failures()
         checkpoint = Checkpoint.open(config.model_dir)
         source, model_config = checkpoint.source, checkpoint.config
@@ -146,8 +166,9 @@ class ASTModel(Model):
         release_freed_memory()
         self.admission = Admission(self.queue.state, config.max_queue_seconds, config.queued_windows(on_gpu))
         self.rollouts = Backlog("an explanation by rollout", config.max_queue_seconds,
-                                ROLLOUT_WINDOWS * self.queue.state.seconds_per_window)  # until one is timed: a CPU's
-        self.decoding = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ast-decode")
+                                ROLLOUT_WINDOWS * self.queue.state.seconds_per_window,  # until one is timed: a CPU's
+                                self.pools.rollouts)
+        self.decoding = self.pools.decoding
         logger.info("Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d%s",
                     source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
                     self.windowing.seconds, self.default_function, self.default_top_k,
@@ -179,8 +200,8 @@ class ASTModel(Model):
             else:
                 self.passes = CpuPass(self.filterbank, self.engine)
             windows, runs = (max_batch_size, 2) if on_gpu else (1, 1)
-            if self.forward_thread:  # loaded beside a repository's other models: in turn with their passes
-                seconds_per_window = self.forward_thread.submit(self._warm_up, windows, runs).result()
+            if self.shared:  # loaded beside a repository's other models: in turn with their passes
+                seconds_per_window = self.shared.forward.submit(self._warm_up, windows, runs).result()
             else:
                 seconds_per_window = self._warm_up(windows, runs)
         except BaseException:
@@ -188,7 +209,7 @@ class ASTModel(Model):
             raise
         logger.info("Engine ready: %s", engine_options)
         return WindowQueue(self.passes, max_batch_size, config.max_batch_wait_ms / 1000, seconds_per_window,
-                           self.state, self.forward_thread)
+                           self.state, self.pools.forward)
 
     def stop(self) -> None:
         """Unloaded (the V2 repository API, or the server stopping): not ready, and its queue ends

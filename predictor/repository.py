@@ -14,7 +14,6 @@ windows ahead of it.
 import asyncio
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,7 @@ from kserve.model_repository import ModelRepository
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
 from .config import Config
-from .model import ASTModel
+from .model import ASTModel, Threads
 from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
@@ -59,14 +58,13 @@ class AudioModelRepository(ModelRepository):
         super().__init__(config.model_dir)
         self.config, self.threads, self.device = config, threads, device
         self.state = QueueState.local()
-        self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-forward")
+        self.shared = Threads.make(threads)
         self.loading: dict[str, asyncio.Task] = {}  # one load of a name at a time, whoever waits for it
 
     def model(self, name: str) -> ASTModel:
         """The model in the repository's `name` directory, not loaded yet."""
         config = replace(self.config, model_dir=str(Path(self.models_dir) / name), model_name=name)
-        return ASTModel(config, threads=self.threads, device=self.device, state=self.state,
-                        forward_thread=self.forward_thread)
+        return ASTModel(config, threads=self.threads, device=self.device, state=self.state, shared=self.shared)
 
     async def load(self, name: str) -> bool:
         """The V2 repository API's load: the model named, built and loaded (its engine exported and

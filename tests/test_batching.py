@@ -313,7 +313,7 @@ def test_a_backlog_counts_from_admission_until_run_and_takes_its_first_timing():
     with a retry time. A request that ends before running lets its clips go; one whose caller stops
     waiting while they run keeps them counted until they have run. The first timing replaces the
     estimate, and the backlog admits again."""
-    backlog = Backlog("an explanation by rollout", max_wait_s=2.0, seconds_per_item=1.0)
+    backlog = Backlog("an explanation by rollout", max_wait_s=2.0, seconds_per_item=1.0, thread=ThreadPoolExecutor(1))
     release = threading.Event()
 
     def refused() -> Overloaded:

@@ -6,7 +6,6 @@ import base64
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
@@ -20,7 +19,7 @@ from transformers import pipeline
 
 from predictor.__main__ import main
 from predictor.config import Config
-from predictor.model import ASTModel
+from predictor.model import ASTModel, Threads
 from tools.random_ast import save_random_ast
 
 from .conftest import TEST_SERVER_ENV, as_predictions, assert_same_predictions, encode, expected, start_server, \
@@ -159,21 +158,22 @@ def test_a_model_loaded_beside_others_warms_up_in_turn_with_their_passes(reposit
     """A V2 load while the repository's other models serve: the new model's warm-up pass waits its
     turn on the thread their passes share (another model's pass holds it here), rather than running
     beside it, timing the contention (and, on a GPU, perhaps not fitting)."""
-    shared, release, order = ThreadPoolExecutor(max_workers=1), threading.Event(), []
-    shared.submit(lambda: (release.wait(30), order.append("another model's pass")))
+    shared, release, order = Threads.make(1), threading.Event(), []
+    shared.forward.submit(lambda: (release.wait(30), order.append("another model's pass")))
     model = ASTModel(replace(Config(), model_dir=str(repository / "birds"), model_name="birds", backend="torch"),
-                     forward_thread=shared)
+                     shared=shared)
     loading = threading.Thread(target=lambda: (model.load(), order.append("loaded")))
     loading.start()
-    while loading.is_alive() and not shared._work_queue.qsize():  # its warm-up waits its turn, or it loaded
+    while loading.is_alive() and not shared.forward._work_queue.qsize():  # its warm-up waits its turn, or it loaded
         time.sleep(0.01)
     release.set()
     loading.join(timeout=60)
     try:
         assert order == ["another model's pass", "loaded"] and model.ready, order
+        assert model.decoding is shared.decoding and model.rollouts.thread is shared.rollouts
     finally:
         model.stop()
-        shared.shutdown()
+        shared.forward.shutdown()
 
 
 def test_frontends_serve_one_model(repository, capsys):
