@@ -66,7 +66,9 @@ class WindowQueue:
         self.max_wait_s = max_wait_s
         self.state = state or QueueState.local()
         """The windows waiting and the time per window, where admission reads them (`queue_state`)."""
-        self.state.seconds_per_window = seconds_per_window  # the model's warm-up pass: the first request's estimate
+        if not self.state.seconds_per_window:  # the model's warm-up pass: the first request's estimate. A model
+            # loaded beside others (`repository`) joins their running average rather than resetting it
+            self.state.seconds_per_window = seconds_per_window
         self._waiting = 0  # this queue's own windows waiting: `state` counts every model's (`repository`)
         self._fresh: deque[Job] = deque()  # no window taken yet: first in line
         self._jobs: deque[Job] = deque()  # the round robin of jobs that have had a window

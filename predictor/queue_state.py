@@ -24,10 +24,9 @@ class QueueState:
         self.slot = RESERVED + slot
 
     @classmethod
-    def local(cls, seconds_per_window: float = 1.0) -> "QueueState":
-        state = cls(np.zeros(RESERVED + 1))
-        state.seconds_per_window = seconds_per_window
-        return state
+    def local(cls) -> "QueueState":
+        """This process's own numbers, no window timed yet (`seconds_per_window` 0)."""
+        return cls(np.zeros(RESERVED + 1))
 
     @staticmethod
     def shared_memory(frontends: int) -> Any:
@@ -50,7 +49,7 @@ class QueueState:
 
     @property
     def seconds_per_window(self) -> float:
-        """A running average of the passes, per window."""
+        """A running average of the passes, per window; 0 until the first queue's warm-up."""
         return float(self.values[SECONDS_PER_WINDOW])
 
     @seconds_per_window.setter

@@ -343,6 +343,20 @@ def test_a_backlog_counts_from_admission_until_run_and_takes_its_first_timing():
     assert backlog.items == 0 and backlog.timed and backlog.seconds_per_item < 0.1
 
 
+def test_a_model_loaded_beside_others_joins_their_time_per_window():
+    """A repository's models share one running average of the time per window (admission's): the
+    first model's warm-up starts it; a model loaded later, while others serve, leaves it as their
+    passes made it rather than resetting it to its own warm-up."""
+    state = QueueState.local()
+    first = WindowQueue(Passes(logits_of), max_batch_size=1, max_wait_s=0.0, seconds_per_window=2.0, state=state)
+    assert state.seconds_per_window == 2.0
+    run(first(job(1, 3)))  # passes that take far less than 2 s a window
+    measured = state.seconds_per_window
+    assert measured < 2.0
+    WindowQueue(Passes(logits_of), max_batch_size=1, max_wait_s=0.0, seconds_per_window=5.0, state=state)
+    assert state.seconds_per_window == measured
+
+
 def test_two_models_sharing_the_forward_thread_take_turns_pass_by_pass():
     """A repository's models (`predictor.repository`): each has its own queue, all run their passes
     on one thread. A model's long request does not hold back another model's short one: while the
