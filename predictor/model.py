@@ -128,7 +128,6 @@ class ASTModel(Model):
         self.queue: Optional[Union[WindowQueue, RemoteQueue]] = None
         self.admission: Optional[Admission] = None
         self.rollouts: Optional[Backlog] = None
-        self.decoding: Optional[ThreadPoolExecutor] = None
         self.engine: Optional[Engine] = None
         self.passes: Optional[Pass] = None
         self.filterbank: Optional[LogMelFilterbank] = None
@@ -168,7 +167,6 @@ class ASTModel(Model):
         self.rollouts = Backlog("an explanation by rollout", config.max_queue_seconds,
                                 ROLLOUT_WINDOWS * self.queue.state.seconds_per_window,  # until one is timed: a CPU's
                                 self.pools.rollouts)
-        self.decoding = self.pools.decoding
         logger.info("Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d%s",
                     source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
                     self.windowing.seconds, self.default_function, self.default_top_k,
@@ -335,7 +333,7 @@ class ASTModel(Model):
                                                            clip.ranked.scores, relevance, cells, self.target.rate,
                                                            self.filterbank.num_mel_bins, features)
 
-        await asyncio.wrap_future(self.decoding.submit(answer))
+        await asyncio.wrap_future(self.pools.decoding.submit(answer))
 
     def _options(self, parameters: dict[str, Any], explaining: bool = False) -> Options:
         """`explaining`: a V1 :explain, which is explain: true whatever the parameters say. An
@@ -363,7 +361,7 @@ class ASTModel(Model):
         """`function(*args)` in the decoding pool. If the request is cancelled first (its client
         left), `abandoned` gets the pool's future once it is done, or cancelled before it ran, to
         release what the call opened or would have closed."""
-        future = self.decoding.submit(function, *args)
+        future = self.pools.decoding.submit(function, *args)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -395,7 +393,7 @@ class ASTModel(Model):
             for source in sources:
                 stack.enter_context(closing(source.blocks))
             budget = audio.SampleBudget(self.config.max_request_samples)
-            windows = [max(1, self.windowing.count(self._declared(source), hop_seconds)) for source in sources]
+            windows = [self.windowing.count(self._declared(source), hop_seconds) for source in sources]
             waveforms = []
             for index, source in enumerate(sources):
                 if options.explain:
@@ -405,7 +403,7 @@ class ASTModel(Model):
                     beyond = (self.windowing.beyond(left, hop_seconds),
                               _too_many_windows(f"more than {most}", self.windowing.seconds, hop_seconds, most))
                 waveforms.append(self.target.waveform(source, budget, beyond))
-                windows[index] = max(1, self.windowing.count(len(waveforms[-1]), hop_seconds))
+                windows[index] = self.windowing.count(len(waveforms[-1]), hop_seconds)
                 logger.debug("decoded %d frames at %d Hz (%d channels) with %s", source.decoded, source.rate,
                              source.channels, source.reader)
             return waveforms
@@ -420,7 +418,7 @@ class ASTModel(Model):
         the limit before they are made, and a V2 answer's padded segments past theirs. A length of
         0 is a clip whose header did not say."""
         hop_seconds = options.hop_seconds
-        per_clip = [max(1, self.windowing.count(length, hop_seconds)) for length in lengths]
+        per_clip = [self.windowing.count(length, hop_seconds) for length in lengths]
         count = sum(per_clip)
         copies = 0
         if options.explain:
