@@ -157,11 +157,11 @@ def _requested_outputs(request: InferRequest) -> set[str]:
 
 def _audio_clips(tensor: InferInput) -> list[Clip]:
     _expect_datatype(tensor, "BYTES")
-    if len(tensor.shape) != 1:  # before the data is read: [1, 8000000] would be read element by element
+    # Checked before the data is read ([1, 8000000] would be read element by element); the data
+    # comes back in that shape, so an empty tensor is the one thing left to refuse after.
+    elements = _as_numpy(tensor) if len(tensor.shape) == 1 else None
+    if elements is None or elements.size == 0:
         raise ClientInputError(f"input '{AUDIO_INPUT}' must have shape [N] with N ≥ 1, got {shown(list(tensor.shape))}")
-    elements = _as_numpy(tensor)
-    if elements.ndim != 1 or elements.size == 0:
-        raise ClientInputError(f"input '{AUDIO_INPUT}' must have shape [N] with N ≥ 1, got {list(elements.shape)}")
     return [_audio_file(element, f"{AUDIO_INPUT}[{i}]") for i, element in enumerate(elements)]
 
 
