@@ -37,11 +37,9 @@ average has caught up.
 
 import asyncio
 import math
-import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 from . import metrics
 from .errors import Overloaded
@@ -100,7 +98,7 @@ T = TypeVar("T")
 
 @dataclass
 class Reserved:
-    """A request's items in a `Backlog`, from its admission until they have run, or until the
+    """A request's clips in the `Backlog`, from its admission until they have run, or until the
     request ends without running them."""
 
     backlog: "Backlog"
@@ -111,61 +109,59 @@ class Reserved:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.backlog.items -= self.items
+            self.backlog.state.rollouts -= self.items
 
 
 class Backlog:
-    """Work beside the model's queue, on this process's CPU whatever the device: explanations by
-    rollout, an eager pass of the encoder for its attentions (no engine hands them out). Against a
-    GPU's windows it costs thousands of them, so counting it in windows, as the queue's wait does,
-    says nothing there; on the decoding pool it would hold up other requests' decoding for as long.
-    So it has a thread of its own and a wait of its own: the items admitted and not yet run times
-    the time an item takes (the caller's estimate until one has been timed, then a running
-    average), past `max_wait_s` refused with `Overloaded`, as the queue's wait is. Items count
-    from admission, so requests arriving together see each other, as `Admission.counted` does."""
+    """Explanations by rollout: an eager pass of the encoder for its attentions (no engine hands
+    them out), one clip at a time, beside the model's queue, where the model runs (`rollout`).
+    Against a GPU's batched windows a clip of it costs dozens of them, so counting it in windows,
+    as the queue's wait does, says little. So it has a wait of its own: every process's clips
+    admitted and not yet run (`queue_state`) times the time a clip takes (two windows' time until
+    one has been timed, then a running average), past `max_wait_s` refused with `Overloaded`, as
+    the queue's wait is. Clips count from admission, so requests arriving together see each other,
+    as `Admission.counted` does."""
 
-    def __init__(self, what: str, max_wait_s: float, seconds_per_item: float, thread: ThreadPoolExecutor):
-        """`thread`: one worker, the backlog's (shared by a repository's models, whose rollouts
-        take turns there)."""
+    def __init__(self, what: str, max_wait_s: float, state: QueueState, untimed_windows: float):
         self.what = what
         self.max_wait_s = max_wait_s
-        self.seconds_per_item = seconds_per_item
-        self.timed = False
-        self.items = 0
-        self.thread = thread
+        self.state = state
+        self.untimed_windows = untimed_windows
+
+    @property
+    def seconds_per_item(self) -> float:
+        return self.state.seconds_per_rollout or self.untimed_windows * self.state.seconds_per_window
 
     def reserve(self, items: int) -> Reserved:
         """`items` counted from now, unless the wait ahead of them passes the bound."""
-        wait = self.items * self.seconds_per_item
-        if self.items and wait > self.max_wait_s:
+        ahead = self.state.rollouts_ahead
+        wait = ahead * self.seconds_per_item
+        if ahead and wait > self.max_wait_s:
             raise Overloaded(
-                f"the server is busy: {self.what} would wait about {wait:.1f} s for the {self.items} ahead of it, and "
+                f"the server is busy: {self.what} would wait about {wait:.1f} s for the {ahead} ahead of it, and "
                 f"this server admits them while that wait is at most {self.max_wait_s:g} s (--max_queue_seconds)",
                 _seconds(wait - self.max_wait_s))
-        self.items += items
+        self.state.rollouts += items
         return Reserved(self, items)
 
-    async def run(self, reserved: Reserved, function: Callable[[], T]) -> T:
-        """`function()` on the backlog's thread; `reserved` stays counted until it has run (a
-        caller that stops waiting leaves it counted while it runs)."""
-        loop = asyncio.get_running_loop()
-
-        def timed() -> T:
-            started = time.monotonic()
-            result = function()
-            seconds = (time.monotonic() - started) / reserved.items
-            self.seconds_per_item += (0.2 if self.timed else 1.0) * (seconds - self.seconds_per_item)
-            self.timed = True
-            return result
-
-        def done(_: object) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(reserved.release)
+    async def run(self, reserved: Reserved, work: Callable[[], Awaitable[T]]) -> T:
+        """`await work()`; `reserved` stays counted until it has ended (a caller that stops
+        waiting leaves it counted while it runs)."""
+        def ended(task: asyncio.Task) -> None:
+            reserved.release()
+            if not task.cancelled():
+                task.exception()  # seen: a caller that went away leaves no "never retrieved" behind
 
         reserved.running = True
-        future = self.thread.submit(timed)
-        future.add_done_callback(done)
-        return await asyncio.wrap_future(future)
+        task = asyncio.ensure_future(work())
+        task.add_done_callback(ended)
+        return await asyncio.shield(task)
+
+    def timed(self, seconds_per_item: float) -> None:
+        """Where the items run: one run's time per item, into the running average (the first
+        replaces the estimate)."""
+        timed = self.state.seconds_per_rollout
+        self.state.seconds_per_rollout = seconds_per_item + (0.8 * (timed - seconds_per_item) if timed else 0)
 
 
 def _seconds(wait: float) -> int:

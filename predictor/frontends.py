@@ -152,7 +152,7 @@ def run_model(launch: Launch, channel: str, memory: Any, told: Connection) -> No
         logger.error("%s", exc)
         told.send(False)
         sys.exit(1)
-    asyncio.run(_serve_model(ModelService(model.queue), channel, told))
+    asyncio.run(_serve_model(ModelService(model.queue, model.roll_out), channel, told))
 
 
 async def _serve_model(service: ModelService, channel: str, told: Connection) -> None:

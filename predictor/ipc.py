@@ -4,7 +4,9 @@
 in, (windows, labels) logits out) and the same numbers for admission (`queue_state`). `ModelService`
 is its other end in the model's process: each request's windows go into the one `WindowQueue` there,
 so fairness and batching span every frontend's requests. A request whose caller goes away is dropped
-there too: the frontend says so and the model's process cancels its place in the queue.
+there too: the frontend says so and the model's process cancels its place in the queue. Clips to
+explain by rollout go the same way (`RemoteQueue.roll_out`), to the encoder the model's process
+holds (`rollout`), and their relevance comes back.
 
 Our own protocol over a Unix socket rather than a library's: a frame is a small pickled header and
 the raw float32 samples or rows, which the model's process receives straight into their array (an
@@ -19,7 +21,7 @@ import logging
 import pickle
 import socket
 import struct
-from typing import Optional, Sequence
+from typing import Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 NOT_TAKING = "the model's process is not taking requests now"  # no connection to it: a 503
 
 FRAME = struct.Struct("!II")  # header bytes, payload bytes
-RUN, DROP, LOGITS, FAILED = "run", "drop", "logits", "failed"
+RUN, ROLL_OUT, DROP, LOGITS, FAILED = "run", "roll out", "drop", "logits", "failed"
 Layout = list[tuple[int, Optional[tuple[tuple[int, int], tuple[int, int]]]]]
 """Each window: the index of its samples among those sent, and its occluded cell (frames, bins) or None."""
 
@@ -70,11 +72,16 @@ async def _receive(connection: socket.socket, size: int) -> bytearray:
     return buffer
 
 
-class ModelService:
-    """The model's process end: one connection per frontend, each request a task awaiting the queue."""
+Compute = Callable[[Sequence[Window]], Awaitable[torch.Tensor]]
 
-    def __init__(self, queue: WindowQueue):
+
+class ModelService:
+    """The model's process end: one connection per frontend, each request a task awaiting the
+    queue (or `roll_out`)."""
+
+    def __init__(self, queue: WindowQueue, roll_out: Compute):
         self.queue = queue
+        self.roll_out = roll_out
 
     async def serve(self, path: str) -> asyncio.Task:
         """Accepting connections on `path` until the task is cancelled."""
@@ -103,8 +110,9 @@ class ModelService:
         try:
             while True:
                 (kind, job, *detail), payload = await receive_frame(connection)
-                if kind == RUN:
-                    jobs[job] = asyncio.ensure_future(self._run(job, *detail, payload, connection, sending))
+                if kind in (RUN, ROLL_OUT):
+                    compute = self.queue if kind == RUN else self.roll_out
+                    jobs[job] = asyncio.ensure_future(self._run(compute, job, *detail, payload, connection, sending))
                     jobs[job].add_done_callback(lambda _, job=job: jobs.pop(job, None))
                 elif kind == DROP and job in jobs:
                     jobs[job].cancel()
@@ -117,13 +125,13 @@ class ModelService:
                 task.cancel()
             connection.close()
 
-    async def _run(self, job: int, lengths: Sequence[int], layout: Layout, payload: bytearray,
+    async def _run(self, compute: Compute, job: int, lengths: Sequence[int], layout: Layout, payload: bytearray,
                    connection: socket.socket, sending: asyncio.Lock) -> None:
         samples = np.frombuffer(payload, dtype=np.float32)
         sources = np.split(samples, np.cumsum(lengths)[:-1]) if len(lengths) > 1 else [samples]
         windows = [sources[source] if cell is None else Occluded(sources[source], *cell) for source, cell in layout]
         try:
-            logits = (await self.queue(windows)).float().contiguous().numpy()
+            logits = (await compute(windows)).float().contiguous().numpy()
             answer = frame((LOGITS, job, logits.shape), logits.tobytes())
         except Overloaded as exc:
             answer = frame((FAILED, job, "overloaded", exc.reason, exc.retry_after_s))
@@ -154,11 +162,18 @@ class RemoteQueue:
     async def __call__(self, windows: Sequence[Window]) -> torch.Tensor:
         """The windows' rows. The frame is written before this first awaits once connected, so
         the windows leave admission's count (`Admission.counted`) as they are sent."""
+        return await self._request(RUN, windows)
+
+    async def roll_out(self, windows: Sequence[Window]) -> torch.Tensor:
+        """Each clip's window's relevance (`rollout`), computed in the model's process."""
+        return await self._request(ROLL_OUT, windows)
+
+    async def _request(self, kind: str, windows: Sequence[Window]) -> torch.Tensor:
         writer = self._writer or await self._connect()
         job = next(self._ids)
         result = self._pending[job] = asyncio.get_running_loop().create_future()
         sources, layout = _layout(windows)
-        writer.write(frame((RUN, job, [len(s) for s in sources], layout),
+        writer.write(frame((kind, job, [len(s) for s in sources], layout),
                            np.concatenate(sources).astype(np.float32, copy=False).tobytes()))
         try:
             try:

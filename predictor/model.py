@@ -26,6 +26,7 @@ import torch
 from kserve import Model
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
+from transformers import PretrainedConfig
 
 from . import audio, explanations, labels, metrics, occlusion, precision, protocol, rollout, windows
 from .allocator import release_freed_memory
@@ -94,7 +95,8 @@ class Logits:
 @dataclass(frozen=True)
 class Threads:
     """The threads a model's work runs on: its passes' one thread, the pool that reads and decodes
-    requests' files (and draws explanations' pictures), and the rollouts' one thread. The models of
+    requests' files (and draws explanations' pictures), and the rollouts' one thread (where the
+    model runs: under `--frontends`, the model's process). The models of
     a `repository` share one set, so that several models use the cores one model would: their
     passes take turns, and decoding stays a pool sized to the cores."""
 
@@ -136,7 +138,8 @@ class ASTModel(Model):
         self.num_labels = 0
         self.hidden_size = 0
         self.id2label: dict[int, str] = {}
-        self.rollout: Optional[Rollout] = None
+        self.rollout: Optional[Rollout] = None  # where the model runs here (not in a frontend)
+        self.geometry: Optional[PretrainedConfig] = None  # the model's: its patches, for rollout's cells
         self.default_top_k = config.top_k
         self.default_function = "softmax"
 
@@ -155,18 +158,18 @@ class ASTModel(Model):
         self.num_labels = model_config.num_labels
         self.hidden_size = model_config.hidden_size
         self.id2label = {int(k): v for k, v in model_config.id2label.items()}
-        self.rollout = Rollout(source, model_config)
+        self.geometry = model_config
         self.default_function = config.function_to_apply or labels.default_function(model_config.problem_type,
                                                                                     self.num_labels)
         self.default_top_k = min(config.top_k, self.num_labels)  # the pipeline clamps top_k too
         on_gpu = torch.device(self.device).type == "cuda"
         self.queue = self.remote or self._load_engine(checkpoint, on_gpu)
+        self.rollout = None if self.remote else Rollout(source, model_config, self.device)
         del checkpoint  # and its torch module, if it was loaded and no torch engine holds it
         release_freed_memory()
         self.admission = Admission(self.queue.state, config.max_queue_seconds, config.queued_windows(on_gpu))
-        self.rollouts = Backlog("an explanation by rollout", config.max_queue_seconds,
-                                ROLLOUT_WINDOWS * self.queue.state.seconds_per_window,  # until one is timed: a CPU's
-                                self.pools.rollouts)
+        self.rollouts = Backlog("an explanation by rollout", config.max_queue_seconds, self.queue.state,
+                                ROLLOUT_WINDOWS)
         logger.info("Loaded AST from %s: %d labels, %d mel bins x %d frames (windows of %g s), default %s top-%d%s",
                     source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
                     self.windowing.seconds, self.default_function, self.default_top_k,
@@ -313,8 +316,8 @@ class ASTModel(Model):
         attention rollout, one map for every label (`rollout`, one pass on a thread of its own: `Backlog`)."""
         options = work.options
         if options.explain_method == "rollout":
-            patches = await self.rollouts.run(work.rollouts, lambda: self.rollout(self.filterbank(work.windows)))
-            maps = [rollout.cell_relevance(row, self.rollout.config, cells) for row, cells in zip(patches, work.cells)]
+            patches = await self.rollouts.run(work.rollouts, lambda: self.roll_out(work.windows))
+            maps = [rollout.cell_relevance(row, self.geometry, cells) for row, cells in zip(patches, work.cells)]
         else:
             scores = labels.scores(clip_logits, options.function)
             ids = scores.topk(options.top_k, dim=-1).indices  # as `labels.top_k` ranks them
@@ -334,6 +337,20 @@ class ASTModel(Model):
                                                            self.filterbank.num_mel_bins, features)
 
         await asyncio.wrap_future(self.pools.decoding.submit(answer))
+
+    async def roll_out(self, windows: list[np.ndarray]) -> torch.Tensor:
+        """Each clip's one window → its (patches,) relevance, where the model runs: on this
+        process's rollout thread, timed (`Backlog.timed`), or in the model's process (`ipc`)."""
+        if self.remote:
+            return await self.remote.roll_out(windows)
+
+        def timed() -> torch.Tensor:
+            started = time.monotonic()
+            patches = self.rollout(self.filterbank(windows))
+            self.rollouts.timed((time.monotonic() - started) / len(windows))
+            return patches
+
+        return await asyncio.wrap_future(self.pools.rollouts.submit(timed))
 
     def _options(self, parameters: dict[str, Any], explaining: bool = False) -> Options:
         """`explaining`: a V1 :explain, which is explain: true whatever the parameters say. An

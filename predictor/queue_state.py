@@ -1,13 +1,15 @@
 """The numbers admission reads (`admission`): windows waiting for the model, the time a window
-takes, and the windows admitted but still decoding, kept where every process of the server reads them.
+takes, and the windows admitted but still decoding; and the same for explanations by rollout
+(`admission.Backlog`): clips admitted and not yet run, and the time a clip takes. Kept where every
+process of the server reads them.
 
 In one process (`--frontends 1`) they are that process's own. With frontends (`frontends`), requests
 are admitted in several processes and queued in another, and admission in each has to see the
 windows queued in the model's process and those every other frontend is decoding, without a round
 trip per request. So the numbers live in memory the processes share (`multiprocessing.RawArray`):
-the model's process writes the queue's two, each frontend its own slot of reserved windows. One
-writer per number, read without a lock: a reader may see a number one write behind, which an
-estimate of the wait tolerates.
+the model's process writes the queue's two and the time a rollout takes (it runs them), each
+frontend its own slot of reserved windows and of rollouts. One writer per number, read without a
+lock: a reader may see a number one write behind, which an estimate of the wait tolerates.
 """
 
 import multiprocessing
@@ -15,23 +17,25 @@ from typing import Any
 
 import numpy as np
 
-WAITING, SECONDS_PER_WINDOW, RESERVED = 0, 1, 2
+WAITING, SECONDS_PER_WINDOW, SECONDS_PER_ROLLOUT = 0, 1, 2
+SLOTS = 3  # then each process's slot: its reserved windows, its rollouts
+RESERVED, ROLLOUTS = 0, 1
 
 
 class QueueState:
     def __init__(self, values: np.ndarray, slot: int = 0):
         self.values = values
-        self.slot = RESERVED + slot
+        self.slot = SLOTS + 2 * slot
 
     @classmethod
     def local(cls) -> "QueueState":
-        """This process's own numbers, no window timed yet (`seconds_per_window` 0)."""
-        return cls(np.zeros(RESERVED + 1))
+        """This process's own numbers, nothing timed yet (`seconds_per_window` 0)."""
+        return cls(np.zeros(SLOTS + 2))
 
     @staticmethod
     def shared_memory(frontends: int) -> Any:
         """The memory a model process and `frontends` frontends share, handed to each as it starts."""
-        return multiprocessing.get_context("spawn").RawArray("d", RESERVED + frontends)
+        return multiprocessing.get_context("spawn").RawArray("d", SLOTS + 2 * frontends)
 
     @classmethod
     def attach(cls, memory: Any, slot: int = 0) -> "QueueState":
@@ -59,13 +63,36 @@ class QueueState:
     @property
     def reserved(self) -> int:
         """Windows this process has admitted that are not queued yet (opening or decoding their files)."""
-        return int(self.values[self.slot])
+        return int(self.values[self.slot + RESERVED])
 
     @reserved.setter
     def reserved(self, windows: int) -> None:
-        self.values[self.slot] = windows
+        self.values[self.slot + RESERVED] = windows
 
     @property
     def windows_ahead(self) -> int:
         """What a new request would wait for: queued windows and every process's reserved ones."""
-        return int(self.values[WAITING] + self.values[RESERVED:].sum())
+        return int(self.values[WAITING] + self.values[SLOTS + RESERVED::2].sum())
+
+    @property
+    def rollouts(self) -> int:
+        """Clips to explain by rollout that this process has admitted and that have not run yet."""
+        return int(self.values[self.slot + ROLLOUTS])
+
+    @rollouts.setter
+    def rollouts(self, clips: int) -> None:
+        self.values[self.slot + ROLLOUTS] = clips
+
+    @property
+    def rollouts_ahead(self) -> int:
+        """Every process's rollouts admitted and not yet run: what a new one would wait for."""
+        return int(self.values[SLOTS + ROLLOUTS::2].sum())
+
+    @property
+    def seconds_per_rollout(self) -> float:
+        """A running average of the rollouts run, per clip; 0 until one has been timed."""
+        return float(self.values[SECONDS_PER_ROLLOUT])
+
+    @seconds_per_rollout.setter
+    def seconds_per_rollout(self, seconds: float) -> None:
+        self.values[SECONDS_PER_ROLLOUT] = seconds

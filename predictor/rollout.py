@@ -10,7 +10,9 @@ bins, every `time_stride` frames and `frequency_stride` bins, so they overlap). 
 depend on the label read from it: every label gets the same map.
 
 Its model is transformers' own encoder with eager attention (SDPA hands no weights out, nor do
-the exported graphs the engines run), loaded on first use by the process that takes the request.
+the exported graphs the engines run), loaded on first use where the model runs: on its device, in
+the model's process under `--frontends` (`ipc`), so a server holds one copy of it, and a GPU
+computes it.
 """
 
 import logging
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
+from .errors import Overloaded
 from .occlusion import Grid
 
 if TYPE_CHECKING:  # transformers' modelling code takes a second or more to import: only a rollout needs it
@@ -35,7 +38,7 @@ def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     each patch token's share of what the two pooled tokens read at the end."""
     joint: Optional[torch.Tensor] = None
     for layer in attentions:
-        flow = layer.mean(dim=1) + torch.eye(layer.shape[-1], dtype=layer.dtype)
+        flow = layer.mean(dim=1) + torch.eye(layer.shape[-1], dtype=layer.dtype, device=layer.device)
         flow = flow / flow.sum(dim=-1, keepdim=True)
         joint = flow if joint is None else flow @ joint
     return joint[:, :2, 2:].mean(dim=1)
@@ -61,22 +64,27 @@ def cell_relevance(patches: torch.Tensor, config: "ASTConfig", cells: Grid) -> n
 
 
 class Rollout:
-    """The encoder with eager attention, loaded on first use (a second copy of the weights in this
-    process: the engine's may be a graph, or on a GPU)."""
+    """The encoder with eager attention, loaded on first use (a second copy of the weights: the
+    engine's may be a graph, or in another precision)."""
 
-    def __init__(self, source: str, config: "ASTConfig"):
-        self.source, self.config = source, config
+    def __init__(self, source: str, config: "ASTConfig", device: str = "cpu"):
+        self.source, self.config, self.device = source, config, torch.device(device)
         self.encoder: Optional["ASTModel"] = None
         self.loading = threading.Lock()  # requests arriving together load it once
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """(clips, frames, mel bins) features → (clips, patches) relevance."""
+        """(clips, frames, mel bins) features → (clips, patches) relevance, on the CPU."""
         with self.loading:
             if self.encoder is None:
                 from transformers import ASTModel
 
-                logger.info("Loading the encoder with eager attention from %s, for explanations by rollout", self.source)
-                self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").eval()
-        with torch.inference_mode():  # a clip at a time: every layer's attentions of a clip are held at once
-            return torch.cat([rollout(self.encoder(input_values=clip[None], output_attentions=True).attentions)
-                              for clip in features])
+                logger.info("Loading the encoder with eager attention from %s onto %s, for explanations by rollout",
+                            self.source, self.device)
+                self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").to(self.device).eval()
+        try:
+            with torch.inference_mode():  # a clip at a time: every layer's attentions of a clip are held at once
+                return torch.cat([rollout(self.encoder(input_values=clip[None].to(self.device),
+                                                       output_attentions=True).attentions).cpu()
+                                  for clip in features])
+        except torch.OutOfMemoryError as exc:
+            raise Overloaded("the GPU has no memory left for an explanation by rollout now", 1) from exc

@@ -308,12 +308,15 @@ def test_admission_refuses_past_the_wait_or_the_windows_and_admitted_requests_fi
 
 
 def test_a_backlog_counts_from_admission_until_run_and_takes_its_first_timing():
-    """Rollouts beside the queue: 3 clips admitted at an estimate of 1 s each are a wait of 3 s,
-    past a bound of 2 s, from their admission on, before they run: the next request is refused
-    with a retry time. A request that ends before running lets its clips go; one whose caller stops
-    waiting while they run keeps them counted until they have run. The first timing replaces the
-    estimate, and the backlog admits again."""
-    backlog = Backlog("an explanation by rollout", max_wait_s=2.0, seconds_per_item=1.0, thread=ThreadPoolExecutor(1))
+    """Rollouts beside the queue: 3 clips admitted at an estimate of 1 s each (two windows of
+    0.5 s, until one is timed) are a wait of 3 s, past a bound of 2 s, from their admission on,
+    before they run: the next request is refused with a retry time. A request that ends before
+    running lets its clips go; one whose caller stops waiting while they run keeps them counted
+    until they have run. The first timing replaces the estimate, later ones join a running
+    average, and the backlog admits again."""
+    state = QueueState.local()
+    state.seconds_per_window = 0.5
+    backlog = Backlog("an explanation by rollout", max_wait_s=2.0, state=state, untimed_windows=2)
     release = threading.Event()
 
     def refused() -> Overloaded:
@@ -323,24 +326,31 @@ def test_a_backlog_counts_from_admission_until_run_and_takes_its_first_timing():
             backlog.reserve(1)
         return refusal.value
 
+    async def done() -> str:
+        return "done"
+
     async def main():
         never_run = backlog.reserve(3)  # nothing ahead
         assert refused().retry_after_s == 1
         never_run.release()  # its request failed before its rollout
         first = backlog.reserve(3)
-        running = asyncio.create_task(backlog.run(first, lambda: release.wait(30)))
+        running = asyncio.create_task(backlog.run(first, lambda: asyncio.to_thread(release.wait, 30)))
         await asyncio.sleep(0.05)
         refused()
         running.cancel()  # its client left: the pass runs on, and is counted until it ends
         await asyncio.sleep(0.05)
-        assert first.running and backlog.items == 3  # a request that ends now leaves them (ASTModel.__call__)
+        assert first.running and state.rollouts == 3  # a request that ends now leaves them (ASTModel.__call__)
         release.set()
-        while backlog.items:
+        while state.rollouts:
             await asyncio.sleep(0.01)
-        return await backlog.run(backlog.reserve(2), lambda: "done")
+        backlog.timed(0.05)
+        assert backlog.seconds_per_item == 0.05
+        backlog.timed(0.15)
+        assert backlog.seconds_per_item == pytest.approx(0.07)
+        return await backlog.run(backlog.reserve(2), done)
 
     assert run(main()) == "done"
-    assert backlog.items == 0 and backlog.timed and backlog.seconds_per_item < 0.1
+    assert state.rollouts == 0
 
 
 def test_a_model_loaded_beside_others_joins_their_time_per_window():

@@ -11,14 +11,17 @@ import socket
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import requests
 import torch
 
+from predictor.admission import Backlog
 from predictor.batching import WindowQueue
 from predictor.config import Config
 from predictor.errors import Overloaded
@@ -45,6 +48,25 @@ def fronted(tiny_model_dir, tmp_path_factory):
     stop_server(server)
 
 
+def frontends_of(server) -> list[int]:
+    frontends = [pid for pid, role in server.roles.items() if role == "frontend"]
+    assert len(frontends) == FRONTENDS, server.roles
+    return frontends
+
+
+@contextmanager
+def alone(server, frontend: int) -> Iterator[None]:
+    """Only `frontend` accepts connections on the shared port meanwhile: the others are stopped."""
+    others = [pid for pid in frontends_of(server) if pid != frontend]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
 def answered_by(server) -> Counter:
     """HTTP requests answered by each process (pid), from uvicorn's access lines (they carry the pid)."""
     return Counter(int(line.split()[5]) for line in server.log.read_text().splitlines() if "uvicorn.access" in line)
@@ -69,24 +91,16 @@ def test_every_frontend_takes_connections_on_the_shared_http_port(fronted):
     """The port is one socket, accepted from by whichever frontend is first: which one that is, is
     the scheduler's call (a busy machine may favour one for a while). So each frontend in turn is
     left alone to accept, the others stopped (SIGSTOP), and must answer."""
-    frontends = [pid for pid, role in fronted.roles.items() if role == "frontend"]
-    assert len(frontends) == FRONTENDS, fronted.roles
     clip = encode(tone(440, 1.0, RATE), RATE, "WAV", "PCM_16")
-    for alone in frontends:
-        before = answered_by(fronted)[alone]
-        for pid in frontends:
-            if pid != alone:
-                os.kill(pid, signal.SIGSTOP)
-        try:
+    for frontend in frontends_of(fronted):
+        before = answered_by(fronted)[frontend]
+        with alone(fronted, frontend):
             response = requests.post(fronted.predict_url, data=clip, timeout=60)
-        finally:
-            for pid in frontends:
-                os.kill(pid, signal.SIGCONT)
         assert response.status_code == 200, response.text
         deadline = time.monotonic() + 10  # its access line may follow the answer by a moment
-        while answered_by(fronted)[alone] == before and time.monotonic() < deadline:
+        while answered_by(fronted)[frontend] == before and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert answered_by(fronted)[alone] == before + 1, (alone, answered_by(fronted))
+        assert answered_by(fronted)[frontend] == before + 1, (frontend, answered_by(fronted))
 
 
 def test_embeddings_come_through_the_channel(fronted, pooler_output, speech_16k):
@@ -100,17 +114,25 @@ def test_embeddings_come_through_the_channel(fronted, pooler_output, speech_16k)
                                    atol=1e-4, rtol=0)
 
 
-def test_explanations_come_through_the_channel(fronted, server):
+@pytest.mark.parametrize("method", ["occlusion", "rollout"])
+def test_explanations_come_through_the_channel(fronted, server, method):
     """An explanation's masked copies share their window's samples (sent once) and each carries its
-    cell: the maps are those the one-process server draws."""
+    cell; a rollout is computed by the model's process, which holds the one encoder with eager
+    attention (asked of each frontend alone): the maps are those the one-process server draws."""
     clip = np.concatenate([np.zeros(RATE, np.float32), tone(880, 2.0, RATE)])
     body = {"instances": [{"b64": base64.b64encode(encode(clip, RATE, "WAV", "FLOAT")).decode()}],
-            "parameters": {"top_k": 2}}
-    answers = [requests.post(f"{url}/v1/models/ast:explain", json=body, timeout=60) for url in (fronted.url, server.url)]
-    assert [a.status_code for a in answers] == [200, 200], answers[0].text
-    ours, theirs = ([e["relevance"] for e in a.json()["explanations"][0]] for a in answers)
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-    assert np.abs(ours).max() > 0
+            "parameters": {"top_k": 2, "explain_method": method}}
+    theirs = requests.post(f"{server.url}/v1/models/ast:explain", json=body, timeout=60)
+    assert theirs.status_code == 200, theirs.text
+    for frontend in frontends_of(fronted):
+        with alone(fronted, frontend):
+            ours = requests.post(f"{fronted.url}/v1/models/ast:explain", json=body, timeout=60)
+        assert ours.status_code == 200, ours.text
+        np.testing.assert_allclose(*([e["relevance"] for e in a.json()["explanations"][0]] for a in (ours, theirs)),
+                                   atol=1e-4, rtol=0)
+    assert np.abs([e["relevance"] for e in theirs.json()["explanations"][0]]).max() > 0
+    if method == "rollout":
+        assert fronted.log.read_text().count("Loading the encoder with eager attention") == 1
 
 
 def test_metrics_add_every_process_up(fronted, speech_16k):
@@ -243,24 +265,31 @@ def test_a_frontend_connects_again_once_the_model_process_has_closed_its_connect
 
 
 def test_admission_in_one_process_sees_what_another_has_reserved():
+    """Windows being decoded and clips to explain by rollout, in another frontend; the queue's
+    windows and the time a rollout takes, in the model's process (which runs them all)."""
     memory = QueueState.shared_memory(2)
     model, first, second = QueueState.attach(memory), QueueState.attach(memory, 0), QueueState.attach(memory, 1)
     model.waiting, model.seconds_per_window = 3, 0.5
     ready, done = threading.Event(), threading.Event()
+    rollouts = Backlog("an explanation by rollout", max_wait_s=5.0, state=first, untimed_windows=2)
 
     def other_frontend():  # a writer of its own slot, as each frontend is
-        second.reserved = 4
+        second.reserved, second.rollouts = 4, 2
         ready.set()
         done.wait(10)
-        second.reserved = 0
+        second.reserved = second.rollouts = 0
 
     thread = threading.Thread(target=other_frontend)
     thread.start()
     ready.wait(10)
     assert (first.windows_ahead, first.seconds_per_window) == (7, 0.5)
+    model.seconds_per_rollout = 3.0
+    with pytest.raises(Overloaded, match="would wait about 6.0 s for the 2 ahead of it"):
+        rollouts.reserve(1)
     done.set()
     thread.join()
     assert first.windows_ahead == 3
+    assert rollouts.reserve(1).items == 1 and first.rollouts_ahead == 1
 
 
 def test_frontends_default_to_one_on_a_cpu_and_the_spare_cores_on_a_gpu():

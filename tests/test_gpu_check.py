@@ -60,7 +60,8 @@ def test_gpu_check_rehearses_its_whole_run_on_the_cpu(tmp_path):
     results = json.loads((tmp_path / "gpu-check.json").read_text())
     assert results["device"].startswith("rehearsal on the CPU") and results["complete"] is True, results
     checks = [check["check"] for check in results["checks"] if check["passed"]]
-    assert len(checks) == len(results["checks"]) == 6 and "10-minute recording: same windows and top labels" in checks
+    assert len(checks) == len(results["checks"]) == 7 and "10-minute recording: same windows and top labels" in checks
+    assert "rollout map (the model's process, on the GPU) vs the CPU's" in checks
     assert set(results["model_alone_clips_per_s"]) == {f"{p} batch {GPU_BATCH}" for p in ("fp32", "bf16")}, results
     bench = results["bench"]
     answered = [bench[name] for name in ("single_clips_per_s", "half_load_clips_per_s", "multi_clips_per_s")]

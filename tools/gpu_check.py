@@ -5,6 +5,8 @@ CI has no GPU, and a session that has one has minutes of it: so this is one prep
 README names. On a full-size random-init AST (speed and parity do not depend on the weights):
 - fp32 on the GPU answers as the CPU server does, within 1e-4 (raw logits, 10 s clips);
 - a 10-minute recording gets the same windows and the same top labels on both;
+- an explanation by rollout (the model's process computes it, on the GPU) draws the CPU's map,
+  within 1e-3 of its largest cell;
 - bf16 and fp16 on the GPU keep a cosine of at least 0.9999 to fp32 in their logits and 0.999 in
   their embeddings (the engine alone);
 - a server squeezed into a sliver of the GPU's memory (--gpu_memory_fraction) with passes too big
@@ -94,7 +96,19 @@ def parity(cpu: Server, gpu: Server, recording: bytes) -> list[tuple[str, bool, 
     same = [[s["labels"][0]["label"] for s in answer["segments"]] for answer in (on_cpu, on_gpu)]
     checks.append(("10-minute recording: same windows and top labels", same[0] == same[1] and len(same[0]) > 50,
                    f"{len(same[0])} windows on the CPU, {len(same[1])} on the GPU"))
+    maps = [np.array(rollout_map(server, clips()["tones"])) for server in (cpu, gpu)]
+    worst = float(np.abs(maps[0] - maps[1]).max() / np.abs(maps[0]).max())
+    checks.append(("rollout map (the model's process, on the GPU) vs the CPU's", worst <= 1e-3,
+                   f"max difference {worst:.2e} of the map's largest cell"))
     return checks
+
+
+def rollout_map(server: Server, clip: bytes) -> list[list[float]]:
+    body = {"instances": [{"b64": base64.b64encode(clip).decode()}],
+            "parameters": {"top_k": 1, "explain_method": "rollout"}}
+    response = requests.post(f"{server.url}/v1/models/{server.model_name}:explain", json=body, timeout=600)
+    response.raise_for_status()
+    return response.json()["explanations"][0][0]["relevance"]
 
 
 def bench(gpu: Server, plan: Plan, multi: bool = True) -> dict:
