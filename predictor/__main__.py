@@ -63,8 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (DeviceError, PrecisionError) as exc:
         parser.error(str(exc))
     server_flags = {name: getattr(args, name) for name in SERVER_FLAGS}
-    cpus = config.threads or cpu_limit()
-    frontends = config.frontend_count(device.type == "cuda", cpus)
+    frontends = config.frontend_count(device.type == "cuda", cpu_limit())  # as documented: the container's, not --threads
     names = model_names(config.model_dir)
     if names is not None:
         if config.frontends and config.frontends > 1:
@@ -73,7 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return serve_repository(config, names, str(device), server_flags)
     if frontends > 1:
         return serve_with_frontends(Launch(args, config, str(device), server_flags, GRACE_PERIOD_S, frontends,
-                                           threads=max(1, cpus // frontends)))
+                                           threads=max(1, (config.threads or cpu_limit()) // frontends)))
     keep_freed_memory()
     model = ASTModel(config, threads=configure_torch_threads(config.threads), device=str(device))
     try:

@@ -143,10 +143,15 @@ def check_readable(directory: str) -> None:
 
 
 def load_feature_extractor(source: str, config: Any) -> ASTFeatureExtractor:
-    """The saved preprocessor config if there is one, else AST's defaults sized to the model."""
+    """The saved preprocessor config if there is one, else AST's defaults sized to the model. One
+that is there but cannot be read is refused: its normalisation (mean, std) and rate are the
+fine-tune's, and AST's defaults in their place would serve wrong features without a word."""
     try:
         extractor = ASTFeatureExtractor.from_pretrained(source)
-    except OSError:
+    except OSError as exc:
+        saved = Path(source, "preprocessor_config.json")
+        if saved.is_file():
+            raise ModelLoadError(f"{saved} is not a feature extractor's config transformers can read: {exc}") from None
         extractor = ASTFeatureExtractor(num_mel_bins=config.num_mel_bins, max_length=config.max_length)
     if (extractor.num_mel_bins, extractor.max_length) != (config.num_mel_bins, config.max_length):
         raise ModelLoadError(

@@ -49,7 +49,7 @@ def _bounded(kind: type, accept: Callable[[Any], bool], wanted: str) -> Callable
     def parse(text: str) -> Any:
         value = kind(text)
         if not (math.isfinite(value) and accept(value)):
-            raise ValueError(f"must be {wanted}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its error message
@@ -59,11 +59,26 @@ def _bounded(kind: type, accept: Callable[[Any], bool], wanted: str) -> Callable
 def fraction(text: str) -> float:
     value = positive(float)(text)
     if value > 1:
-        raise ValueError(f"must be at most 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be at most 1, got {text}")
     return value
 
 
 fraction.__name__ = "float"
+
+request_mb = _bounded(float, lambda value: 0 < value < 2048, "positive and under 2048 (gRPC's largest message: 2 GiB)")
+
+
+def optional_path(text: str) -> Optional[Path]:
+    """A path; an empty value (an environment variable set to nothing) is none, not the working directory."""
+    return Path(text) if text else None
+
+
+def calibration_directory(text: str) -> Optional[Path]:
+    """Checked at start, not after minutes of loading: the directory must exist to be read."""
+    path = optional_path(text)
+    if path is not None and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return path
 
 
 def setting(default: Any, help: str, parse: Callable[[str], Any] = str, choices: Optional[tuple] = None) -> Any:
@@ -103,7 +118,7 @@ class Config:
                                 "averaged into mono, block by block, so memory does not grow with them.", positive(int))
     max_request_mb: float = setting(names.MAX_REQUEST_MB, "Largest request: an HTTP body (413 past it) or a gRPC message (kserve's own "
                                     "default is 8 MiB), in MiB. A 10-minute 16 kHz 16-bit WAV is 19 MB.",
-                                    positive(float))
+                                    request_mb)
     max_batch_size: Optional[int] = setting(
         None, "Most windows (10.24 s each for AudioSet AST) in one forward pass. Default: 1 on a CPU (batches did not "
         "pay on 2 cores), 64 on a GPU (make bench measures both).", positive(int))
@@ -134,14 +149,14 @@ class Config:
     threads: Optional[int] = setting(None, "Intra-op threads, and the decoding pool's size. Default: the container's "
                                      "CPU limit (cgroup), not the node's core count.", positive(int))
     onnx_cache_dir: Optional[Path] = setting(None, "Where engine files and engine choices are kept. Default: "
-                                             "$XDG_CACHE_HOME/ast-kserve (~/.cache/ast-kserve).", Path)
+                                             "$XDG_CACHE_HOME/ast-kserve (~/.cache/ast-kserve).", optional_path)
     start_timeout_s: float = setting(
         240.0, "The start's budget for making engine files (ONNX export, OpenVINO's int8) and timing the engines: "
         "each gets what is left of it. Past it, under --backend auto that engine drops out; a named backend fails "
         "the start. Size the startupProbe above it.", positive(float))
     calibration_dir: Optional[Path] = setting(None, "int8 on OpenVINO (static scales, NNCF): audio files like the "
                                               "ones you serve, to calibrate on. Default: clips the server synthesises.",
-                                              Path)
+                                              calibration_directory)
     explain_cell_seconds: float = setting(
         1.0, "Explanations by occlusion: the time cells' width in seconds (widened where a clip would need more "
         "than --explain_max_cells).", positive(float))
@@ -202,7 +217,7 @@ def _from_environment(parser: argparse.ArgumentParser, setting_: Any, environ: d
     meta = setting_.metadata
     try:
         parsed = meta["parse"](value)
-    except ValueError as exc:
+    except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(f"environment variable {name}={value!r}: {exc}")
     if meta["choices"] is not None and parsed not in meta["choices"]:
         parser.error(f"environment variable {name}={value!r}: choose from {list(meta['choices'])}")

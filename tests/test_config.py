@@ -29,10 +29,14 @@ def test_a_bad_environment_variable_is_named_at_start(env, message, monkeypatch,
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--top_k", "0"], "argument --top_k: invalid int value: '0'"),
+        (["--top_k", "0"], "argument --top_k: must be positive, got 0"),
+        (["--top_k", "five"], "argument --top_k: invalid int value: 'five'"),
+        (["--max_request_mb", "2048"], "argument --max_request_mb: must be positive and under 2048 (gRPC's largest "
+                                       "message: 2 GiB), got 2048"),
+        (["--calibration_dir", "/no/such/clips"], "argument --calibration_dir: /no/such/clips is not a directory"),
         (["--precision", "bf16", "--backend", "onnxruntime"], "--precision bf16 needs --backend openvino, torch or auto"),
         (["--workers", "2"], "--workers must be 1"),
-        (["--max_batch_wait_ms", "inf"], "argument --max_batch_wait_ms: invalid float value: 'inf'"),
+        (["--max_batch_wait_ms", "inf"], "argument --max_batch_wait_ms: must be zero or more, got inf"),
         (["--device", "gpu"], "argument --device: invalid device_name value: 'gpu'"),
         (["--device", "cpu", "--precision", "fp16"], "--precision fp16 runs on a GPU only"),
         (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
@@ -80,3 +84,10 @@ def test_flags_win_over_the_environment():
     _, config = configured(["--top_k", "2"], {"AST_TOP_K": "7", "AST_FUNCTION_TO_APPLY": "none",
                                               "AST_MODEL_NAME": "birds", "AST_ONNX_CACHE_DIR": "/cache"})
     assert config == Config(top_k=2, function_to_apply="none", model_name="birds", onnx_cache_dir=Path("/cache"))
+
+
+def test_an_empty_path_from_the_environment_is_none():
+    """A manifest's `value: ""` leaves the default (the cache under $XDG_CACHE_HOME, synthetic
+    calibration clips), not the working directory."""
+    _, config = configured([], {"AST_ONNX_CACHE_DIR": "", "AST_CALIBRATION_DIR": ""})
+    assert config.onnx_cache_dir is None and config.calibration_dir is None

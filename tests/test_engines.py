@@ -22,6 +22,7 @@ from predictor.checkpoint import Checkpoint, load_feature_extractor, weight_file
 from predictor.engines.calibration import file_features, synthetic_clips
 from predictor.engines.choice import cpu_key
 from predictor.engines.artifacts import OFFLINE_TIMEOUT_S, ExportError
+from predictor.engines.openvino_int8 import int8_ir_path
 from predictor.cpu import multiplies_bf16
 from predictor.features import LogMelFilterbank
 from predictor.windows import Windowing
@@ -276,12 +277,15 @@ def test_auto_times_every_engine_once_per_kind_of_cpu_and_keeps_the_fastest(tiny
     assert isinstance(second, ENGINE_TYPES[kept["backend"]])
 
 
-def test_a_lone_candidate_serves_without_a_race_or_a_claim_of_one(tiny_model_dir, onnx_cache, tmp_path, caplog):
-    """OpenVINO's int8 cannot be made from a calibration set that is not audio: ONNX Runtime is the
-    only int8 engine left, so nothing is timed, and nothing is said to be kept from a timing."""
+@pytest.mark.parametrize("files", [{"notes.txt": "not audio"}, {}])
+def test_a_lone_candidate_serves_without_a_race_or_a_claim_of_one(tiny_model_dir, onnx_cache, tmp_path, caplog, files):
+    """OpenVINO's int8 cannot be made from a calibration set that is not audio, or holds nothing:
+    ONNX Runtime is the only int8 engine left, so nothing is timed, and nothing is said to be kept
+    from a timing."""
     calibration = tmp_path / "calibration"
     calibration.mkdir()
-    (calibration / "notes.txt").write_text("not audio")
+    for name, text in files.items():
+        (calibration / name).write_text(text)
     with caplog.at_level(logging.INFO, logger="predictor.engines"):  # the session's cache: no export twice
         engine = build_engine(Checkpoint.open(str(tiny_model_dir)),
                               EngineOptions("auto", "int8", 1, onnx_cache, calibration_dir=calibration))
@@ -289,6 +293,36 @@ def test_a_lone_candidate_serves_without_a_race_or_a_claim_of_one(tiny_model_dir
     messages = [r.getMessage() for r in caplog.records]
     assert any("Engine openvino cannot run int8 here" in m for m in messages), messages
     assert not any("Timing every engine" in m or "kept from an earlier measurement" in m for m in messages), messages
+
+
+def test_a_damaged_file_packed_with_the_model_is_named_kept_and_auto_serves_without_it(tiny_model, tiny_model_dir,
+                                                                                      tmp_path):
+    """Packed files are every replica's: one that ONNX Runtime or OpenVINO cannot open is an
+    `ExportError` naming it (under auto, the next engine serves), and it stays where it is."""
+    cache = tmp_path / "cache"
+    build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, cache))
+    (exported,) = cache.glob("*.onnx")
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    damaged = tmp_path / "model" / "engines" / exported.name
+    damaged.parent.mkdir()
+    damaged.write_bytes(exported.read_bytes()[:5000])  # an upload cut short
+    checkpoint = checkpoint_of(tiny_model, tmp_path / "model")
+    for backend, engine in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")):
+        with pytest.raises(ExportError, match=f"{engine} could not load {damaged} \\(packed with the model: pack it again"):
+            build_engine(checkpoint, EngineOptions(backend, "fp32", 1, tmp_path / "node-cache"))
+        assert damaged.stat().st_size == 5000
+    assert isinstance(build_engine(checkpoint, EngineOptions("auto", "fp32", 1, tmp_path / "node-cache")), TorchEngine)
+    assert not list((tmp_path / "node-cache").glob("choice-*"))  # nothing timed is nothing kept: the next start tries again
+
+
+def test_openvino_int8_is_quantized_again_for_another_feature_extractor(tiny_model, tiny_model_dir, tmp_path):
+    """Its activation scales are taken after the extractor's normalisation: a fine-tune's corrected
+    mean and std make a new IR, not the old one reused."""
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    before = int8_ir_path(checkpoint_of(tiny_model, tmp_path / "model"), None, tmp_path)
+    config = tmp_path / "model" / "preprocessor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "mean": -6.85, "std": 5.57}))
+    assert int8_ir_path(checkpoint_of(tiny_model, tmp_path / "model"), None, tmp_path) != before
 
 
 def test_the_choice_is_kept_per_cpu_model_vector_extensions_and_threads():

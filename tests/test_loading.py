@@ -101,3 +101,13 @@ def test_mismatched_preprocessor_config_is_refused(tiny_model_dir, tmp_path):
     config.write_text(config.read_text().replace('"num_mel_bins": 64', '"num_mel_bins": 128'))
     with pytest.raises(ModelLoadError, match="128 mel bins x 1024 frames but the model expects 64 x 1024"):
         ASTModel(Config(model_dir=str(tmp_path / "m"))).load()
+
+
+def test_a_damaged_preprocessor_config_is_refused_not_replaced_by_defaults(tiny_model_dir, tmp_path):
+    """Its mean, std and rate are the fine-tune's: AST's defaults in their place would serve wrong
+    features without a word."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = tmp_path / "m" / "preprocessor_config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(ModelLoadError, match=f"{config} is not a feature extractor's config transformers can read"):
+        ASTModel(Config(model_dir=str(tmp_path / "m"), backend="torch")).load()

@@ -52,6 +52,24 @@ class ExportError(RuntimeError):
     """An engine file could not be made or kept: the message says why."""
 
 
+def unusable(path: Path, cache_dir: Path, engine: str, exc: Exception, remove: bool = False) -> ExportError:
+    """A file `engine` could not open, said as an `ExportError`. With `remove`, a file of the cache
+    is removed, so that the next start makes it afresh (a disk that filled up under an earlier
+    version may have cut it short). A file packed with the model is never removed: every replica
+    reads it, and a failure to open it may be this node's alone."""
+    if path.parent.resolve() != cache_dir.resolve():
+        fate = "packed with the model: pack it again (make pack-model) if it is damaged"
+    elif remove:
+        try:
+            path.unlink(missing_ok=True)
+            fate = "removed from the cache: the next start makes it again"
+        except OSError as error:
+            fate = f"could not be removed from the cache: {error}"
+    else:
+        fate = "in the cache: remove it if it is damaged, and the next start makes it again"
+    return ExportError(f"{engine} could not load {path} ({fate}): {exc}")
+
+
 def made_in_child(path: Path, module: str, args: list[str], timeout_s: float, what: str) -> Path:
     """`path` as packed in the model directory (`args[0]`) or cached, else made by
     `python -m module args` (which writes it whole or not at all); `ExportError`, saying `what`

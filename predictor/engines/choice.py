@@ -15,6 +15,7 @@ if none can, eager torch serves.
 """
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import subprocess
@@ -28,7 +29,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..cpu import configure_torch_threads, cpu_flags, cpu_model_name
-from .artifacts import ExportError, default_cache_dir, model_key, packed, run_child
+from .artifacts import ExportError, atomic_write, default_cache_dir, model_key, packed, run_child
 from .options import Engine, EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,9 @@ def choose(checkpoint: Checkpoint, options: EngineOptions, prepare: Callable[[st
     return FALLBACK, build(FALLBACK)
 
 
-def race(config, candidates: list[str], options: EngineOptions, build: Callable[[str], Engine]) -> dict:
-    """Each candidate built and timed in turn, one alive at a time: {backend, seconds_per_window}."""
+def race(config, candidates: list[str], options: EngineOptions, build: Callable[[str], Engine]) -> Optional[dict]:
+    """Each candidate built and timed in turn, one alive at a time: {backend, seconds_per_window};
+    None where none could be built (nothing is kept: the next start tries again)."""
     window = torch.randn(1, config.max_length, config.num_mel_bins, generator=torch.Generator().manual_seed(0))
     timings: dict[str, float] = {}
     for backend in candidates:
@@ -95,6 +97,8 @@ def race(config, candidates: list[str], options: EngineOptions, build: Callable[
             continue
         timings[backend] = seconds_per_window(engine, window)
         del engine
+    if not timings:
+        return None
     return {"backend": min(timings, key=timings.__getitem__), "seconds_per_window": timings,
             "cpu": cpu_model_name(), "flags": sorted(set(ISA_FLAGS) & cpu_flags()), "threads": options.threads}
 
@@ -110,8 +114,19 @@ def seconds_per_window(engine: Engine, features: torch.Tensor) -> float:
 
 
 def record_path(checkpoint: Checkpoint, options: EngineOptions) -> Path:
+    """Named by the model key (its libraries' versions among them), the precision, the CPU, and
+    OpenVINO's and NNCF's versions (which the model key leaves out: its export does not use them):
+    an upgrade of either may change who is fastest."""
     cache_dir = options.cache_dir or default_cache_dir()
-    return cache_dir / f"choice-{model_key(checkpoint)}-{options.precision}-{cpu_key(options.threads)}.json"
+    versions = hashlib.sha256(repr(tuple(_version(name) for name in ("openvino", "nncf"))).encode()).hexdigest()[:8]
+    return cache_dir / f"choice-{model_key(checkpoint)}-{options.precision}-{cpu_key(options.threads)}-{versions}.json"
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # the CUDA image leaves OpenVINO out
+        return None
 
 
 def _race_in_child(source: str, options: EngineOptions, candidates: list[str], record: Path) -> Optional[dict]:
@@ -156,8 +171,9 @@ def main() -> None:
     checkpoint = Checkpoint.open(source)
     outcome = race(checkpoint.config, candidates.split(","), options,
                    lambda backend: build_engine(checkpoint.unloaded(), replace(options, backend=backend)))
-    Path(record).parent.mkdir(parents=True, exist_ok=True)
-    Path(record).write_text(json.dumps(outcome, indent=1))
+    if outcome is not None:
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(record), lambda temp: Path(temp).write_text(json.dumps(outcome, indent=1)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from .artifacts import ExportError, default_cache_dir
+from .artifacts import ExportError, default_cache_dir, unusable
 from .onnx_export import cached_onnx
 from .options import EngineOptions
 
@@ -42,13 +42,8 @@ class OnnxEngine:
 
     @classmethod
     def build(cls, checkpoint: Checkpoint, options: EngineOptions) -> "OnnxEngine":
-        """A cached file ONNX Runtime cannot open is removed, so the next start exports it afresh."""
         path = cls.prepare(checkpoint, options)
         try:
             return cls(path, options.threads)
         except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception itself
-            try:
-                path.unlink(missing_ok=True)
-            except OSError:  # packed in a read-only model directory
-                pass
-            raise ExportError(f"ONNX Runtime could not load {path} (removed, if it was in the cache): {exc}") from exc
+            raise unusable(path, options.cache_dir or default_cache_dir(), "ONNX Runtime", exc, remove=True) from exc

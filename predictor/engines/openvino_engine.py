@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..cpu import multiplies_bf16
-from .artifacts import ExportError, default_cache_dir
+from .artifacts import ExportError, default_cache_dir, unusable
 from .onnx_export import cached_onnx
 from .openvino_int8 import cached_int8_ir
 from .options import EngineOptions
@@ -60,8 +60,13 @@ class OpenVinoEngine:
 
     @classmethod
     def build(cls, checkpoint: Checkpoint, options: EngineOptions) -> "OpenVinoEngine":
+        """Every failure is an `ExportError` (under --backend auto, another engine serves)."""
         path = cls.prepare(checkpoint, options)  # packed with the model (read-only) or in the cache
-        return cls(path, options.precision, options.threads, (options.cache_dir or default_cache_dir()) / "openvino")
+        cache_dir = options.cache_dir or default_cache_dir()
+        try:
+            return cls(path, options.precision, options.threads, cache_dir / "openvino")
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError, and its own types beside it
+            raise unusable(path, cache_dir, "OpenVINO", exc) from exc
 
 
 def check_precision(precision: str) -> None:

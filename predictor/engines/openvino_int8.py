@@ -6,8 +6,8 @@ graph instead, it ran slower than its own fp32 (issue 11's measurements). NNCF's
 mode keeps the numerically touchy steps (softmax, layer norm, GELU) in fp32 and applies
 SmoothQuant and fast bias correction; the statistics come from `calibration` windows, synthetic
 unless `--calibration_dir` names real audio. The result is an OpenVINO IR (.xml and .bin) in the
-cache directory, keyed by the model version, the calibration set and the versions of OpenVINO,
-NNCF and this code. Like the export, quantizing runs in a child: it holds the fp32 model, its
+cache directory, keyed by the model version, the calibration set, the feature extractor's
+config and the versions of OpenVINO, NNCF and the code that makes the windows. Like the export, quantizing runs in a child: it holds the fp32 model, its
 statistics and the quantized copy at once, and the server's memory should stay what serving needs.
 
     python -m predictor.engines.openvino_int8 SOURCE FP32_ONNX OUT_XML [CALIBRATION_DIR]
@@ -25,27 +25,43 @@ from typing import Optional
 
 from transformers import AutoConfig
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, load_feature_extractor
 from ..cpu import configure_torch_threads
+from ..errors import ClientInputError
 from . import calibration
-from .artifacts import TEMP_SUFFIX, made_in_child, model_key, module_source
+from .artifacts import TEMP_SUFFIX, ExportError, made_in_child, model_key, module_source
 from .options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
 
+KEYED_SOURCES = (calibration.__name__, "predictor.features", "predictor.windows", __spec__.name)
+"""The code the calibration windows are made by (their features fix the activation scales)."""
+
+
 def cached_int8_ir(checkpoint: Checkpoint, fp32: Path, options: EngineOptions, cache_dir: Path) -> Path:
-    """The quantized IR for this model, calibration and versions, made first if it is missing."""
+    """The quantized IR, made first if it is missing."""
     directory = options.calibration_dir
-    digest = hashlib.sha256(calibration.calibration_key(directory).encode())
-    digest.update(repr(tuple(importlib.metadata.version(name) for name in ("openvino", "nncf"))).encode())
-    for module in (calibration.__name__, __spec__.name):
-        digest.update(module_source(module))
-    path = cache_dir / f"ast-{model_key(checkpoint)}-int8-ov-{digest.hexdigest()[:12]}.xml"
+    path = int8_ir_path(checkpoint, directory, cache_dir)
     args = [checkpoint.source, str(fp32.resolve()), str(path.resolve())] + ([str(directory.resolve())] if directory else [])
     return made_in_child(path, __name__, args, options.time_left(),
                          f"quantizing the model to int8 for OpenVINO (NNCF, calibrated on "
                          f"{directory or f'{calibration.CALIBRATION_WINDOWS} synthetic windows'})")
+
+
+def int8_ir_path(checkpoint: Checkpoint, directory: Optional[Path], cache_dir: Path) -> Path:
+    """Named for the model, the calibration set, the feature extractor (whose normalisation the
+    scales are taken after) and the versions of what makes it; `ExportError` if the calibration
+    set cannot be read."""
+    try:
+        digest = hashlib.sha256(calibration.calibration_key(directory).encode())
+    except (ClientInputError, OSError) as exc:
+        raise ExportError(f"cannot calibrate on --calibration_dir {directory}: {exc}") from exc
+    digest.update(load_feature_extractor(checkpoint.source, checkpoint.config).to_json_string().encode())
+    digest.update(repr(tuple(importlib.metadata.version(name) for name in ("openvino", "nncf"))).encode())
+    for module in KEYED_SOURCES:
+        digest.update(module_source(module))
+    return cache_dir / f"ast-{model_key(checkpoint)}-int8-ov-{digest.hexdigest()[:12]}.xml"
 
 
 def quantize(source: str, fp32: Path, out: Path, directory: Optional[Path]) -> None:
