@@ -258,7 +258,7 @@ class ASTModel(Model):
         except (ClientInputError, Overloaded):
             _close(sources)
             raise
-        with self.admission.counted(cost), metrics.STAGE_SECONDS.labels("decode").time():
+        with self.admission.counted(cost):
             waveforms = await self._pooled(self._decode, sources, options,  # which closes them
                                            abandoned=lambda done: done.cancelled() and _close(sources))
         decoded = self._check_windows([len(w) for w in waveforms], request, options)
@@ -406,7 +406,7 @@ class ASTModel(Model):
         a file that does not say so would otherwise be decoded and upsampled whole before its
         windows were counted."""
         hop_seconds, most = options.hop_seconds, self.config.max_windows_per_request
-        with ExitStack() as stack:
+        with ExitStack() as stack, metrics.STAGE_SECONDS.labels("decode").time():  # not the wait for a pool thread
             for source in sources:
                 stack.enter_context(closing(source.blocks))
             budget = audio.SampleBudget(self.config.max_request_samples)

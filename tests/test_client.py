@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +53,7 @@ def test_json_is_the_servers_answer_and_matches_the_pipeline(server, tiny_pipeli
     [line] = done.stdout.splitlines()
     result = json.loads(line)
     assert result["file"] == str(speech_file)
+    assert ("predictions" if protocol == "v1" else "outputs") in result["answer"]  # the whole answer
     assert_same_predictions(predictions(protocol, result["answer"]), expected(tiny_pipeline, speech_16k, 3, "sigmoid"))
 
 
@@ -141,7 +144,7 @@ def test_a_folder_in_batch_with_a_broken_file_then_resumed(server, tiny_pipeline
     # A file refused for a busy server is worth another try, and a run stopped mid-line leaves half a
     # record. The rerun, started elsewhere with a relative path, classifies nothing twice: the answered
     # files and the one refused as sent (400) are skipped, the busy one is tried again, and the results
-    # keep one record per file.
+    # keep one record per file. The file refused is still a failure: exit 1.
     tone_file = str(bucket / "tone.wav")
     busy = {"file": tone_file, "error": "HTTP 503: the server is busy (retry_after_s=1)", "status": 503}
     output.write_text("".join(json.dumps(busy if r["file"] == tone_file else r) + "\n" for r in read_lines(output))
@@ -150,13 +153,42 @@ def test_a_folder_in_batch_with_a_broken_file_then_resumed(server, tiny_pipeline
         again = subprocess.run([sys.executable, "-m", "predictor.client", "--url", server.url, bucket.name,
                                 "--output", output, "--top-k", "2"], cwd=bucket.parent, capture_output=True,
                                text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert again.returncode == 0, again.stderr
+        assert again.returncode == 1, again.stderr
         rerun = {line["file"]: line for line in read_lines(output)}
         assert len(rerun) == len(read_lines(output)) == 3, output.read_text()
         assert rerun[str(bucket / "day1" / "cut.wav")] == broken
         assert_same_predictions(predictions("v2", rerun[tone_file]["answer"]),
                                 expected(tiny_pipeline, tone(440, 2.0, RATE), 2, "softmax"))
-    assert "0 classified, 0 failed, 3 skipped (already in the results)" in again.stderr, again.stderr
+    assert "0 classified, 0 failed, 3 skipped (already in the results, 1 of them refused)" in again.stderr, again.stderr
+
+
+def test_a_rerun_that_asks_something_else_tries_again(server, speech_file, tmp_path):
+    """A 400 for the flags (a hop past the window), not the file: the corrected rerun classifies it;
+    and a rerun that adds --embedding gets the embedding rather than skipping the file answered."""
+    output = tmp_path / "results.jsonl"
+    refused = classify(server, "v2", speech_file, "--hop", 20, "--output", output)
+    assert refused.returncode == 1 and "hop_seconds" in refused.stderr, refused.stderr
+    for flags in (("--hop", 5), ("--hop", 5, "--embedding")):
+        done = classify(server, "v2", speech_file, *flags, "--output", output)
+        assert done.returncode == 0 and "1 classified, 0 failed" in done.stderr, done.stderr
+    [record] = read_lines(output)
+    assert record["embedding"] and record["request"]["hop_seconds"] == 5.0 and record["request"]["return_embedding"]
+
+
+def test_ctrl_c_stops_at_once_with_requests_in_flight(speech_file, tmp_path):
+    """A server that takes the connection and never answers: Ctrl-C ends the run now (130), not
+    when the request in flight reaches --timeout."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        client = subprocess.Popen([sys.executable, "-m", "predictor.client", "--url",
+                                   f"http://127.0.0.1:{silent.getsockname()[1]}", "--timeout", "120", speech_file],
+                                  cwd=REPO, stderr=subprocess.PIPE, text=True)
+        silent.settimeout(30)
+        silent.accept()  # the request is in flight
+        client.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, stderr = client.communicate(timeout=60)
+    assert client.returncode == 130 and time.monotonic() - started < 30, stderr
+    assert "stopped: rerun with the same --output" in stderr
 
 
 @pytest.mark.parametrize("record, kept", [
@@ -165,8 +197,11 @@ def test_a_folder_in_batch_with_a_broken_file_then_resumed(server, tiny_pipeline
     ({"error": "no model 'typo'", "status": 404}, False), ({"error": "unauthorized", "status": 401}, False),
     ({"error": "connection refused", "status": None}, False)])
 def test_a_rerun_keeps_only_what_says_something_about_the_file(record, kept):
-    """A mistyped model name or URL, or a busy server, fails every file alike: a corrected rerun tries them again."""
-    assert final({"file": "/data/clip.wav", **record}) is kept
+    """A mistyped model name or URL, or a busy server, fails every file alike: a corrected rerun
+    tries them again; so does one that asks something else."""
+    asked = {"model": "ast", "protocol": "v2", "max_request_mb": 32.0, "top_k": 2}
+    assert final({"file": "/data/clip.wav", **record, "request": asked}, asked) is kept
+    assert not final({"file": "/data/clip.wav", **record, "request": {**asked, "hop_seconds": 5.0}}, asked)
 
 
 def test_a_folder_without_audio_is_an_error(server, tmp_path):

@@ -8,12 +8,14 @@
     ast-classify --url http://$INGRESS --host ast-audio.default.example.com clip.wav   # through an ingress
 
 Exit status: 0 when every file was answered, 1 when any failed (each failure is reported, the
-rest carry on), 2 for a wrong command line or no audio files, 130 when stopped (Ctrl-C).
+rest carry on; with --output, also one refused in an earlier run and skipped), 2 for a wrong
+command line or no audio files, 130 when stopped (Ctrl-C).
 """
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -89,7 +91,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"no audio files in {', '.join(args.files)} (looked for {', '.join(sorted(AUDIO_SUFFIXES))})",
               file=sys.stderr)
         return 2
-    output, done = settle_results(args.output) if args.output else (None, set())
+    request = {"model": args.model_name, "protocol": args.protocol, "max_request_mb": args.max_request_mb,
+               **{name: value for name, value in parameters.items() if value not in (None, False)}}
+    output, done = settle_results(args.output, request) if args.output else (None, {})
     todo = [name for name in names if name not in done]
 
     def report(outcome: Outcome) -> None:
@@ -106,17 +110,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         summary = run(client, todo, parameters, args.concurrency, report, output,
-                      progress=len(todo) > 1 and sys.stderr.isatty())
+                      progress=len(todo) > 1 and sys.stderr.isatty(), request=request)
     except KeyboardInterrupt:
         print("stopped: rerun with the same --output to carry on where this run stopped", file=sys.stderr)
-        return 130
-    finally:
         if output is not None:
             output.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # now: at a normal exit, the requests in flight would hold it until their --timeout
+    if output is not None:
+        output.close()
     summary.skipped = len(names) - len(todo)
+    summary.refused_before = sum("answer" not in done[name] for name in set(names) if name in done)
     if len(names) > 1 or args.output:
         print(summary.text(), file=sys.stderr)
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.refused_before else 0
 
 
 if __name__ == "__main__":

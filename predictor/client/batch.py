@@ -1,11 +1,14 @@
 """Many files: found in folders, sent N at a time, one JSON line each, resumable.
 
-A results file (`--output`, JSON Lines) holds one object per file: `{"file", "answer"}` or
-`{"file", "error", "status"}`; with `--embedding`, an answer's record also holds the
-file's `"embedding"` as a plain list, the same whichever protocol carried it. A rerun with the same file skips every file whose record is final:
-an answer, or a refusal of the file itself (`final`). Every other failure (a busy or unreachable
-server, a timeout, a wrong model name) is tried again, its old record removed first, so the file
-keeps one record per audio file however many runs it took.
+A results file (`--output`, JSON Lines) holds one object per file: `{"file", "answer", "request"}`
+or `{"file", "error", "status", "request"}`; with `--embedding`, an answer's record also holds the
+file's `"embedding"` as a plain list, the same whichever protocol carried it. `"request"` is what
+was asked (the model, the protocol, the parameters, the size limit). A rerun with the same file
+skips every file whose record is final for the same request: an answer, or a refusal of the file
+itself (`final`). Every other failure (a busy or unreachable server, a timeout, a wrong model
+name), and any record of another request (a refusal for a `--hop` past the window is the flag's,
+and a rerun that adds `--embedding` wants embeddings), is tried again, its old record removed
+first, so the file keeps one record per audio file however many runs it took.
 """
 
 import json
@@ -32,11 +35,13 @@ class Outcome:
     error: Optional[str] = None
     status: Optional[int] = None
 
-    def line(self) -> dict:
+    def line(self, request: Optional[dict] = None) -> dict:
+        asked = {"request": request} if request is not None else {}
         if self.result is not None:
             embedding = self.result.prediction.embedding
-            return {"file": self.file, "answer": self.result.answer, **({"embedding": embedding} if embedding else {})}
-        return {"file": self.file, "error": self.error, "status": self.status}
+            return {"file": self.file, "answer": self.result.answer, **({"embedding": embedding} if embedding else {}),
+                    **asked}
+        return {"file": self.file, "error": self.error, "status": self.status, **asked}
 
 
 @dataclass
@@ -44,6 +49,8 @@ class Summary:
     classified: int = 0
     failed: int = 0
     skipped: int = 0
+    refused_before: int = 0
+    """Of those skipped, the files an earlier run's server refused: not answered, so still failures."""
     reencoded: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -51,7 +58,8 @@ class Summary:
         seconds = time.monotonic() - self.started
         parts = [f"{self.classified} classified", f"{self.failed} failed"]
         if self.skipped:
-            parts.append(f"{self.skipped} skipped (already in the results)")
+            refused = f", {self.refused_before} of them refused" if self.refused_before else ""
+            parts.append(f"{self.skipped} skipped (already in the results{refused})")
         if self.reencoded:
             parts.append(f"{self.reencoded} re-encoded to fit the size limit")
         rate = f", {self.classified / seconds:.2f} files/s" if seconds > 0 and self.classified else ""
@@ -69,18 +77,20 @@ def audio_files(paths: Iterable[str]) -> Iterator[str]:
             yield str(path)
 
 
-def final(record: dict) -> bool:
+def final(record: dict, request: dict) -> bool:
     """An answer, or a refusal of the file itself (not audio, too long, a format the server does not
-    decode): sending it again would get the same. A 404, 401 or 403 says more about the command
-    line (a model name, a URL, credentials) than about the file, so a corrected rerun tries again."""
-    return "answer" in record or record.get("status") in FILE_REFUSALS
+    decode), to this very request: sending it again would get the same. A 404, 401 or 403 says more
+    about the command line (a model name, a URL, credentials) than about the file, and so does a
+    record of another request (its flags), so a corrected rerun tries again."""
+    return record.get("request") == request and ("answer" in record or record.get("status") in FILE_REFUSALS)
 
 
-def settle_results(output: Path) -> tuple[TextIO, set[str]]:
-    """The results file rewritten to each file's final record, and opened to append to: records of
-    files to try again, and a line cut short by a stopped run, are dropped. Returns the files whose
-    record is final, which a rerun skips."""
+def settle_results(output: Path, request: dict) -> tuple[TextIO, dict[str, dict]]:
+    """The results file rewritten to each file's final record for `request`, and opened to append
+    to: records of files to try again, and a line cut short by a stopped run, are dropped. Returns
+    the final records by file, which a rerun skips."""
     kept: dict[str, str] = {}
+    records: dict[str, dict] = {}
     if output.exists():
         for line in output.read_text().splitlines():
             try:
@@ -89,12 +99,13 @@ def settle_results(output: Path) -> tuple[TextIO, set[str]]:
                 continue  # a line cut short when an earlier run was stopped
             if isinstance(record, dict) and "file" in record:
                 kept.pop(record["file"], None)
-                if final(record):
-                    kept[record["file"]] = line
+                records.pop(record["file"], None)
+                if final(record, request):
+                    kept[record["file"]], records[record["file"]] = line, record
     temporary = output.with_name(output.name + ".tmp")
     temporary.write_text("".join(line + "\n" for line in kept.values()))
     os.replace(temporary, output)
-    return output.open("a"), set(kept)
+    return output.open("a"), records
 
 
 def classify_one(client: Client, name: str, parameters: dict) -> Outcome:
@@ -109,8 +120,9 @@ def classify_one(client: Client, name: str, parameters: dict) -> Outcome:
 
 
 def run(client: Client, names: list[str], parameters: dict, concurrency: int, report: Callable[[Outcome], None],
-        output: Optional[TextIO] = None, progress: bool = False) -> Summary:
-    """Every file through `client`, `concurrency` requests in flight; `report` sees each outcome as it lands."""
+        output: Optional[TextIO] = None, progress: bool = False, request: Optional[dict] = None) -> Summary:
+    """Every file through `client`, `concurrency` requests in flight; `report` sees each outcome as
+    it lands; `request` goes into each record written to `output`."""
     from tqdm import tqdm
 
     summary = Summary()
@@ -126,7 +138,7 @@ def run(client: Client, names: list[str], parameters: dict, concurrency: int, re
                 else:
                     summary.failed += 1
                 if output is not None:
-                    output.write(json.dumps(outcome.line()) + "\n")
+                    output.write(json.dumps(outcome.line(request)) + "\n")
                     output.flush()
                 bar.update()
                 report(outcome)

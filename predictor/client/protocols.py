@@ -84,13 +84,14 @@ class V1(Rest):
         else:
             response = post(self.session, url, data, {**self.headers, "Content-Type": "application/octet-stream"},
                             self.endpoint.timeout_s)
-        return response["predictions"][0]
+        return response
 
     @staticmethod
     def prediction(answer: Any) -> Prediction:
-        if isinstance(answer, dict):
-            return Prediction(answer["labels"], answer.get("segments"), answer.get("embedding"))
-        return Prediction(answer)
+        (clip,) = answer["predictions"]
+        if isinstance(clip, dict):
+            return Prediction(clip["labels"], clip.get("segments"), clip.get("embedding"))
+        return Prediction(clip)
 
 
 class V2(Rest):
