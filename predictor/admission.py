@@ -12,8 +12,9 @@ refused while nothing is ahead, so one request up to the per-request limits alwa
 
 The check is made twice without decoding: as soon as the request is parsed (nothing opened yet),
 and once the files' headers say how many windows the request will cost. Then `counted` counts
-those windows as ahead of every later request while the request decodes, so requests arriving
-together see each other before any of them is decoded. A file whose header does not say how long
+those windows as ahead of every later request until the request's decoding has ended (a request
+cancelled meanwhile stops decoding at its next block, and is counted until then), so requests
+arriving together see each other before any of them is decoded. A file whose header does not say how long
 it is (MP3, a FLAC written to a pipe) counts as one window until decoded, so a request that turns
 out to have more is checked a third time, with the windows it has, against the memory bound
 (`--max_queued_windows`), before they are queued. When it
@@ -37,9 +38,8 @@ average has caught up.
 
 import asyncio
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterator, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from . import metrics
 from .errors import Overloaded
@@ -82,15 +82,11 @@ class Admission:
                 f"the server is busy: this request's {windows} windows would make {ahead + windows} waiting for the "
                 f"model, and this server holds at most {self.max_windows} (--max_queued_windows)", retry)
 
-    @contextmanager
-    def counted(self, windows: int) -> Iterator[None]:
-        """An admitted request's windows, ahead of every later request while the block (its
-        decoding) runs."""
+    def counted(self, windows: int) -> "Reserved":
+        """An admitted request's windows, ahead of every later request until released (once its
+        decoding has ended)."""
         self.state.reserved += windows
-        try:
-            yield
-        finally:
-            self.state.reserved -= windows
+        return Reserved(self.state, "reserved", windows)
 
 
 T = TypeVar("T")
@@ -98,10 +94,11 @@ T = TypeVar("T")
 
 @dataclass
 class Reserved:
-    """A request's clips in the `Backlog`, from its admission until they have run, or until the
-    request ends without running them."""
+    """What a request holds in one of the counts of `QueueState` (`count`: its windows decoding,
+    `reserved`, or its clips in the `Backlog`, `rollouts`), from its admission until released."""
 
-    backlog: "Backlog"
+    state: QueueState
+    count: str
     items: int
     running: bool = False
     released: bool = False
@@ -109,7 +106,7 @@ class Reserved:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.backlog.state.rollouts -= self.items
+            setattr(self.state, self.count, getattr(self.state, self.count) - self.items)
 
 
 class Backlog:
@@ -142,7 +139,7 @@ class Backlog:
                 f"this server admits them while that wait is at most {self.max_wait_s:g} s (--max_queue_seconds)",
                 _seconds(wait - self.max_wait_s))
         self.state.rollouts += items
-        return Reserved(self, items)
+        return Reserved(self.state, "rollouts", items)
 
     async def run(self, reserved: Reserved, work: Callable[[], Awaitable[T]]) -> T:
         """`await work()`; `reserved` stays counted until it has ended (a caller that stops

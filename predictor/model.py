@@ -14,6 +14,7 @@ answers, so it keeps answering health probes during inference.
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
@@ -258,9 +259,19 @@ class ASTModel(Model):
         except (ClientInputError, Overloaded):
             _close(sources)
             raise
-        with self.admission.counted(cost):
-            waveforms = await self._pooled(self._decode, sources, options,  # which closes them
-                                           abandoned=lambda done: done.cancelled() and _close(sources))
+        decoding, stop = self.admission.counted(cost), threading.Event()
+
+        def stopped(done: concurrent.futures.Future) -> None:  # the request went away: its decoding has ended now
+            if done.cancelled():  # before it began
+                _close(sources)
+            decoding.release()
+
+        try:
+            waveforms = await self._pooled(self._decode, sources, options, stop,  # which closes them
+                                           abandoned=stopped, stop=stop)
+        finally:
+            if not stop.is_set():  # decoded, or failed: else counted until its decoding stops (`stopped`)
+                decoding.release()
         decoded = self._check_windows([len(w) for w in waveforms], request, options)
         if decoded > cost:  # a header did not say, or understated: admitted for fewer windows than it has
             self.admission.check(decoded, wait=False)
@@ -374,15 +385,20 @@ class ASTModel(Model):
         )
 
     async def _pooled(self, function: Callable[..., Any], *args: Any,
-                      abandoned: Callable[[concurrent.futures.Future], object]) -> Any:
+                      abandoned: Callable[[concurrent.futures.Future], object],
+                      stop: Optional[threading.Event] = None) -> Any:
         """`function(*args)` in the decoding pool. If the request is cancelled first (its client
-        left), `abandoned` gets the pool's future once it is done, or cancelled before it ran, to
-        release what the call opened or would have closed."""
+        left), `stop` is set (decoding ends at its next block), and `abandoned` gets the pool's
+        future on the event loop once it is done, or cancelled before it ran, to release what the
+        call opened or would have closed, and what the request held meanwhile."""
+        loop = asyncio.get_running_loop()
         future = self.pools.decoding.submit(function, *args)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            future.add_done_callback(abandoned)
+            if stop is not None:
+                stop.set()
+            future.add_done_callback(lambda done: loop.is_closed() or loop.call_soon_threadsafe(abandoned, done))
             raise
 
     def _open(self, clips: list[audio.Clip]) -> list[audio.Source]:
@@ -398,13 +414,13 @@ class ASTModel(Model):
             raise
         return sources
 
-    def _decode(self, sources: list[audio.Source], options: Options) -> list[np.ndarray]:
+    def _decode(self, sources: list[audio.Source], options: Options, stop: threading.Event) -> list[np.ndarray]:
         """Each clip in turn, the request's budget charged with the samples decoding finds (a header
         may not say, or may understate), and each clip stopped once its windows, beside the other
         clips' (as declared, or decoded), pass --max_windows_per_request, or to explain, once it
         passes its one window: the budget counts samples at each file's rate, so 600 s at 1 kHz in
         a file that does not say so would otherwise be decoded and upsampled whole before its
-        windows were counted."""
+        windows were counted. Once `stop` is set (the request went away), at the next block."""
         hop_seconds, most = options.hop_seconds, self.config.max_windows_per_request
         with ExitStack() as stack, metrics.STAGE_SECONDS.labels("decode").time():  # not the wait for a pool thread
             for source in sources:
@@ -419,7 +435,11 @@ class ASTModel(Model):
                     left = max(1, most - (sum(windows) - windows[index]))
                     beyond = (self.windowing.beyond(left, hop_seconds),
                               _too_many_windows(f"more than {most}", self.windowing.seconds, hop_seconds, most))
-                waveforms.append(self.target.waveform(source, budget, beyond))
+                try:
+                    waveforms.append(self.target.waveform(source, budget, beyond, stop))
+                except audio.Abandoned as exc:
+                    logger.info("Decoding %s: its request went away", exc)
+                    raise
                 windows[index] = self.windowing.count(len(waveforms[-1]), hop_seconds)
                 logger.debug("decoded %d frames at %d Hz (%d channels) with %s", source.decoded, source.rate,
                              source.channels, source.reader)

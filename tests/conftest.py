@@ -166,11 +166,11 @@ def run_triton_grpc(job: dict) -> dict:
     return json.loads(out.stdout)
 
 
-def streamed_flac(seconds: float, rate: int = 16000) -> bytes:
+def streamed_flac(seconds: float, rate: int = 16000, layout: str = "mono") -> bytes:
     """Silence as FLAC written to a pipe, as a recorder streaming to a server does: its header
     states no length, so only decoding finds out how long it is."""
     out = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                          f"anullsrc=r={rate}:cl=mono", "-t", str(seconds), "-f", "flac", "-"],
+                          f"anullsrc=r={rate}:cl={layout}", "-t", str(seconds), "-f", "flac", "-"],
                          check=True, capture_output=True, timeout=60).stdout
     assert audio.open_clip(out, audio.Target(rate, max_seconds=seconds)).frames is None
     return out

@@ -206,13 +206,18 @@ def test_a_taken_http_port_ends_the_server_and_its_model_process(tiny_model_dir,
 # ---- the channel between the processes, in one event loop ------------------------------------
 
 
+async def no_rollout(windows) -> torch.Tensor:
+    raise AssertionError("these requests explain nothing")
+
+
+
 def test_a_remote_request_goes_through_the_model_queue_and_a_dropped_one_is_not_computed(tmp_path):
     compute = Recording(hold_first=True)
     queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0)
     channel = str(tmp_path / "model.sock")
 
     async def main():
-        accepting = await ModelService(queue).serve(channel)
+        accepting = await ModelService(queue, no_rollout).serve(channel)
         remote = RemoteQueue(channel, QueueState.local())
         first = asyncio.create_task(remote(job(1, 1)))
         await asyncio.to_thread(compute.started.wait, 30)  # the first pass runs, and is held
@@ -243,7 +248,7 @@ def test_a_frontend_connects_again_once_the_model_process_has_closed_its_connect
     channel = tmp_path / "model.sock"
 
     async def main():
-        accepting = await ModelService(queue).serve(str(channel))
+        accepting = await ModelService(queue, no_rollout).serve(str(channel))
         remote = RemoteQueue(str(channel), QueueState.local())
         first = await remote(job(1, 1))
         accepting.cancel()  # its connections close, and it listens no more
@@ -254,7 +259,7 @@ def test_a_frontend_connects_again_once_the_model_process_has_closed_its_connect
         channel.unlink()
         with pytest.raises(Overloaded, match="the model's process is not taking requests now"):
             await remote(job(2, 1))
-        accepting = await ModelService(queue).serve(str(channel))
+        accepting = await ModelService(queue, no_rollout).serve(str(channel))
         again = await asyncio.wait_for(remote(job(3, 1)), 30)
         accepting.cancel()
         return first, again

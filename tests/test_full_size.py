@@ -5,6 +5,7 @@ deployed server, `test_deploy.py`, checks the engine and precision the defaults 
 """
 
 import base64
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,36 @@ def test_a_client_that_goes_away_stops_using_the_model(torch_server):
     # The first window, the one in flight when the client left, and at most one more.
     assert windows_done(server) - begun <= 3, (begun, windows_done(server))
     assert server.is_ready()
+
+
+def test_a_client_that_goes_away_while_its_file_decodes_stops_the_decoding(torch_server):
+    """Ten minutes of 48 kHz stereo (the default budget, and a fraction of a second or more of
+    decoding and resampling on any CPU): its client hangs up once the request is admitted. The
+    decoding stops at its next block instead of running on for nobody, and the request's windows
+    stay counted by admission until it has (then they are let go)."""
+    server = torch_server
+    body = orjson.dumps({"instances": [{"b64": base64.b64encode(streamed_flac(600, 48000, "stereo")).decode()}]})
+    with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
+        connection.sendall(b"POST /v1/models/ast:predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 60
+        while not metric(server, "ast_queue_wait_seconds"):  # admitted, and counted while it decodes
+            assert time.monotonic() < deadline, "the request was never admitted"
+            time.sleep(0.01)
+    stopped = wait_for_log(server, r"Decoding stopped after (\d+) frames: its request went away")
+    assert int(stopped.group(1)) < 600 * 48000, stopped.group(0)
+    while metric(server, "ast_queue_wait_seconds"):  # let go once the decoding has ended
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert server.is_ready()
+
+
+def wait_for_log(server, pattern: str, timeout_s: float = 60) -> re.Match:
+    deadline = time.monotonic() + timeout_s
+    while not (found := re.search(pattern, server.log.read_text())):
+        assert time.monotonic() < deadline, f"never logged: {pattern}"
+        time.sleep(0.05)
+    return found
 
 
 CONTAINER_CONCURRENCY = 4  # inferenceservice.yaml's

@@ -11,6 +11,7 @@ Problems the client can fix raise `ClientInputError` with a message that names t
 """
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -21,7 +22,7 @@ from .budget import SampleBudget
 from .ffmpeg import open_ffmpeg
 from .sndfile import ACCEPTED, NotReadable, open_sndfile
 from .source import Source
-from .stream import to_mono
+from .stream import Abandoned, to_mono
 
 MIN_SAMPLING_RATE = 1_000
 MAX_SAMPLING_RATE = 768_000
@@ -54,11 +55,12 @@ class Target:
         return f"this server accepts at most {self.max_seconds:g} s per clip (--max_audio_seconds)"
 
     def waveform(self, source: Source, budget: Optional[SampleBudget] = None,
-                 beyond: Optional[tuple[int, str]] = None) -> np.ndarray:
+                 beyond: Optional[tuple[int, str]] = None, stop: Optional[threading.Event] = None) -> np.ndarray:
         """Decode and resample; decoding stops past the clip limit, what is left of `budget`, or
         `beyond`: a length at this rate the clip must not reach, and the refusal that names why.
         The budget counts samples at the file's rate, so a file at a low rate that does not state
-        its length is bounded at the model's rate by `beyond` alone."""
+        its length is bounded at the model's rate by `beyond` alone. Once `stop` is set, decoding
+        ends at the next block (`Abandoned`)."""
         limits = [(math.floor(self.max_seconds * source.rate), f"audio is longer than {self.max_seconds:g} s; "
                    f"{self.clip_limit}")]
         if budget is not None:
@@ -67,7 +69,7 @@ class Target:
             limits.append((math.ceil(beyond[0] * source.rate / self.rate) + 2, beyond[1]))
         max_frames, refusal = min(limits, key=lambda limit: limit[0])
         try:
-            return to_mono(source, self.rate, max_frames, refusal)
+            return to_mono(source, self.rate, max_frames, refusal, stop)
         finally:
             if budget is not None:
                 budget.charge(source)
@@ -135,4 +137,4 @@ def _check_rate_range(rate: int, what: str) -> None:
         raise ClientInputError(f"{what} {shown(rate)} Hz, outside {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz")
 
 
-__all__ = ["Clip", "SampleBudget", "Source", "Target", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]
+__all__ = ["Abandoned", "Clip", "SampleBudget", "Source", "Target", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]

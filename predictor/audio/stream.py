@@ -7,7 +7,9 @@ AST looks at). The duration limit is enforced on the frames actually decoded, so
 understates a file's length (streamed and VBR files) cannot get more audio through.
 """
 
+import threading
 from contextlib import closing
+from typing import Optional
 
 import numpy as np
 import soxr
@@ -18,13 +20,21 @@ from .source import Source
 MAX_AMPLITUDE = 1e14
 
 
-def to_mono(source: Source, rate: int, max_frames: int, refusal: str) -> np.ndarray:
+class Abandoned(Exception):
+    """Decoding stopped: the request it was for has gone (its client left)."""
+
+
+def to_mono(source: Source, rate: int, max_frames: int, refusal: str,
+            stop: Optional[threading.Event] = None) -> np.ndarray:
     """The source's samples as float32 mono at `rate`; past `max_frames` frames decoding stops and
-    raises `refusal`, the message that names the limit."""
+    raises `refusal`, the message that names the limit. Once `stop` is set, at the next block,
+    `Abandoned`."""
     resampler = None if source.rate == rate else soxr.ResampleStream(source.rate, rate, 1, dtype="float32", quality="HQ")
     pieces: list[np.ndarray] = []
     with closing(source.blocks):
         for block in source.blocks:
+            if stop is not None and stop.is_set():
+                raise Abandoned(f"stopped after {source.decoded} frames")
             source.decoded += len(block)
             if source.decoded > max_frames:
                 raise ClientInputError(refusal)
