@@ -144,8 +144,8 @@ def check_readable(directory: str) -> None:
 
 def load_feature_extractor(source: str, config: Any) -> ASTFeatureExtractor:
     """The saved preprocessor config if there is one, else AST's defaults sized to the model. One
-that is there but cannot be read is refused: its normalisation (mean, std) and rate are the
-fine-tune's, and AST's defaults in their place would serve wrong features without a word."""
+    that is there but cannot be read is refused: its normalisation (mean, std) and rate are the
+    fine-tune's, and AST's defaults in their place would serve wrong features without a word."""
     try:
         extractor = ASTFeatureExtractor.from_pretrained(source)
     except OSError as exc:
