@@ -111,7 +111,7 @@ class Reserved:
 
 class Backlog:
     """Explanations by rollout: an eager pass of the encoder for its attentions (no engine hands
-    them out), one clip at a time, beside the model's queue, where the model runs (`rollout`).
+    them out), one clip at a time, where the model runs (`rollout`, `ASTModel.roll_out`).
     Against a GPU's batched windows a clip of it costs dozens of them, so counting it in windows,
     as the queue's wait does, says little. So it has a wait of its own: every process's clips
     admitted and not yet run (`queue_state`) times the time a clip takes (two windows' time until

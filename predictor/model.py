@@ -96,8 +96,8 @@ class Logits:
 @dataclass(frozen=True)
 class Threads:
     """The threads a model's work runs on: its passes' one thread, the pool that reads and decodes
-    requests' files (and draws explanations' pictures), and the rollouts' one thread (where the
-    model runs: under `--frontends`, the model's process). The models of
+    requests' files (and draws explanations' pictures), and the rollouts' one thread (on a CPU;
+    a GPU's rollouts take turns with its passes). The models of
     a `repository` share one set, so that several models use the cores one model would: their
     passes take turns, and decoding stays a pool sized to the cores."""
 
@@ -350,18 +350,23 @@ class ASTModel(Model):
         await asyncio.wrap_future(self.pools.decoding.submit(answer))
 
     async def roll_out(self, windows: list[np.ndarray]) -> torch.Tensor:
-        """Each clip's one window → its (patches,) relevance, where the model runs: on this
-        process's rollout thread, timed (`Backlog.timed`), or in the model's process (`ipc`)."""
+        """Each clip's one window → its (patches,) relevance, where the model runs (in the
+        model's process under frontends: `ipc`), timed into the backlog's estimate (the encoder's
+        first load apart). On a CPU on the rollouts' thread, beside the passes; on a GPU on the
+        passes' thread, in turn with them: beside a pass, its memory could make the pass run out,
+        and the pass would be split for good (`passes`)."""
         if self.remote:
             return await self.remote.roll_out(windows)
 
         def timed() -> torch.Tensor:
+            self.rollout.load()
             started = time.monotonic()
             patches = self.rollout(self.filterbank(windows))
             self.rollouts.timed((time.monotonic() - started) / len(windows))
             return patches
 
-        return await asyncio.wrap_future(self.pools.rollouts.submit(timed))
+        thread = self.pools.forward if torch.device(self.device).type == "cuda" else self.pools.rollouts
+        return await asyncio.wrap_future(thread.submit(timed))
 
     def _options(self, parameters: dict[str, Any], explaining: bool = False) -> Options:
         """`explaining`: a V1 :explain, which is explain: true whatever the parameters say. An
@@ -398,7 +403,7 @@ class ASTModel(Model):
         except asyncio.CancelledError:
             if stop is not None:
                 stop.set()
-            future.add_done_callback(lambda done: loop.is_closed() or loop.call_soon_threadsafe(abandoned, done))
+            future.add_done_callback(lambda done: _on_loop(loop, abandoned, done))
             raise
 
     def _open(self, clips: list[audio.Clip]) -> list[audio.Source]:
@@ -522,6 +527,14 @@ def _too_many_windows(count: str, window_seconds: float, hop_seconds: float, mos
     return (f"this request needs {count} windows of {window_seconds:g} s at hop_seconds {hop_seconds:g}; this server "
             f"computes at most {most} per request (--max_windows_per_request): raise hop_seconds or send fewer "
             "seconds of audio")
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: Any) -> None:
+    """`callback(*args)` on `loop`, from any thread, unless the loop has closed (the server stopping)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # closed, even between a check and the call
+        pass
 
 
 def _close(sources: list[audio.Source]) -> None:

@@ -17,7 +17,8 @@ computes it.
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Optional, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,19 +73,31 @@ class Rollout:
         self.encoder: Optional["ASTModel"] = None
         self.loading = threading.Lock()  # requests arriving together load it once
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """(clips, frames, mel bins) features → (clips, patches) relevance, on the CPU."""
+    def load(self) -> None:
+        """The encoder, loaded once (a caller that times the rollout loads it first, apart)."""
         with self.loading:
             if self.encoder is None:
                 from transformers import ASTModel
 
                 logger.info("Loading the encoder with eager attention from %s onto %s, for explanations by rollout",
                             self.source, self.device)
-                self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").to(self.device).eval()
-        try:
-            with torch.inference_mode():  # a clip at a time: every layer's attentions of a clip are held at once
-                return torch.cat([rollout(self.encoder(input_values=clip[None].to(self.device),
-                                                       output_attentions=True).attentions).cpu()
-                                  for clip in features])
-        except torch.OutOfMemoryError as exc:
-            raise Overloaded("the GPU has no memory left for an explanation by rollout now", 1) from exc
+                with _gpu_memory("to load the encoder for an explanation by rollout"):
+                    self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").to(self.device).eval()
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """(clips, frames, mel bins) features → (clips, patches) relevance, on the CPU."""
+        self.load()
+        with _gpu_memory("for an explanation by rollout"), torch.inference_mode():
+            # a clip at a time: every layer's attentions of a clip are held at once
+            return torch.cat([rollout(self.encoder(input_values=clip[None].to(self.device),
+                                                   output_attentions=True).attentions).cpu()
+                              for clip in features])
+
+
+@contextmanager
+def _gpu_memory(what: str) -> Iterator[None]:
+    """A GPU that runs out of memory here is busy (503, retry), not broken."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise Overloaded(f"the GPU has no memory left {what} now", 1) from exc

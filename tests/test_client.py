@@ -162,16 +162,24 @@ def test_a_folder_in_batch_with_a_broken_file_then_resumed(server, tiny_pipeline
     assert "0 classified, 0 failed, 3 skipped (already in the results, 1 of them refused)" in again.stderr, again.stderr
 
 
-def test_a_rerun_that_asks_something_else_tries_again(server, speech_file, tmp_path):
-    """A 400 for the flags (a hop past the window), not the file: the corrected rerun classifies it;
-    and a rerun that adds --embedding gets the embedding rather than skipping the file answered."""
+@pytest.mark.parametrize("hop", [20, 0])
+def test_a_rerun_that_asks_something_else_tries_again(server, speech_file, tmp_path, hop):
+    """A 400 for the flags (a hop past the window, or of 0), not the file: the corrected rerun
+    classifies it; a rerun that adds --embedding gets the embedding rather than skipping the file
+    answered; and the record of a file these runs do not send stays as it was."""
+    other = tmp_path / "tone.wav"
+    sf.write(other, tone(440, 2.0, RATE), RATE, subtype="FLOAT")
     output = tmp_path / "results.jsonl"
-    refused = classify(server, "v2", speech_file, "--hop", 20, "--output", output)
+    assert classify(server, "v2", other, "--output", output).returncode == 0
+    [untouched] = read_lines(output)
+    refused = classify(server, "v2", speech_file, "--hop", hop, "--output", output)
     assert refused.returncode == 1 and "hop_seconds" in refused.stderr, refused.stderr
     for flags in (("--hop", 5), ("--hop", 5, "--embedding")):
         done = classify(server, "v2", speech_file, *flags, "--output", output)
         assert done.returncode == 0 and "1 classified, 0 failed" in done.stderr, done.stderr
-    [record] = read_lines(output)
+    records = {record["file"]: record for record in read_lines(output)}
+    assert len(records) == len(read_lines(output)) == 2 and records[str(other)] == untouched
+    record = records[str(speech_file)]
     assert record["embedding"] and record["request"]["hop_seconds"] == 5.0 and record["request"]["return_embedding"]
 
 
@@ -198,10 +206,12 @@ def test_ctrl_c_stops_at_once_with_requests_in_flight(speech_file, tmp_path):
     ({"error": "connection refused", "status": None}, False)])
 def test_a_rerun_keeps_only_what_says_something_about_the_file(record, kept):
     """A mistyped model name or URL, or a busy server, fails every file alike: a corrected rerun
-    tries them again; so does one that asks something else."""
+    tries them again; so does one that asks something else (a record with no request is an
+    earlier client's, which kept it on the same terms)."""
     asked = {"model": "ast", "protocol": "v2", "max_request_mb": 32.0, "top_k": 2}
     assert final({"file": "/data/clip.wav", **record, "request": asked}, asked) is kept
     assert not final({"file": "/data/clip.wav", **record, "request": {**asked, "hop_seconds": 5.0}}, asked)
+    assert final({"file": "/data/clip.wav", **record}, asked) is kept  # written by an earlier client: as it did
 
 
 def test_a_folder_without_audio_is_an_error(server, tmp_path):

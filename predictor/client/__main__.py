@@ -72,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1)")
     parser.add_argument("--output", type=Path, help="write results to this JSON Lines file, one record per "
-                                                    "file; a rerun skips files answered or refused for what they "
+                                                    "file; a rerun asking the same (model, protocol, parameters, "
+                                                    "size limit) skips files answered or refused for what they "
                                                     "are (400, 413, 415, 422) and tries the rest again")
     parser.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_MB,
                         help="the server's body limit: larger files are re-encoded to 16 kHz mono FLAC first "
@@ -92,8 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     request = {"model": args.model_name, "protocol": args.protocol, "max_request_mb": args.max_request_mb,
-               **{name: value for name, value in parameters.items() if value not in (None, False)}}
-    output, done = settle_results(args.output, request) if args.output else (None, {})
+               **{name: value for name, value in parameters.items() if value is not None and value is not False}}
+    output, done = settle_results(args.output, request, names) if args.output else (None, {})
     todo = [name for name in names if name not in done]
 
     def report(outcome: Outcome) -> None:
@@ -121,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if output is not None:
         output.close()
     summary.skipped = len(names) - len(todo)
-    summary.refused_before = sum("answer" not in done[name] for name in set(names) if name in done)
+    summary.refused_before = sum("answer" not in record for record in done.values())
     if len(names) > 1 or args.output:
         print(summary.text(), file=sys.stderr)
     return 1 if summary.failed or summary.refused_before else 0

@@ -8,7 +8,8 @@ skips every file whose record is final for the same request: an answer, or a ref
 itself (`final`). Every other failure (a busy or unreachable server, a timeout, a wrong model
 name), and any record of another request (a refusal for a `--hop` past the window is the flag's,
 and a rerun that adds `--embedding` wants embeddings), is tried again, its old record removed
-first, so the file keeps one record per audio file however many runs it took.
+first, so the file keeps one record per audio file however many runs it took. The records of
+files a rerun does not send are kept as they are.
 """
 
 import json
@@ -81,14 +82,17 @@ def final(record: dict, request: dict) -> bool:
     """An answer, or a refusal of the file itself (not audio, too long, a format the server does not
     decode), to this very request: sending it again would get the same. A 404, 401 or 403 says more
     about the command line (a model name, a URL, credentials) than about the file, and so does a
-    record of another request (its flags), so a corrected rerun tries again."""
-    return record.get("request") == request and ("answer" in record or record.get("status") in FILE_REFUSALS)
+    record of another request (its flags), so a corrected rerun tries again. A record without one
+    was written by an earlier version of this client, which skipped it: so does this one."""
+    return record.get("request", request) == request and ("answer" in record or record.get("status") in FILE_REFUSALS)
 
 
-def settle_results(output: Path, request: dict) -> tuple[TextIO, dict[str, dict]]:
-    """The results file rewritten to each file's final record for `request`, and opened to append
-    to: records of files to try again, and a line cut short by a stopped run, are dropped. Returns
-    the final records by file, which a rerun skips."""
+def settle_results(output: Path, request: dict, names: Iterable[str]) -> tuple[TextIO, dict[str, dict]]:
+    """The results file rewritten to one record per file, and opened to append to: of the files
+    `names` this run sends, the records to try again are dropped (a new one follows); a line cut
+    short by a stopped run is dropped; every other file's last record is kept as it was. Returns
+    the final records of `names` by file, which a rerun skips."""
+    sending = set(names)
     kept: dict[str, str] = {}
     records: dict[str, dict] = {}
     if output.exists():
@@ -100,7 +104,9 @@ def settle_results(output: Path, request: dict) -> tuple[TextIO, dict[str, dict]
             if isinstance(record, dict) and "file" in record:
                 kept.pop(record["file"], None)
                 records.pop(record["file"], None)
-                if final(record, request):
+                if record["file"] not in sending:
+                    kept[record["file"]] = line
+                elif final(record, request):
                     kept[record["file"]], records[record["file"]] = line, record
     temporary = output.with_name(output.name + ".tmp")
     temporary.write_text("".join(line + "\n" for line in kept.values()))
