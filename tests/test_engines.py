@@ -3,6 +3,7 @@ Every engine's rows are its logits and its pooled embedding (`options.split`): b
 transformers' `logits` and `pooler_output`."""
 
 import base64
+import importlib.metadata
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from predictor.engines.torch_engine import TorchEngine
 from predictor.checkpoint import Checkpoint, load_feature_extractor, weight_files
 from predictor.engines.calibration import file_features, synthetic_clips
 from predictor.engines.choice import cpu_key
+from predictor.engines import artifacts
 from predictor.engines.artifacts import OFFLINE_TIMEOUT_S, ExportError
 from predictor.engines.openvino_int8 import int8_ir_path
 from predictor.cpu import multiplies_bf16
@@ -109,6 +111,27 @@ def test_a_cached_file_onnxruntime_cannot_open_is_removed(tiny_model, tiny_model
     with pytest.raises(ExportError, match="could not load"):
         build_engine(checkpoint_of(tiny_model, tiny_model_dir), EngineOptions("onnxruntime", "fp32", 1, tmp_path))
     assert not cached.exists()
+
+
+def test_a_local_version_label_keeps_the_key(tiny_model_dir, monkeypatch):
+    """PyPI's torch 2.13.0 (the CUDA build, what a laptop's pip installs for make pack-model) packs
+    the files the image's 2.13.0+cpu reads: the label says which wheel, not what it exports."""
+    real, keys = importlib.metadata.version, []
+    for label in ("", "+cpu", "+cu130"):
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name: real(name).split("+")[0] + label if name == "torch" else real(name))
+        keys.append(artifacts._model_key(Checkpoint.open(str(tiny_model_dir)), weight_files(str(tiny_model_dir))))
+    assert len(set(keys)) == 1
+
+
+def test_packed_engines_without_the_file_asked_for_are_said_once(tmp_path, caplog):
+    (tmp_path / "engines").mkdir()
+    with caplog.at_level(logging.WARNING, logger="predictor.engines.artifacts"):
+        for _ in range(2):
+            assert artifacts.packed(str(tmp_path), "ast-0123456789abcdef-fp32.onnx") is None
+        assert artifacts.packed(str(tmp_path / "elsewhere"), "ast-0123456789abcdef-int8.onnx") is None  # none packed
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert f"{tmp_path / 'engines'} holds no ast-0123456789abcdef-fp32.onnx (packed for another model version" in warning
 
 
 def test_a_hub_id_is_keyed_by_its_cached_snapshot_files(tmp_path, monkeypatch):

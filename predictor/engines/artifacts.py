@@ -38,9 +38,20 @@ PACKED_DIR = "engines"  # in a model directory: the engine files `make pack-mode
 
 def packed(source: str, name: str) -> Optional[Path]:
     """The file of that name `make pack-model` put in the model directory, if it did: its name
-    carries the same key as the cache's, so a match is the very file an export would write."""
-    path = Path(source) / PACKED_DIR / name
-    return path if path.is_file() else None
+    carries the same key as the cache's, so a match is the very file an export would write. A
+    directory of packed files without it is said once: the start then makes what it could have read."""
+    directory = Path(source) / PACKED_DIR
+    path = directory / name
+    if path.is_file():
+        return path
+    if directory.is_dir() and name not in _UNPACKED:
+        _UNPACKED.add(name)
+        logger.warning("%s holds no %s (packed for another model version, other versions of torch, transformers, "
+                       "onnx or onnxruntime, or another kind of CPU): making it here instead", directory, name)
+    return None
+
+
+_UNPACKED: set[str] = set()
 
 
 def default_cache_dir() -> Path:
@@ -176,7 +187,9 @@ def _model_key(checkpoint: Checkpoint, files: list[Path]) -> str:
     Runtime never needs (docs/performance.md has the resident cost); that is only the fallback."""
     libraries = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")  # read, not imported: importing them costs memory
     digest = hashlib.sha256(checkpoint.config.to_json_string().encode())
-    versions = tuple(importlib.metadata.version(name) for name in libraries)  # the opset is in the export's source
+    # The opset is in the export's source. A local label (torch's "+cpu") says which wheel, not
+    # what it exports: a model packed with PyPI's torch 2.13.0 serves from the image's 2.13.0+cpu.
+    versions = tuple(importlib.metadata.version(name).split("+")[0] for name in libraries)
     digest.update(repr(versions).encode())
     for module in KEYED_SOURCES:
         digest.update(module_source(module))
