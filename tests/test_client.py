@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -234,6 +235,23 @@ def test_a_file_over_the_limit_is_reencoded_and_answered_the_same(server, tmp_pa
         assert "sent as 16 kHz mono FLAC" in reencoded.stderr and "sent as" not in whole.stderr
         assert_same_predictions(predictions(protocol, json.loads(reencoded.stdout)["answer"]),
                                 predictions(protocol, json.loads(whole.stdout)["answer"]))
+
+
+def test_a_file_that_cannot_fit_stops_being_reencoded_once_it_is_past_the_limit(server, tmp_path):
+    """Two minutes of noise (which FLAC cannot compress much) against a 1 MB limit: the re-encoding
+    stops once its FLAC passes the limit, a fraction of the way in, and nothing is sent."""
+    path = tmp_path / "noise.wav"
+    sf.write(path, 0.1 * np.random.default_rng(5).standard_normal(120 * RATE), RATE, subtype="PCM_16")
+    def requests_answered() -> float:
+        return sum(value for (name, _), value in server.samples().items() if name == "ast_requests_total")
+
+    answered = requests_answered()
+    done = classify(server, "v2", path, "--max-request-mb", 1)
+    assert done.returncode == 1, done.stderr
+    found = re.search(r"over the server's 1 MB limit \(--max_request_mb\) even as 16 kHz mono FLAC: past it after "
+                      r"([\d.]+) s of the audio", done.stderr)
+    assert found and 5 < float(found.group(1)) < 60, done.stderr
+    assert requests_answered() == answered
 
 
 def test_the_python_api(server, tiny_pipeline, speech_16k):

@@ -13,7 +13,7 @@ Problems the client can fix raise `ClientInputError` with a message that names t
 import math
 import threading
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from .budget import SampleBudget
 from .ffmpeg import open_ffmpeg
 from .sndfile import ACCEPTED, NotReadable, open_sndfile
 from .source import Source
-from .stream import Abandoned, to_mono
+from .stream import Abandoned, mono_blocks, to_mono
 
 MIN_SAMPLING_RATE = 1_000
 MAX_SAMPLING_RATE = 768_000
@@ -54,6 +54,14 @@ class Target:
     def clip_limit(self) -> str:
         return f"this server accepts at most {self.max_seconds:g} s per clip (--max_audio_seconds)"
 
+    def _clip_limit(self, source: Source) -> tuple[int, str]:
+        return math.floor(self.max_seconds * source.rate), f"audio is longer than {self.max_seconds:g} s; {self.clip_limit}"
+
+    def mono_blocks(self, source: Source) -> Iterator[np.ndarray]:
+        """The clip at this rate, block by block, within the clip limit (the client's re-encoding,
+        which may stop early: close the generator)."""
+        return mono_blocks(source, self.rate, *self._clip_limit(source))
+
     def waveform(self, source: Source, budget: Optional[SampleBudget] = None,
                  beyond: Optional[tuple[int, str]] = None, stop: Optional[threading.Event] = None) -> np.ndarray:
         """Decode and resample; decoding stops past the clip limit, what is left of `budget`, or
@@ -61,8 +69,7 @@ class Target:
         The budget counts samples at the file's rate, so a file at a low rate that does not state
         its length is bounded at the model's rate by `beyond` alone. Once `stop` is set, decoding
         ends at the next block (`Abandoned`)."""
-        limits = [(math.floor(self.max_seconds * source.rate), f"audio is longer than {self.max_seconds:g} s; "
-                   f"{self.clip_limit}")]
+        limits = [self._clip_limit(source)]
         if budget is not None:
             limits.append((budget.frames_left(source.channels), budget.refusal(source)))
         if beyond is not None:  # frames whose resampling passes it, give or take soxr's rounding

@@ -9,7 +9,7 @@ understates a file's length (streamed and VBR files) cannot get more audio throu
 
 import threading
 from contextlib import closing
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import soxr
@@ -29,8 +29,15 @@ def to_mono(source: Source, rate: int, max_frames: int, refusal: str,
     """The source's samples as float32 mono at `rate`; past `max_frames` frames decoding stops and
     raises `refusal`, the message that names the limit. Once `stop` is set, at the next block,
     `Abandoned`."""
+    pieces = list(mono_blocks(source, rate, max_frames, refusal, stop))
+    return np.concatenate(pieces) if len(pieces) > 1 else np.ascontiguousarray(pieces[0], dtype=np.float32)
+
+
+def mono_blocks(source: Source, rate: int, max_frames: int, refusal: str,
+                stop: Optional[threading.Event] = None) -> Iterator[np.ndarray]:
+    """`to_mono`, block by block: for a consumer that may stop early (the client's re-encoding),
+    which closing the generator releases the file."""
     resampler = None if source.rate == rate else soxr.ResampleStream(source.rate, rate, 1, dtype="float32", quality="HQ")
-    pieces: list[np.ndarray] = []
     with closing(source.blocks):
         for block in source.blocks:
             if stop is not None and stop.is_set():
@@ -40,12 +47,11 @@ def to_mono(source: Source, rate: int, max_frames: int, refusal: str,
                 raise ClientInputError(refusal)
             mono = downmix(block)
             check_samples(mono)
-            pieces.append(mono if resampler is None else resampler.resample_chunk(mono))
+            yield mono if resampler is None else resampler.resample_chunk(mono)
     if source.decoded == 0:
         raise ClientInputError("audio has no samples (zero-length clip)")
     if resampler is not None:
-        pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-    return np.concatenate(pieces) if len(pieces) > 1 else np.ascontiguousarray(pieces[0], dtype=np.float32)
+        yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 def downmix(samples: np.ndarray) -> np.ndarray:

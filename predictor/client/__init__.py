@@ -62,13 +62,17 @@ class Client:
                                                            ("return_embedding", return_embedding)) if asked})
         reencoded = None
         if self.request_bytes(data, parameters) > self.max_request_bytes:
-            from .reencode import as_model_flac  # decoding needs the server's audio libraries
+            from .reencode import TooLarge, as_model_flac  # decoding needs the server's audio libraries
 
+            room = int((self.max_request_bytes - REQUEST_OVERHEAD_BYTES) / self.expansion(parameters))
             try:
-                data = as_model_flac(data)
+                data = as_model_flac(data, room)
             except ValueError as error:  # the server's own ClientInputError: what it would have answered
                 raise RequestFailed(f"over the {self.max_request_bytes / 2**20:g} MB limit, and not readable "
                                     f"as audio to re-encode: {error}", 400) from None
+            except TooLarge as error:
+                raise RequestFailed(f"over the server's {self.max_request_bytes / 2**20:g} MB limit (--max_request_mb) "
+                                    f"even as 16 kHz mono FLAC: {error}", 413) from None
             reencoded = len(data)
             if self.request_bytes(data, parameters) > self.max_request_bytes:
                 raise RequestFailed(f"still {len(data) / 2**20:.1f} MB as 16 kHz mono FLAC: over the server's "
@@ -77,8 +81,11 @@ class Client:
         return Result(answer, self.protocol.prediction(answer), reencoded)
 
     def request_bytes(self, data: bytes, parameters: dict) -> float:
-        expansion = self.protocol.base64_expansion if parameters else 1.0
-        return len(data) * expansion + REQUEST_OVERHEAD_BYTES
+        return len(data) * self.expansion(parameters) + REQUEST_OVERHEAD_BYTES
+
+    def expansion(self, parameters: dict) -> float:
+        """How much larger than the file its request's body is (base64 where V1 must send JSON)."""
+        return self.protocol.base64_expansion if parameters else 1.0
 
     def send(self, data: bytes, parameters: dict) -> object:
         """A busy server's refusal (503 with Retry-After; gRPC UNAVAILABLE with its retry_after_s
