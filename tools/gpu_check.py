@@ -16,8 +16,9 @@ README names. On a full-size random-init AST (speed and parity do not depend on 
   which reads no packed engine files), then over V2 binary REST: single-clip requests at
   concurrency 64 (clips/s, p50, p99), then offered open loop at half the rate answered (p50, p99 at
   half load), 32-clip requests (windows/s), against the model alone at the same precision and
-  batch, and the GPU memory the server holds; then single clips to the server in one process
-  (`--frontends 1`), the ratio the frontends gain.
+  batch, an explanation by rollout (ms, one request after another), and the GPU memory the server
+  holds; then single clips to the server in one process (`--frontends 1`), the ratio the frontends
+  gain.
 It prints the GPU, its driver, torch's and CUDA's versions and the host CPU first. Where torch sees
 no GPU it says so and exits 0. Exit 1 when a check fails. `--out DIR` keeps the results as JSON,
 written after each step (`complete` once all have run), and the tail of each server's log there, also
@@ -123,8 +124,21 @@ def bench(gpu: Server, plan: Plan, multi: bool = True) -> dict:
         runs.append(timed_clients(Load("v2", gpu.url, (clip,) * MULTI_CLIPS, plan.multi_concurrency, seconds)))
         speed.update(half_load_clips_per_s=runs[1]["requests_per_s"], half_load_p50_ms=runs[1]["p50_ms"],
                      half_load_p99_ms=runs[1]["p99_ms"], multi_clips_per_s=runs[2]["requests_per_s"] * MULTI_CLIPS,
-                     gpu_memory_mib=gpu_memory_mib(gpu))
+                     rollout_ms=rollout_ms(gpu, clip), gpu_memory_mib=gpu_memory_mib(gpu))
     return {**speed, "failed": sum(run["failed"] for run in runs), "refused_503": sum(run["refused_503"] for run in runs)}
+
+
+def rollout_ms(server: Server, clip: bytes, runs: int = 8) -> float:
+    """An explanation by rollout of one clip, one request after another, once the encoder has
+    loaded (its first request): the median, in ms. What admission's estimate of a rollout, two
+    windows' time until one has been timed, stands against on this GPU."""
+    rollout_map(server, clip)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        rollout_map(server, clip)
+        times.append(1000 * (time.perf_counter() - started))
+    return float(np.median(times))
 
 
 def squeezed(server: Server, recording: bytes) -> tuple[str, bool, str]:
