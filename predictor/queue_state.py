@@ -13,7 +13,7 @@ lock: a reader may see a number one write behind, which an estimate of the wait 
 """
 
 import multiprocessing
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -22,7 +22,35 @@ SLOTS = 3  # then each process's slot: its reserved windows, its rollouts
 RESERVED, ROLLOUTS = 0, 1
 
 
+class Number:
+    """One of `QueueState`'s numbers: at `index` of the values every process reads, or (`own`) at
+    `index` of the reading process's own slot."""
+
+    def __init__(self, index: int, kind: type, own: bool = False):
+        self.index, self.kind, self.own = index, kind, own
+
+    def __get__(self, state: Optional["QueueState"], owner: type) -> Any:
+        return self if state is None else self.kind(state.values[self._at(state)])
+
+    def __set__(self, state: "QueueState", value: float) -> None:
+        state.values[self._at(state)] = value
+
+    def _at(self, state: "QueueState") -> int:
+        return state.slot + self.index if self.own else self.index
+
+
 class QueueState:
+    waiting = Number(WAITING, int)
+    """Windows queued for the model, not yet handed to a pass."""
+    seconds_per_window = Number(SECONDS_PER_WINDOW, float)
+    """A running average of the passes, per window; 0 until the first queue's warm-up."""
+    seconds_per_rollout = Number(SECONDS_PER_ROLLOUT, float)
+    """A running average of the rollouts run, per clip; 0 until one has been timed."""
+    reserved = Number(RESERVED, int, own=True)
+    """Windows this process has admitted that are not queued yet (opening or decoding their files)."""
+    rollouts = Number(ROLLOUTS, int, own=True)
+    """Clips to explain by rollout that this process has admitted and that have not run yet."""
+
     def __init__(self, values: np.ndarray, slot: int = 0):
         self.values = values
         self.slot = SLOTS + 2 * slot
@@ -43,56 +71,11 @@ class QueueState:
         return cls(np.frombuffer(memory, dtype=np.float64), slot)
 
     @property
-    def waiting(self) -> int:
-        """Windows queued for the model, not yet handed to a pass."""
-        return int(self.values[WAITING])
-
-    @waiting.setter
-    def waiting(self, windows: int) -> None:
-        self.values[WAITING] = windows
-
-    @property
-    def seconds_per_window(self) -> float:
-        """A running average of the passes, per window; 0 until the first queue's warm-up."""
-        return float(self.values[SECONDS_PER_WINDOW])
-
-    @seconds_per_window.setter
-    def seconds_per_window(self, seconds: float) -> None:
-        self.values[SECONDS_PER_WINDOW] = seconds
-
-    @property
-    def reserved(self) -> int:
-        """Windows this process has admitted that are not queued yet (opening or decoding their files)."""
-        return int(self.values[self.slot + RESERVED])
-
-    @reserved.setter
-    def reserved(self, windows: int) -> None:
-        self.values[self.slot + RESERVED] = windows
-
-    @property
     def windows_ahead(self) -> int:
         """What a new request would wait for: queued windows and every process's reserved ones."""
         return int(self.values[WAITING] + self.values[SLOTS + RESERVED::2].sum())
 
     @property
-    def rollouts(self) -> int:
-        """Clips to explain by rollout that this process has admitted and that have not run yet."""
-        return int(self.values[self.slot + ROLLOUTS])
-
-    @rollouts.setter
-    def rollouts(self, clips: int) -> None:
-        self.values[self.slot + ROLLOUTS] = clips
-
-    @property
     def rollouts_ahead(self) -> int:
         """Every process's rollouts admitted and not yet run: what a new one would wait for."""
         return int(self.values[SLOTS + ROLLOUTS::2].sum())
-
-    @property
-    def seconds_per_rollout(self) -> float:
-        """A running average of the rollouts run, per clip; 0 until one has been timed."""
-        return float(self.values[SECONDS_PER_ROLLOUT])
-
-    @seconds_per_rollout.setter
-    def seconds_per_rollout(self, seconds: float) -> None:
-        self.values[SECONDS_PER_ROLLOUT] = seconds
