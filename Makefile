@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= MIT/ast-finetuned-audioset-10-10-0.4593
 MODEL_NAME ?= ast
 
-.PHONY: install install-dev peer-venv run test random-model bench docs-tables gpu-check gpu-rehearsal gpu-wheels timeline pack-model load soak fuzz fuzz-api image image-test
+.PHONY: install install-dev peer-venv run test random-model bench docs-tables gpu-check gpu-rehearsal gpu-device-like gpu-wheels timeline pack-model load soak fuzz fuzz-api image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ gpu-check:
 # make test, whose time they would double.
 gpu-rehearsal: install-dev
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m rehearsal
+
+# on_device.sh's two runs rehearsed on the CPU in a Python like the GPU machine's: its Python, torch, transformers
+# and numpy, with the carried wheels (tools/device_like.sh; a virtualenv of some GB, made once). OUT=DIR keeps the results.
+gpu-device-like:
+	bash tools/device_like.sh
 
 # The docs' tables of measurements, rewritten from the benchmarks/results/ files their markers name.
 docs-tables:
