@@ -205,3 +205,11 @@ def as_predictions(labels, scores) -> list[list[dict]]:
          for label, score in zip(row_labels, row_scores)]
         for row_labels, row_scores in zip(np.asarray(labels), np.asarray(scores))
     ]
+
+
+def nested_boxes(name: bytes, depth: int) -> bytes:
+    """MP4 boxes `depth` deep, each the one child of the box around it."""
+    boxes = b""
+    for _ in range(depth):
+        boxes = (8 + len(boxes)).to_bytes(4, "big") + name + boxes
+    return boxes

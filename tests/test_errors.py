@@ -12,7 +12,7 @@ import requests
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from .conftest import encode, tone
+from .conftest import encode, nested_boxes, tone
 
 RATE = 16000
 GOOD_WAV = encode(tone(440, 1.0, RATE), RATE, "WAV", "PCM_16")
@@ -68,6 +68,7 @@ V1_CASES = {
     "huge-samples": (v1(encode(np.full(RATE, 1e30, np.float32), RATE, "WAV", "FLOAT")),
                      "waveform has samples as large as 1e+30; this server takes samples within ±1e+14"),
     "bad-base64": ({"instances": [{"b64": "not base64 !!"}]}, "not valid base64"),
+    "mp4-boxes-nested-past-ffmpeg": (v1(nested_boxes(b"moov", 1500)), "the MP4 file nests 'moov' boxes more than 10 deep"),
     "instances-not-list": ({"instances": {"b64": b64(GOOD_WAV)}}, "non-empty list"),
     "no-instances": ({"instances": []}, "non-empty list"),
     "instance-not-b64": ({"instances": [b64(GOOD_WAV)]}, 'must be {"b64"'),

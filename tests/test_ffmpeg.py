@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from predictor.audio import ffmpeg
+from predictor.audio import ffmpeg, mp4
 from predictor.audio.ffmpeg import open_ffmpeg
 from predictor.errors import ClientInputError
+
+from .conftest import nested_boxes
 
 SECONDS = 0.5
 FREQUENCIES = (440.0, 1000.0)  # left, right: a swapped or interleaved channel shows
@@ -208,6 +210,22 @@ def test_sample_tables_that_declare_more_samples_than_bytes_are_refused_before_f
     with pytest.raises(ClientInputError, match=f"the MP4 file's sample tables declare 80,000,000 samples in a file of "
                                                f"{len(data):,} bytes"):
         open_ffmpeg(bytes(changed))
+
+
+@pytest.mark.parametrize("name", [b"moov", b"stbl"])
+def test_boxes_nested_deeper_than_ffmpeg_reads_are_refused_from_the_walk_of_their_headers(tmp_path, name):
+    """A few KB of nested box headers: walked by recursion, they passed Python's recursion limit (a
+    server fault) and took seconds on their way there (each box passed up through every level, each
+    `stbl` walked again). The depth FFmpeg itself reads is kept: a real file opens, and so does one
+    with boxes that deep; one level deeper is refused, and so are 1,500, at once."""
+    data = make(tmp_path, 16000, 1, ".m4a", "-c:a", "aac")
+    assert open_ffmpeg(data).frames
+    head = data[: int.from_bytes(data[:4], "big")]  # the CLI's `ftyp`
+    assert mp4.declared_samples(head + nested_boxes(name, mp4.MAX_DEPTH)) == 0
+    for depth in (mp4.MAX_DEPTH + 1, 1500):
+        with pytest.raises(ClientInputError, match=f"the MP4 file nests '{name.decode()}' boxes more than "
+                                                   f"{mp4.MAX_DEPTH} deep, deeper than FFmpeg reads"):
+            open_ffmpeg(head + nested_boxes(name, depth))
 
 
 def test_alac_frames_past_the_longest_are_refused_before_one_is_decoded(tmp_path):

@@ -23,6 +23,9 @@ TOP_LEVEL = {b"ftyp", b"styp", b"moov", b"moof", b"mdat", b"free", b"skip", b"wi
 """Boxes an MP4 family file starts with: anything else is not one, and is left to FFmpeg's probing."""
 CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf"}
 """The boxes on the way to the sample tables."""
+MAX_DEPTH = 10
+"""Containers within containers: FFmpeg's mov demuxer reads no deeper (a real file's sample tables
+are five in: moov, trak, mdia, minf, stbl)."""
 
 
 def check_sample_tables(data: bytes) -> None:
@@ -41,7 +44,7 @@ def declared_samples(data: bytes) -> int:
     total = 0
     for name, body in _boxes(data, 0, len(data)):
         if name == b"stbl":
-            tables = dict(_boxes(data, *body))
+            tables = dict(_children(data, *body))
             total += max(_sizes(data, tables), _times(data, tables), _chunks(data, tables))
         elif name == b"trun" and body[1] - body[0] >= 8:
             total += struct.unpack_from(">I", data, body[0] + 4)[0]
@@ -50,7 +53,25 @@ def declared_samples(data: bytes) -> int:
 
 def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, tuple[int, int]]]:
     """Every box from `start` to `end` and, depth first, inside the containers: (type, (its body's
-    first byte, its end))."""
+    first byte, its end)). A stack of levels, not a generator per level: a few KB of nested headers
+    would pass Python's recursion limit, and each box would pass up through every level above it."""
+    levels = [_children(data, start, end)]
+    while levels:
+        box = next(levels[-1], None)
+        if box is None:
+            levels.pop()
+            continue
+        yield box
+        name, body = box
+        if name in CONTAINERS:
+            if len(levels) > MAX_DEPTH:
+                raise ClientInputError(f"the MP4 file nests {name.decode()!r} boxes more than {MAX_DEPTH} deep, deeper "
+                                       "than FFmpeg reads")
+            levels.append(_children(data, *body))
+
+
+def _children(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, tuple[int, int]]]:
+    """The boxes from `start` to `end`, not the boxes inside them."""
     offset = start
     while offset + 8 <= end:
         size, name = struct.unpack_from(">I4s", data, offset)
@@ -61,10 +82,7 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, tuple[int
             size = end - offset
         if size < header or offset + size > end:
             return  # FFmpeg decides what a broken box means
-        body = (offset + header, offset + size)
-        yield name, body
-        if name in CONTAINERS:
-            yield from _boxes(data, *body)
+        yield name, (offset + header, offset + size)
         offset += size
 
 
