@@ -155,6 +155,7 @@ class ASTModel(Model):
         self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model_config))
         rate = self.filterbank.sampling_rate
         self.target = audio.Target(rate, config.max_audio_seconds, config.max_channels)
+        audio.cap_allocations(config.max_request_bytes)
         self.windowing = windows.Windowing.of(self.filterbank)
         self.num_labels = model_config.num_labels
         self.hidden_size = model_config.hidden_size

@@ -213,3 +213,8 @@ def nested_boxes(name: bytes, depth: int) -> bytes:
     for _ in range(depth):
         boxes = (8 + len(boxes)).to_bytes(4, "big") + name + boxes
     return boxes
+
+
+def peak_rss_bytes(pid: int) -> int:
+    line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024

@@ -26,7 +26,7 @@ from transformers import pipeline
 from predictor.config import Config
 
 from .conftest import (REPO, Server, assert_logits_within_precision, encode, expected, free_port, run_triton_grpc,
-                       metric, stop_server, tone)
+                       metric, peak_rss_bytes, stop_server, tone)
 
 pytestmark = pytest.mark.serial  # probes within their timeouts, memory peaks within the limit
 
@@ -277,11 +277,6 @@ def test_full_size_model_matches_the_pipeline_at_the_precision_it_serves(full_si
 
 def ten_second_clip() -> bytes:
     return encode(tone(330, 10.0, 16000) + tone(2500, 10.0, 16000, 0.1), 16000, "WAV", "PCM_16")
-
-
-def peak_rss_bytes(pid: int) -> int:
-    line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def memory_limit_bytes(container: dict) -> int:

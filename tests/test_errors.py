@@ -7,12 +7,13 @@ import struct
 import threading
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from .conftest import encode, nested_boxes, tone
+from .conftest import encode, nested_boxes, peak_rss_bytes, tone
 
 RATE = 16000
 GOOD_WAV = encode(tone(440, 1.0, RATE), RATE, "WAV", "PCM_16")
@@ -244,6 +245,23 @@ def test_v2_binary_nan_waveform_from_tritonclient(server):
     with pytest.raises(InferenceServerException, match="NaN or infinite") as error:
         client.infer("ast", [tensor])
     assert error.value.status() == "400"
+
+
+def test_a_header_that_declares_a_gigabyte_costs_the_server_no_gigabyte(server):
+    """A WAV of 60 bytes whose INFO chunk declares a 1 GiB tag: libsndfile turns it down, and
+    FFmpeg's WAV demuxer allocated (and zeroed) the size declared before reading the tag. Refused,
+    and no process of the server's grew its peak by a tenth of that."""
+    fmt = struct.pack("<4sI2H2I2H", b"fmt ", 16, 1, 1, RATE, 2 * RATE, 2, 16)
+    declared = 1 << 30
+    info = b"INFO" + struct.pack("<4sI", b"INAM", declared) + b"name"
+    wave = b"WAVE" + fmt + struct.pack("<4sI", b"LIST", declared + 64) + info
+    data = struct.pack("<4sI", b"RIFF", len(wave)) + wave
+    processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    before = {p.pid: peak_rss_bytes(p.pid) for p in processes}
+    assert_client_error(requests.post(server.predict_url, data=data, headers={"Content-Type": "audio/wav"}),
+                        "could not decode audio (60 bytes)")
+    grown = {pid: peak_rss_bytes(pid) - peak for pid, peak in before.items()}
+    assert max(grown.values()) < declared / 10, {pid: f"{g / 2**20:.0f} MiB" for pid, g in grown.items()}
 
 
 def test_server_still_serves_after_all_of_that(server):

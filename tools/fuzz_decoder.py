@@ -194,6 +194,14 @@ def _checked_blocks(blocks: Iterator[np.ndarray], channels: int, reader: str) ->
             yield block
 
 
+@lru_cache(maxsize=1)
+def _bounded_as_the_server_bounds() -> None:
+    """FFmpeg's allocations in this process bounded as a server's are at the default request size."""
+    from predictor import audio, names
+
+    audio.cap_allocations(int(names.MAX_REQUEST_MB * 2**20))
+
+
 def decode_or_refuse(clip: Any, limit: Any = None, on_open: Optional[Callable[[Any], None]] = None):
     """A clip as `ASTModel._decode` decodes it: its waveform (checked), or None if refused with a client
     error (checked for a message). `on_open(source)` runs once the header is read. Any other exception
@@ -201,6 +209,7 @@ def decode_or_refuse(clip: Any, limit: Any = None, on_open: Optional[Callable[[A
     from predictor import audio
     from predictor.errors import ClientInputError
 
+    _bounded_as_the_server_bounds()
     limit = limit or target()
     try:
         source = audio.open_clip(clip, limit)

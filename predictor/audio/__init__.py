@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ClientInputError, UnsupportedAudio, shown
 from .budget import SampleBudget
-from .ffmpeg import open_ffmpeg
+from .ffmpeg import cap_allocations, open_ffmpeg
 from .sndfile import ACCEPTED, NotReadable, open_sndfile
 from .source import Source
 from .stream import Abandoned, mono_blocks, to_mono
@@ -144,4 +144,4 @@ def _check_rate_range(rate: int, what: str) -> None:
         raise ClientInputError(f"{what} {shown(rate)} Hz, outside {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz")
 
 
-__all__ = ["Abandoned", "Clip", "SampleBudget", "Source", "Target", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]
+__all__ = ["Abandoned", "Clip", "SampleBudget", "Source", "Target", "cap_allocations", "check_sampling_rate", "decode", "from_waveform", "open_clip", "open_file"]

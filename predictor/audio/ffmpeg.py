@@ -17,9 +17,11 @@ and every protocol is refused, so a nested open has nothing to reach; our `io_op
 Python then checks the container and codec again before decoding.
 """
 
+import ctypes
 import io
 import logging
 import struct
+from pathlib import Path
 from typing import Iterator, Optional
 
 import av
@@ -54,6 +56,27 @@ TRUNCATION_SLACK_SECONDS = 0.25
 AV_ERRORS = (av.FFmpegError, ValueError, EOFError, OSError)
 MAX_FRAME_LENGTH = 65_536
 """Samples per channel in one ALAC frame (`_check_frame_length`)."""
+
+
+ALLOCATION_FLOOR = 64 << 20
+"""Bytes FFmpeg may always take at once, however small the requests (`cap_allocations`)."""
+
+
+def cap_allocations(request_bytes: int) -> None:
+    """Bound each allocation FFmpeg makes in this process by the largest request, or the floor.
+
+    Its demuxers allocate what a header declares before they read it: a WAV of a few dozen bytes
+    whose INFO chunk declared a gigabyte had FFmpeg zero a gigabyte (make fuzz found it). libavutil's
+    av_max_alloc bounds every allocation of the process; past it FFmpeg fails with its own ENOMEM,
+    which `open_ffmpeg` refuses like any other error. A real file needs no allocation larger than
+    itself (its index, its tags), so this costs no real file anything. PyAV does not wrap
+    av_max_alloc, so it is called in the libavutil that PyAV loaded."""
+    libraries = {line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                 if "libavutil" in line}
+    if not libraries:
+        logger.warning("FFmpeg's libavutil is not among this process's libraries: its allocations are not bounded")
+    for library in libraries:
+        ctypes.CDLL(library).av_max_alloc(ctypes.c_size_t(max(request_bytes, ALLOCATION_FLOOR)))
 
 
 def open_ffmpeg(data: bytes) -> Source:
