@@ -241,8 +241,10 @@ class ASTModel(Model):
         return payload
 
     async def preprocess(self, payload: Union[dict, bytes, InferRequest], headers: Optional[dict] = None) -> Work:
-        """Parse; refuse a busy server's request before opening anything; read the headers (in the
-        decoding pool) and refuse what the limits or the wait forbid; then decode."""
+        """Refuse a busy server's request before parsing it (a large request's base64 or JSON numbers
+        hold the event loop while they are decoded); parse; read the headers (in the decoding pool)
+        and refuse what the limits or the wait forbid; then decode."""
+        self.admission.check()
         request = parse(payload, self.config.max_clips_per_request)
         options = self._options(request.parameters, explaining=EXPLAINING.get())
         if options.explain and options.explain_format == "png":
@@ -251,7 +253,6 @@ class ASTModel(Model):
         if options.explain and options.explain_method == "rollout":
             rollouts = self.rollouts.reserve(len(request.clips))
             HELD.get().append(rollouts)
-        self.admission.check()
         sources = await self._pooled(self._open, request.clips,
                                      abandoned=lambda done: done.cancelled() or done.exception() or _close(done.result()))
         try:

@@ -1,5 +1,6 @@
 """The client (`python -m predictor.client`, the `ast-classify` script) against the real server, every protocol."""
 
+import contextlib
 import json
 import logging
 import os
@@ -11,9 +12,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import numpy as np
 import pytest
+import requests
 import soundfile as sf
 
 from predictor.client import Client
@@ -307,22 +310,40 @@ def busy_server(tiny_model_dir, tmp_path_factory):
     stop_server(running)
 
 
-@pytest.mark.parametrize("protocol", ["v2", "grpc"])
-def test_a_full_queue_is_retried_after_the_time_the_server_asks(busy_server, tiny_pipeline, protocol, caplog):
-    """Two minutes at a hop of 0.5 s (239 windows) hold the queue; a short clip sent meanwhile gets 503
-    (gRPC UNAVAILABLE), waits as told, and is answered. It is sent once some 40 of those windows
-    have been classified, so that the wait the server names comes from its passes, not from its
-    warm-up's first estimate."""
+@contextlib.contextmanager
+def holding_the_queue(server) -> Iterator[None]:
+    """Two minutes at a hop of 0.5 s (239 windows) held in the queue, from once some 40 of them have
+    been classified (so that the wait the server names comes from its passes, not from its
+    warm-up's first estimate) until the request is answered."""
     long_clip = encode(tone(220, 120.0, RATE, 0.1), RATE, "WAV", "PCM_16")
     with ThreadPoolExecutor(1) as pool:
-        holding = pool.submit(Client(busy_server.url).classify, long_clip, hop_seconds=0.5)
+        holding = pool.submit(Client(server.url).classify, long_clip, hop_seconds=0.5)
         deadline = time.monotonic() + 60
-        while not 50 <= metric(busy_server, "ast_queued_windows") <= 200:
+        while not 50 <= metric(server, "ast_queued_windows") <= 200:
             assert time.monotonic() < deadline and not holding.done(), "the long request never queued"
             time.sleep(0.05)
-        short = tone(440, 2.0, RATE)
+        yield
+        assert holding.result().prediction.labels
+
+
+@pytest.mark.parametrize("protocol", ["v2", "grpc"])
+def test_a_full_queue_is_retried_after_the_time_the_server_asks(busy_server, tiny_pipeline, protocol, caplog):
+    """A short clip sent while the queue is held gets 503 (gRPC UNAVAILABLE), waits as told, and is
+    answered."""
+    short = tone(440, 2.0, RATE)
+    with holding_the_queue(busy_server):
         with caplog.at_level(logging.WARNING, logger="predictor.client"):
             result = Client(url_of(busy_server, protocol), protocol=protocol).classify(encode(short, RATE, "WAV", "FLOAT"))
-        assert holding.result().prediction.labels
     assert any("server busy" in r.getMessage() and "retry 1 in" in r.getMessage() for r in caplog.records), caplog.text
     assert_same_predictions(result.prediction.labels, expected(tiny_pipeline, short, 5, "softmax"))
+
+
+def test_a_busy_server_refuses_a_request_before_parsing_it(busy_server):
+    """Refused for the wait before its base64 is decoded: a body that could not be parsed gets the
+    busy server's 503, as a good one would, and its 400 once the queue has room."""
+    body = {"instances": [{"b64": "not base64 !!"}]}
+    with holding_the_queue(busy_server):
+        refused = requests.post(busy_server.predict_url, json=body)
+    assert refused.status_code == 503 and "the server is busy" in refused.json()["error"], refused.text
+    bad = requests.post(busy_server.predict_url, json=body)
+    assert bad.status_code == 400 and "not valid base64" in bad.json()["error"], bad.text
