@@ -10,18 +10,19 @@ with `Overloaded` (503 and `Retry-After`, gRPC UNAVAILABLE) when that wait passe
 `--max_queued_windows`, a memory bound (each waiting window holds its samples). Nothing is
 refused while nothing is ahead, so one request up to the per-request limits always runs.
 
-The check is made twice without decoding: as soon as the request is parsed (nothing opened yet),
-and once the files' headers say how many windows the request will cost. Then `counted` counts
-those windows as ahead of every later request until the request's decoding has ended (a request
-cancelled meanwhile stops decoding at its next block, and is counted until then), so requests
-arriving together see each other before any of them is decoded. A file whose header does not say how long
-it is (MP3, a FLAC written to a pipe) counts as one window until decoded, so a request that turns
-out to have more is checked a third time, with the windows it has, against the memory bound
-(`--max_queued_windows`), before they are queued. When it
-ends (decoded, or failed), the caller hands the windows to the queue without yielding to the event
-loop in between (kserve calls `predict` or `explain` straight after `preprocess`), and the queue
-counts them from then on; a request that never reaches the queue (a failure) leaves nothing
-counted behind.
+The check is made twice without decoding: before the request is parsed (a busy server spends
+nothing on it), and once the files' headers say how many windows the request will cost. Then
+`counted` counts those windows as ahead of every later request until the request's decoding has
+ended (a request cancelled meanwhile stops decoding at its next block, and is counted until then),
+so requests arriving together see each other before any of them is decoded. A file whose header
+does not say how long it is counts for the length its container estimates (MP3, from its bit
+rate: never a reason to refuse it, since a VBR file's estimate may be wrong), or as one window
+where there is none (a FLAC written to a pipe), until decoded, so a request that turns out to have
+more is checked a third time, with the windows it has, against the memory bound
+(`--max_queued_windows`), before they are queued. When it ends (decoded, or failed), the caller
+hands the windows to the queue without yielding to the event loop in between (kserve calls
+`predict` or `explain` straight after `preprocess`), and the queue counts them from then on; a
+request that never reaches the queue (a failure) leaves nothing counted behind.
 
 With frontends (`frontends`), the windows ahead are those queued in the model's process and those
 every frontend has admitted and is decoding (`queue_state`, in shared memory). A request's windows

@@ -257,6 +257,10 @@ class ASTModel(Model):
                                      abandoned=lambda done: done.cancelled() or done.exception() or _close(done.result()))
         try:
             cost = self._check_windows([self._declared(s) for s in sources], request, options)
+            if not options.explain:  # and what containers only estimate (MP3), up to where decoding stops
+                estimated = sum(self.windowing.count(self._declared(s, estimated=True), options.hop_seconds)
+                                for s in sources)
+                cost = max(cost, min(estimated, self.config.max_windows_per_request))
             self.admission.check(cost)
         except (ClientInputError, Overloaded):
             _close(sources)
@@ -452,10 +456,12 @@ class ASTModel(Model):
                              source.channels, source.reader)
             return waveforms
 
-    def _declared(self, source: audio.Source) -> int:
-        """The samples at the model's rate a header declares; a clip that does not say counts as
+    def _declared(self, source: audio.Source, estimated: bool = False) -> int:
+        """The samples at the model's rate a header declares (with `estimated`, or what its container
+        estimates where it declares none, for admission alone); a clip that does not say counts as
         one window until decoded."""
-        return 0 if source.frames is None else round(source.frames / source.rate * self.target.rate)
+        frames = source.estimated if source.frames is None and estimated else source.frames
+        return 0 if frames is None else round(frames / source.rate * self.target.rate)
 
     def _check_windows(self, lengths: list[int], request: protocol.AudioRequest, options: Options) -> int:
         """The request's windows (with explain, each clip's masked copies too, at most), refused past

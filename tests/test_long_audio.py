@@ -8,9 +8,11 @@ clip, with lower window and sample limits to test them.
 
 import base64
 import json
+import re
 import subprocess
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -301,6 +303,27 @@ def test_the_request_sample_budget_is_enforced_while_decoding(long_server):
     assert response.status_code == 400
     assert ("the request's audio decodes to more than 9,600,000 samples (1 channel(s) at 16000 Hz in this clip, after "
             "6,400,000 samples before it)") in response.json()["error"], response.text
+
+
+def test_an_mp3_is_admitted_for_the_length_its_container_estimates(tiny_model_dir, tmp_path):
+    """An MP3 states no length the server trusts (a VBR file may carry none), so it is never refused
+    for the length its bit rate suggests; admission counts that estimate, though, from before it is
+    decoded. Two 9-minute MP3s at once (53 windows each) against --max_queued_windows 60: the one
+    admitted first is counted for its 53 windows, and the other is refused before it is decoded.
+    Before, each counted as one window until decoded: both were decoded, and the second refused only
+    after (or queued past the bound's wait)."""
+    server = start_server(tiny_model_dir, tmp_path / "server.log", env={"AST_MAX_QUEUED_WINDOWS": "60"})
+    try:
+        mp3 = encode(tone(440, 540.0, RATE, 0.3), RATE, "MP3", "MPEG_LAYER_III")
+        before = decodes_begun(server)
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: requests.post(server.predict_url, data=mp3, timeout=120), range(2)))
+        assert sorted(answer.status_code for answer in answers) == [200, 503], [answer.text for answer in answers]
+        refused = next(answer for answer in answers if answer.status_code == 503)
+        assert re.search(r"this request's 53 windows would make \d+ waiting", refused.json()["error"]), refused.text
+        assert decodes_begun(server) - before == 1  # the one answered
+    finally:
+        stop_server(server)
 
 
 def test_a_clip_of_unstated_length_stops_decoding_at_the_window_limit(long_server):

@@ -126,13 +126,15 @@ def _open_stream(container: av.container.InputContainer) -> Source:
     rate, channels = codec.sample_rate, codec.channels
     if rate <= 0 or channels <= 0:
         raise ClientInputError(f"the audio stream (in FFmpeg's {name} container) states no sample rate or channels")
-    frames = None
-    if stream.duration and stream.duration > 0 and stream.time_base and name not in ESTIMATED_DURATION:
-        frames = round(stream.duration * stream.time_base * rate)
-    logger.debug("ffmpeg: %s, %s, %d Hz, %d channel(s), %s frames", name, codec.name, rate, channels, frames)
+    length = None
+    if stream.duration and stream.duration > 0 and stream.time_base:
+        length = round(stream.duration * stream.time_base * rate)
+    frames, estimated = (None, length) if name in ESTIMATED_DURATION else (length, None)
+    logger.debug("ffmpeg: %s, %s, %d Hz, %d channel(s), %s frames (estimated: %s)", name, codec.name, rate, channels,
+                 frames, estimated)
     blocks = _blocks(container, stream, rate, channels, frames)
     next(blocks)  # into its try, so that closing it unread still closes the container
-    return Source(rate=rate, channels=channels, frames=frames, blocks=blocks, reader="ffmpeg")
+    return Source(rate=rate, channels=channels, frames=frames, blocks=blocks, reader="ffmpeg", estimated=estimated)
 
 
 def _blocks(container: av.container.InputContainer, stream: av.AudioStream, rate: int, channels: int,

@@ -23,3 +23,6 @@ class Source:
     """What read it, for the logs: 'libsndfile', 'ffmpeg' or 'waveform' (a client's samples)."""
     decoded: int = 0
     """Frames decoded so far: what a request's audio budget is charged, whatever the header said."""
+    estimated: Optional[int] = None
+    """Frames the container estimates where it states none (MP3, from its bit rate): what admission
+    counts until decoding says, never a reason to refuse the clip."""
