@@ -35,9 +35,11 @@ def ours(temp: Path) -> list[Path]:
 
 def on_device(run: str, out: Path, temp: Path) -> subprocess.CompletedProcess:
     """`tools/on_device.sh`, the command a lent GPU machine runs, rehearsed on the CPU: this Python
-    has the packages, so no wheels are installed."""
+    has the packages, so no wheels are installed (and none that an earlier run left are imported)."""
+    site = temp / "site"
     return subprocess.run(["bash", "tools/on_device.sh", run, "--rehearse"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(temp)})
+                          timeout=600, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(temp),
+                                            "AST_DEVICE_SITE": str(site)})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here: run make gpu-check itself")

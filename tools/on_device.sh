@@ -10,7 +10,8 @@ usage="usage: OUT=DIR tools/on_device.sh check|bench [ARGS...]"
 run=${1:?$usage}
 shift
 python=${PYTHON:-python3}
-site=${AST_DEVICE_SITE:-/tmp/ast-device-site}
+# One site per Python: wheels built for another (a rehearsal's, say) would be imported first, and fail.
+site=${AST_DEVICE_SITE:-/tmp/ast-device-site-$("$python" -c 'import sys; print(sys.implementation.cache_tag)')}
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ! "$python" -c "import kserve, soundfile, soxr, av" 2>/dev/null; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
