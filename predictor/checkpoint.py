@@ -44,11 +44,15 @@ class Checkpoint:
 
         A hub id's weights are fetched now: the export's child process runs offline."""
         source = resolve_model_source(model_dir)
-        if Path(source).is_dir():
+        local = Path(source).is_dir()
+        if local:
             check_readable(source)
         try:
             config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - JSON, a value of the wrong type (transformers' strict config), ...
+            if local:
+                raise ModelLoadError(f"{Path(source, 'config.json')} is not a model config transformers can read: "
+                                     f"{type(exc).__name__}: {exc}") from None
             raise ModelLoadError(
                 f"could not load an AST model from '{model_dir}': it is not a local directory holding "
                 f"config.json and weights, and fetching it as a hub id failed ({exc}). Point --model_dir "
@@ -69,8 +73,10 @@ class Checkpoint:
             logger.info("Loading the torch model from %s", self.source)
             try:
                 self.loaded = ASTForAudioClassification.from_pretrained(self.source, attn_implementation="sdpa").eval()
-            except OSError as exc:
-                raise ModelLoadError(f"could not load the weights of '{self.source}': {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - a truncated file (safetensors' own error), shapes unlike the config, ...
+                files = ", ".join(path.name for path in weight_files(self.source)) or "none found"
+                raise ModelLoadError(f"could not load the weights of '{self.source}' ({files}): "
+                                     f"{type(exc).__name__}: {exc}") from None
         return self.loaded
 
     def unloaded(self) -> "Checkpoint":

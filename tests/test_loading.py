@@ -73,6 +73,31 @@ def test_weights_the_servers_user_may_not_read_are_named_with_the_fix(tiny_model
     assert "securityContext.fsGroup" in result.stderr and "hub id" not in result.stderr
 
 
+def test_weights_cut_short_are_named_not_a_traceback(tiny_model_dir, tmp_path):
+    """A copy that stopped midway: safetensors' own error names no file, and it was no OSError, so
+    the server ended with a traceback. It exits 1 naming the directory and its weight files."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run_server_expecting_failure("--model_dir", str(tmp_path / "m"), "--backend", "torch")
+    assert f"could not load the weights of '{tmp_path / 'm'}' (model.safetensors): SafetensorError" in result.stderr, \
+        result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("change", [("\"hidden_size\": 32", "\"hidden_size\": \"32\""), ("{", "{{")],
+                         ids=["a-number-as-a-string", "not-json"])
+def test_a_config_json_transformers_cannot_read_is_named_as_the_directory_s(tiny_model_dir, tmp_path, change):
+    """Not "not a local directory ... fetching it as a hub id failed": the directory is there, and
+    its config.json is what to fix."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    assert change[0] in config.read_text()
+    config.write_text(config.read_text().replace(*change, 1))
+    with pytest.raises(ModelLoadError, match=f"^{config} is not a model config transformers can read: "):
+        ASTModel(Config(model_dir=str(tmp_path / "m"))).load()
+
+
 def test_storage_initializer_layout_one_level_down(tiny_model_dir, tmp_path):
     """gs://bucket/models/ copied to /mnt/models with the model in models/ast/: found and served."""
     mount = tmp_path / "mnt-models"
