@@ -85,6 +85,21 @@ class Checkpoint:
         return replace(self, loaded=None)
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A model directory's name is a model's in URL paths (`repository`): letters, digits, '.', '_' and
+'-' (no ':', which V1 paths use before the verb; no hidden directories)."""
+
+
+def is_model_directory(path: Path) -> bool:
+    return bool(MODEL_NAME.fullmatch(path.name)) and (path / "config.json").is_file()
+
+
+def model_directories(directory: Path) -> list[Path]:
+    """The model directories in `directory`: what the one-model-one-level-down rule and a
+    repository both count, so that they agree on how many there are."""
+    return [entry for entry in directory.iterdir() if is_model_directory(entry)]
+
+
 def resolve_model_source(model_dir: str) -> str:
     """A local directory (or the one model directory inside it), else the string as a hub id.
 
@@ -102,7 +117,7 @@ def resolve_model_source(model_dir: str) -> str:
     if path.is_dir():
         if (path / "config.json").is_file():
             return str(path)
-        nested = [p for p in path.iterdir() if (p / "config.json").is_file()]
+        nested = model_directories(path)
         if len(nested) == 1:
             return str(nested[0])
         raise ModelLoadError(

@@ -13,7 +13,6 @@ windows ahead of it.
 
 import asyncio
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -21,16 +20,12 @@ from typing import Optional
 from kserve.model_repository import ModelRepository
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
+from .checkpoint import is_model_directory, model_directories
 from .config import Config
 from .model import ASTModel, Threads
 from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-"""A model's name is its directory's, in URL paths: letters, digits, '.', '_' and '-' (no ':', which
-V1 paths use before the verb; no hidden directories)."""
-
 
 def model_names(model_dir: str) -> Optional[list[str]]:
     """The models of a repository: a directory holding two or more model directories (each with a
@@ -46,11 +41,7 @@ def model_names(model_dir: str) -> Optional[list[str]]:
 
 def on_volume(directory: Path) -> list[str]:
     """The model directories in `directory`, by name."""
-    return sorted(entry.name for entry in directory.iterdir() if is_model(directory, entry.name))
-
-
-def is_model(directory: Path, name: str) -> bool:
-    return bool(NAME.fullmatch(name)) and (directory / name / "config.json").is_file()
+    return sorted(entry.name for entry in model_directories(directory))
 
 
 class AudioModelRepository(ModelRepository):
@@ -72,7 +63,7 @@ class AudioModelRepository(ModelRepository):
         is left as it is; a load under way is waited for. A load goes on when its caller stops
         waiting (a client's timeout, during an export that takes minutes): it ends served, as
         asked, rather than thrown away for the next try to start over."""
-        if not is_model(Path(self.models_dir), name):
+        if not is_model_directory(Path(self.models_dir) / name):
             raise ValueError(f"no model directory '{name}' (a name of letters, digits, '.', '_' or '-', holding a "
                              f"config.json) in {self.models_dir}")
         if name in self.models:

@@ -180,3 +180,14 @@ def test_frontends_serve_one_model(repository, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["--model_dir", str(repository), "--frontends", "2", "--configure_logging", "false"])
     assert refused.value.code == 2 and "a model repository" in capsys.readouterr().err
+
+
+def test_a_directory_whose_name_is_no_model_name_is_not_counted_as_a_model(repository, tmp_path):
+    """One model directory beside one whose name a URL path cannot carry (a space): the second is
+    not a model, for the one-model-one-level-down rule as for a repository, so the first is served
+    as the one model. Before, the repository left it out and the rule counted it: two, so neither,
+    and the start failed saying there was no config.json."""
+    shutil.copytree(repository / "birds", tmp_path / "birds")
+    shutil.copytree(repository / "machines", tmp_path / "machine sounds")
+    model = ASTModel(Config(model_dir=str(tmp_path), backend="torch"))
+    assert model.load() and model.id2label == dict(enumerate(BIRDS))
