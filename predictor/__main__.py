@@ -89,17 +89,27 @@ def serve_repository(config: Config, names: list[str], device: str, server_flags
     """Every model of the repository, loaded in name order, each under its directory's name."""
     keep_freed_memory()
     repository = AudioModelRepository(config, threads=configure_torch_threads(config.threads), device=device)
+    models = loaded(repository, names)
+    if models is None:
+        return 1
+    AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=config.max_request_bytes,
+                     registered_models=repository, repository_extension=VolumeIndex(repository),
+                     **server_flags).start(models)
+    return 0
+
+
+def loaded(repository: AudioModelRepository, names: list[str]) -> Optional[list[ASTModel]]:
+    """The repository's models, each loaded; None (logged) where one cannot be. A function of its
+    own so that no frame of the server's life holds a model past its unload."""
     models = [repository.model(name) for name in names]
     for model in models:
         try:
             model.load()
         except ModelLoadError as exc:
-            logging.getLogger(__package__).error("model %s of the repository %s: %s", model.name, config.model_dir, exc)
-            return 1
-    AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=config.max_request_bytes,
-                     registered_models=repository, repository_extension=VolumeIndex(repository),
-                     **server_flags).start(models)
-    return 0
+            logging.getLogger(__package__).error("model %s of the repository %s: %s", model.name,
+                                                 repository.config.model_dir, exc)
+            return None
+    return models
 
 
 if __name__ == "__main__":

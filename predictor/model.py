@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from contextvars import ContextVar
@@ -112,6 +113,13 @@ class Threads:
                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="ast-rollout"))
 
 
+def _released(name: str) -> None:
+    """A model let go of (unloaded, and its last request answered): what its engine held, handed
+    back to the system (`keep_freed_memory` would keep it)."""
+    release_freed_memory()
+    logger.info("Model %s released: its engine's memory is handed back", name)
+
+
 class ASTModel(Model):
     def __init__(self, config: Config, threads: int = 1, device: str = "cpu", state: Optional[QueueState] = None,
                  remote: Optional[RemoteQueue] = None, shared: Optional[Threads] = None):
@@ -176,6 +184,7 @@ class ASTModel(Model):
                     source, self.num_labels, self.filterbank.num_mel_bins, self.filterbank.max_length,
                     self.windowing.seconds, self.default_function, self.default_top_k,
                     ", through the model's process" if self.remote else "")
+        weakref.finalize(self, _released, self.name).atexit = False
         self.ready = True
         return self.ready
 

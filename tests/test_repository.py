@@ -191,3 +191,22 @@ def test_a_directory_whose_name_is_no_model_name_is_not_counted_as_a_model(repos
     shutil.copytree(repository / "machines", tmp_path / "machine sounds")
     model = ASTModel(Config(model_dir=str(tmp_path), backend="torch"))
     assert model.load() and model.id2label == dict(enumerate(BIRDS))
+
+
+def test_a_model_served_from_the_start_is_let_go_of_once_unloaded(repository, tmp_path):
+    """Unloading is how a user makes room for another model, so what the model held must go with it.
+    One loaded at the start was still held by the start's own frames (kserve's among them): its
+    engine stayed for the server's life. It is let go of now once unloaded, which the server logs,
+    and it serves again once loaded again."""
+    server = start_server(repository, tmp_path / "server.log", env=ENV, model_name="birds")
+    try:
+        assert requests.post(f"{server.url}/v2/repository/models/machines/unload", timeout=30).status_code == 200
+        deadline = time.monotonic() + 10
+        while "Model machines released" not in server.log.read_text():
+            assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+            time.sleep(0.1)
+        assert "Model birds released" not in server.log.read_text()
+        assert requests.post(f"{server.url}/v2/repository/models/machines/load", timeout=120).status_code == 200
+        assert v1(server, "machines", tone(400, 1.0, RATE)).status_code == 200
+    finally:
+        stop_server(server)

@@ -132,6 +132,7 @@ class AudioModelServer(ModelServer):
         """`repository_extension`: the V2 repository API's handlers, where kserve's own are not enough."""
         super().__init__(**kwargs)
         self.listener = listener
+        self._registering: list = []
         if repository_extension is not None:
             self.model_repository_extension = repository_extension
         self.dataplane = AudioDataPlane(model_registry=self.registered_models)
@@ -151,8 +152,16 @@ class AudioModelServer(ModelServer):
         model_server.app.add_api_route("/v2/repository/index", self.model_repository_extension.index,
                                        methods=["POST"])
 
+    def start(self, models: list) -> None:
+        """kserve's start, which holds the list it is given for as long as it serves: emptied once
+        kserve has registered the models (`setup_event_loop` comes after), so that a model the V2
+        repository API unloads is let go of, and its engine's memory with it."""
+        self._registering = models
+        super().start(models)
+
     def setup_event_loop(self) -> None:
         super().setup_event_loop()
+        self._registering.clear()  # the registry holds them now
         if self.listener is not None:
             uvicorn_server = self._rest_server._server
             uvicorn_server.serve = functools.partial(uvicorn_server.serve, sockets=[self.listener])
