@@ -27,6 +27,7 @@ from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
 
+
 def model_names(model_dir: str) -> Optional[list[str]]:
     """The models of a repository: a directory holding two or more model directories (each with a
     config.json), in name order. None where `model_dir` is one model: a model directory, one model
