@@ -36,7 +36,7 @@ from .admission import Admission, Backlog, Reserved
 from .batching import WindowQueue
 from .checkpoint import Checkpoint, ModelLoadError, load_feature_extractor
 from .config import Config
-from .engines import Engine, EngineOptions, ExportError, build_engine
+from .engines import EngineOptions, ExportError, build_engine
 from .engines.artifacts import forget_failures
 from .engines.options import split
 from .errors import ClientInputError, Overloaded, shown
@@ -139,8 +139,7 @@ class ASTModel(Model):
         self.queue: Optional[Union[WindowQueue, RemoteQueue]] = None
         self.admission: Optional[Admission] = None
         self.rollouts: Optional[Backlog] = None
-        self.engine: Optional[Engine] = None
-        self.passes: Optional[Pass] = None
+        self.passes: Optional[Pass] = None  # the engine behind it is no attribute: kserve's `engine` is a flag
         self.filterbank: Optional[LogMelFilterbank] = None
         self.target: Optional[audio.Target] = None
         self.windowing: Optional[windows.Windowing] = None
@@ -198,7 +197,7 @@ class ASTModel(Model):
                                        cache_dir=config.onnx_cache_dir, start_timeout_s=config.start_timeout_s,
                                        calibration_dir=config.calibration_dir, device=self.device)
         try:
-            self.engine = build_engine(checkpoint, engine_options, serving=self.name)
+            engine = build_engine(checkpoint, engine_options, serving=self.name)
         except ExportError as exc:
             raise ModelLoadError(f"{exc}\nPass --backend torch (or AST_BACKEND=torch) to serve with eager PyTorch "
                                  "instead.") from exc
@@ -208,9 +207,9 @@ class ASTModel(Model):
             if on_gpu:
                 if config.gpu_memory_fraction:
                     torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
-                self.passes = BatchedPass(self.filterbank, self.engine, device, max_batch_size)
+                self.passes = BatchedPass(self.filterbank, engine, device, max_batch_size)
             else:
-                self.passes = CpuPass(self.filterbank, self.engine)
+                self.passes = CpuPass(self.filterbank, engine)
             windows, runs = (max_batch_size, 2) if on_gpu else (1, 1)
             if self.shared:  # loaded beside a repository's other models: in turn with their passes
                 seconds_per_window = self.shared.forward.submit(self._warm_up, windows, runs).result()
