@@ -80,8 +80,8 @@ def describe(plan: Plan) -> str:
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=30).stdout.strip()
-    except OSError:
-        driver = "unknown (no nvidia-smi)"
+    except (OSError, subprocess.SubprocessError):  # none there, or one that hangs
+        driver = "unknown (no answer from nvidia-smi)"
     return (f"GPU {properties.name} ({properties.total_memory / 2**30:.0f} GiB), driver {driver}, torch "
             f"{torch.__version__}, CUDA {torch.version.cuda}, host CPU {cpu_model_name()}")
 
