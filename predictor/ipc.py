@@ -104,7 +104,6 @@ class Frames(asyncio.BufferedProtocol):
         self.service, self.connections = service, connections
         self.jobs: dict[int, asyncio.Task] = {}
         self.transport: Optional[asyncio.Transport] = None
-        self.header: tuple = ()
         self._expect(FRAME.size, self._sizes)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,11 +137,11 @@ class Frames(asyncio.BufferedProtocol):
         self._expect(header_bytes, lambda header: self._header(header, payload_bytes))
 
     def _header(self, part: bytearray, payload_bytes: int) -> None:
-        self.header = pickle.loads(part)
-        self._expect(payload_bytes, self._frame)
+        header = pickle.loads(part)
+        self._expect(payload_bytes, lambda payload: self._frame(header, payload))
 
-    def _frame(self, payload: bytearray) -> None:
-        (kind, job, *detail), self.header = self.header, ()
+    def _frame(self, header: tuple, payload: bytearray) -> None:
+        kind, job, *detail = header
         self._expect(FRAME.size, self._sizes)
         if kind in (RUN, ROLL_OUT):
             self.jobs[job] = asyncio.ensure_future(self._run(kind, job, *detail, payload))
