@@ -2,7 +2,8 @@
 
 Raised without importing kserve; `protocol.kserve` turns them into kserve's: `ClientInputError`
 into `InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT; 415 for `UnsupportedAudio`), `Overloaded` into a 503 with
-`Retry-After` (gRPC UNAVAILABLE). `shown` is how a message quotes what the client sent.
+`Retry-After` (gRPC UNAVAILABLE). `shown` is how a message quotes what the client sent;
+`released` lets the memory of the work an exception ended go before the answer it causes is sent.
 """
 
 import reprlib
@@ -19,6 +20,13 @@ _SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxtuple = 8
 
 def shown(value: Any) -> str:
     return _SHOWN.repr(value)
+
+
+def released(exc: BaseException) -> BaseException:
+    """`exc` without its traceback, which holds the frames of the work that failed and whatever
+    their locals hold (a failed pass's activations on a GPU): they go now, where an answer raised
+    `from exc` would keep them until it has been sent, and an emptied GPU cache would miss them."""
+    return exc.with_traceback(None)
 
 
 class ClientInputError(ValueError):

@@ -28,7 +28,7 @@ import torch
 
 from . import metrics
 from .engines import Engine
-from .errors import Overloaded
+from .errors import Overloaded, released
 from .features import LogMelFilterbank
 from .occlusion import Window, samples_of, silence
 
@@ -141,6 +141,7 @@ def in_parts(compute: Callable[[int, int], torch.Tensor], rows: int, part: int,
         try:
             outputs.append(compute(start, end))
         except torch.OutOfMemoryError as exc:
+            released(exc)
             if end - start == 1:
                 raise Overloaded("the GPU has no memory left for one window now", 1) from exc
             part = (end - start) // 2

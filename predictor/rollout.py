@@ -17,13 +17,12 @@ computes it.
 
 import logging
 import threading
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from .errors import Overloaded
+from .errors import Overloaded, released
 from .occlusion import Grid
 
 if TYPE_CHECKING:  # transformers' modelling code takes a second or more to import: only a rollout needs it
@@ -31,6 +30,7 @@ if TYPE_CHECKING:  # transformers' modelling code takes a second or more to impo
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 PATCH = 16  # AST's patch side, in frames and in mel bins (its Conv2d kernel)
 
 
@@ -81,23 +81,28 @@ class Rollout:
 
                 logger.info("Loading the encoder with eager attention from %s onto %s, for explanations by rollout",
                             self.source, self.device)
-                with _gpu_memory("to load the encoder for an explanation by rollout"):
-                    self.encoder = ASTModel.from_pretrained(self.source, attn_implementation="eager").to(self.device).eval()
+                self.encoder = _in_gpu_memory(
+                    "to load the encoder for an explanation by rollout",
+                    lambda: ASTModel.from_pretrained(self.source, attn_implementation="eager").to(self.device).eval())
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """(clips, frames, mel bins) features → (clips, patches) relevance, on the CPU."""
         self.load()
-        with _gpu_memory("for an explanation by rollout"), torch.inference_mode():
-            # a clip at a time: every layer's attentions of a clip are held at once
+
+        @torch.inference_mode()
+        def relevance() -> torch.Tensor:  # a clip at a time: every layer's attentions of a clip are held at once
             return torch.cat([rollout(self.encoder(input_values=clip[None].to(self.device),
                                                    output_attentions=True).attentions).cpu()
                               for clip in features])
 
+        return _in_gpu_memory("for an explanation by rollout", relevance)
 
-@contextmanager
-def _gpu_memory(what: str) -> Iterator[None]:
-    """A GPU that runs out of memory here is busy (503, retry), not broken."""
+
+def _in_gpu_memory(what: str, compute: Callable[[], T]) -> T:
+    """A GPU that runs out of memory in `compute` is busy (503, retry), not broken. A function, not
+    a context manager: a context manager's `__exit__` keeps the failure's traceback (the frames
+    holding the GPU's memory) in its own frame, under the 503's."""
     try:
-        yield
+        return compute()
     except torch.OutOfMemoryError as exc:
-        raise Overloaded(f"the GPU has no memory left {what} now", 1) from exc
+        raise Overloaded(f"the GPU has no memory left {what} now", 1) from released(exc)

@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from PIL import Image
 from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ASTModel
 
 from predictor import rollout
+from predictor.errors import Overloaded
 from predictor.features import LogMelFilterbank
 from predictor.occlusion import grid
 from tools.local_server import serving
@@ -238,6 +240,22 @@ def test_rollout_of_uniform_attention_spreads_evenly():
     np.testing.assert_allclose(rollout.rollout([uniform, uniform])[0].numpy(), 3 / (4 * n), rtol=1e-6)
     identity = torch.eye(n).expand(1, 2, n, n)
     assert not rollout.rollout([identity] * 3).any()  # the pooled tokens read only themselves
+
+
+def test_a_rollout_that_runs_out_of_gpu_memory_is_a_503_that_holds_none_of_it(tiny_model_dir):
+    """The encoder's frames (a GPU's activations) go with the failure, not with the 503's answer."""
+    explainer = rollout.Rollout(str(tiny_model_dir), ASTConfig.from_pretrained(tiny_model_dir))
+    kept = []
+
+    def out_of_memory(**inputs):
+        activations = torch.ones(4)
+        kept.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    explainer.encoder = out_of_memory
+    with pytest.raises(Overloaded, match="no memory left for an explanation by rollout now") as refused:
+        explainer(torch.zeros(1, 300, 64))
+    assert kept and kept[0]() is None and isinstance(refused.value.__cause__, torch.OutOfMemoryError)
 
 
 def test_a_patchs_relevance_lands_in_the_cells_it_covers():

@@ -3,6 +3,8 @@ that runs out of GPU memory is split and retried, rows in order (`in_parts`; on 
 gpu-check` squeezes a server's memory to make it split)."""
 
 import asyncio
+import weakref
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -39,6 +41,32 @@ def test_a_pass_that_does_not_fit_is_halved_until_it_does_and_the_size_is_kept()
 def test_one_window_that_does_not_fit_is_a_503_not_a_crash():
     with pytest.raises(Overloaded, match=r"no memory left for one window now; retry in about 1 s"):
         in_parts(fits(0), rows=4, part=4, ran_out=lambda rows, new: None)
+
+
+class Activations:
+    """What a failed part's frames hold on a GPU: memory that only its traceback keeps."""
+
+
+def runs_out_holding(kept: list) -> Callable[[int, int], torch.Tensor]:
+    """Like `fits(0)`, each failing part's frame holding one `Activations` (weakly kept in `kept`)."""
+    def compute(start: int, end: int) -> torch.Tensor:
+        activations = Activations()
+        kept.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError(f"{end - start} rows do not fit")
+    return compute
+
+
+def test_a_failed_part_lets_its_memory_go_before_the_retry_and_the_503():
+    """The failed part's memory is free when `ran_out` empties the GPU's cache, and while the 503
+    that one window does not fit is on its way to the client: its traceback, which holds the
+    part's frames, is not kept."""
+    kept, alive_at_split = [], []
+    with pytest.raises(Overloaded) as refused:
+        in_parts(runs_out_holding(kept), rows=2, part=2,
+                 ran_out=lambda rows, new: alive_at_split.append(kept[-1]() is not None))
+    assert alive_at_split == [False]
+    assert len(kept) == 2 and all(ref() is None for ref in kept), "the 503 holds the failed part's frames"
+    assert "1 rows do not fit" in str(refused.value.__cause__)
 
 
 @pytest.fixture(scope="module")
