@@ -23,6 +23,7 @@ from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from .checkpoint import is_model_directory, model_directories
 from .config import Config
 from .model import ASTModel, Threads
+from .protocol.kserve import NotServed
 from .queue_state import QueueState
 
 logger = logging.getLogger(__name__)
@@ -59,14 +60,12 @@ class AudioModelRepository(ModelRepository):
         return ASTModel(config, threads=self.threads, device=self.device, state=self.state, shared=self.shared)
 
     async def load(self, name: str) -> bool:
-        """The V2 repository API's load: the model named, built and loaded (its engine exported and
-        timed where its cache has none, off the event loop), then served. A model already served
-        is left as it is; a load under way is waited for. A load goes on when its caller stops
-        waiting (a client's timeout, during an export that takes minutes): it ends served, as
-        asked, rather than thrown away for the next try to start over."""
-        if not is_model_directory(Path(self.models_dir) / name):
-            raise ValueError(f"no model directory '{name}' (a name of letters, digits, '.', '_' or '-', holding a "
-                             f"config.json) in {self.models_dir}")
+        """The V2 repository API's load of a model directory (`VolumeIndex` checks that it is one):
+        the model, built and loaded (its engine exported and timed where its cache has none, off the
+        event loop), then served. A model already served is left as it is; a load under way is
+        waited for. A load goes on when its caller stops waiting (a client's timeout, during an
+        export that takes minutes): it ends served, as asked, rather than thrown away for the next
+        try to start over."""
         if name in self.models:
             return True
         if name not in self.loading:
@@ -89,11 +88,20 @@ class AudioModelRepository(ModelRepository):
 class VolumeIndex(ModelRepositoryExtension):
     """kserve's V2 repository API, whose index also lists the model directories on the volume that
     are not served (unloaded, or copied there after the start), `NotReady` and "not loaded", as
-    Triton's index lists a repository's unloaded models: what a client may load."""
+    Triton's index lists a repository's unloaded models: what a client may load. Loading a name
+    that is no model directory there is a 404."""
 
     def __init__(self, repository: AudioModelRepository):
         super().__init__(repository)
         self.repository = repository
+
+    async def load(self, model_name: str) -> None:
+        """kserve's, for a model directory on the volume; any other name is not found (404: kserve's
+        answers a failed load 503, "not ready", as if trying again could help)."""
+        if not is_model_directory(Path(self.repository.models_dir) / model_name):
+            raise NotServed(f"no model directory '{model_name}' (a name of letters, digits, '.', '_' or '-', holding "
+                            f"a config.json) in {self.repository.models_dir}")
+        await super().load(model_name)
 
     async def index(self, filter_ready: Optional[bool] = False) -> list[dict[str, str]]:
         listed = await super().index(filter_ready)

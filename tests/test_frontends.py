@@ -103,6 +103,17 @@ def test_every_frontend_takes_connections_on_the_shared_http_port(fronted):
         assert answered_by(fronted)[frontend] == before + 1, (frontend, answered_by(fronted))
 
 
+def test_no_frontend_unloads_the_model(fronted):
+    """Each frontend refuses the V2 repository API's unload as one process does: it would leave
+    that frontend never ready again (and the others serving)."""
+    for frontend in frontends_of(fronted):
+        with alone(fronted, frontend):
+            unload = requests.post(f"{fronted.url}/v2/repository/models/ast/unload", timeout=30)
+            ready = requests.get(f"{fronted.url}/v2/health/ready", timeout=30)
+        assert unload.status_code == 400 and "cannot be unloaded" in unload.text, (frontend, unload.text)
+        assert ready.status_code == 200, (frontend, ready.text)
+
+
 def test_embeddings_come_through_the_channel(fronted, pooler_output, speech_16k):
     """Each window's row crosses from the model's process whole: its logits and its embedding."""
     body = {"instances": [{"b64": base64.b64encode(encode(speech_16k, RATE, "WAV", "FLOAT")).decode()}],

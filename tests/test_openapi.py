@@ -8,18 +8,14 @@ prints schemathesis' report with a curl command per failing case. (Its pytest pl
 schema from a fixture under pytest 9.2: it sets `Function._nodeid`, which pytest 9.2 no longer has.)
 
 Left out, each checked against this server (`test_the_operations_left_out_answer_as_described`):
-- POST /v2/repository/models/{model_name}/unload: unloads the one model for good (every later request
-  is a 404, and /load cannot bring it back: see the next item); it would end the shared server's use.
-- POST /v2/repository/models/{model_name}/load: kserve 0.21's `ModelRepository.load` is a stub (`pass`),
-  so for any model not already loaded the extension answers 503 "Model with name ... is not ready" by
-  design (and 200, doing nothing, for the loaded one).
 - GET /v2/models/{model_name}/versions/{model_version}/ready, and any value of the `model_version` query
   parameter of /v2/models/{model_name}, .../ready and .../infer: kserve answers 501 "Model versioning not
   supported yet" by design. The parameter is pinned to the empty value, which kserve reads as absent.
 Everything else is tested: /, /metrics, /v1/models, /v1/models/{model_name}, /v1/models/{model_name}:predict,
 /v1/models/{model_name}:explain, /v2, /v2/health/live, /v2/health/ready, /v2/models, /v2/models/{model_name},
 /v2/models/{model_name}/ready, /v2/models/{model_name}/infer, /v2/repository/index (ours: kserve has its
-handler, not its route). KServe's schema gives :predict no request body (it reads the raw request), so
+handler, not its route), /v2/repository/models/{model_name}/load and .../unload (a server of one model
+refuses to unload it: `protocol.kserve.OneModel`). KServe's schema gives :predict no request body (it reads the raw request), so
 `test_v1_predict_with_the_documented_body` adds the V1 body the README documents and runs :predict again.
 
 Bounded for `make test`: SCHEMATHESIS_MAX_EXAMPLES (default 25) examples per operation in the fuzzing
@@ -40,11 +36,7 @@ from tools.fuzz_decoder import small_wav
 
 MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25"))
 SEED = int(os.environ.get("SCHEMATHESIS_SEED", "20261126"))
-LEFT_OUT = [
-    "/v2/repository/models/{model_name}/unload",
-    "/v2/repository/models/{model_name}/load",
-    "/v2/models/{model_name}/versions/{model_version}/ready",
-]
+LEFT_OUT = ["/v2/models/{model_name}/versions/{model_version}/ready"]
 PREDICT = "/v1/models/{model_name}:predict"
 CONFIG = f"""\
 seed = {SEED}
@@ -112,13 +104,10 @@ def test_v1_predict_with_the_documented_body(server, tmp_path):
 
 
 def test_the_operations_left_out_answer_as_described(server):
-    """The reasons in the module's docstring, on the live server (nothing here unloads the model)."""
-    assert requests.post(f"{server.url}/v2/repository/models/not-loaded/load", timeout=30).status_code == 503
-    assert requests.post(f"{server.url}/v2/repository/models/ast/load", timeout=30).status_code == 200
+    """The reasons in the module's docstring, on the live server."""
     assert requests.get(f"{server.url}/v2/models/ast/versions/1/ready", timeout=30).status_code == 501
     assert requests.get(f"{server.url}/v2/models/ast?model_version=1", timeout=30).status_code == 501
     assert requests.get(f"{server.url}/v2/models/ast?model_version=", timeout=30).status_code == 200
-    assert requests.post(f"{server.url}/v2/repository/models/not-loaded/unload", timeout=30).status_code == 404
     assert requests.get(f"{server.url}/v2/models/ast/ready", timeout=30).status_code == 200
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as triton_http
-from kserve.protocol.grpc.grpc_predict_v2_pb2 import RepositoryModelLoadRequest
+from kserve.protocol.grpc.grpc_predict_v2_pb2 import RepositoryModelLoadRequest, RepositoryModelUnloadRequest
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from transformers import pipeline
 
@@ -21,6 +21,7 @@ from predictor.__main__ import main
 from predictor.config import Config
 from predictor.model import ASTModel, Threads
 from tools.random_ast import save_random_ast
+from tritonclient.utils import InferenceServerException
 
 from .conftest import TEST_SERVER_ENV, as_predictions, assert_same_predictions, encode, expected, start_server, \
     stop_server, tone
@@ -129,7 +130,7 @@ def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_pa
         shutil.rmtree(repository / "owls")
     for name in ("bats", ".cache"):  # no such directory; a hidden one is never a model
         missing = requests.post(f"{served.url}/v2/repository/models/{name}/load", timeout=30)
-        assert missing.status_code == 503 and f"no model directory '{name}'" in missing.text
+        assert missing.status_code == 404 and f"no model directory '{name}'" in missing.text
     assert v1(served, "birds", tone(400, 1.0, RATE)).status_code == 200  # the others serve on
 
 
@@ -210,3 +211,24 @@ def test_a_model_served_from_the_start_is_let_go_of_once_unloaded(repository, tm
         assert v1(server, "machines", tone(400, 1.0, RATE)).status_code == 200
     finally:
         stop_server(server)
+
+
+def test_a_server_of_one_model_refuses_to_unload_it_and_serves_on(server):
+    """Its repository API over REST (tritonclient's) and gRPC: unloading the one model is a 400
+    that says why (nothing could load it back: the pod would never be ready again), loading it a
+    no-op, and any other name a 404 that names the model served. The model answers throughout."""
+    client = triton_http.InferenceServerClient(server.url.removeprefix("http://"))
+    with pytest.raises(InferenceServerException, match="only model and cannot be unloaded") as refused:
+        client.unload_model("ast")
+    assert refused.value.status() == "400"
+    with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as over_grpc:
+        GRPCInferenceServiceStub(channel).RepositoryModelUnload(RepositoryModelUnloadRequest(model_name="ast"))
+    assert over_grpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only model and cannot be unloaded" in over_grpc.value.details()
+    client.load_model("ast")
+    for verb in ("load", "unload"):
+        other = requests.post(f"{server.url}/v2/repository/models/birds/{verb}", timeout=30)
+        assert other.status_code == 404 and "serves one model, ast" in other.json()["error"], other.text
+    assert client.is_server_ready() and client.is_model_ready("ast")
+    assert requests.post(server.predict_url, data=encode(tone(400, 1.0, RATE), RATE, "WAV", "PCM_16"),
+                         headers={"content-type": "audio/wav"}, timeout=60).status_code == 200

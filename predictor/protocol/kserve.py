@@ -129,12 +129,12 @@ class AudioModelServer(ModelServer):
 
     def __init__(self, max_message_bytes: int, listener: Optional[socket.socket] = None,
                  repository_extension: Optional[ModelRepositoryExtension] = None, **kwargs: Any):
-        """`repository_extension`: the V2 repository API's handlers, where kserve's own are not enough."""
+        """`repository_extension`: the V2 repository API's handlers for a repository (`OneModel`'s
+        where the server has one model)."""
         super().__init__(**kwargs)
         self.listener = listener
         self._registering: list = []
-        if repository_extension is not None:
-            self.model_repository_extension = repository_extension
+        self.model_repository_extension = repository_extension or OneModel(self.registered_models)
         self.dataplane = AudioDataPlane(model_registry=self.registered_models)
         # kserve's GRPCServer takes its limits from kserve's own parse of the command line. Answers
         # have none, as over REST (gRPC's own is 2 GiB): explanations' pictures pass kserve's 8 MiB
@@ -196,6 +196,37 @@ def _grpc_status(exc: BaseException) -> str:
     if isinstance(exc, NotImplementedError):
         return "UNIMPLEMENTED"
     return "INTERNAL"
+
+
+class OneModel(ModelRepositoryExtension):
+    """The V2 repository API of a server of one model (its --model_dir one model directory, or a
+    hub id; under --frontends, each frontend's). Unloading that model is refused (400, gRPC
+    INVALID_ARGUMENT), as Triton refuses load and unload outside its explicit mode: no load could
+    bring it back, so the pod would stay live and never be ready again (under --frontends, the one
+    frontend that took the call would). Loading it is a no-op, as for any model served; another
+    name is not found (404, where kserve's stub load leaves it a 503 "not ready")."""
+
+    async def load(self, model_name: str) -> None:
+        self._served(model_name)
+
+    async def unload(self, model_name: str) -> None:
+        self._served(model_name)
+        raise InvalidInput(f"model {model_name} is this server's only model and cannot be unloaded: nothing could load "
+                           "it again, and the server would never be ready again. Restart the pod to reload it; a "
+                           "--model_dir of several model directories is a repository, whose models load and unload")
+
+    def _served(self, model_name: str) -> None:
+        if model_name not in self._model_registry.get_models():
+            raise NotServed(f"Model with name {model_name} does not exist: this server serves one model, "
+                            f"{', '.join(self._model_registry.get_models())}")
+
+
+class NotServed(ModelNotFound):
+    """kserve's 404 (gRPC NOT_FOUND), with a message that says what is served instead."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
 
 
 class Busy(ServerNotReady):
