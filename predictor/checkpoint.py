@@ -39,10 +39,11 @@ class Checkpoint:
     """The torch module once `module()` has loaded it (or as a caller that has one hands it over)."""
 
     @classmethod
-    def open(cls, model_dir: str) -> "Checkpoint":
+    def open(cls, model_dir: str, weights: bool = True) -> "Checkpoint":
         """The checkpoint at `model_dir` (see `resolve_model_source`), its config read and checked.
 
-        A hub id's weights are fetched now: the export's child process runs offline."""
+        A hub id's weights are fetched now, as the export's child process runs offline; with
+        `weights` False (a frontend, which runs no engine), its config and extractor alone."""
         source = resolve_model_source(model_dir)
         local = Path(source).is_dir()
         if local:
@@ -61,7 +62,7 @@ class Checkpoint:
         if config.model_type != AST_MODEL_TYPE:
             raise ModelLoadError(f"'{model_dir}' holds a {config.model_type} model, not AST")
         checkpoint = cls(source, config)
-        if not Path(source).is_dir():
+        if weights and not local:
             checkpoint.module()
         return checkpoint
 

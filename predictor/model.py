@@ -157,7 +157,7 @@ class ASTModel(Model):
         config = self.config
         self.pools = self.shared or Threads.make(self.threads)
         forget_failures()
-        checkpoint = Checkpoint.open(config.model_dir)
+        checkpoint = Checkpoint.open(config.model_dir, weights=self.remote is None)
         source, model_config = checkpoint.source, checkpoint.config
         self.filterbank = LogMelFilterbank.from_extractor(load_feature_extractor(source, model_config))
         rate = self.filterbank.sampling_rate

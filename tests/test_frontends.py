@@ -6,6 +6,7 @@ windows; SIGTERM drains, and a process that dies ends the server."""
 import asyncio
 import base64
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -37,15 +38,33 @@ RATE = 16000
 FRONTENDS = 2
 
 
+HUB_ID = "test-org/tiny-ast"
+
+
 @pytest.fixture(scope="module")
 def fronted(tiny_model_dir, tmp_path_factory):
     """With `--backend auto` and a cache of its own: the model's process exports and times the
-    engines in child processes at start, whose metrics must not join the server's."""
+    engines in child processes at start, whose metrics must not join the server's. The model is a
+    hub id, from a hub cache as `from_pretrained` leaves one (offline, as everywhere here)."""
     directory = tmp_path_factory.mktemp("frontends")
-    server = start_server(tiny_model_dir, directory / "server.log", ("--frontends", str(FRONTENDS), "--backend", "auto",
-                          "--onnx_cache_dir", str(directory / "cache")), env=TEST_SERVER_ENV)
+    snapshot = directory / "hub" / f"models--{HUB_ID.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    server = start_server(HUB_ID, directory / "server.log", ("--frontends", str(FRONTENDS), "--backend", "auto",
+                          "--onnx_cache_dir", str(directory / "cache")),
+                          env={**TEST_SERVER_ENV, "HF_HUB_CACHE": str(directory / "hub"), "HF_HUB_OFFLINE": "1"})
     yield server
     stop_server(server)
+
+
+def test_only_the_models_process_loads_a_hub_ids_weights(fronted):
+    """A frontend runs no engine: it reads the config and feature extractor alone, where each once
+    loaded the torch model too (a copy of the weights per frontend at every start)."""
+    loads = [int(line.split()[2]) for line in fronted.log.read_text().splitlines()
+             if f"Loading the torch model from {HUB_ID}" in line]
+    [model] = [pid for pid, role in fronted.roles.items() if role == "model"]
+    assert model in loads and not set(loads) & set(frontends_of(fronted)), (loads, fronted.roles)
 
 
 def frontends_of(server) -> list[int]:
