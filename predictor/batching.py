@@ -191,12 +191,17 @@ class WindowQueue:
 
     def _stage(self, batch: list[tuple[Job, int]]) -> asyncio.Future:
         """The pass's first step for these windows: on the staging thread, or done at once where
-        it is nothing (the CPU)."""
+        it is nothing (the CPU). Never raises: the batch is taken, so a failure here (no thread to
+        stage on, at the process's thread limit) is the future's, which its requests get, where
+        the worker would die with their windows and leave them waiting forever."""
         loop, windows = asyncio.get_running_loop(), [job.windows[index] for job, index in batch]
-        if self.passes.ahead:
-            return loop.run_in_executor(self._stager, self.passes.stage, windows)
         staged = loop.create_future()
-        staged.set_result(windows)
+        try:
+            if self.passes.ahead:
+                return loop.run_in_executor(self._stager, self.passes.stage, windows)
+            staged.set_result(windows)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the batch's requests get it
+            staged.set_exception(exc)
         return staged
 
     def _run(self, staged: Any, windows: int) -> torch.Tensor:

@@ -271,6 +271,30 @@ def test_a_worker_that_dies_is_replaced_and_later_requests_are_served():
     torch.testing.assert_close(run(main()), logits_of(later))
 
 
+def test_a_batch_with_no_thread_to_stage_on_fails_its_requests_and_the_queue_goes_on(monkeypatch):
+    """At the process's thread limit (a pod's pids limit), the staging thread cannot start: the
+    batch's request gets that failure (a 500), where it once waited forever; once threads start
+    again, requests are served."""
+    start = threading.Thread.start
+
+    def at_the_thread_limit(thread):
+        if thread.name.startswith("ast-stage"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    queue = WindowQueue(Passes(logits_of, ahead=True), max_batch_size=2, max_wait_s=0.0)
+    later = job(2, 3)
+
+    async def main():
+        monkeypatch.setattr(threading.Thread, "start", at_the_thread_limit)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await asyncio.wait_for(queue(job(1, 1)), 10)
+        monkeypatch.undo()
+        return await asyncio.wait_for(queue(later), 10)
+
+    torch.testing.assert_close(run(main()), logits_of(later))
+
+
 def test_admission_refuses_past_the_wait_or_the_windows_and_admitted_requests_finish():
     """Past the wait bound, or past 3 windows waiting, a new request is refused with a retry time,
     the windows reserved for requests still decoding counted as ahead of it; an empty queue admits
