@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 0.5
 
-@dataclass
+@dataclass(eq=False)  # a job is itself alone: equal fields would compare windows, which numpy refuses
 class Job:
     windows: Sequence[Window]
     result: asyncio.Future

@@ -216,6 +216,50 @@ def test_a_cancelled_request_is_not_computed():
     assert REGISTRY.get_sample_value("ast_queued_windows") == queued_before  # nothing left counted as waiting
 
 
+class HeldAt(Recording):
+    """Records every pass; the pass numbered `at` (from 0) is held until the test releases it."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.reached, self.go = at, threading.Event(), threading.Event()
+
+    def __call__(self, windows: list[np.ndarray]) -> torch.Tensor:
+        if len(self.passes) == self.at:
+            self.reached.set()
+            self.go.wait(timeout=30)
+        return super().__call__(windows)
+
+
+@pytest.mark.parametrize("line", ["fresh", "round robin"])
+def test_a_request_that_goes_away_behind_others_of_its_size_leaves_them_served(line):
+    """Dropped from behind requests with as many windows as it, in either line: they are answered,
+    and nothing is left counted. (A job was once found in its line by equality, which compared its
+    windows with those of the jobs ahead of it: numpy refused, and the worker died on it again and
+    again, every request hanging.)"""
+    # fresh: the first pass held, three jobs of one window queued behind it. round robin: jobs of
+    # three windows, held in the pass of the first one's second window: the others wait in the
+    # round robin, the last one's job behind the second's.
+    windows, held_at = (1, 0) if line == "fresh" else (3, 4)
+    compute = HeldAt(held_at)
+    queue = WindowQueue(Passes(compute), max_batch_size=1, max_wait_s=0.0)
+    kept = [job(2, windows), job(3, windows)]
+
+    async def main():
+        first = asyncio.create_task(queue(job(1, 1)))
+        tasks = [asyncio.create_task(queue(sent)) for sent in (*kept, job(4, windows))]
+        await asyncio.to_thread(compute.reached.wait, 30)
+        tasks[-1].cancel()
+        compute.go.set()
+        await first
+        return await asyncio.wait_for(asyncio.gather(*tasks[:-1]), 10)
+
+    queued_before = REGISTRY.get_sample_value("ast_queued_windows")
+    for answer, sent in zip(run(main()), kept):
+        torch.testing.assert_close(answer, logits_of(sent))
+    assert [p[0] for p in compute.passes].count(4) == (windows > 1)  # its first window was computed before it went
+    assert REGISTRY.get_sample_value("ast_queued_windows") == queued_before
+
+
 class Crash(BaseException):
     """Not an Exception: what a plain `except Exception` would let through."""
 
