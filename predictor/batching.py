@@ -72,6 +72,7 @@ class WindowQueue:
         self._waiting = 0  # this queue's own windows waiting: `state` counts every model's (`repository`)
         self._fresh: deque[Job] = deque()  # no window taken yet: first in line
         self._jobs: deque[Job] = deque()  # the round robin of jobs that have had a window
+        self._open: set[Job] = set()  # not answered yet: in a line, or every window taken
         # Made on first use: the event, the task and the thread belong to the server's event loop,
         # which does not exist yet when the model loads.
         self._arrived: Optional[asyncio.Event] = None
@@ -85,6 +86,8 @@ class WindowQueue:
         other request's windows. The job is queued before this first awaits (`admission` counts on that)."""
         self._start()
         job = Job(windows, asyncio.get_running_loop().create_future())
+        self._open.add(job)
+        job.result.add_done_callback(lambda _: self._open.discard(job))
         self._fresh.append(job)
         metrics.SUBMITTED.inc(len(windows))
         self._count_waiting(len(windows))
@@ -124,8 +127,9 @@ class WindowQueue:
 
     def _supervise(self, worker: asyncio.Task) -> None:
         """The worker only ends by dying (or on shutdown, cancelled): then every request that waits
-        for the model would wait forever, so a new worker takes over the queue, after a pause that
-        keeps a fault that persists from spinning."""
+        for the model would wait forever. So each gets the failure (a 500), since whatever killed
+        the worker may be in the queue it left (a job it cannot take), and a new worker takes over
+        the emptied queue, after a pause that keeps a fault outside the queue from spinning."""
         if worker.cancelled():
             return
         if worker.exception() is None:  # it returned: closed, with nothing left then
@@ -134,7 +138,15 @@ class WindowQueue:
             if self._fresh or self._jobs:  # a request came in as it ended
                 self._spawn()
             return
-        logger.error("The model queue's worker died; starting a new one", exc_info=worker.exception())
+        logger.error("The model queue's worker died: its %d requests fail; starting a new one", len(self._open),
+                     exc_info=worker.exception())
+        failure = RuntimeError(f"the model's queue failed: {worker.exception()!r}")
+        for job in self._open:
+            if not job.result.done():  # answered just now: its callback that forgets it has not run yet
+                job.result.set_exception(failure)
+        self._fresh.clear()
+        self._jobs.clear()
+        self._count_waiting(-self._waiting)
         asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._spawn)
 
     async def _serve(self) -> None:
