@@ -9,8 +9,9 @@ explain by rollout go the same way (`RemoteQueue.roll_out`), to the encoder the 
 holds (`rollout`), and their relevance comes back.
 
 Our own protocol over a Unix socket rather than a library's: a frame is a small pickled header and
-the raw float32 samples or rows, which the model's process receives straight into their array (an
-occluded window's samples travel once, however many cells of them are masked: `occlusion`). gRPC or
+the raw float32 samples or rows, which the model's process receives straight into their array (a
+clip's samples travel once, however many of its windows overlap them, and however many cells of
+a window are masked: `occlusion`). gRPC or
 multiprocessing's queues would serialise the samples again and add a thread hop each way; both ends
 are this package, in one pod, on a socket in a directory only this server's user can reach.
 """
@@ -36,8 +37,9 @@ NOT_TAKING = "the model's process is not taking requests now"  # no connection t
 
 FRAME = struct.Struct("!II")  # header bytes, payload bytes
 RUN, ROLL_OUT, DROP, LOGITS, FAILED = "run", "roll out", "drop", "logits", "failed"
-Layout = list[tuple[int, Optional[tuple[tuple[int, int], tuple[int, int]]]]]
-"""Each window: the index of its samples among those sent, and its occluded cell (frames, bins) or None."""
+Layout = list[tuple[int, int, int, Optional[tuple[tuple[int, int], tuple[int, int]]]]]
+"""Each window: the index of the samples sent that hold its own, its first sample and its length
+there, and its occluded cell (frames, bins) or None."""
 
 
 def frame(header: tuple, payload: bytes = b"") -> bytes:
@@ -74,7 +76,10 @@ class ModelService:
         """A request's frame → the frame that answers it."""
         samples = np.frombuffer(payload, dtype=np.float32)
         sources = np.split(samples, np.cumsum(lengths)[:-1]) if len(lengths) > 1 else [samples]
-        windows = [sources[source] if cell is None else Occluded(sources[source], *cell) for source, cell in layout]
+        windows: list[Window] = []
+        for source, start, length, cell in layout:
+            samples = sources[source][start:start + length]
+            windows.append(samples if cell is None else Occluded(samples, *cell))
         try:
             logits = (await (self.queue if kind == RUN else self.roll_out)(windows)).float().contiguous().numpy()
             return frame((LOGITS, job, logits.shape), logits.tobytes())
@@ -232,17 +237,35 @@ class RemoteQueue:
 
 
 def _layout(windows: Sequence[Window]) -> tuple[list[np.ndarray], Layout]:
-    """The distinct sample arrays of `windows` (an occluded copy shares its window's), and the layout."""
-    sources: list[np.ndarray] = []
-    index: dict[int, int] = {}
-    layout: Layout = []
+    """The samples to send, each once, and the layout. A clip's windows are views of its waveform
+    (`windows.slices`), which overlap wherever the hop is shorter than the window, and an occluded
+    copy shares its window's samples: so what is sent is the span of each waveform its windows
+    cover, where each window is found. Sent window by window, a clip at a 0.1 s hop would travel
+    about a hundred times over."""
+    spans: dict[int, list] = {}  # id of a waveform → [the waveform, first sample, end] of its windows
+    placed = []
     for window in windows:
         samples = window.samples if isinstance(window, Occluded) else window
-        if id(samples) not in index:
-            index[id(samples)] = len(sources)
-            sources.append(samples)
-        layout.append((index[id(samples)], (window.frames, window.bins) if isinstance(window, Occluded) else None))
+        waveform, start = _within(samples)
+        span = spans.setdefault(id(waveform), [waveform, start, start + len(samples)])
+        span[1], span[2] = min(span[1], start), max(span[2], start + len(samples))
+        placed.append((id(waveform), start, len(samples), (window.frames, window.bins) if isinstance(window, Occluded) else None))
+    index = {key: position for position, key in enumerate(spans)}
+    sources = [waveform[first:end] for waveform, first, end in spans.values()]
+    layout = [(index[key], start - spans[key][1], length, cell) for key, start, length, cell in placed]
     return sources, layout
+
+
+def _within(samples: np.ndarray) -> tuple[np.ndarray, int]:
+    """The waveform `samples` is a view of (one-dimensional, contiguous, of its type), and where in
+    it they start; else `samples` itself, at 0."""
+    base = samples.base
+    if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == samples.dtype and base.flags.c_contiguous \
+            and samples.ndim == 1 and samples.flags.c_contiguous:
+        start, remainder = divmod(samples.ctypes.data - base.ctypes.data, samples.itemsize)
+        if not remainder and 0 <= start and start + len(samples) <= len(base):
+            return base, start
+    return samples, 0
 
 
 def _failure(kind: str, message: str, retry_after_s: int) -> Exception:

@@ -30,7 +30,7 @@ from predictor.ipc import ModelService, RemoteQueue
 from predictor.queue_state import QueueState
 
 from .conftest import (TEST_SERVER_ENV, assert_every_logger_ended, assert_same_predictions, encode, expected, metric,
-                       start_server, stop_server, tone)
+                       peak_rss_bytes, start_server, stop_server, tone)
 from .test_batching import Passes, Recording, job, logits_of
 from .test_grpc import kserve_grpc_infer, outputs_of
 
@@ -104,6 +104,27 @@ def test_answers_as_one_process_does_over_http_and_grpc(fronted, tiny_pipeline, 
         answers.append(outputs_of(kserve_grpc_infer(fronted, tensor))[0])
         for answer in answers:
             assert_same_predictions(answer, reference or answers[0])
+
+
+def test_overlapping_windows_cross_once_and_answer_as_one_process_does(fronted, server):
+    """At a 0.15 s hop, a 30 s clip is 200 windows of 10.24 s over 1.9 MB of samples: they cross to
+    the model's process as that waveform, once (they once crossed window by window, 131 MB, copied
+    several times on the way), and its segments are one process's."""
+    clip = encode(tone(300, 30.0, RATE), RATE, "WAV", "FLOAT")
+    body = {"instances": [{"b64": base64.b64encode(clip).decode()}],
+            "parameters": {"hop_seconds": 0.15, "return_segments": True, "top_k": 3}}
+    processes = [pid for pid, role in fronted.roles.items() if role != "supervisor"]
+    before = {pid: peak_rss_bytes(pid) for pid in processes}
+    answer = requests.post(fronted.predict_url, json=body, timeout=120)
+    grown = {f"{fronted.roles[pid]} {pid}": (peak_rss_bytes(pid) - peak) / 2**20 for pid, peak in before.items()}
+    reference = requests.post(server.predict_url, json=body, timeout=120)
+    assert answer.status_code == reference.status_code == 200, answer.text
+    segments, expected_segments = answer.json()["predictions"][0]["segments"], reference.json()["predictions"][0]["segments"]
+    assert len(segments) == len(expected_segments) == 200
+    for segment, expected_segment in zip(segments, expected_segments):
+        assert (segment["start"], segment["end"]) == (expected_segment["start"], expected_segment["end"])
+        assert_same_predictions(segment["labels"], expected_segment["labels"])
+    assert max(grown.values()) < 64, f"peak memory grown, MiB: {grown}"
 
 
 def test_every_frontend_takes_connections_on_the_shared_http_port(fronted):
