@@ -183,10 +183,11 @@ class RemoteQueue:
     async def _request(self, kind: str, windows: Sequence[Window]) -> torch.Tensor:
         writer = self._writer or await self._connect()
         job = next(self._ids)
-        result = self._pending[job] = asyncio.get_running_loop().create_future()
         sources, layout = _layout(windows)
-        writer.write(frame((kind, job, [len(s) for s in sources], layout),
-                           np.concatenate(sources).astype(np.float32, copy=False).tobytes()))
+        request = frame((kind, job, [len(s) for s in sources], layout),
+                        np.concatenate(sources).astype(np.float32, copy=False).tobytes())
+        result = self._pending[job] = asyncio.get_running_loop().create_future()  # once nothing can fail before the try
+        writer.write(request)
         try:
             try:
                 await writer.drain()
