@@ -125,6 +125,41 @@ def test_a_client_that_goes_away_stops_using_the_model(torch_server):
     assert server.is_ready()
 
 
+def test_a_client_that_goes_away_behind_requests_of_its_size_leaves_them_answered(torch_server):
+    """Four one-window requests: while the first is classified, the last one's client hangs up,
+    two requests of its size ahead of it in line. The others are answered and nothing stays
+    queued. (Its removal from the line once compared its windows with theirs, which numpy refuses:
+    the queue's worker died on it again and again, and every request hung.)"""
+    server = torch_server
+    body = orjson.dumps({"instances": [{"b64": base64.b64encode(noise_wav(5, 9)).decode()}]})
+    head = (b"POST /v1/models/ast:predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    post = lambda: requests.post(server.predict_url, data=body, headers={"Content-Type": "application/json"},
+                                 timeout=120)
+    submitted = lambda: metric(server, "ast_windows_submitted_total")
+    begun, deadline = submitted(), time.monotonic() + 60
+
+    def queued(windows: int) -> None:
+        while submitted() < begun + windows:
+            assert time.monotonic() < deadline, f"{windows} windows were never queued"
+            time.sleep(0.01)
+
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(post)
+        queued(1)  # the model idle: its pass begins at once
+        ahead = [pool.submit(post) for _ in range(2)]
+        queued(3)
+        with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
+            connection.sendall(head + body)
+            queued(4)
+        answers = [future.result() for future in (first, *ahead)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200], [answer.text for answer in answers]
+    while queued_windows(server) > 0:  # dropped at its turn
+        assert time.monotonic() < deadline, f"{queued_windows(server)} windows stay queued"
+        time.sleep(0.05)
+    assert server.is_ready()
+
+
 def test_a_client_that_goes_away_while_its_file_decodes_stops_the_decoding(torch_server):
     """Ten minutes of 48 kHz stereo (the default budget, and a fraction of a second or more of
     decoding and resampling on any CPU): its client hangs up once the request is admitted. The
