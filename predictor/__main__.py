@@ -88,7 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def serve_repository(config: Config, names: list[str], device: str, server_flags: dict) -> int:
     """Every model of the repository, loaded in name order, each under its directory's name."""
     keep_freed_memory()
-    repository = AudioModelRepository(config, threads=configure_torch_threads(config.threads), device=device)
+    repository = AudioModelRepository(config, threads=configure_torch_threads(config.threads), device=device,
+                                      latency_logging=server_flags["enable_latency_logging"])
     models = loaded(repository, names)
     if models is None:
         return 1

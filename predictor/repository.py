@@ -17,10 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+from kserve.errors import InvalidInput, ModelNotReady
 from kserve.model_repository import ModelRepository
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
-from .checkpoint import is_model_directory, model_directories
+from .checkpoint import ModelLoadError, is_model_directory, model_directories
 from .config import Config
 from .model import ASTModel, Threads
 from .protocol.kserve import NotServed
@@ -47,12 +48,16 @@ def on_volume(directory: Path) -> list[str]:
 
 
 class AudioModelRepository(ModelRepository):
-    def __init__(self, config: Config, threads: int, device: str):
+    def __init__(self, config: Config, threads: int, device: str, latency_logging: bool = False):
+        """`latency_logging`: kserve's --enable_latency_logging, which kserve hands only to the
+        models it is given at the start; a model loaded later gets it here."""
         super().__init__(config.model_dir)
         self.config, self.threads, self.device = config, threads, device
+        self.latency_logging = latency_logging
         self.state = QueueState.local()
         self.shared = Threads.make(threads)
         self.loading: dict[str, asyncio.Task] = {}  # one load of a name at a time, whoever waits for it
+        self.failed: dict[str, str] = {}  # why the last load of a name failed, until one succeeds: for the index
 
     def model(self, name: str) -> ASTModel:
         """The model in the repository's `name` directory, not loaded yet."""
@@ -77,9 +82,12 @@ class AudioModelRepository(ModelRepository):
         model = self.model(name)
         try:
             await asyncio.to_thread(model.load)
-        except Exception:  # said here too: its caller may have stopped waiting
+        except Exception as exc:  # said here too: its caller may have stopped waiting
             logger.exception("Loading model %s from the repository %s failed", name, self.models_dir)
+            self.failed[name] = f"load failed: {exc}"
             raise
+        self.failed.pop(name, None)
+        model.enable_latency_logging = self.latency_logging
         self.update(model)
         logger.info("Loaded model %s from the repository %s", name, self.models_dir)
         return model.ready
@@ -88,25 +96,46 @@ class AudioModelRepository(ModelRepository):
 class VolumeIndex(ModelRepositoryExtension):
     """kserve's V2 repository API, whose index also lists the model directories on the volume that
     are not served (unloaded, or copied there after the start), `NotReady` and "not loaded", as
-    Triton's index lists a repository's unloaded models: what a client may load. Loading a name
-    that is no model directory there is a 404."""
+    Triton's index lists a repository's unloaded models: what a client may load (the reason says
+    "loading" while a load is under way, and why the last load failed). Loading a name that is no
+    model directory there is a 404, and a model that cannot be loaded from its files a 400 that
+    says why: kserve answers both 503 "not ready", which invites retries that fail the same way.
+    An unload waits for a load of the name under way: else it would be a 404, and the model would
+    be served a moment later all the same."""
 
     def __init__(self, repository: AudioModelRepository):
         super().__init__(repository)
         self.repository = repository
 
     async def load(self, model_name: str) -> None:
-        """kserve's, for a model directory on the volume; any other name is not found (404: kserve's
-        answers a failed load 503, "not ready", as if trying again could help)."""
         if not is_model_directory(Path(self.repository.models_dir) / model_name):
             raise NotServed(f"no model directory '{model_name}' (a name of letters, digits, '.', '_' or '-', holding "
                             f"a config.json) in {self.repository.models_dir}")
-        await super().load(model_name)
+        try:
+            loaded = await self.repository.load(model_name)
+        except ModelLoadError as exc:
+            raise InvalidInput(f"model {model_name} cannot be loaded from {self.repository.models_dir}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - as kserve answers it: not ready (503)
+            raise ModelNotReady(model_name, f"{type(exc).__name__}: {exc}") from exc
+        if not loaded:
+            raise ModelNotReady(model_name)
+
+    async def unload(self, model_name: str) -> None:
+        loading = self.repository.loading.get(model_name)
+        if loading is not None:
+            await asyncio.wait([loading])  # however it ends: its outcome is its own caller's
+        await super().unload(model_name)
 
     async def index(self, filter_ready: Optional[bool] = False) -> list[dict[str, str]]:
         listed = await super().index(filter_ready)
         if not filter_ready:
             served = {entry["name"] for entry in listed}
-            listed += [{"name": name, "state": "NotReady", "reason": "not loaded"}
+            listed += [{"name": name, "state": "NotReady", "reason": self._reason(name)}
                        for name in on_volume(Path(self.repository.models_dir)) if name not in served]
         return sorted(listed, key=lambda entry: entry["name"])
+
+    def _reason(self, name: str) -> str:
+        """Why a model directory on the volume is not served."""
+        if name in self.repository.loading:
+            return "loading"
+        return self.repository.failed.get(name, "not loaded")

@@ -6,6 +6,7 @@ import base64
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
@@ -119,6 +120,8 @@ def test_the_repository_api_indexes_loads_and_unloads(served, repository, tmp_pa
         assert engines_of(served) == ["birds", "machines", "owls"]
         response = v1(served, "owls", tone(400, 1.0, RATE), top_k=2)
         assert response.status_code == 200 and {p["label"] for p in response.json()["predictions"][0]} == {"Owl", "Hoot"}
+        # kserve's latency line, as for the models loaded at the start (kserve hands its flag to those alone)
+        assert f"requestId: {response.headers['x-request-id']}, preprocess_ms" in served.log.read_text()
         assert requests.post(f"{served.url}/v2/repository/models/owls/unload", timeout=30).status_code == 200
         assert v1(served, "owls", tone(400, 1.0, RATE)).status_code == 404
         assert index_of(served)[-1] == {"name": "owls", "state": "NotReady", "reason": "not loaded"}
@@ -211,6 +214,48 @@ def test_a_model_served_from_the_start_is_let_go_of_once_unloaded(repository, tm
         assert v1(server, "machines", tone(400, 1.0, RATE)).status_code == 200
     finally:
         stop_server(server)
+
+
+def test_an_unload_during_a_load_waits_for_it_and_the_index_says_loading(served, repository, full_size_dir):
+    """AST's whole geometry loads for seconds: meanwhile the index says so, and an unload sent then
+    waits for the load and unloads the model (it was a 404, and the model was served a moment later)."""
+    (repository / "big").symlink_to(full_size_dir)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            loading = pool.submit(requests.post, f"{served.url}/v2/repository/models/big/load", timeout=120)
+            deadline = time.monotonic() + 60
+            while {"name": "big", "state": "NotReady", "reason": "loading"} not in index_of(served):
+                assert time.monotonic() < deadline and not loading.done(), "the index never said it was loading"
+                time.sleep(0.02)
+            unloaded = requests.post(f"{served.url}/v2/repository/models/big/unload", timeout=120)
+            assert loading.result().status_code == unloaded.status_code == 200, (loading.result().text, unloaded.text)
+        assert v1(served, "big", tone(400, 1.0, RATE)).status_code == 404
+        assert {"name": "big", "state": "NotReady", "reason": "not loaded"} in index_of(served)
+    finally:
+        requests.post(f"{served.url}/v2/repository/models/big/unload", timeout=30)
+        (repository / "big").unlink()
+
+
+def test_a_model_that_cannot_be_loaded_is_a_400_that_says_why_and_the_index_keeps_the_reason(served, repository):
+    """Its weights cut short: no retry could load it (kserve answered 503, "not ready"). Once its
+    files are whole, it loads."""
+    broken = repository / "cut-short"
+    shutil.copytree(repository / "birds", broken)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    try:
+        refused = requests.post(f"{served.url}/v2/repository/models/cut-short/load", timeout=120)
+        assert refused.status_code == 400, refused.text
+        assert f"could not load the weights of '{broken}' (model.safetensors)" in refused.json()["error"]
+        [entry] = [entry for entry in index_of(served) if entry["name"] == "cut-short"]
+        assert entry["state"] == "NotReady" and entry["reason"].startswith("load failed: could not load the weights")
+        (broken / "model.safetensors").write_bytes(weights)
+        assert requests.post(f"{served.url}/v2/repository/models/cut-short/load", timeout=120).status_code == 200
+        assert {"name": "cut-short", "state": "Ready", "reason": ""} in index_of(served)
+    finally:
+        requests.post(f"{served.url}/v2/repository/models/cut-short/unload", timeout=30)
+        shutil.rmtree(broken)
+    assert v1(served, "birds", tone(400, 1.0, RATE)).status_code == 200
 
 
 def test_a_server_of_one_model_refuses_to_unload_it_and_serves_on(server):
