@@ -1,6 +1,7 @@
 """The client (`python -m predictor.client`, the `ast-classify` script) against the real server, every protocol."""
 
 import contextlib
+import http.server
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -21,7 +23,7 @@ import soundfile as sf
 
 from predictor.client import Client
 from predictor.client.batch import final
-from predictor.client.protocols import PROTOCOLS
+from predictor.client.protocols import PROTOCOLS, RequestFailed
 
 from .conftest import (REPO, TINY_LABELS, assert_same_predictions, encode, expected, metric, start_server,
                        stop_server, tone)
@@ -216,6 +218,105 @@ def test_a_rerun_keeps_only_what_says_something_about_the_file(record, kept):
     assert final({"file": "/data/clip.wav", **record, "request": asked}, asked) is kept
     assert not final({"file": "/data/clip.wav", **record, "request": {**asked, "hop_seconds": 5.0}}, asked)
     assert final({"file": "/data/clip.wav", **record}, asked) is kept  # written by an earlier client: as it did
+
+
+def test_a_file_named_twice_or_by_another_path_is_one_record(server, bucket, tmp_path):
+    """Named again, or through '..', a file is sent once and has one record; a rerun from inside
+    the folder, naming it by '..', skips them all."""
+    (bucket / "day1" / "cut.wav").unlink()
+    output = tmp_path / "results.jsonl"
+    done = classify(server, "v2", bucket, bucket / "tone.wav", bucket / "day1" / ".." / "tone.wav", "--output", output)
+    assert done.returncode == 0 and "2 classified, 0 failed" in done.stderr, done.stderr
+    assert sorted(r["file"] for r in read_lines(output)) == [str(bucket / "day1" / "speech.flac"), str(bucket / "tone.wav")]
+    again = subprocess.run([sys.executable, "-m", "predictor.client", "--url", server.url, "../../bucket",
+                            "--output", output], cwd=bucket / "day1", capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert again.returncode == 0 and "0 classified, 0 failed, 2 skipped" in again.stderr, again.stderr
+    assert len(read_lines(output)) == 2
+
+
+def test_a_folder_is_searched_for_the_containers_phones_and_cameras_write(server, tmp_path):
+    """A camera's .mov and a .mkv (FFmpeg's containers, which the server reads) are found in a folder
+    as when named."""
+    wav = tmp_path / "tone.wav"
+    sf.write(wav, tone(440, 2.0, RATE), RATE, subtype="PCM_16")
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    for name, codec in (("camera.mov", "aac"), ("screen.mkv", "libopus")):
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(wav), "-c:a", codec, str(folder / name)],
+                       check=True, timeout=60)
+    done = classify(server, "v2", folder, "--json")
+    assert done.returncode == 0 and "2 classified, 0 failed" in done.stderr, done.stderr
+    assert sorted(json.loads(line)["file"] for line in done.stdout.splitlines()) == \
+        [str(folder / "camera.mov"), str(folder / "screen.mkv")]
+
+
+def test_an_output_that_cannot_be_a_results_file_is_a_message_and_left_alone(speech_file, tmp_path):
+    """Notes, a JSON array, a folder, a missing folder, bytes: exit 2 with a line that says so (once
+    tracebacks), the file untouched (notes and arrays were once replaced by the run's records)."""
+    notes, array, binary = tmp_path / "notes.txt", tmp_path / "results.json", tmp_path / "results.bin"
+    notes.write_text("my notes\nmore notes\n")
+    array.write_text(json.dumps([{"file": "a.wav", "answer": {}}]))
+    binary.write_bytes(bytes(range(256)))
+    for output in (notes, array, tmp_path, tmp_path / "missing" / "results.jsonl", binary):
+        before = output.read_bytes() if output.is_file() else None
+        done = subprocess.run([sys.executable, "-m", "predictor.client", "--url", "http://127.0.0.1:9", str(speech_file),
+                               "--output", str(output)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.startswith("ast-classify: ") and "Traceback" not in done.stderr, \
+            (output, done.stderr)
+        assert before is None or output.read_bytes() == before
+
+
+def test_grpc_without_grpcio_is_a_message_that_says_what_to_install(speech_file):
+    """The client installed without its [grpc] extra: no traceback, exit 2, the pip command."""
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['grpc'] = None  # not installed\n"
+                           "from predictor.client.__main__ import main; sys.exit(main())",
+                           "--protocol", "grpc", str(speech_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "pip install './client[grpc]'" in done.stderr and "Traceback" not in done.stderr, \
+        done.stderr
+
+
+def test_output_read_by_head_ends_quietly(server, speech_file, bucket):
+    """`ast-classify ... --json | head -1`: the reader goes, the client ends without a traceback."""
+    done = subprocess.run(f"{sys.executable} -m predictor.client --url {server.url} --json {bucket} {speech_file} "
+                          f"{speech_file.parent} | head -c 1", shell=True, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout == "{" and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+class Proxy(http.server.BaseHTTPRequestHandler):
+    """A proxy in front of the server that refuses every request with `answer` (status, Retry-After)."""
+
+    answer: tuple[int, str] = (503, "0")
+    seen: list[float] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        Proxy.seen.append(time.monotonic())
+        self.send_response(self.answer[0])
+        self.send_header("Retry-After", self.answer[1])
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status, retry_after, tries", [(503, "0", (2, 3)), (429, "1", (2, 3)), (400, "1", (1, 1)),
+                                                        (413, "0", (1, 1))])
+def test_a_proxys_retry_after_is_heeded_for_503_and_429_alone_and_never_at_once(status, retry_after, tries):
+    """A proxy (not this server, which asks at least a second, with 503s alone) may send Retry-After
+    with any status, and 0: the client once retried a 400 or 413, and a 0 as fast as it could (2,400
+    requests in 3 s). Within a 2.5 s timeout: 503 and 429 are retried after a second or more; the rest
+    not at all."""
+    Proxy.answer, Proxy.seen = (status, retry_after), []
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        with pytest.raises(RequestFailed, match=f"HTTP {status}"):
+            Client(f"http://127.0.0.1:{proxy.server_address[1]}", timeout_s=2.5).classify(b"RIFF")
+        proxy.shutdown()
+    assert tries[0] <= len(Proxy.seen) <= tries[1], Proxy.seen
+    assert all(later - earlier >= 1.0 for earlier, later in zip(Proxy.seen, Proxy.seen[1:])), Proxy.seen
 
 
 def test_a_folder_without_audio_is_an_error(server, tmp_path):

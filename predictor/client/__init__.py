@@ -27,6 +27,7 @@ DEFAULT_URLS = {"v1": f"http://localhost:{HTTP_PORT}", "v2": f"http://localhost:
 # Room for the request around the file: JSON, headers, gRPC framing.
 REQUEST_OVERHEAD_BYTES = 64 * 1024
 MAX_RETRY_AFTER_S = 120.0
+MIN_RETRY_AFTER_S = 1.0  # a Retry-After of 0 (a proxy's) is no reason to send again at once, and again
 
 
 @dataclass
@@ -88,8 +89,9 @@ class Client:
         return self.protocol.base64_expansion if parameters else 1.0
 
     def send(self, data: bytes, parameters: dict) -> object:
-        """A busy server's refusal (503 with Retry-After; gRPC UNAVAILABLE with its retry_after_s
-        token) is retried after the time the server asked for, with a little jitter so a batch's
+        """A busy server's refusal (503 or 429 with Retry-After; gRPC UNAVAILABLE with its
+        retry_after_s token) is retried after the time the server asked for (at least a second,
+        whatever a proxy says), with a little jitter so a batch's
         requests do not all return at once, for as long as the timeout allows: the server asks for
         the earliest moment it could admit the request, which under a crowd may come round several
         times, and an autoscaled service sheds load while it adds pods."""
@@ -100,7 +102,7 @@ class Client:
             except RequestFailed as error:
                 if error.retry_after_s is None:
                     raise
-                wait = min(error.retry_after_s, MAX_RETRY_AFTER_S) * random.uniform(1.0, 1.2)
+                wait = min(max(error.retry_after_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S) * random.uniform(1.0, 1.2)
                 if time.monotonic() + wait > deadline:
                     raise
                 attempt += 1

@@ -9,7 +9,8 @@
 
 Exit status: 0 when every file was answered, 1 when any failed (each failure is reported, the
 rest carry on; with --output, also one refused in an earlier run and skipped), 2 for a wrong
-command line or no audio files, 130 when stopped (Ctrl-C).
+command line (an --output that cannot be written, or is no results file) or no audio files, 130
+when stopped (Ctrl-C), 141 when what reads the output stops reading (`| head`).
 """
 
 import argparse
@@ -22,8 +23,8 @@ from typing import Optional, Sequence
 
 from ..names import MAX_REQUEST_MB, MODEL_NAME
 from . import DEFAULT_URLS, Client
-from .batch import AUDIO_SUFFIXES, Outcome, audio_files, run, settle_results
-from .protocols import PROTOCOLS, Prediction
+from .batch import AUDIO_SUFFIXES, NotResults, Outcome, audio_files, run, settle_results
+from .protocols import PROTOCOLS, Prediction, RequestFailed
 
 BAR_WIDTH = 30
 BLOCKS = " ▏▎▍▌▋▊▉█"
@@ -84,10 +85,21 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # retries after a 503 are warnings
+    try:
+        return classify(args)
+    except (RequestFailed, NotResults, OSError, UnicodeDecodeError) as error:  # the command line's, not a file's
+        if isinstance(error, BrokenPipeError):  # the reader of stdout has gone (`| head`): quietly, as a shell would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        print(f"ast-classify: {error}", file=sys.stderr)
+        return 2
+
+
+def classify(args: argparse.Namespace) -> int:
     client = Client(args.url, args.protocol, args.model_name, args.timeout, args.host, args.max_request_mb)
     parameters = {"top_k": args.top_k, "function_to_apply": args.function, "hop_seconds": args.hop,
                   "aggregate": args.aggregate, "return_segments": args.segments, "return_embedding": args.embedding}
-    names = list(audio_files(args.files))
+    names = audio_files(args.files)
     if not names:
         print(f"no audio files in {', '.join(args.files)} (looked for {', '.join(sorted(AUDIO_SUFFIXES))})",
               file=sys.stderr)

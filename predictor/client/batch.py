@@ -25,8 +25,13 @@ from .protocols import RequestFailed
 
 FILE_REFUSALS = {400, 413, 415, 422}
 # What a directory is searched for (files named on the command line are always sent).
-AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
-                  ".mka", ".aif", ".aiff", ".aifc", ".caf", ".w64", ".rf64", ".amr", ".3gp"}
+AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".mp2", ".m4a", ".m4b", ".mp4", ".m4v",
+                  ".mov", ".aac", ".webm", ".weba", ".mkv", ".mka", ".aif", ".aiff", ".aifc", ".caf", ".w64", ".rf64",
+                  ".amr", ".3gp", ".3g2"}
+
+
+class NotResults(Exception):
+    """The --output file is not a results file this client wrote: it is left as it is."""
 
 
 @dataclass
@@ -67,15 +72,19 @@ class Summary:
         return f"{', '.join(parts)} in {seconds:.1f} s{rate}"
 
 
-def audio_files(paths: Iterable[str]) -> Iterator[str]:
-    """Named files, and directories searched recursively for audio files in name order; each as an
-    absolute path, so that a rerun from another directory finds the same names in its results."""
-    for name in paths:
-        path = Path(name).absolute()
-        if path.is_dir():
-            yield from (str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-        else:
-            yield str(path)
+def audio_files(paths: Iterable[str]) -> list[str]:
+    """Named files, and directories searched recursively for audio files in name order; each once,
+    as an absolute path with no '..' in it, so that a rerun from another directory finds the same
+    names in its results."""
+    def found() -> Iterator[str]:
+        for name in paths:
+            path = Path(os.path.abspath(name))
+            if path.is_dir():
+                yield from (str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            else:
+                yield str(path)
+
+    return list(dict.fromkeys(found()))
 
 
 def final(record: dict, request: dict) -> bool:
@@ -91,23 +100,28 @@ def settle_results(output: Path, request: dict, names: Iterable[str]) -> tuple[T
     """The results file rewritten to one record per file, and opened to append to: of the files
     `names` this run sends, the records to try again are dropped (a new one follows); a line cut
     short by a stopped run is dropped; every other file's last record is kept as it was. Returns
-    the final records of `names` by file, which a rerun skips."""
+    the final records of `names` by file, which a rerun skips. A file with any other line in it is
+    no results file of ours (`NotResults`), and is not touched."""
     sending = set(names)
     kept: dict[str, str] = {}
     records: dict[str, dict] = {}
-    if output.exists():
-        for line in output.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short when an earlier run was stopped
-            if isinstance(record, dict) and "file" in record:
-                kept.pop(record["file"], None)
-                records.pop(record["file"], None)
-                if record["file"] not in sending:
-                    kept[record["file"]] = line
-                elif final(record, request):
-                    kept[record["file"]], records[record["file"]] = line, record
+    lines = output.read_text().splitlines() if output.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                continue  # the last line, cut short when an earlier run was stopped
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("file"), str)):
+            raise NotResults(f"{output} is not a results file of this client (line {number} is no record of one "
+                             "file): name a new file, or one an earlier run wrote")
+        kept.pop(record["file"], None)
+        records.pop(record["file"], None)
+        if record["file"] not in sending:
+            kept[record["file"]] = line
+        elif final(record, request):
+            kept[record["file"]], records[record["file"]] = line, record
     temporary = output.with_name(output.name + ".tmp")
     temporary.write_text("".join(line + "\n" for line in kept.values()))
     os.replace(temporary, output)

@@ -122,8 +122,10 @@ class Grpc:
     base64_expansion = 1.0
 
     def __init__(self, endpoint: Endpoint):
-        import grpc
-
+        try:
+            import grpc
+        except ImportError:
+            raise RequestFailed(GRPC_EXTRA) from None
         self.grpc, self.pb, self.endpoint = grpc, v2_messages(), endpoint
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         if endpoint.host:
@@ -162,6 +164,7 @@ class Grpc:
 
 PROTOCOLS = {"v1": V1, "v2": V2, "grpc": Grpc}
 PB2 = "kserve.protocol.grpc.grpc_predict_v2_pb2"
+GRPC_EXTRA = "--protocol grpc needs grpcio and the V2 protocol's messages: pip install './client[grpc]'"
 
 
 @functools.cache
@@ -177,13 +180,17 @@ def v2_messages() -> Any:
         try:
             from tritonclient.grpc import service_pb2
         except ImportError:
-            raise RequestFailed("--protocol grpc needs the V2 protocol's messages: pip install './client[grpc]'") from None
+            raise RequestFailed(GRPC_EXTRA) from None
         return service_pb2
     path = Path(spec.submodule_search_locations[0]) / "protocol" / "grpc" / "grpc_predict_v2_pb2.py"
     module_spec = importlib.util.spec_from_file_location(PB2, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+RETRIED = {429, 503}
+"""The refusals whose Retry-After says when to come back (a proxy may send one with any status)."""
 
 
 def post(session: requests.Session, url: str, body: bytes, headers: dict, timeout_s: float) -> Any:
@@ -197,7 +204,7 @@ def post(session: requests.Session, url: str, body: bytes, headers: dict, timeou
             message = answer.get("error", response.text) if isinstance(answer, dict) else response.text
         except ValueError:
             message = response.text.strip() or response.reason
-        retry_after = response.headers.get("Retry-After")
+        retry_after = response.headers.get("Retry-After") if response.status_code in RETRIED else None
         raise RequestFailed(f"HTTP {response.status_code}: {message}", response.status_code,
                             float(retry_after) if retry_after and retry_after.isdigit() else None)
     return response.json()
