@@ -384,17 +384,21 @@ class ASTModel(Model):
 
     def _options(self, parameters: dict[str, Any], explaining: bool = False) -> Options:
         """`explaining`: a V1 :explain, which is explain: true whatever the parameters say. An
-        explanation covers a clip's one window, so its hop is the window."""
+        explanation covers a clip's one window, so its hop is the window: another is refused."""
         flags = {name: parameters.get(name, False) for name in ("return_segments", "return_embedding", "explain")}
         for name, value in flags.items():
             if not isinstance(value, bool):
                 raise ClientInputError(f"{name} must be true or false; got {shown(value)}")
         explain = flags["explain"] or explaining
         hop_seconds = self.windowing.check_hop(parameters.get("hop_seconds", self.windowing.seconds))
+        if explain and hop_seconds != self.windowing.seconds:  # once replaced by the window: labels unlike :predict's
+            raise ClientInputError(f"an explanation covers a clip's one window ({self.windowing.seconds:g} s), and "
+                                   f"hop_seconds ({hop_seconds:g}) spaces the windows of a longer clip: leave "
+                                   "hop_seconds out to explain")
         return Options(
             top_k=labels.check_top_k(parameters.get("top_k", self.default_top_k), self.num_labels),
             function=labels.check_function(parameters.get("function_to_apply", self.default_function)),
-            hop_seconds=self.windowing.seconds if explain else hop_seconds,
+            hop_seconds=hop_seconds,
             aggregate=windows.check_aggregate(parameters.get("aggregate", "max")),
             return_segments=flags["return_segments"],
             return_embedding=flags["return_embedding"],
