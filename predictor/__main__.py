@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import socket
 import sys
 from typing import Optional
 
@@ -53,6 +54,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device.startswith("cuda") and args.backend in CPU_BACKENDS:
         parser.error(f"--backend {args.backend} runs on the CPU; on a GPU (--device {args.device}) the engine is torch: "
                      "pass --backend auto or torch")
+    if not args.model_name.strip():  # kserve's flag: our parse applies to AST_MODEL_NAME alone
+        parser.error("argument --model_name: must not be empty")
     config = Config.from_arguments(args)
     if args.configure_logging:
         logs.configure(config.log_format, args.log_config_file, __package__)
@@ -65,6 +68,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     server_flags = {name: getattr(args, name) for name in SERVER_FLAGS}
     frontends = config.frontend_count(device.type == "cuda", cpu_limit())  # as documented: the container's, not --threads
     names = model_names(config.model_dir)
+    if names is not None or frontends == 1:  # frontends: the supervisor binds the HTTP port, and says so
+        check_ports(parser, args)
     if names is not None:
         if config.frontends and config.frontends > 1:
             parser.error("--frontends above 1 serves one model: a model repository (a --model_dir of model "
@@ -83,6 +88,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     AudioModelServer(grace_period=GRACE_PERIOD_S, max_message_bytes=config.max_request_bytes,
                      **server_flags).start([model])
     return 0
+
+
+def check_ports(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The ports kserve will listen on, free now: else kserve finds out once the model has loaded
+    (minutes, with an export), and ends in tracebacks."""
+    for flag in ("http_port", "grpc_port") if args.enable_grpc else ("http_port",):
+        port = getattr(args, flag)
+        try:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed connection's port is free
+                probe.bind(("0.0.0.0", port))
+        except (OSError, OverflowError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            parser.error(f"--{flag} {port} cannot be listened on: {reason}")
 
 
 def serve_repository(config: Config, names: list[str], device: str, server_flags: dict) -> int:

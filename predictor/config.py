@@ -56,6 +56,17 @@ def _bounded(kind: type, accept: Callable[[Any], bool], wanted: str) -> Callable
     return parse
 
 
+def non_empty(text: str) -> str:
+    """A name or location: an empty value (an environment variable set to nothing) is a mistake,
+    not the working directory or a model with no name."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+non_empty.__name__ = "str"
+
+
 def fraction(text: str) -> float:
     value = positive(float)(text)
     if value > 1:
@@ -87,9 +98,9 @@ def setting(default: Any, help: str, parse: Callable[[str], Any] = str, choices:
 
 @dataclass(frozen=True)
 class Config:
-    model_name: str = setting(names.MODEL_NAME, "The name in the URL paths (/v1/models/NAME:predict).")
+    model_name: str = setting(names.MODEL_NAME, "The name in the URL paths (/v1/models/NAME:predict).", non_empty)
     model_dir: str = setting(DEFAULT_MODEL, "Local directory with config.json and weights (KServe mounts storage at "
-                             "/mnt/models), or a hub id.")
+                             "/mnt/models), or a hub id.", non_empty)
     top_k: int = setting(5, "Labels returned per clip unless a request says otherwise (at most the model's labels).",
                          positive(int))
     function_to_apply: Optional[str] = setting(

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -20,6 +21,35 @@ def run_server_expecting_failure(*args: str, env: dict | None = None, prefix: tu
                             cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
     assert result.returncode == 1, result.stdout + result.stderr
     return result
+
+
+def refused_at_once(*args: str, env: dict | None = None) -> str:
+    """A command line refused before anything loads: exit 2, one line, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "predictor", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, **(env or {})})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "Loaded AST" not in result.stdout + result.stderr
+    return result.stderr
+
+
+def test_a_port_taken_is_said_before_the_model_loads(tiny_model_dir):
+    """Once found by kserve after loading (minutes, with an export), in 70 to 170 lines of tracebacks."""
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        port = taken.getsockname()[1]
+        for flag, other in (("--http_port", "--grpc_port"), ("--grpc_port", "--http_port")):
+            stderr = refused_at_once("--model_dir", str(tiny_model_dir), flag, str(port), other, "0")
+            assert f"{flag} {port} cannot be listened on: Address already in use" in stderr, stderr
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ((), {"AST_MODEL_DIR": ""}, "environment variable AST_MODEL_DIR='': must not be empty"),  # once the working directory
+    ((), {"AST_MODEL_NAME": ""}, "environment variable AST_MODEL_NAME='': must not be empty"),
+    (("--model_name", ""), {}, "argument --model_name: must not be empty"),  # once kserve's traceback after loading
+    (("--http_port", "70000"), {}, "--http_port 70000 cannot be listened on: bind(): port must be 0-65535"),
+])
+def test_an_empty_name_or_an_impossible_port_is_refused_at_once(args, env, message):
+    stderr = refused_at_once(*args, env=env)
+    assert message in stderr, stderr
 
 
 def test_missing_directory_names_the_path(tmp_path):
