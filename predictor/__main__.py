@@ -11,7 +11,7 @@ from kserve import model_server
 from . import logs
 from .allocator import keep_freed_memory
 from .checkpoint import ModelLoadError
-from .config import Config
+from .config import Config, non_empty
 from .cpu import configure_torch_threads, cpu_limit
 from .device import CPU_BACKENDS, DeviceError
 from .device import resolve as resolve_device
@@ -54,8 +54,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device.startswith("cuda") and args.backend in CPU_BACKENDS:
         parser.error(f"--backend {args.backend} runs on the CPU; on a GPU (--device {args.device}) the engine is torch: "
                      "pass --backend auto or torch")
-    if not args.model_name.strip():  # kserve's flag: our parse applies to AST_MODEL_NAME alone
-        parser.error("argument --model_name: must not be empty")
+    try:  # kserve's flag: our parse applies to AST_MODEL_NAME alone
+        non_empty(args.model_name)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"argument --model_name: {exc}")
     config = Config.from_arguments(args)
     if args.configure_logging:
         logs.configure(config.log_format, args.log_config_file, __package__)
