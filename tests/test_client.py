@@ -306,9 +306,9 @@ class Proxy(http.server.BaseHTTPRequestHandler):
                                                         (413, "0", (1, 1))])
 def test_a_proxys_retry_after_is_heeded_for_503_and_429_alone_and_never_at_once(status, retry_after, tries):
     """A proxy (not this server, which asks at least a second, with 503s alone) may send Retry-After
-    with any status, and 0: the client once retried a 400 or 413, and a 0 as fast as it could (2,400
-    requests in 3 s). Within a 2.5 s timeout: 503 and 429 are retried after a second or more; the rest
-    not at all."""
+    with any status, and 0: the client once retried a 400 or 413, and a 0 as fast as it could, without
+    a pause. Within a 2.5 s timeout: 503 and 429 are retried after a second or more; the rest not at
+    all."""
     Proxy.answer, Proxy.seen = (status, retry_after), []
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy) as proxy:
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
